@@ -1,0 +1,319 @@
+"""YouTube-8M challenge metrics (SPEC 5) as streaming, DDP-correct torchmetrics classes.
+
+All four metrics take ``update(preds, target)`` with ``preds`` the per-class probabilities (B, C)
+and ``target`` the multi-hot labels (B, C); a label counts as positive when it is 1.
+
+* :class:`GlobalAveragePrecision` - GAP@k, the Kaggle 2018 metric.
+* :class:`HitAtOne` - fraction of videos whose highest-scored class is a true label.
+* :class:`PrecisionAtEqualRecallRate` - PERR.
+* :class:`MeanAveragePrecision` - mean over classes of the per-class AP of the top-k pairs.
+
+GAP and MAP keep only each video's top-k (score, label[, class]) pairs, O(top_k) memory per video,
+never the (videos x C) prediction matrix. Their list states are concatenated across processes
+(``dist_reduce_fx="cat"``), and the positive counters are summed, so under DDP ``compute()`` gives
+exactly the value over the union of all ranks' data. Scores are stored in the metric's dtype
+(float32 by default; ``metric.set_dtype(torch.float64)`` keeps float64 scores distinct), counts and
+results are float64.
+
+Deterministic ties (the authors' code breaks them with a seed-0 shuffle over heap order, which
+depends on the order the data was read, SPEC 7.18):
+
+* Selecting the top-k classes of a video, or the top-n for PERR: among equal scores the lower
+  class index ranks first.
+* Ranking the accumulated pairs for AP: among equal scores the negatives rank before the
+  positives (the pessimistic order). The result therefore depends only on the multiset of pairs,
+  not on the order of ``update`` calls or on how the data was sharded over DDP ranks. Without ties
+  it is exactly the authors' value.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
+
+__all__ = [
+    "GlobalAveragePrecision",
+    "HitAtOne",
+    "MeanAveragePrecision",
+    "PrecisionAtEqualRecallRate",
+]
+
+# Class indices are stored in the metric's float dtype (so that a rank without data, which
+# torchmetrics pads with an empty tensor of that dtype, still gathers): float32 is exact to 2**24.
+_MAX_EXACT_CLASSES = 2**24
+
+
+def _cat_state(state: list[Tensor] | Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A "cat" list state as one 1-D tensor, empty when nothing was accumulated."""
+    if isinstance(state, list) and not state:
+        return torch.empty(0, dtype=dtype, device=device)
+    return dim_zero_cat(state)
+
+
+def _check_positive_int(value: int, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _check_inputs(preds: Tensor, target: Tensor, validate_values: bool) -> None:
+    """Raise ValueError naming the argument when ``preds``/``target`` are not (B, C) pairs."""
+    if preds.ndim != 2:
+        raise ValueError(f"preds must be 2-D (videos, classes), got shape {tuple(preds.shape)}")
+    if target.ndim != 2:
+        raise ValueError(f"target must be 2-D (videos, classes), got shape {tuple(target.shape)}")
+    if preds.shape != target.shape:
+        raise ValueError(
+            f"preds and target must have the same shape, got preds {tuple(preds.shape)} "
+            f"and target {tuple(target.shape)}"
+        )
+    if preds.shape[1] < 1:
+        raise ValueError("preds must have at least one class (got 0 columns)")
+    if not validate_values:
+        return
+    if preds.is_floating_point() and torch.isnan(preds).any():
+        raise ValueError("preds contains NaN")
+    if ((target != 0) & (target != 1)).any():
+        raise ValueError("target must be multi-hot: every value 0 or 1")
+
+
+def _rank_classes(preds: Tensor) -> Tensor:
+    """Per video, class indices by descending score; equal scores keep the lower index first."""
+    return torch.sort(preds, dim=1, descending=True, stable=True).indices
+
+
+def _top_k_per_video(preds: Tensor, target: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Each video's top-k (score, positive, class) triples, flattened to 1-D.
+
+    Uses all classes when ``top_k`` exceeds their number.
+    """
+    top_classes = _rank_classes(preds)[:, : min(top_k, preds.shape[1])]
+    top_scores = preds.gather(1, top_classes)
+    top_positive = target.gather(1, top_classes) > 0
+    return top_scores.flatten(), top_positive.flatten(), top_classes.flatten()
+
+
+def _pessimistic_order(scores: Tensor, positive: Tensor) -> Tensor:
+    """Permutation ranking pairs by descending score, negatives before positives on equal score."""
+    by_label = torch.argsort(positive.to(torch.uint8), stable=True)
+    return by_label[torch.argsort(scores[by_label], descending=True, stable=True)]
+
+
+def _sum_of_precisions(ranked_positive: Tensor) -> Tensor:
+    """Sum over positive ranks i of (#positives in ranks 1..i) / i in float64 (non-interpolated)."""
+    hits = ranked_positive.to(torch.float64)
+    ranks = torch.arange(1, hits.numel() + 1, dtype=torch.float64, device=hits.device)
+    return (hits.cumsum(0) / ranks * hits).sum()
+
+
+class _TopKPairs(Metric):
+    """Shared state of GAP and MAP: every video's top-k (score, label, class) triples."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, top_k: int, validate_args: bool, **kwargs) -> None:
+        super().__init__(**kwargs)
+        _check_positive_int(top_k, "top_k")
+        self.top_k = top_k
+        self.validate_args = validate_args
+        self.add_state("top_scores", default=[], dist_reduce_fx="cat")
+        self.add_state("top_labels", default=[], dist_reduce_fx="cat")
+
+    def _append_top_k(self, preds: Tensor, target: Tensor) -> Tensor:
+        """Store the batch's top-k scores and labels; return the matching class indices."""
+        preds, target = preds.detach(), target.detach()
+        scores, positive, classes = _top_k_per_video(preds, target, self.top_k)
+        self.top_scores.append(scores.to(self.dtype))
+        self.top_labels.append(positive.to(self.dtype))
+        return classes
+
+    def _accumulated_pairs(self) -> tuple[Tensor, Tensor]:
+        scores = _cat_state(self.top_scores, self.dtype, self.device)
+        return scores, _cat_state(self.top_labels, self.dtype, self.device) > 0
+
+
+class GlobalAveragePrecision(_TopKPairs):
+    """GAP@k: non-interpolated AP of all videos' top-k (score, label) pairs (SPEC 5).
+
+    The pairs of every video's ``top_k`` highest-scored classes are ranked together by score, and
+    ``GAP = (1 / P) * sum over positive ranks i of precision@i`` where ``P`` counts *all* positive
+    labels, including those outside every top-k. Returns 0 when nothing was accumulated or there
+    are no positives. Ties: see the module docstring.
+
+    Args:
+        top_k: classes kept per video (20 in the challenge); all classes when larger than C.
+        validate_args: check that target is 0/1 and preds has no NaN (one device sync per update).
+    """
+
+    def __init__(self, top_k: int = 20, validate_args: bool = True, **kwargs) -> None:
+        super().__init__(top_k, validate_args, **kwargs)
+        self.add_state(
+            "num_positives", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
+        )
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Accumulate a batch of probabilities ``preds`` (B, C) and multi-hot ``target`` (B, C)."""
+        _check_inputs(preds, target, self.validate_args)
+        self._append_top_k(preds, target)
+        self.num_positives += (target.detach() > 0).sum().to(torch.float64)
+
+    def compute(self) -> Tensor:
+        scores, positive = self._accumulated_pairs()
+        if scores.numel() == 0 or self.num_positives <= 0:
+            return torch.tensor(0.0, dtype=torch.float64, device=self.num_positives.device)
+        ranked_positive = positive[_pessimistic_order(scores, positive)]
+        return _sum_of_precisions(ranked_positive) / self.num_positives
+
+
+class MeanAveragePrecision(_TopKPairs):
+    """MAP: mean over classes of the AP of each class's top-k pairs (SPEC 5).
+
+    For class c the ranked list holds the (score, label) of every video whose top-k contained c;
+    the denominator is all positives of c. A class with no positives has AP 0 and counts in the
+    mean (the authors' convention) unless ``filter_empty_classes`` drops it (Google's). Returns 0
+    when no class is left to average. Ties: see the module docstring.
+
+    Args:
+        num_classes: number of classes C (3862 for YouTube-8M 2018).
+        top_k: classes kept per video; all classes when larger than C.
+        filter_empty_classes: average only over classes with at least one positive label.
+        validate_args: check that target is 0/1 and preds has no NaN (one device sync per update).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        top_k: int = 20,
+        filter_empty_classes: bool = False,
+        validate_args: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__(top_k, validate_args, **kwargs)
+        _check_positive_int(num_classes, "num_classes")
+        if num_classes > _MAX_EXACT_CLASSES:
+            raise ValueError(f"num_classes must be <= {_MAX_EXACT_CLASSES}, got {num_classes}")
+        self.num_classes = num_classes
+        self.filter_empty_classes = filter_empty_classes
+        self.add_state("top_classes", default=[], dist_reduce_fx="cat")
+        self.add_state(
+            "class_positives",
+            default=torch.zeros(num_classes, dtype=torch.float64),
+            dist_reduce_fx="sum",
+        )
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Accumulate a batch of probabilities ``preds`` (B, C) and multi-hot ``target`` (B, C)."""
+        _check_inputs(preds, target, self.validate_args)
+        if preds.shape[1] != self.num_classes:
+            raise ValueError(
+                f"preds has {preds.shape[1]} classes but num_classes is {self.num_classes}"
+            )
+        classes = self._append_top_k(preds, target)
+        self.top_classes.append(classes.to(self.dtype))
+        self.class_positives += (target.detach() > 0).sum(0).to(torch.float64)
+
+    def compute(self) -> Tensor:
+        average_precision = self.average_precision_per_class()
+        if average_precision.numel() == 0:
+            return torch.tensor(0.0, dtype=torch.float64, device=self.class_positives.device)
+        return average_precision.mean()
+
+    def _kept_classes(self) -> Tensor:
+        if self.filter_empty_classes:
+            return self.class_positives > 0
+        return torch.ones_like(self.class_positives, dtype=torch.bool)
+
+    def average_precision_per_class(self) -> Tensor:
+        """float64 AP of each class kept in the mean: all C, or those with positives if filtered."""
+        scores, positive = self._accumulated_pairs()
+        classes = _cat_state(self.top_classes, self.dtype, self.device).long()
+        # Rank by (class, descending score, negatives first) with three stable sorts.
+        order = _pessimistic_order(scores, positive)
+        order = order[torch.argsort(classes[order], stable=True)]
+        classes, hits = classes[order], positive[order].to(torch.float64)
+        num_classes = self.num_classes
+        # Rank and running positive count of each pair within its class's segment.
+        pairs_per_class = torch.bincount(classes, minlength=num_classes)
+        segment_start = pairs_per_class.cumsum(0) - pairs_per_class
+        rank = torch.arange(1, classes.numel() + 1, device=classes.device) - segment_start[classes]
+        hits_per_class = torch.zeros(num_classes, dtype=torch.float64, device=hits.device)
+        hits_per_class.index_add_(0, classes, hits)
+        hits_before_class = hits_per_class.cumsum(0) - hits_per_class
+        running_hits = hits.cumsum(0) - hits_before_class[classes]
+        precision_sum = torch.zeros_like(hits_per_class)
+        precision_sum.index_add_(0, classes, running_hits / rank.to(torch.float64) * hits)
+        positives = self.class_positives
+        average_precision = torch.where(
+            positives > 0, precision_sum / positives.clamp(min=1.0), torch.zeros_like(positives)
+        )
+        return average_precision[self._kept_classes()]
+
+
+class HitAtOne(Metric):
+    """Hit@1: mean over videos of ``target[argmax(preds)]``, ties to the first max index (SPEC 5).
+
+    Args:
+        validate_args: check that target is 0/1 and preds has no NaN (one device sync per update).
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, validate_args: bool = True, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.validate_args = validate_args
+        self.add_state("hits", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("videos", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Accumulate a batch of probabilities ``preds`` (B, C) and multi-hot ``target`` (B, C)."""
+        _check_inputs(preds, target, self.validate_args)
+        # torch.argmax returns the first maximal index on ties, as numpy does.
+        best_class = preds.detach().argmax(dim=1, keepdim=True)
+        self.hits += (target.detach().gather(1, best_class) > 0).sum().to(torch.float64)
+        self.videos += preds.shape[0]
+
+    def compute(self) -> Tensor:
+        return self.hits / self.videos.clamp(min=1)
+
+
+class PrecisionAtEqualRecallRate(Metric):
+    """PERR: mean over videos of the precision of its top-n classes, n = its number of labels.
+
+    Per video ``sum over the top-n classes of label * [pred > 0] / n`` (SPEC 5); a video without
+    labels scores 0 and still counts in the mean. Top-n ties go to the lower class index.
+
+    Args:
+        validate_args: check that target is 0/1 and preds has no NaN (one device sync per update).
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, validate_args: bool = True, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.validate_args = validate_args
+        self.add_state(
+            "precision_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
+        )
+        self.add_state("videos", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Accumulate a batch of probabilities ``preds`` (B, C) and multi-hot ``target`` (B, C)."""
+        _check_inputs(preds, target, self.validate_args)
+        preds, positive = preds.detach(), target.detach() > 0
+        ranked = _rank_classes(preds)
+        num_labels = positive.sum(dim=1, keepdim=True)
+        in_top_n = torch.arange(preds.shape[1], device=preds.device) < num_labels
+        correct = positive.gather(1, ranked) & (preds.gather(1, ranked) > 0) & in_top_n
+        precision = correct.sum(dim=1).to(torch.float64) / num_labels.squeeze(1).clamp(min=1)
+        self.precision_sum += precision.sum()
+        self.videos += preds.shape[0]
+
+    def compute(self) -> Tensor:
+        return self.precision_sum / self.videos.clamp(min=1)
