@@ -15,11 +15,20 @@ where ``A_b`` is ``a[b]`` viewed as ``(M*G, K)`` and ``X_b`` is ``x[b]`` viewed 
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
+
+try:  # Triton is a Linux-only dependency; the reference backends work without it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where Triton is absent
+    triton = None
+    tl = None
 
 Backend = Literal["auto", "triton", "reference", "einsum"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "reference", "einsum")
@@ -244,15 +253,349 @@ def residual_aggregation(
 
 
 def _triton_supports(x: Tensor) -> bool:
-    """Whether ``backend="auto"`` should pick Triton for these inputs."""
-    if not x.is_cuda or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return False
-    return False  # until the Triton kernels land
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether ``backend="auto"`` picks Triton: CUDA tensors of a dtype the kernels are tuned for."""
+    return triton is not None and x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+#
+# Per video b the (frame, group) pairs are the rows r = i*G + g of X_b (M*G, D), of the logits
+# (M*G, K) and of the attention (M*G,); the real frames are exactly the first lengths[b]*G rows, so
+# every loop below runs over real rows only. The kernels are plain functions here and wrapped by
+# triton.jit on first use (see _kernels) so that TRITON_INTERPRET only matters at call time.
+# ----------------------------------------------------------------------------------------------
+
+def _aggregation_forward_kernel(
+    x_ptr, logits_ptr, attention_ptr, lengths_ptr, centroids_ptr, y_ptr, assignment_sum_ptr,
+    max_frames, groups, clusters, dim,
+    K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One program per (D block, video): y[b, :, d-block] and, from the first D block, a_sum[b, :].
+
+    acc (K_PAD, BLOCK_D) += a^T (K_PAD, BLOCK_R) @ x (BLOCK_R, BLOCK_D) over the real rows; the
+    soft assignment lives only in registers.
+    """
+    pid_d = tl.program_id(0)
+    video = tl.program_id(1).to(tl.int64)
+    rows_per_video = max_frames * groups
+    real_rows = tl.load(lengths_ptr + video).to(tl.int32) * groups
+
+    offs_k = tl.arange(0, K_PAD)
+    k_valid = offs_k < clusters
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_valid = offs_d < dim
+    offs_r = tl.arange(0, BLOCK_R)
+
+    x_video = x_ptr + video * rows_per_video * dim
+    logits_video = logits_ptr + video * rows_per_video * clusters
+    attention_video = attention_ptr + video * rows_per_video
+
+    acc = tl.zeros((K_PAD, BLOCK_D), dtype=ACC_DTYPE)
+    assignment_sum = tl.zeros((K_PAD,), dtype=ACC_DTYPE)
+    for row_start in range(0, real_rows, BLOCK_R):
+        rows = row_start + offs_r
+        row_valid = rows < real_rows
+        # Soft assignment a = sigmoid(attention) * softmax_K(logits); padded K columns get -inf
+        # (probability 0), rows past the video's end get gate 0.
+        logits = tl.load(
+            logits_video + rows[:, None] * clusters + offs_k[None, :],
+            mask=row_valid[:, None] & k_valid[None, :], other=0.0,
+        ).to(ACC_DTYPE)
+        logits = tl.where(k_valid[None, :], logits, float("-inf"))
+        unnormalised = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        probabilities = unnormalised / tl.sum(unnormalised, axis=1)[:, None]
+        gate = tl.sigmoid(tl.load(attention_video + rows, mask=row_valid, other=0.0).to(ACC_DTYPE))
+        gate = tl.where(row_valid, gate, 0.0)
+        assignment = probabilities * gate[:, None]
+
+        features = tl.load(
+            x_video + rows[:, None] * dim + offs_d[None, :],
+            mask=row_valid[:, None] & d_valid[None, :], other=0.0,
+        )
+        acc = tl.dot(tl.trans(assignment.to(DOT_DTYPE)), features.to(DOT_DTYPE), acc,
+                     input_precision=INPUT_PRECISION)
+        assignment_sum += tl.sum(assignment, axis=0)
+
+    centroids = tl.load(
+        centroids_ptr + offs_k[:, None] * dim + offs_d[None, :],
+        mask=k_valid[:, None] & d_valid[None, :], other=0.0,
+    ).to(ACC_DTYPE)
+    y = acc - assignment_sum[:, None] * centroids
+    tl.store(
+        y_ptr + video * clusters * dim + offs_k[:, None] * dim + offs_d[None, :],
+        y.to(y_ptr.dtype.element_ty), mask=k_valid[:, None] & d_valid[None, :],
+    )
+    if pid_d == 0:
+        tl.store(assignment_sum_ptr + video * clusters + offs_k, assignment_sum, mask=k_valid)
+
+
+def _aggregation_backward_kernel(
+    x_ptr, logits_ptr, attention_ptr, lengths_ptr, grad_y_ptr, grad_y_dot_centroids_ptr,
+    grad_x_ptr, grad_logits_ptr, grad_attention_ptr,
+    max_frames, groups, clusters, dim,
+    K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One program per (row block, video); every gradient here is local to a (frame, group) row.
+
+    With s = sigmoid(attention), p = softmax(logits), a = s p and gy = dL/dy[b]:
+      grad_x = a @ gy
+      grad_a[r,k] = (x @ gy^T)[r,k] - sum_d gy[k,d] c[k,d]      (the last term is precomputed)
+      q = sum_k p grad_a;  grad_attention = q s (1 - s);  grad_logits = s p (grad_a - q)
+    The assignment is recomputed from the logits (flash-attention style), never stored.
+    Row blocks wholly past the video's end only write zeros.
+    """
+    pid_r = tl.program_id(0)
+    video = tl.program_id(1).to(tl.int64)
+    rows_per_video = max_frames * groups
+    real_rows = tl.load(lengths_ptr + video).to(tl.int32) * groups
+
+    offs_k = tl.arange(0, K_PAD)
+    k_valid = offs_k < clusters
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_in_video = rows < rows_per_video
+    row_valid = rows < real_rows
+
+    x_video = x_ptr + video * rows_per_video * dim
+    grad_x_video = grad_x_ptr + video * rows_per_video * dim
+    logits_offsets = video * rows_per_video * clusters + rows[:, None] * clusters + offs_k[None, :]
+    logits_store_mask = row_in_video[:, None] & k_valid[None, :]
+    attention_offsets = video * rows_per_video + rows
+    grad_y_video = grad_y_ptr + video * clusters * dim
+
+    if pid_r * BLOCK_R >= real_rows:
+        for d_start in range(0, dim, BLOCK_D):
+            offs_d = d_start + tl.arange(0, BLOCK_D)
+            tl.store(grad_x_video + rows[:, None] * dim + offs_d[None, :],
+                     tl.zeros((BLOCK_R, BLOCK_D), dtype=grad_x_ptr.dtype.element_ty),
+                     mask=row_in_video[:, None] & (offs_d < dim)[None, :])
+        tl.store(grad_logits_ptr + logits_offsets,
+                 tl.zeros((BLOCK_R, K_PAD), dtype=grad_logits_ptr.dtype.element_ty),
+                 mask=logits_store_mask)
+        tl.store(grad_attention_ptr + attention_offsets,
+                 tl.zeros((BLOCK_R,), dtype=grad_attention_ptr.dtype.element_ty),
+                 mask=row_in_video)
+    else:
+        logits = tl.load(logits_ptr + logits_offsets, mask=row_valid[:, None] & k_valid[None, :],
+                         other=0.0).to(ACC_DTYPE)
+        logits = tl.where(k_valid[None, :], logits, float("-inf"))
+        unnormalised = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        probabilities = unnormalised / tl.sum(unnormalised, axis=1)[:, None]
+        sigmoid = tl.sigmoid(tl.load(attention_ptr + attention_offsets, mask=row_valid,
+                                     other=0.0).to(ACC_DTYPE))
+        gate = tl.where(row_valid, sigmoid, 0.0)
+        assignment = probabilities * gate[:, None]
+
+        grad_assignment = tl.zeros((BLOCK_R, K_PAD), dtype=ACC_DTYPE)
+        for d_start in range(0, dim, BLOCK_D):
+            offs_d = d_start + tl.arange(0, BLOCK_D)
+            d_valid = offs_d < dim
+            features = tl.load(x_video + rows[:, None] * dim + offs_d[None, :],
+                               mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+            grad_y = tl.load(grad_y_video + offs_k[:, None] * dim + offs_d[None, :],
+                             mask=k_valid[:, None] & d_valid[None, :], other=0.0)
+            features = features.to(DOT_DTYPE)
+            grad_y = grad_y.to(DOT_DTYPE)
+            grad_assignment = tl.dot(features, tl.trans(grad_y), grad_assignment,
+                                     input_precision=INPUT_PRECISION)
+            grad_features = tl.dot(assignment.to(DOT_DTYPE), grad_y,
+                                   input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            tl.store(grad_x_video + rows[:, None] * dim + offs_d[None, :],
+                     grad_features.to(grad_x_ptr.dtype.element_ty),
+                     mask=row_in_video[:, None] & d_valid[None, :])
+
+        grad_y_dot_centroids = tl.load(grad_y_dot_centroids_ptr + video * clusters + offs_k,
+                                       mask=k_valid, other=0.0).to(ACC_DTYPE)
+        grad_assignment -= grad_y_dot_centroids[None, :]
+        weighted = tl.sum(probabilities * grad_assignment, axis=1)
+        grad_attention = tl.where(row_valid, weighted * sigmoid * (1.0 - sigmoid), 0.0)
+        grad_logits = gate[:, None] * probabilities * (grad_assignment - weighted[:, None])
+        tl.store(grad_logits_ptr + logits_offsets, grad_logits.to(grad_logits_ptr.dtype.element_ty),
+                 mask=logits_store_mask)
+        tl.store(grad_attention_ptr + attention_offsets,
+                 grad_attention.to(grad_attention_ptr.dtype.element_ty), mask=row_in_video)
+
+
+@dataclass(frozen=True)
+class _Kernels:
+    forward: Any
+    backward: Any
+
+
+@functools.cache
+def _kernels(interpret: bool) -> _Kernels:
+    """The kernels wrapped by ``triton.jit`` in the requested mode (compiled or interpreted).
+
+    Wrapping lazily, per mode, means the kernels work whatever the order in which this module,
+    Triton and ``TRITON_INTERPRET`` were set up (test collection imports this module early).
+    """
+    with triton.knobs.runtime.scope():
+        triton.knobs.runtime.interpret = interpret
+        return _Kernels(
+            forward=triton.jit(_aggregation_forward_kernel),
+            backward=triton.jit(_aggregation_backward_kernel),
+        )
+
+
+@dataclass(frozen=True)
+class _LaunchConfig:
+    k_pad: int
+    block_r: int
+    block_d: int
+    num_warps: int
+
+
+def _next_power_of_two(value: int) -> int:
+    return 1 << max(0, value - 1).bit_length()
+
+
+def _forward_config(clusters: int, dim: int) -> _LaunchConfig:
+    """Block sizes for the forward pass; every tl.dot dimension is at least 16.
+
+    The fp32 accumulator (K_PAD, BLOCK_D) is capped at 16K elements (64 registers a thread with
+    8 warps): K=128 gives BLOCK_D=128, so the video stream (D=256) recomputes the softmax twice.
+    """
+    k_pad = max(16, _next_power_of_two(clusters))
+    block_d = max(16, min(_next_power_of_two(dim), 128, 16384 // k_pad))
+    block_r = 64 if k_pad <= 128 else 32
+    num_warps = 8 if k_pad * block_d >= 8192 else 4
+    return _LaunchConfig(k_pad, block_r, block_d, num_warps)
+
+
+def _backward_config(clusters: int, dim: int) -> _LaunchConfig:
+    """Block sizes for the backward pass: probabilities and grad_assignment (BLOCK_R, K_PAD) stay
+    in registers for the whole D loop."""
+    k_pad = max(16, _next_power_of_two(clusters))
+    block_r = 64 if k_pad <= 128 else 32
+    block_d = max(16, min(_next_power_of_two(dim), 64))
+    num_warps = 8 if block_r * k_pad >= 8192 else 4
+    return _LaunchConfig(k_pad, block_r, block_d, num_warps)
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> Any:
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _dot_dtype(dtype: torch.dtype, interpret: bool) -> Any:
+    """Operand dtype of the tl.dot calls: the input dtype (tensor cores for fp16/bf16), except that
+    the interpreter multiplies bf16 as raw uint16 bit patterns, so there bf16 is widened to fp32."""
+    if interpret and dtype == torch.bfloat16:
+        return tl.float32
+    return getattr(tl, str(dtype).removeprefix("torch."))
+
+
+def _default_precision() -> str:
+    """Follow PyTorch's own switch for TF32 matmuls (``torch.set_float32_matmul_precision``)."""
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _dot_precision(dtype: torch.dtype, precision: str) -> str | None:
+    """input_precision only means something for fp32 operands; fp64 dots are exact, and fp16/bf16
+    keep Triton's default (tensor cores)."""
+    if dtype == torch.float32:
+        return precision
+    return "ieee" if dtype == torch.float64 else None
+
+
+def _launch_forward(
+    x: Tensor, logits: Tensor, attention: Tensor, lengths: Tensor, centroids: Tensor,
+    out_dtype: torch.dtype, precision: str,
+) -> tuple[Tensor, Tensor]:
+    batch, max_frames, groups, dim = x.shape
+    clusters = logits.shape[3]
+    compute = _compute_dtype(x.dtype)
+    y = torch.empty((batch, clusters, dim), dtype=out_dtype, device=x.device)
+    assignment_sum = torch.empty((batch, clusters), dtype=compute, device=x.device)
+    if batch == 0:
+        return y, assignment_sum
+    config = _forward_config(clusters, dim)
+    grid = (triton.cdiv(dim, config.block_d), batch)
+    interpret = not x.is_cuda
+    _kernels(interpret).forward[grid](
+        x, logits, attention, lengths, centroids, y, assignment_sum,
+        max_frames, groups, clusters, dim,
+        K_PAD=config.k_pad, BLOCK_R=config.block_r, BLOCK_D=config.block_d,
+        ACC_DTYPE=_accumulator_dtype(x.dtype), DOT_DTYPE=_dot_dtype(x.dtype, interpret),
+        INPUT_PRECISION=_dot_precision(x.dtype, precision),
+        num_warps=config.num_warps,
+    )
+    return y, assignment_sum
+
+
+def _launch_backward(
+    x: Tensor, logits: Tensor, attention: Tensor, lengths: Tensor, grad_y: Tensor,
+    grad_y_dot_centroids: Tensor, precision: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    batch, max_frames, groups, dim = x.shape
+    clusters = logits.shape[3]
+    # Every row is written by the kernel (zeros past each video's end), so no memset is needed.
+    grad_x = torch.empty_like(x)
+    grad_logits = torch.empty_like(logits)
+    grad_attention = torch.empty_like(attention)
+    if batch == 0:
+        return grad_x, grad_logits, grad_attention
+    config = _backward_config(clusters, dim)
+    grid = (triton.cdiv(max_frames * groups, config.block_r), batch)
+    interpret = not x.is_cuda
+    _kernels(interpret).backward[grid](
+        x, logits, attention, lengths, grad_y, grad_y_dot_centroids,
+        grad_x, grad_logits, grad_attention,
+        max_frames, groups, clusters, dim,
+        K_PAD=config.k_pad, BLOCK_R=config.block_r, BLOCK_D=config.block_d,
+        ACC_DTYPE=_accumulator_dtype(x.dtype), DOT_DTYPE=_dot_dtype(x.dtype, interpret),
+        INPUT_PRECISION=_dot_precision(x.dtype, precision),
+        num_warps=config.num_warps,
+    )
+    return grad_x, grad_logits, grad_attention
+
+
+class ResidualAggregationFunction(torch.autograd.Function):
+    """Triton forward and backward. Saves only the inputs and a_sum (B, K)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, logits: Tensor, attention: Tensor, lengths: Tensor, centroids: Tensor,
+        precision: str = "ieee", out_dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        x, logits, attention, lengths, centroids = (
+            t.contiguous() for t in (x, logits, attention, lengths, centroids)
+        )
+        y, assignment_sum = _launch_forward(
+            x, logits, attention, lengths, centroids, out_dtype or x.dtype, precision
+        )
+        ctx.save_for_backward(x, logits, attention, lengths, centroids, assignment_sum)
+        ctx.precision = precision
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        x, logits, attention, lengths, centroids, assignment_sum = ctx.saved_tensors
+        compute = assignment_sum.dtype
+        grad_y_compute = grad_y.to(compute)
+        centroids_compute = centroids.to(compute)
+        grad_x = grad_logits = grad_attention = grad_centroids = None
+        needs_x, needs_logits, needs_attention, _, needs_centroids = ctx.needs_input_grad[:5]
+        if needs_x or needs_logits or needs_attention:
+            # sum_d gy[b,k,d] c[k,d], the centroid part of dL/da (O(B*K), shared by all rows).
+            grad_y_dot_centroids = torch.einsum("bkd,kd->bk", grad_y_compute, centroids_compute)
+            grad_x, grad_logits, grad_attention = _launch_backward(
+                x, logits, attention, lengths, grad_y.to(x.dtype).contiguous(),
+                grad_y_dot_centroids.contiguous(), ctx.precision,
+            )
+        if needs_centroids:
+            # dL/dc[k,d] = -sum_b a_sum[b,k] gy[b,k,d]: a deterministic reduction, no atomics.
+            grad_centroids = (-torch.einsum("bk,bkd->kd", assignment_sum, grad_y_compute)).to(centroids.dtype)
+        return (
+            grad_x if needs_x else None,
+            grad_logits if needs_logits else None,
+            grad_attention if needs_attention else None,
+            None,
+            grad_centroids,
+            None,
+            None,
+        )
 
 
 def _residual_aggregation_triton(
@@ -264,4 +607,23 @@ def _residual_aggregation_triton(
     normalize: bool,
     precision: str | None,
 ) -> Tensor:
-    raise NotImplementedError("the Triton backend is being written; use backend='reference'")
+    if triton is None:
+        raise ValueError("backend='triton' needs the triton package, which is not installed")
+    if not x.is_cuda and not triton_interpreter_enabled():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (x is on {x.device}); CPU tensors run only under "
+            "TRITON_INTERPRET=1"
+        )
+    if x.is_cuda and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"backend='triton' on CUDA takes float32, float16 or bfloat16 x, got {x.dtype} "
+            "(float64 runs only under TRITON_INTERPRET=1, for gradcheck)"
+        )
+    precision = precision or _default_precision()
+    if not normalize:
+        return ResidualAggregationFunction.apply(x, logits, attention, lengths, centroids, precision)
+    # The intra-normalisation runs on the fp32 result, then casts (not fused: see README).
+    y = ResidualAggregationFunction.apply(
+        x, logits, attention, lengths, centroids, precision, _compute_dtype(x.dtype)
+    )
+    return l2_normalize_clusters(y).to(x.dtype)
