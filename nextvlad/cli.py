@@ -1,0 +1,97 @@
+"""Command line: ``nextvlad {fit,validate,test,predict,params}`` and the ``lightning`` alias.
+
+fit/validate/test/predict are LightningCLI (configs/*.yaml name the model and data classes by
+``class_path``); ``params`` prints the exact trainable parameter count of a config's model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch import LightningDataModule, LightningModule
+
+from nextvlad.models.video_model import count_parameters
+
+TOOLS = {"params": "print the trainable parameters of a config's model, per component"}
+
+
+class NextVLADCLI(LightningCLI):
+    """LightningCLI over any LightningModule / LightningDataModule named in the config."""
+
+    def __init__(self, args: Sequence[str] | None = None, **kwargs) -> None:
+        super().__init__(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            **kwargs,
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOLS:
+        return _run_tool(argv[0], argv[1:])
+    if argv and argv[0] in ("-h", "--help"):
+        print("Tools beside the Lightning subcommands:")
+        for name, help_text in TOOLS.items():
+            print(f"  nextvlad {name} --config CONFIG   {help_text}")
+        print()
+    NextVLADCLI(args=argv)
+
+
+def lightning_main() -> None:
+    """``lightning fit --config configs/nextvlad.yaml``: current Lightning ships no such command."""
+    main()
+
+
+def _run_tool(name: str, argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"nextvlad {name}", description=TOOLS[name])
+    parser.add_argument("--config", required=True, help="a LightningCLI YAML config (configs/*.yaml)")
+    args = parser.parse_args(argv)
+    if name == "params":
+        print(parameter_table(model_from_config(args.config)))
+
+
+def model_from_config(config_path: str | Path) -> LightningModule:
+    """Instantiate the ``model`` section of a LightningCLI config (class_path + init_args)."""
+    path = Path(config_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    section = (yaml.safe_load(path.read_text()) or {}).get("model")
+    if not isinstance(section, dict) or "class_path" not in section:
+        raise ValueError(f"{path}: expected a 'model' section with a 'class_path'")
+    module_name, _, class_name = section["class_path"].rpartition(".")
+    model_class = getattr(importlib.import_module(module_name), class_name)
+    return model_class(**(section.get("init_args") or {}))
+
+
+def parameter_table(module: LightningModule) -> str:
+    """Trainable parameters per top-level component of ``module.model`` (and the total)."""
+    model = getattr(module, "model", module)
+    rows = [(name, count_parameters(child)) for name, child in _components(model)]
+    rows.append(("total", count_parameters(model)))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {count:>14,}" for name, count in rows)
+
+
+def _components(model):
+    """Leaf-ish components: aggregators and head layers; mixture branches and gate."""
+    for name, child in model.named_children():
+        if name == "branches":
+            yield from ((f"branches.{i}", branch) for i, branch in enumerate(child))
+        elif count_parameters(child):
+            yield name, child
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Mixture of NeXtVLAD models with on-the-fly knowledge distillation (paper 3.4, SPEC 3.3).
+
+A gate (BN + FC + softmax over frame-mean features) mixes the *logits* of ``num_branches``
+two-stream models, z_e = sum_m a_m(x) z_m. During training each branch is pulled towards the
+mixture by KL(softmax(z_e / T) || softmax(z_m / T)) over classes (equations 14-16).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import nn
+
+from nextvlad._validation import check_choice, check_positive
+from nextvlad.kernels.residual_aggregation import frame_mask
+from nextvlad.models.initialization import tf_linear
+from nextvlad.models.video_model import VideoModel
+
+GateInput = Literal["all", "masked"]
+
+#: The authors add 1e-8 inside both logarithms of the KL (SPEC 3.3).
+KL_EPSILON = 1e-8
+
+
+class MixtureOutput(NamedTuple):
+    logits: torch.Tensor  # (B, C) mixture logits z_e
+    branch_logits: torch.Tensor  # (num_branches, B, C)
+    gate: torch.Tensor  # (B, num_branches) softmax weights
+
+
+class MixtureOfNeXtVLAD(nn.Module):
+    """Gated mixture of two-stream models.
+
+    Args:
+        branches: the two-stream models (each built with ``build_video_model``).
+        input_size: features per frame of the gate input (rgb + audio, 1152).
+        gate_input: "all" averages every one of the M padded rows and divides by M, as the authors'
+            final code; "masked" averages the real frames only.
+    """
+
+    def __init__(self, branches: list[VideoModel], input_size: int = 1152, gate_input: GateInput = "all") -> None:
+        super().__init__()
+        check_positive(num_branches=len(branches))
+        check_choice("gate_input", gate_input, ("all", "masked"))
+        self.branches = nn.ModuleList(branches)
+        self.gate_input = gate_input
+        self.gate_bn = nn.BatchNorm1d(input_size, eps=1e-3, momentum=1e-3)
+        self.gate_fc = tf_linear(input_size, len(branches))
+
+    @property
+    def num_branches(self) -> int:
+        return len(self.branches)
+
+    def gate(self, rgb: torch.Tensor, audio: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        frames = torch.cat([rgb, audio], dim=-1).float()
+        if self.gate_input == "all":
+            mean = frames.mean(dim=1)
+        else:
+            mask = frame_mask(lengths, frames.shape[1]).unsqueeze(-1)
+            mean = (frames * mask).sum(dim=1) / lengths.clamp(min=1).unsqueeze(-1)
+        return torch.softmax(self.gate_fc(self.gate_bn(mean)), dim=-1)
+
+    def forward_all(self, rgb: torch.Tensor, audio: torch.Tensor, lengths: torch.Tensor) -> MixtureOutput:
+        branch_logits = torch.stack([branch(rgb, audio, lengths) for branch in self.branches])
+        gate = self.gate(rgb, audio, lengths)
+        logits = torch.einsum("bm,mbc->bc", gate.to(branch_logits.dtype), branch_logits)
+        return MixtureOutput(logits, branch_logits, gate)
+
+    def forward(self, rgb: torch.Tensor, audio: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.forward_all(rgb, audio, lengths).logits
+
+    def classifiers(self) -> list[nn.Linear]:
+        return [branch.classifier for branch in self.branches]
+
+
+def distillation_kl(
+    mixture_logits: torch.Tensor, branch_logits: torch.Tensor, temperature: float, detach_teacher: bool = False
+) -> torch.Tensor:
+    """Mean over the batch of sum over branches of KL(softmax(z_e/T) || softmax(z_m/T)), in fp32.
+
+    Written as the authors do, with 1e-8 inside the logarithms, so the numbers match theirs.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for the KL term, got {temperature}")
+    teacher = mixture_logits.detach() if detach_teacher else mixture_logits
+    p_teacher = torch.softmax(teacher.float() / temperature, dim=-1)
+    p_students = torch.softmax(branch_logits.float() / temperature, dim=-1)
+    log_ratio = torch.log(p_teacher + KL_EPSILON).unsqueeze(0) - torch.log(p_students + KL_EPSILON)
+    kl = (p_teacher.unsqueeze(0) * log_ratio).sum(dim=-1)  # (num_branches, B)
+    return kl.sum(dim=0).mean()

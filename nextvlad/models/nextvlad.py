@@ -1,0 +1,104 @@
+"""The NeXtVLAD aggregation layer (paper section 3.2, authors' ``NeXtVLAD.forward``, SPEC 3.1)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from nextvlad._validation import check_choice, check_positive
+from nextvlad.kernels import residual_aggregation
+from nextvlad.kernels.residual_aggregation import frame_mask
+from nextvlad.models.initialization import (
+    MaskedBatchNorm1d,
+    tf_batch_norm,
+    tf_linear,
+    variance_scaling_,
+)
+
+ClusterBNStatistics = Literal["all", "masked"]
+
+
+class NeXtVLAD(nn.Module):
+    """Aggregates (B, M, N) frame features into a (B, K * D) video descriptor, D = expansion*N/G.
+
+    Steps (SPEC 3.1): expansion FC (bias) -> per-group sigmoid attention from the expanded frame
+    (bias) -> cluster logits from the full expanded frame (no bias) -> cluster BN -> softmax over K
+    -> residuals to shared centroids summed over real frames and groups (the fused op) -> intra L2
+    normalisation over D -> flatten in TF's d*K+k order -> vlad BN.
+
+    Args:
+        feature_size: N, input features per frame.
+        clusters: K.
+        groups: G; must divide expansion * feature_size.
+        expansion: lambda.
+        cluster_bn_statistics: "all" takes cluster-BN moments over every padded row as the
+            authors' code does; "masked" over real frames only.
+        backend: aggregation backend passed to ``residual_aggregation``.
+    """
+
+    def __init__(
+        self,
+        feature_size: int,
+        clusters: int,
+        groups: int,
+        expansion: int = 2,
+        cluster_bn_statistics: ClusterBNStatistics = "all",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        check_positive(feature_size=feature_size, clusters=clusters, groups=groups, expansion=expansion)
+        expanded = expansion * feature_size
+        if expanded % groups:
+            raise ValueError(
+                f"groups={groups} must divide expansion*feature_size={expansion}*{feature_size}={expanded}"
+            )
+        check_choice("cluster_bn_statistics", cluster_bn_statistics, ("all", "masked"))
+        self.feature_size, self.clusters, self.groups = feature_size, clusters, groups
+        self.group_size = expanded // groups
+        self.cluster_bn_statistics = cluster_bn_statistics
+        self.backend = backend
+
+        self.expansion_fc = tf_linear(feature_size, expanded)
+        self.group_attention = tf_linear(expanded, groups)
+        self.cluster_logits = tf_linear(expanded, groups * clusters, bias=False)
+        self.cluster_bn = MaskedBatchNorm1d(groups * clusters)
+        # (K, D) for the aggregation op; TF stores it as [1, D, K] with fan_in D.
+        self.centroids = nn.Parameter(variance_scaling_(torch.empty(clusters, self.group_size), self.group_size))
+        self.vlad_bn = tf_batch_norm(self.output_size)
+
+    @property
+    def output_size(self) -> int:
+        return self.clusters * self.group_size
+
+    def forward(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        batch, max_frames, features = frames.shape
+        if features != self.feature_size:
+            raise ValueError(f"NeXtVLAD expects {self.feature_size} features per frame, got {features}")
+        expanded = self.expansion_fc(frames)
+        attention = self.group_attention(expanded)
+        logits = self.cluster_logits(expanded).reshape(batch * max_frames, -1)
+        mask = frame_mask(lengths, max_frames).reshape(-1) if self.cluster_bn_statistics == "masked" else None
+        logits = self.cluster_bn(logits, mask)
+        vlad = residual_aggregation(
+            expanded.reshape(batch, max_frames, self.groups, self.group_size),
+            logits.reshape(batch, max_frames, self.groups, self.clusters).to(expanded.dtype),
+            attention,
+            lengths,
+            self.centroids.to(expanded.dtype),
+            backend=self.backend,
+        )
+        return self.vlad_bn(flatten_like_tf(intra_normalize(vlad)))
+
+
+def intra_normalize(vlad: torch.Tensor) -> torch.Tensor:
+    """L2-normalise each cluster's residual over D; tf.nn.l2_normalize's eps 1e-12 on the squared norm."""
+    return F.normalize(vlad.float(), p=2.0, dim=-1, eps=1e-6)
+
+
+def flatten_like_tf(vlad: torch.Tensor) -> torch.Tensor:
+    """(B, K, D) -> (B, D*K) with flat index d*K + k, the authors' layout (checkpoints port as-is)."""
+    return vlad.transpose(1, 2).reshape(vlad.shape[0], -1)
+

@@ -1,0 +1,294 @@
+"""``VideoClassifier``: the LightningModule that trains, validates and predicts with every model.
+
+One flat, typed constructor so that LightningCLI configs (configs/*.yaml) and checkpoints
+(``save_hyperparameters``) describe a run completely. Defaults reproduce the authors' recipe
+(SPEC 4 and 9): summed BCE, L2 on the classifier(s) only, Adam 2e-4, staircase decay 0.8 every
+2,000,000 examples, per-tensor gradient clipping at 1.0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+
+from nextvlad._validation import check_choice, check_positive
+from nextvlad.metrics import (
+    GlobalAveragePrecision,
+    HitAtOne,
+    MeanAveragePrecision,
+    PrecisionAtEqualRecallRate,
+)
+from nextvlad.models.mixture import GateInput, MixtureOfNeXtVLAD, distillation_kl
+from nextvlad.models.nextvlad import ClusterBNStatistics
+from nextvlad.models.video_model import Architecture, HiddenActivation, build_video_model
+
+GradientClip = Literal["per_tensor", "global", "off"]
+
+#: Hyper-parameters that fix the shapes of the parameters: a checkpoint must agree on all of them.
+ARCHITECTURE_HPARAMS = (
+    "architecture", "num_classes", "rgb_size", "audio_size", "clusters", "groups", "expansion",
+    "audio_clusters", "audio_groups", "input_reduction", "hidden_size", "gating_reduction", "num_branches",
+)
+
+
+class VideoClassifier(pl.LightningModule):
+    """Multi-label YouTube-8M classifier: NeXtVLAD / NetVLAD, single or a distilled mixture.
+
+    Model args (SPEC 3): ``architecture`` ("nextvlad" | "netvlad"), ``clusters`` K and ``groups`` G
+    of the video stream (the audio stream takes K/2, G/2 unless ``audio_clusters``/``audio_groups``
+    are set), ``expansion`` lambda, ``hidden_size`` H, ``gating_reduction`` r, ``dropout``,
+    ``hidden_activation`` after the hidden BN (default "relu" for a single model as in the paper
+    era; mixture branches use ``branch_hidden_activation``, default "none"),
+    ``cluster_bn_statistics`` ("all" rows as the TF code, or "masked"), ``input_reduction``
+    (NetVLAD_small: 4).
+
+    Mixture args (SPEC 3.3): ``num_branches`` > 1 builds ``MixtureOfNeXtVLAD`` with ``gate_input``;
+    ``temperature`` T and ``cl_lambda`` weight the distillation KL (T = 0 disables it);
+    ``detach_teacher`` stops its gradient into the mixture; ``predict_branch`` predicts with one
+    branch instead of the mixture.
+
+    Optimisation args (SPEC 4): ``learning_rate``, ``lr_decay`` every ``lr_decay_examples`` examples
+    (counted over all ranks and accumulated batches), ``l2_penalty`` (on classifier weights and
+    biases, as ``l2 * 0.5 * sum w^2``), ``gradient_clip`` ("per_tensor" as TF's clip_by_norm per
+    variable, "global", "off") at ``gradient_clip_norm``. ``top_k`` is the k of GAP/MAP and of
+    predictions.
+    """
+
+    def __init__(
+        self,
+        architecture: Architecture = "nextvlad",
+        num_classes: int = 3862,
+        rgb_size: int = 1024,
+        audio_size: int = 128,
+        clusters: int = 128,
+        groups: int = 8,
+        expansion: int = 2,
+        audio_clusters: int | None = None,
+        audio_groups: int | None = None,
+        input_reduction: int = 1,
+        hidden_size: int = 2048,
+        gating_reduction: int = 8,
+        dropout: float = 0.5,
+        hidden_activation: HiddenActivation = "relu",
+        cluster_bn_statistics: ClusterBNStatistics = "all",
+        num_branches: int = 1,
+        branch_hidden_activation: HiddenActivation = "none",
+        gate_input: GateInput = "all",
+        temperature: float = 3.0,
+        cl_lambda: float = 9.0,
+        detach_teacher: bool = False,
+        predict_branch: int | None = None,
+        aggregation_backend: Literal["auto", "triton", "reference"] = "auto",
+        learning_rate: float = 2e-4,
+        lr_decay: float = 0.8,
+        lr_decay_examples: int = 2_000_000,
+        l2_penalty: float = 1e-5,
+        gradient_clip: GradientClip = "per_tensor",
+        gradient_clip_norm: float = 1.0,
+        top_k: int = 20,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        check_positive(num_branches=num_branches, top_k=top_k, lr_decay_examples=lr_decay_examples)
+        check_choice("gradient_clip", gradient_clip, ("per_tensor", "global", "off"))
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 disables distillation), got {temperature}")
+        if predict_branch is not None and not 0 <= predict_branch < num_branches:
+            raise ValueError(f"predict_branch must be in [0, {num_branches}), got {predict_branch}")
+        self.model = self._build_model()
+        self.train_gap = GlobalAveragePrecision(top_k=top_k)
+        self.val_metrics = self._evaluation_metrics("val/")
+        self.test_metrics = self._evaluation_metrics("test/")
+        self.examples_seen = 0  # optimizer-step examples over all ranks; drives the LR schedule
+        self._pending_examples = 0
+
+    # ----------------------------------------------------------------------------- construction
+    def _build_model(self) -> nn.Module:
+        hp = self.hparams
+        def branch(activation: HiddenActivation) -> nn.Module:
+            return build_video_model(
+                hp.architecture, hp.num_classes, hp.rgb_size, hp.audio_size, hp.clusters, hp.groups,
+                hp.expansion, hp.audio_clusters, hp.audio_groups, hp.input_reduction, hp.hidden_size,
+                hp.gating_reduction, hp.dropout, activation, hp.cluster_bn_statistics, hp.aggregation_backend,
+            )
+        if hp.num_branches == 1:
+            return branch(hp.hidden_activation)
+        branches = [branch(hp.branch_hidden_activation) for _ in range(hp.num_branches)]
+        return MixtureOfNeXtVLAD(branches, hp.rgb_size + hp.audio_size, hp.gate_input)
+
+    def _evaluation_metrics(self, prefix: str) -> MetricCollection:
+        hp = self.hparams
+        metrics = {
+            "gap": GlobalAveragePrecision(top_k=hp.top_k),
+            "hit_at_one": HitAtOne(),
+            "perr": PrecisionAtEqualRecallRate(),
+            "map": MeanAveragePrecision(num_classes=hp.num_classes, top_k=hp.top_k),
+        }
+        return MetricCollection(metrics, prefix=prefix, compute_groups=False)
+
+    @property
+    def is_mixture(self) -> bool:
+        return isinstance(self.model, MixtureOfNeXtVLAD)
+
+    # ----------------------------------------------------------------------------- forward / loss
+    def forward(self, rgb: torch.Tensor, audio: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C) of the mixture, of ``predict_branch``, or of the single model."""
+        if self.is_mixture and self.hparams.predict_branch is not None:
+            return self.model.branches[self.hparams.predict_branch](rgb, audio, lengths)
+        return self.model(rgb, audio, lengths)
+
+    def _check_batch(self, batch: dict[str, Any]) -> None:
+        for key, size in (("rgb", self.hparams.rgb_size), ("audio", self.hparams.audio_size)):
+            if batch[key].shape[-1] != size:
+                raise ValueError(
+                    f"batch[{key!r}] has {batch[key].shape[-1]} features per frame but the model was "
+                    f"built with {key}_size={size}"
+                )
+        if batch["labels"].shape[-1] != self.hparams.num_classes:
+            raise ValueError(
+                f"batch['labels'] has {batch['labels'].shape[-1]} classes but the model has "
+                f"num_classes={self.hparams.num_classes}"
+            )
+
+    def compute_losses(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Every loss term of SPEC 4 in fp32 (``total`` is what is optimised), and the logits."""
+        self._check_batch(batch)
+        labels = batch["labels"].float()
+        if not self.is_mixture:
+            logits = self.model(batch["rgb"], batch["audio"], batch["lengths"])
+            label_loss = summed_bce(logits, labels)
+            losses = {"label_loss": label_loss}
+        else:
+            out = self.model.forward_all(batch["rgb"], batch["audio"], batch["lengths"])
+            logits = out.logits
+            losses = {"mixture_loss": summed_bce(logits, labels)}
+            for m, branch_logits in enumerate(out.branch_logits):
+                losses[f"branch_{m}_loss"] = summed_bce(branch_logits, labels)
+            losses["label_loss"] = sum(losses.values())
+            if self.hparams.temperature > 0:
+                kl = distillation_kl(logits, out.branch_logits, self.hparams.temperature, self.hparams.detach_teacher)
+                losses["distillation_loss"] = self.hparams.cl_lambda * kl
+        losses["l2_loss"] = self.l2_loss()
+        losses["total"] = losses["label_loss"] + losses["l2_loss"] + losses.get("distillation_loss", 0.0)
+        return losses, logits
+
+    def l2_loss(self) -> torch.Tensor:
+        """``l2_penalty * 0.5 * (|W|^2 + |b|^2)`` summed over the classifier(s) (slim.l2_regularizer)."""
+        squares = sum(p.float().pow(2).sum() for layer in self.model.classifiers() for p in layer.parameters())
+        return self.hparams.l2_penalty * 0.5 * squares
+
+    # ----------------------------------------------------------------------------- steps
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses, logits = self.compute_losses(batch)
+        batch_size = len(batch["lengths"])
+        self._pending_examples += batch_size
+        # Batch-level GAP as in the authors' training summaries: forward() computes it without a
+        # cross-rank sync; reset() keeps the state from growing over the epoch.
+        gap = self.train_gap(torch.sigmoid(logits.detach().float()), batch["labels"])
+        self.train_gap.reset()
+        self.log("train/gap", gap, on_step=True, prog_bar=True, batch_size=batch_size)
+        for name, value in losses.items():
+            if name != "total":
+                self.log(f"train/{name}", value, on_step=True, prog_bar=name == "label_loss", batch_size=batch_size)
+        self.log("train/lr", self.current_learning_rate(), on_step=True, batch_size=batch_size)
+        return losses["total"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluation_step(batch, self.val_metrics, "val/")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluation_step(batch, self.test_metrics, "test/")
+
+    def _evaluation_step(self, batch: dict[str, Any], metrics: MetricCollection, prefix: str) -> None:
+        self._check_batch(batch)
+        labelled = batch["has_labels"]
+        logits = self(batch["rgb"], batch["audio"], batch["lengths"])[labelled]
+        if logits.shape[0] == 0:
+            return
+        labels = batch["labels"][labelled].float()
+        metrics.update(torch.sigmoid(logits.float()), labels)
+        self.log(f"{prefix}loss", summed_bce(logits, labels), batch_size=logits.shape[0], sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics)
+
+    def _log_metrics(self, metrics: MetricCollection) -> None:
+        values = metrics.compute()
+        self.log_dict(values, prog_bar=True)
+        metrics.reset()
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Top-k classes and probabilities per video (never the full (videos x C) matrix)."""
+        probabilities = torch.sigmoid(self(batch["rgb"], batch["audio"], batch["lengths"]).float())
+        scores, classes = probabilities.topk(min(self.hparams.top_k, probabilities.shape[-1]), dim=-1)
+        return {"id": list(batch["id"]), "scores": scores.cpu(), "classes": classes.cpu()}
+
+    # ----------------------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # Adam with TF's defaults; no weight decay (only the classifier carries an L2 term).
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+
+    def current_learning_rate(self) -> float:
+        """Staircase decay by examples seen before this step (TF exponential_decay, staircase=True)."""
+        hp = self.hparams
+        return hp.learning_rate * hp.lr_decay ** math.floor(self.examples_seen / hp.lr_decay_examples)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        learning_rate = self.current_learning_rate()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
+        optimizer.step(closure=optimizer_closure)
+        # The closure ran the last accumulated training_step, so every micro-batch is counted now.
+        self.examples_seen += self._pending_examples * self.trainer.world_size
+        self._pending_examples = 0
+
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        mode, max_norm = self.hparams.gradient_clip, self.hparams.gradient_clip_norm
+        if mode == "global":
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+        elif mode == "per_tensor":
+            clip_per_tensor_([p for p in self.parameters() if p.grad is not None], max_norm)
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["examples_seen"] = self.examples_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters", {})
+        mismatched = {
+            name: (saved[name], self.hparams[name])
+            for name in ARCHITECTURE_HPARAMS
+            if name in saved and saved[name] != self.hparams[name]
+        }
+        if mismatched:
+            details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in mismatched.items())
+            raise ValueError(f"checkpoint is of another architecture ({details})")
+        self.examples_seen = int(checkpoint.get("examples_seen", 0))
+
+
+def summed_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy summed over classes, mean over the batch (SPEC 4), from logits in fp32."""
+    per_class = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+    return per_class.sum(dim=-1).mean()
+
+
+@torch.no_grad()
+def clip_per_tensor_(parameters: list[nn.Parameter], max_norm: float) -> None:
+    """TF ``clip_by_norm`` on each gradient: g * max_norm / max(|g|, max_norm), batched with foreach."""
+    grads = [p.grad for p in parameters]
+    if not grads:
+        return
+    norms = torch._foreach_norm(grads)
+    scales = [max_norm / torch.clamp(norm, min=max_norm) for norm in norms]
+    torch._foreach_mul_(grads, scales)
