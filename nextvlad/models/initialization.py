@@ -10,7 +10,6 @@ import math
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 #: slim.batch_norm defaults: decay 0.999 -> PyTorch momentum 0.001; epsilon 0.001.
 BN_EPS = 1e-3
@@ -69,5 +68,6 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
             unbiased = var.detach() * (n / (n - 1))
             self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
             self.num_batches_tracked.add_(1)
-        return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
+        # Written out (not F.batch_norm) so that gradients flow through the masked statistics.
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
 

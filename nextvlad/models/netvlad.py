@@ -17,7 +17,7 @@ from nextvlad._validation import check_choice, check_positive
 from nextvlad.kernels import residual_aggregation
 from nextvlad.kernels.residual_aggregation import frame_mask
 from nextvlad.models.initialization import MaskedBatchNorm1d, tf_linear, variance_scaling_
-from nextvlad.models.nextvlad import ClusterBNStatistics, flatten_like_tf, intra_normalize
+from nextvlad.models.nextvlad import ClusterBNStatistics, flatten_like_tf
 
 # sigmoid(30) rounds to exactly 1.0 in fp32/bf16: NetVLAD has no attention, so every real frame
 # gets weight 1 through the same fused op that NeXtVLAD uses (with one group).
@@ -79,5 +79,6 @@ class NetVLAD(nn.Module):
             lengths,
             self.centroids.to(descriptors.dtype),
             backend=self.backend,
+            normalize=True,  # intra-normalisation over D per cluster
         )
-        return F.normalize(flatten_like_tf(intra_normalize(vlad)), p=2.0, dim=-1, eps=1e-6)
+        return F.normalize(flatten_like_tf(vlad).float(), p=2.0, dim=-1, eps=1e-6)

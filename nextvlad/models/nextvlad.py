@@ -6,7 +6,6 @@ from typing import Literal
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from nextvlad._validation import check_choice, check_positive
 from nextvlad.kernels import residual_aggregation
@@ -89,13 +88,9 @@ class NeXtVLAD(nn.Module):
             lengths,
             self.centroids.to(expanded.dtype),
             backend=self.backend,
+            normalize=True,  # intra-normalisation over D per cluster, fused into the op
         )
-        return self.vlad_bn(flatten_like_tf(intra_normalize(vlad)))
-
-
-def intra_normalize(vlad: torch.Tensor) -> torch.Tensor:
-    """L2-normalise each cluster's residual over D; tf.nn.l2_normalize's eps 1e-12 on the squared norm."""
-    return F.normalize(vlad.float(), p=2.0, dim=-1, eps=1e-6)
+        return self.vlad_bn(flatten_like_tf(vlad))
 
 
 def flatten_like_tf(vlad: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,256 @@
+"""Model layers against SPEC 3: an independent float64 oracle, parameter counts, init, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nextvlad.models import NetVLAD, NeXtVLAD, SEContextGating, build_video_model, count_parameters
+from nextvlad.models.initialization import MaskedBatchNorm1d
+from nextvlad.models.mixture import MixtureOfNeXtVLAD, distillation_kl
+
+
+def tf_batch_norm_train(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """slim.batch_norm in training: biased moments over rows, eps 1e-3."""
+    mean, var = x.mean(0), x.var(0, unbiased=False)
+    return (x - mean) / torch.sqrt(var + 1e-3) * gamma + beta
+
+
+def nextvlad_oracle(layer: NeXtVLAD, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """SPEC 3.1 steps 1-10 written out in float64 with the TF layouts (loops over groups)."""
+    p = {k: v.detach().double() for k, v in layer.named_parameters()}
+    B, M, _ = frames.shape
+    G, K, D = layer.groups, layer.clusters, layer.group_size
+    x = frames.double()
+    mask = (torch.arange(M)[None, :] < lengths[:, None]).double()  # tf.sequence_mask
+    expanded = x @ p["expansion_fc.weight"].T + p["expansion_fc.bias"]
+    attention = torch.sigmoid(expanded @ p["group_attention.weight"].T + p["group_attention.bias"])
+    attention = attention * mask[..., None]  # (B, M, G)
+    logits = expanded.reshape(B * M, -1) @ p["cluster_logits.weight"].T
+    logits = tf_batch_norm_train(logits, p["cluster_bn.weight"], p["cluster_bn.bias"])
+    assignment = torch.softmax(logits.reshape(B, M * G, K), dim=-1) * attention.reshape(B, M * G, 1)
+    centroids_tf = p["centroids"].T.unsqueeze(0)  # [1, D, K]
+    vlad = torch.zeros(B, D, K, dtype=torch.float64)
+    x_groups = expanded.reshape(B, M * G, D)
+    for b in range(B):
+        vlad[b] = (assignment[b].T @ x_groups[b]).T - assignment[b].sum(0)[None, :] * centroids_tf[0]
+    norm = torch.sqrt(torch.clamp((vlad**2).sum(dim=1, keepdim=True), min=1e-12))
+    flat = (vlad / norm).reshape(B, D * K)  # index d*K + k
+    return tf_batch_norm_train(flat, p["vlad_bn.weight"], p["vlad_bn.bias"])
+
+
+@pytest.fixture
+def frames_and_lengths():
+    torch.manual_seed(0)
+    frames = torch.randn(3, 7, 16)
+    lengths = torch.tensor([7, 3, 1])
+    frames[1, 3:] = 0.0
+    frames[2, 1:] = 0.0
+    return frames, lengths
+
+
+def test_nextvlad_matches_float64_oracle(frames_and_lengths):
+    frames, lengths = frames_and_lengths
+    layer = NeXtVLAD(feature_size=16, clusters=5, groups=4, expansion=2).train()
+    with torch.no_grad():  # non-trivial BN affine parameters
+        for bn in (layer.cluster_bn, layer.vlad_bn):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    expected = nextvlad_oracle(layer, frames, lengths)
+    assert torch.allclose(layer(frames, lengths).double(), expected, atol=2e-4, rtol=1e-4)
+
+
+def test_nextvlad_output_ignores_padded_frames_in_eval(frames_and_lengths):
+    frames, lengths = frames_and_lengths
+    layer = NeXtVLAD(16, 5, 4).eval()
+    garbage = frames.clone()
+    garbage[1, 3:] = 50.0
+    garbage[2, 1:] = -7.0
+    assert torch.allclose(layer(frames, lengths), layer(garbage, lengths), atol=1e-5)
+    assert not torch.allclose(layer(frames, lengths), layer(frames, torch.tensor([7, 2, 1])), atol=1e-3)
+
+
+def test_cluster_bn_statistics_all_rows_vs_masked(frames_and_lengths):
+    frames, lengths = frames_and_lengths
+    frames = frames + 3.0  # so that padded (zero) rows move the statistics
+    frames[1, 3:] = 0.0
+    frames[2, 1:] = 0.0
+    torch.manual_seed(1)
+    faithful = NeXtVLAD(16, 5, 4, cluster_bn_statistics="all").train()
+    torch.manual_seed(1)
+    masked = NeXtVLAD(16, 5, 4, cluster_bn_statistics="masked").train()
+    faithful(frames, lengths)
+    masked(frames, lengths)
+    expanded = faithful.expansion_fc(frames)
+    logits = faithful.cluster_logits(expanded).detach()  # (B, M, G*K)
+    real = torch.arange(7)[None, :] < lengths[:, None]
+    momentum = faithful.cluster_bn.momentum
+    assert torch.allclose(faithful.cluster_bn.running_mean, momentum * logits.reshape(-1, 20).mean(0), atol=1e-6)
+    assert torch.allclose(masked.cluster_bn.running_mean, momentum * logits[real].mean(0), atol=1e-6)
+    # masked training output ignores padded rows entirely
+    garbage = frames.clone()
+    garbage[1, 3:] = 9.0
+    masked_again = NeXtVLAD(16, 5, 4, cluster_bn_statistics="masked").train()
+    masked_again.load_state_dict(masked.state_dict())
+    assert torch.allclose(masked_again(frames, lengths), masked_again(garbage, lengths), atol=1e-5)
+
+
+def test_masked_batch_norm_matches_batch_norm_on_real_rows():
+    torch.manual_seed(0)
+    x = torch.randn(12, 6)
+    mask = torch.tensor([True] * 8 + [False] * 4)
+    masked, plain = MaskedBatchNorm1d(6).train(), MaskedBatchNorm1d(6).train()
+    out = masked(x, mask)
+    reference = plain(x[mask])
+    assert torch.allclose(out[mask], reference, atol=1e-6)
+    assert torch.allclose(masked.running_mean, plain.running_mean)
+    assert torch.allclose(masked.running_var, plain.running_var)
+
+
+def test_se_context_gating_formula():
+    torch.manual_seed(0)
+    gating = SEContextGating(16, reduction=4).train()
+    h = torch.randn(10, 16)
+    squeezed = h @ gating.squeeze.weight.T
+    squeezed = torch.relu(tf_batch_norm_train(squeezed, gating.squeeze_bn.weight, gating.squeeze_bn.bias))
+    expected = h * torch.sigmoid(squeezed @ gating.excite.weight.T)
+    assert torch.allclose(gating(h), expected, atol=1e-5)
+    assert gating.squeeze.bias is None and gating.excite.bias is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        (dict(clusters=128, groups=8, hidden_size=2048, gating_reduction=8), 88_889_378),
+        (dict(clusters=112, groups=8, hidden_size=2048, gating_reduction=16), 78_643_170),
+    ],
+)
+def test_parameter_counts_match_the_paper(kwargs, expected):
+    with torch.device("meta"):
+        model = build_video_model("nextvlad", **kwargs)
+    assert count_parameters(model) == expected
+
+
+def test_mixture_parameter_count():
+    with torch.device("meta"):
+        branches = [build_video_model("nextvlad", clusters=112, gating_reduction=16, hidden_activation="none")
+                    for _ in range(3)]
+        mixture = MixtureOfNeXtVLAD(branches)
+    assert count_parameters(mixture) == 235_935_273
+
+
+def test_parameter_count_formula_spec_3_5():
+    """P_layer of SPEC 3.5 for a small, odd configuration."""
+    def p_layer(n, g, k, lam=2):
+        d = lam * n // g
+        return n * lam * n + lam * n + lam * n * g + g + lam * n * g * k + 2 * g * k + d * k + 2 * d * k
+    g, k, h, r, c = 4, 6, 40, 5, 17
+    model = build_video_model("nextvlad", num_classes=c, rgb_size=32, audio_size=8, clusters=k, groups=g,
+                              hidden_size=h, gating_reduction=r)
+    v = 2 * 32 * k // g + 2 * 8 * (k // 2) // (g // 2)
+    expected = p_layer(32, g, k) + p_layer(8, g // 2, k // 2) + v * h + 2 * h + 2 * h * (h // r) + 2 * (h // r) + h * c + c
+    assert count_parameters(model) == expected
+
+
+def test_initialisation_is_slim_variance_scaling():
+    torch.manual_seed(0)
+    model = build_video_model("nextvlad", num_classes=64, clusters=16, groups=8, hidden_size=512)
+    weight = model.hidden.weight  # fan_in = vlad dim
+    fan_in = weight.shape[1]
+    std = math.sqrt(2.6 / fan_in)
+    assert weight.abs().max() <= 2 * std + 1e-7
+    # a normal truncated at 2 sigma has standard deviation 0.8796 sigma
+    assert abs(weight.std().item() / (0.8796 * std) - 1) < 0.02
+    centroids = model.video_aggregator.centroids  # TF [1, D, K]: fan_in = D
+    assert centroids.abs().max() <= 2 * math.sqrt(2.6 / centroids.shape[1]) + 1e-7
+    assert torch.count_nonzero(model.classifier.bias) == 0
+    bn = model.hidden_bn
+    assert (bn.eps, bn.momentum) == (1e-3, 1e-3)
+
+
+def test_netvlad_small_and_masking(frames_and_lengths):
+    frames, lengths = frames_and_lengths
+    layer = NetVLAD(16, clusters=3, input_reduction=4).eval()
+    assert layer.output_size == 3 * 4
+    out = layer(frames, lengths)
+    assert out.shape == (3, 12)
+    assert torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
+    garbage = frames.clone()
+    garbage[2, 1:] = 11.0
+    assert torch.allclose(out, layer(garbage, lengths), atol=1e-5)
+
+
+def test_netvlad_matches_plain_vlad_formula(frames_and_lengths):
+    frames, lengths = frames_and_lengths
+    layer = NetVLAD(16, clusters=3).eval()
+    x = frames.double()
+    assignment = torch.softmax(layer.cluster_bn(layer.cluster_logits(frames).reshape(-1, 3)).double().reshape(3, 7, 3), -1)
+    assignment = assignment * (torch.arange(7)[None, :] < lengths[:, None])[..., None]
+    vlad = torch.einsum("bmk,bmd->bkd", assignment, x) - assignment.sum(1)[..., None] * layer.centroids.double()
+    vlad = torch.nn.functional.normalize(vlad, dim=-1)
+    expected = torch.nn.functional.normalize(vlad.transpose(1, 2).reshape(3, -1), dim=-1)
+    assert torch.allclose(layer(frames, lengths).double(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "factory, message",
+    [
+        (lambda: NeXtVLAD(128, 8, groups=3), "groups=3 must divide"),
+        (lambda: NeXtVLAD(128, 0, groups=8), "clusters must be >= 1"),
+        (lambda: NeXtVLAD(128, 8, 8, cluster_bn_statistics="some"), "cluster_bn_statistics"),
+        (lambda: build_video_model("nextvlad", groups=1), "audio_groups"),
+        (lambda: build_video_model("resnet"), "architecture"),
+        (lambda: SEContextGating(100, 8), "gating_reduction=8 must divide"),
+        (lambda: NetVLAD(10, 4, input_reduction=4), "input_reduction=4 must divide"),
+        (lambda: MixtureOfNeXtVLAD([]), "num_branches must be >= 1"),
+    ],
+)
+def test_impossible_configurations_raise(factory, message):
+    with pytest.raises(ValueError, match=message):
+        factory()
+
+
+def test_feature_size_mismatch_names_the_sizes():
+    layer = NeXtVLAD(16, 4, 4)
+    with pytest.raises(ValueError, match="expects 16 features per frame, got 12"):
+        layer(torch.randn(2, 5, 12), torch.tensor([5, 5]))
+
+
+def test_distillation_kl_matches_float64_hand_computation():
+    torch.manual_seed(0)
+    mixture = torch.randn(4, 9)
+    branches = torch.randn(3, 4, 9)
+    T = 3.0
+    expected = 0.0
+    for b in range(4):
+        p_e = [math.exp(v / T) for v in mixture[b].double().tolist()]
+        p_e = [v / sum(p_e) for v in p_e]
+        for m in range(3):
+            p_m = [math.exp(v / T) for v in branches[m, b].double().tolist()]
+            p_m = [v / sum(p_m) for v in p_m]
+            expected += sum(pe * (math.log(pe + 1e-8) - math.log(pm + 1e-8)) for pe, pm in zip(p_e, p_m))
+    expected /= 4
+    assert distillation_kl(mixture, branches, T).item() == pytest.approx(expected, rel=1e-5)
+    assert distillation_kl(mixture, mixture.expand(3, 4, 9), T).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_mixture_gate_input_all_rows_vs_masked():
+    torch.manual_seed(0)
+    branches = [build_video_model("nextvlad", num_classes=5, rgb_size=8, audio_size=4, clusters=2, groups=2,
+                                  hidden_size=8, gating_reduction=2) for _ in range(2)]
+    rgb, audio = torch.randn(3, 6, 8), torch.randn(3, 6, 4)
+    lengths = torch.tensor([6, 2, 4])
+    everything = MixtureOfNeXtVLAD(branches, input_size=12, gate_input="all").eval()
+    masked = MixtureOfNeXtVLAD(branches, input_size=12, gate_input="masked").eval()
+    masked.load_state_dict(everything.state_dict())
+    frames = torch.cat([rgb, audio], -1)
+    real = (torch.arange(6)[None, :] < lengths[:, None]).float()[..., None]
+    gate_of = lambda mean: torch.softmax(everything.gate_fc(everything.gate_bn(mean)), -1)
+    assert torch.allclose(everything.gate(rgb, audio, lengths), gate_of(frames.sum(1) / 6), atol=1e-6)
+    expected_masked = gate_of((frames * real).sum(1) / lengths[:, None])
+    assert torch.allclose(masked.gate(rgb, audio, lengths), expected_masked, atol=1e-6)
+    out = everything.forward_all(rgb, audio, lengths)
+    mixed = sum(out.gate[:, m:m + 1] * out.branch_logits[m] for m in range(2))
+    assert torch.allclose(out.logits, mixed, atol=1e-6)
