@@ -200,8 +200,17 @@ def residual_aggregation_einsum(
 
 
 def triton_interpreter_enabled() -> bool:
-    """True when ``TRITON_INTERPRET=1``: Triton kernels then run on CPU tensors (slowly)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton runs kernels in its CPU interpreter (then CPU tensors work, slowly).
+
+    Triton fixes the mode when ``triton.language`` is first imported (its own library functions
+    are wrapped then), so ``TRITON_INTERPRET=1`` must be in the environment before anything imports
+    Triton (Lightning does). The mode is read off Triton itself, not off today's environment.
+    """
+    if triton is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.sum, InterpretedFunction)
 
 
 def residual_aggregation(
@@ -426,11 +435,8 @@ class _Kernels:
 
 @functools.cache
 def _kernels(interpret: bool) -> _Kernels:
-    """The kernels wrapped by ``triton.jit`` in the requested mode (compiled or interpreted).
-
-    Wrapping lazily, per mode, means the kernels work whatever the order in which this module,
-    Triton and ``TRITON_INTERPRET`` were set up (test collection imports this module early).
-    """
+    """The kernels wrapped by ``triton.jit`` in the given mode, which must be Triton's own mode
+    (see :func:`triton_interpreter_enabled`), whatever ``TRITON_INTERPRET`` says now."""
     with triton.knobs.runtime.scope():
         triton.knobs.runtime.interpret = interpret
         return _Kernels(
@@ -512,7 +518,7 @@ def _launch_forward(
         return y, assignment_sum
     config = _forward_config(clusters, dim)
     grid = (triton.cdiv(dim, config.block_d), batch)
-    interpret = not x.is_cuda
+    interpret = triton_interpreter_enabled()
     _kernels(interpret).forward[grid](
         x, logits, attention, lengths, centroids, y, assignment_sum,
         max_frames, groups, clusters, dim,
@@ -538,7 +544,7 @@ def _launch_backward(
         return grad_x, grad_logits, grad_attention
     config = _backward_config(clusters, dim)
     grid = (triton.cdiv(max_frames * groups, config.block_r), batch)
-    interpret = not x.is_cuda
+    interpret = triton_interpreter_enabled()
     _kernels(interpret).backward[grid](
         x, logits, attention, lengths, grad_y, grad_y_dot_centroids,
         grad_x, grad_logits, grad_attention,
@@ -612,7 +618,7 @@ def _residual_aggregation_triton(
     if not x.is_cuda and not triton_interpreter_enabled():
         raise ValueError(
             f"backend='triton' needs CUDA tensors (x is on {x.device}); CPU tensors run only under "
-            "TRITON_INTERPRET=1"
+            "TRITON_INTERPRET=1, set before Triton is first imported"
         )
     if x.is_cuda and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(

@@ -1,0 +1,346 @@
+"""residual_aggregation: references vs a float64 numpy oracle, Triton (interpreter on CPU, compiled
+on a GPU) vs the reference, gradients, and input validation."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from nextvlad.kernels import (
+    residual_aggregation,
+    residual_aggregation_einsum,
+    residual_aggregation_reference,
+)
+from nextvlad.kernels.residual_aggregation import ResidualAggregationFunction, triton_interpreter_enabled
+
+triton = pytest.importorskip("triton")
+
+# The package re-exports the function under the module's name, so fetch the module itself.
+residual_aggregation_module = importlib.import_module("nextvlad.kernels.residual_aggregation")
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    frames: int
+    groups: int
+    clusters: int
+    dim: int
+    lengths: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return (f"B{self.batch}-M{self.frames}-G{self.groups}-K{self.clusters}-D{self.dim}"
+                f"-len{','.join(map(str, self.lengths))}")
+
+
+# Small on purpose: the Triton interpreter runs every program in numpy.
+INTERPRETER_SHAPES = [
+    Shape(3, 5, 2, 7, 16, (0, 1, 5)),  # lengths 0, 1 and M; K not a power of two; D = 16
+    Shape(2, 9, 1, 16, 64, (9, 4)),  # G = 1; D = 64
+    Shape(1, 33, 4, 5, 40, (33,)),  # K < 16 (padded), several row blocks, D not a power of two
+    Shape(2, 40, 2, 130, 24, (3, 40)),  # K > 128; whole backward row blocks past the end
+]
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*size: int, scale: float = 1.0) -> torch.Tensor:
+        return (scale * torch.randn(*size, generator=generator, dtype=torch.float64)).to(device, dtype)
+
+    b, m, g, k, d = shape.batch, shape.frames, shape.groups, shape.clusters, shape.dim
+    x = randn(b, m, g, d)
+    logits = randn(b, m, g, k, scale=2.0)
+    attention = randn(b, m, g, scale=2.0)
+    centroids = randn(k, d, scale=0.5)
+    lengths = torch.tensor(shape.lengths, dtype=torch.int64, device=device)
+    return x, logits, attention, lengths, centroids
+
+
+def numpy_oracle(x, logits, attention, lengths, centroids, normalize: bool = False) -> np.ndarray:
+    """float64 loop over videos and real frames, straight from the formula in the docstring."""
+    x, logits, attention, centroids = (t.detach().double().cpu().numpy() for t in (x, logits, attention, centroids))
+    batch, clusters, dim = x.shape[0], centroids.shape[0], centroids.shape[1]
+    y = np.zeros((batch, clusters, dim))
+    for b in range(batch):
+        for i in range(int(lengths[b])):
+            for g in range(x.shape[2]):
+                exp = np.exp(logits[b, i, g] - logits[b, i, g].max())
+                assignment = exp / exp.sum() / (1.0 + np.exp(-attention[b, i, g]))
+                y[b] += assignment[:, None] * (x[b, i, g][None, :] - centroids)
+    if normalize:
+        y = y / np.sqrt(np.maximum((y**2).sum(-1, keepdims=True), 1e-12))
+    return y
+
+
+def gradients(y: torch.Tensor, inputs, upstream: torch.Tensor):
+    return torch.autograd.grad(y, inputs, upstream)
+
+
+def with_grad(*tensors: torch.Tensor):
+    """Fresh leaves; integer tensors (lengths) pass through."""
+    return [t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
+
+
+@pytest.fixture
+def interpreter() -> None:
+    """Skips unless Triton runs in interpreter mode (tests/conftest.py sets TRITON_INTERPRET=1 on
+    machines without CUDA, before Triton is imported); on a GPU the compiled tests cover the same."""
+    if not triton_interpreter_enabled():
+        pytest.skip("Triton is not in interpreter mode (TRITON_INTERPRET=1 before importing triton)")
+
+
+# ----------------------------------------------------------------------------------------------
+# References
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", INTERPRETER_SHAPES, ids=str)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_references_match_numpy_oracle(shape: Shape, normalize: bool) -> None:
+    inputs = make_inputs(shape, torch.float64)
+    expected = numpy_oracle(*inputs, normalize=normalize)
+    for reference in (residual_aggregation_reference, residual_aggregation_einsum):
+        y = reference(*inputs, normalize=normalize)
+        assert y.dtype == torch.float64 and y.shape == (shape.batch, shape.clusters, shape.dim)
+        np.testing.assert_allclose(y.numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_hand_computed_single_frame() -> None:
+    # One frame, one group, K = 2: a = sigmoid(0) * softmax([0, ln 3]) = 0.5 * [1/4, 3/4].
+    x = torch.tensor([[[[2.0, 4.0]]]])
+    logits = torch.tensor([[[[0.0, float(np.log(3.0))]]]])
+    attention = torch.zeros(1, 1, 1)
+    centroids = torch.tensor([[1.0, 0.0], [0.0, 4.0]])
+    y = residual_aggregation(x, logits, attention, torch.tensor([1]), centroids)
+    expected = torch.tensor([[[0.125 * 1.0, 0.125 * 4.0], [0.375 * 2.0, 0.375 * 0.0]]])
+    torch.testing.assert_close(y, expected)
+
+
+def test_einsum_and_matmul_references_agree_with_gradients() -> None:
+    shape = Shape(3, 6, 2, 5, 8, (6, 0, 2))
+    inputs = make_inputs(shape)
+    lengths = inputs[3]
+    differentiable = [0, 1, 2, 4]
+    upstream = torch.randn(shape.batch, shape.clusters, shape.dim, generator=torch.Generator().manual_seed(1))
+    results = []
+    for reference in (residual_aggregation_reference, residual_aggregation_einsum):
+        x, logits, attention, centroids = with_grad(*(inputs[i] for i in differentiable))
+        y = reference(x, logits, attention, lengths, centroids)
+        results.append((y, *gradients(y, (x, logits, attention, centroids), upstream)))
+    for matmul_value, einsum_value in zip(*results):
+        torch.testing.assert_close(matmul_value, einsum_value, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_reference_gradcheck_float64(normalize: bool) -> None:
+    x, logits, attention, lengths, centroids = with_grad(*make_inputs(Shape(2, 4, 2, 3, 5, (4, 1)), torch.float64))
+
+    def op(x, logits, attention, centroids):
+        return residual_aggregation(x, logits, attention, lengths, centroids, backend="reference", normalize=normalize)
+
+    assert torch.autograd.gradcheck(op, (x, logits, attention, centroids))
+
+
+def test_padded_frames_contribute_nothing() -> None:
+    shape = Shape(2, 6, 2, 4, 3, (2, 5))
+    x, logits, attention, lengths, centroids = make_inputs(shape)
+    garbage = [t.clone() for t in (x, logits, attention)]
+    for tensor in garbage:
+        for b, length in enumerate(shape.lengths):
+            tensor[b, length:] = 1e4
+    clean = residual_aggregation(x, logits, attention, lengths, centroids)
+    x_g, logits_g, attention_g, centroids_g = with_grad(*garbage, centroids)
+    dirty = residual_aggregation(x_g, logits_g, attention_g, lengths, centroids_g)
+    torch.testing.assert_close(dirty, clean)
+    dirty.sum().backward()
+    for tensor in (x_g, logits_g, attention_g):
+        for b, length in enumerate(shape.lengths):
+            assert torch.all(tensor.grad[b, length:] == 0)
+
+
+def test_half_precision_output_dtype_and_fp32_accumulation() -> None:
+    shape = Shape(2, 300, 2, 8, 16, (300, 150))
+    inputs = make_inputs(shape)
+    expected = residual_aggregation(*inputs)
+    half = [t.bfloat16() if t.is_floating_point() else t for t in inputs[:4]] + [inputs[4]]
+    y = residual_aggregation(*half)
+    assert y.dtype == torch.bfloat16
+    # 600 terms summed in bf16 would be off by several percent; fp32 accumulation is not.
+    torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=5e-2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton through the interpreter
+# ----------------------------------------------------------------------------------------------
+
+
+def triton_and_reference(shape: Shape, dtype: torch.dtype, device: str = "cpu", normalize: bool = False,
+                         precision: str | None = "ieee"):
+    """Outputs and the four gradients from both backends for one upstream gradient."""
+    inputs = make_inputs(shape, dtype, device)
+    lengths = inputs[3]
+    upstream = torch.randn(shape.batch, shape.clusters, shape.dim, generator=torch.Generator().manual_seed(2))
+    upstream = upstream.to(device, dtype)
+    results = []
+    for backend in ("triton", "reference"):
+        x, logits, attention, centroids = with_grad(inputs[0], inputs[1], inputs[2], inputs[4])
+        y = residual_aggregation(x, logits, attention, lengths, centroids, backend=backend,
+                                 normalize=normalize, precision=precision)
+        results.append((y, *gradients(y, (x, logits, attention, centroids), upstream)))
+    return results
+
+
+NAMES = ("y", "grad_x", "grad_logits", "grad_attention", "grad_centroids")
+
+
+@pytest.mark.parametrize("shape", INTERPRETER_SHAPES, ids=str)
+def test_triton_interpreter_matches_reference_fp32(interpreter, shape: Shape) -> None:
+    triton_results, reference_results = triton_and_reference(shape, torch.float32)
+    for name, got, expected in zip(NAMES, triton_results, reference_results):
+        assert got.dtype == expected.dtype and got.shape == expected.shape, name
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_triton_interpreter_normalize_and_bfloat16(interpreter) -> None:
+    shape = Shape(2, 7, 2, 6, 16, (7, 3))
+    for name, got, expected in zip(NAMES, *triton_and_reference(shape, torch.float32, normalize=True)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    # bf16 loads, fp32 accumulation, bf16 stores (the interpreter widens the dot operands).
+    for name, got, expected in zip(NAMES, *triton_and_reference(shape, torch.bfloat16)):
+        assert got.dtype == torch.bfloat16, name
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2, msg=lambda m: f"{name}: {m}")
+
+
+def test_triton_interpreter_gradcheck_float64(interpreter) -> None:
+    x, logits, attention, lengths, centroids = with_grad(*make_inputs(Shape(2, 3, 2, 3, 4, (3, 1)), torch.float64))
+
+    def op(x, logits, attention, centroids):
+        return ResidualAggregationFunction.apply(x, logits, attention, lengths, centroids, "ieee")
+
+    assert torch.autograd.gradcheck(op, (x, logits, attention, centroids), fast_mode=True)
+
+
+def test_triton_interpreter_is_deterministic(interpreter) -> None:
+    shape = INTERPRETER_SHAPES[3]
+    first, _ = triton_and_reference(shape, torch.float32)
+    second, _ = triton_and_reference(shape, torch.float32)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), name
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(residual_aggregation_module, "triton_interpreter_enabled", lambda: False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        residual_aggregation(*make_inputs(INTERPRETER_SHAPES[0]), backend="triton")
+
+
+def test_auto_backend_on_cpu_is_the_reference() -> None:
+    inputs = make_inputs(INTERPRETER_SHAPES[1])
+    assert torch.equal(residual_aggregation(*inputs), residual_aggregation_reference(*inputs))
+
+
+# ----------------------------------------------------------------------------------------------
+# Input validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _replace(index: int, value):
+    def mutate(inputs: list) -> list:
+        inputs = list(inputs)
+        inputs[index] = value(inputs[index]) if callable(value) else value
+        return inputs
+
+    return mutate
+
+
+BAD_INPUTS = {
+    "x rank": (_replace(0, lambda t: t[0]), "x"),
+    "x integer": (_replace(0, lambda t: t.long()), "x"),
+    "logits rank": (_replace(1, lambda t: t.flatten(2)), "logits"),
+    "logits batch": (_replace(1, lambda t: t[:1]), "logits"),
+    "logits groups": (_replace(1, lambda t: t[:, :, :1]), "logits"),
+    "logits dtype": (_replace(1, lambda t: t.double()), "logits"),
+    "attention frames": (_replace(2, lambda t: t[:, :2]), "attention"),
+    "attention dtype": (_replace(2, lambda t: t.half()), "attention"),
+    "attention rank": (_replace(2, lambda t: t[..., None]), "attention"),
+    "lengths float": (_replace(3, lambda t: t.float()), "lengths"),
+    "lengths negative": (_replace(3, lambda t: torch.tensor([-1, 2, 3])), "lengths"),
+    "lengths above M": (_replace(3, lambda t: torch.tensor([1, 6, 3])), "lengths"),
+    "lengths batch": (_replace(3, lambda t: t[:2]), "lengths"),
+    "lengths rank": (_replace(3, lambda t: t[:, None]), "lengths"),
+    "centroids K": (_replace(4, lambda t: t[:3]), "centroids"),
+    "centroids D": (_replace(4, lambda t: t[:, :8]), "centroids"),
+    "centroids rank": (_replace(4, lambda t: t[None]), "centroids"),
+    "centroids device": (_replace(4, lambda t: t.to("meta")), "centroids"),
+    "attention device": (_replace(2, lambda t: t.to("meta")), "attention"),
+    "x not a tensor": (_replace(0, lambda t: t.numpy()), "x"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=str)
+def test_bad_input_raises_value_error_naming_the_argument(case: str) -> None:
+    mutate, argument = BAD_INPUTS[case]
+    inputs = mutate(make_inputs(Shape(3, 5, 2, 7, 16, (0, 1, 5))))
+    with pytest.raises(ValueError, match=rf"^{argument}\b"):
+        residual_aggregation(*inputs)
+
+
+@pytest.mark.parametrize("keyword", [{"backend": "cuda"}, {"precision": "bf16"}])
+def test_bad_options_raise_value_error(keyword: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(keyword))):
+        residual_aggregation(*make_inputs(INTERPRETER_SHAPES[0]), **keyword)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiled kernels (GPU only)
+# ----------------------------------------------------------------------------------------------
+
+GPU_SHAPES = [
+    Shape(4, 300, 8, 128, 256, (300, 1, 0, 187)),  # video stream, paper
+    Shape(4, 300, 4, 56, 64, (300, 120, 299, 17)),  # audio stream, final recipe
+    Shape(3, 301, 8, 112, 256, (301, 150, 2)),  # final recipe K, M > 300
+    Shape(2, 64, 32, 7, 24, (64, 33)),  # G = 32, small odd K and D
+]
+GPU_TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+def test_compiled_triton_matches_reference(shape: Shape, dtype: torch.dtype) -> None:
+    triton_results, reference_results = triton_and_reference(shape, dtype, device="cuda")
+    for name, got, expected in zip(NAMES, triton_results, reference_results):
+        assert got.dtype == expected.dtype, name
+        scale = expected.float().abs().max().clamp(min=1.0)
+        torch.testing.assert_close(got.float() / scale, expected.float() / scale, **GPU_TOLERANCES[dtype],
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_compiled_triton_tf32_normalize_and_determinism() -> None:
+    shape = GPU_SHAPES[0]
+    first, reference = triton_and_reference(shape, torch.float32, device="cuda", normalize=True, precision="tf32")
+    second, _ = triton_and_reference(shape, torch.float32, device="cuda", normalize=True, precision="tf32")
+    for name, got, again, expected in zip(NAMES, first, second, reference):
+        assert torch.equal(got, again), name
+        torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_auto_backend_on_cuda_is_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    original = residual_aggregation_module._residual_aggregation_triton
+    monkeypatch.setattr(residual_aggregation_module, "_residual_aggregation_triton",
+                        lambda *args: calls.append(args) or original(*args))
+    residual_aggregation(*make_inputs(GPU_SHAPES[1], torch.bfloat16, "cuda"))
+    assert len(calls) == 1
