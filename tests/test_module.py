@@ -1,0 +1,203 @@
+"""VideoClassifier (SPEC 4): losses, L2, LR schedule, clipping, distillation, resume, bad checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from nextvlad.module import VideoClassifier, clip_per_tensor_, summed_bce
+
+NUM_CLASSES = 12
+SMALL = dict(num_classes=NUM_CLASSES, rgb_size=32, audio_size=8, clusters=4, groups=4, hidden_size=16,
+             gating_reduction=4)
+
+
+def toy_videos(count: int, seed: int, max_frames: int = 10) -> list[dict]:
+    """Videos whose first label shifts the rgb frames: learnable, with varied lengths."""
+    g = torch.Generator().manual_seed(seed)
+    videos = []
+    for i in range(count):
+        length = int(torch.randint(1, max_frames + 1, (1,), generator=g))
+        label = int(torch.randint(0, NUM_CLASSES, (1,), generator=g))
+        rgb = torch.zeros(max_frames, 32)
+        rgb[:length] = torch.randn(length, 32, generator=g) * 0.3
+        rgb[:length, label] += 2.0
+        audio = torch.zeros(max_frames, 8)
+        audio[:length] = torch.randn(length, 8, generator=g)
+        labels = torch.zeros(NUM_CLASSES)
+        labels[label] = 1.0
+        videos.append({"id": f"v{i}", "rgb": rgb, "audio": audio, "lengths": torch.tensor(length),
+                       "labels": labels, "has_labels": torch.tensor(True)})
+    return videos
+
+
+def collate(videos: list[dict]) -> dict:
+    batch = {k: torch.stack([v[k] for v in videos]) for k in ("rgb", "audio", "lengths", "labels", "has_labels")}
+    batch["id"] = [v["id"] for v in videos]
+    return batch
+
+
+def loader(count: int, seed: int = 0, batch_size: int = 8) -> DataLoader:
+    return DataLoader(toy_videos(count, seed), batch_size=batch_size, collate_fn=collate)
+
+
+def trainer(**kwargs) -> pl.Trainer:
+    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False)
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def test_summed_bce_matches_float64_formula():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(5, 7) * 4, (torch.rand(5, 7) > 0.6).float()
+    p = torch.sigmoid(logits.double())
+    expected = -(labels * torch.log(p) + (1 - labels) * torch.log(1 - p)).sum(1).mean()
+    assert summed_bce(logits, labels).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_l2_is_half_sum_of_squares_of_classifier_weights_and_bias():
+    module = VideoClassifier(**SMALL, l2_penalty=1e-3)
+    with torch.no_grad():
+        module.model.classifier.bias.fill_(0.5)
+    w, b = module.model.classifier.weight, module.model.classifier.bias
+    expected = 1e-3 * 0.5 * (w.double().pow(2).sum() + b.double().pow(2).sum())
+    assert module.l2_loss().item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_clip_per_tensor_is_tf_clip_by_norm_per_variable():
+    small, big = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))
+    small.grad = torch.tensor([0.3, 0.4, 0.0])  # norm 0.5: untouched
+    big.grad = torch.tensor([[3.0, 0.0], [0.0, 4.0]])  # norm 5: scaled to norm 1
+    clip_per_tensor_([small, big], max_norm=1.0)
+    assert torch.allclose(small.grad, torch.tensor([0.3, 0.4, 0.0]))
+    assert torch.allclose(big.grad, torch.tensor([[0.6, 0.0], [0.0, 0.8]]))
+
+
+def test_staircase_lr_counts_examples_over_accumulation():
+    module = VideoClassifier(**SMALL, learning_rate=1e-2, lr_decay=0.5, lr_decay_examples=48)
+    seen_lrs = []
+
+    class RecordLR(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen_lrs.append((pl_module.examples_seen, optimizer.param_groups[0]["lr"]))
+
+    trainer(max_epochs=2, accumulate_grad_batches=2, callbacks=[RecordLR()]).fit(module, loader(64))
+    # 64 videos / 8 per batch = 8 batches = 4 optimizer steps of 16 examples per epoch
+    assert module.examples_seen == 128
+    assert module.trainer.global_step == 8
+    # the LR applied at a step uses the examples of the *previous* steps (TF's global_step)
+    assert [examples for examples, _ in seen_lrs] == [0, 16, 32, 48, 64, 80, 96, 112]
+    for examples_before, lr in seen_lrs:
+        assert lr == pytest.approx(1e-2 * 0.5 ** math.floor(examples_before / 48))
+    assert {lr for _, lr in seen_lrs} == {1e-2, 5e-3, 2.5e-3}
+
+
+def test_training_learns_and_logs_every_metric():
+    torch.manual_seed(0)
+    module = VideoClassifier(**SMALL, learning_rate=1e-2)
+    run = trainer(max_epochs=6)
+    run.fit(module, loader(96), loader(48, seed=1))
+    metrics = run.callback_metrics
+    for name in ("val/gap", "val/hit_at_one", "val/perr", "val/map", "val/loss", "train/gap", "train/lr",
+                 "train/label_loss", "train/l2_loss"):
+        assert name in metrics, name
+    assert metrics["val/gap"] > 0.6  # chance level with one label among 12 is about 0.25
+
+
+def test_mixture_losses_and_gradients_reach_every_part():
+    torch.manual_seed(0)
+    module = VideoClassifier(**SMALL, num_branches=3, temperature=3.0, cl_lambda=9.0)
+    batch = collate(toy_videos(8, 0))
+    losses, _ = module.compute_losses(batch)
+    expected_label = losses["mixture_loss"] + sum(losses[f"branch_{m}_loss"] for m in range(3))
+    assert torch.allclose(losses["label_loss"], expected_label)
+    losses["total"].backward()
+    assert module.model.gate_fc.weight.grad.abs().sum() > 0
+    for branch in module.model.branches:
+        assert branch.classifier.weight.grad.abs().sum() > 0
+        assert branch.video_aggregator.centroids.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("detach_teacher", [False, True])
+def test_detached_teacher_stops_kl_gradient_into_gate(detach_teacher):
+    torch.manual_seed(0)
+    module = VideoClassifier(**SMALL, num_branches=2, detach_teacher=detach_teacher)
+    losses, _ = module.compute_losses(collate(toy_videos(8, 0)))
+    losses["distillation_loss"].backward()
+    gate_grad = module.model.gate_fc.weight.grad
+    if detach_teacher:
+        assert gate_grad is None or gate_grad.abs().sum() == 0
+    else:
+        assert gate_grad.abs().sum() > 0
+    assert module.model.branches[0].classifier.weight.grad.abs().sum() > 0
+
+
+def test_zero_temperature_is_sum_of_cross_entropies_plus_l2():
+    torch.manual_seed(0)
+    module = VideoClassifier(**SMALL, num_branches=3, temperature=0.0)
+    losses, _ = module.compute_losses(collate(toy_videos(8, 0)))
+    assert "distillation_loss" not in losses
+    assert torch.equal(losses["total"], losses["label_loss"] + losses["l2_loss"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(top_k=0), "top_k must be >= 1"),
+        (dict(num_branches=0), "num_branches must be >= 1"),
+        (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(num_branches=3, predict_branch=3), "predict_branch"),
+        (dict(gradient_clip="sometimes"), "gradient_clip"),
+        (dict(groups=3), "groups=3 must divide"),
+    ],
+)
+def test_bad_hyper_parameters_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        VideoClassifier(**{**SMALL, **kwargs})
+
+
+def test_feature_size_that_does_not_match_the_data_fails_before_training():
+    module = VideoClassifier(**{**SMALL, "rgb_size": 64})
+    with pytest.raises(ValueError, match=r"batch\['rgb'\] has 32 features per frame .* rgb_size=64"):
+        trainer(max_steps=1).fit(module, loader(16))
+    assert module.examples_seen == 0
+
+
+def test_resume_continues_step_lr_and_optimizer_state(tmp_path):
+    torch.manual_seed(0)
+    hparams = dict(**SMALL, learning_rate=1e-2, lr_decay=0.5, lr_decay_examples=24)
+    first = trainer(max_steps=4, default_root_dir=tmp_path)
+    first.fit(VideoClassifier(**hparams), loader(64))
+    ckpt = tmp_path / "stop.ckpt"
+    first.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)
+    observed = {}
+
+    class Observe(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            observed["step"] = trainer.global_step
+            observed["examples"] = pl_module.examples_seen
+            observed["lr"] = pl_module.current_learning_rate()
+            observed["exp_avg"] = trainer.optimizers[0].state_dict()["state"][0]["exp_avg"].clone()
+
+    resumed_module = VideoClassifier(**hparams)
+    resumed = trainer(max_steps=6, default_root_dir=tmp_path, callbacks=[Observe()])
+    resumed.fit(resumed_module, loader(64), ckpt_path=ckpt)
+    assert observed["step"] == 4 and observed["examples"] == 32
+    assert observed["lr"] == pytest.approx(1e-2 * 0.5)
+    assert torch.equal(observed["exp_avg"], saved["optimizer_states"][0]["state"][0]["exp_avg"])
+    assert resumed.global_step == 6 and resumed_module.examples_seen == 48
+
+
+def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
+    run = trainer(max_steps=1, default_root_dir=tmp_path)
+    run.fit(VideoClassifier(**SMALL), loader(16))
+    ckpt = tmp_path / "small.ckpt"
+    run.save_checkpoint(ckpt)
+    other = VideoClassifier(**{**SMALL, "clusters": 8})
+    with pytest.raises(ValueError, match="another architecture.*clusters: checkpoint 4 vs config 8"):
+        trainer(max_steps=2, default_root_dir=tmp_path).fit(other, loader(16), ckpt_path=ckpt)
