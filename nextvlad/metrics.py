@@ -78,17 +78,34 @@ def _check_inputs(preds: Tensor, target: Tensor, validate_values: bool) -> None:
         raise ValueError("target must be multi-hot: every value 0 or 1")
 
 
-def _rank_classes(preds: Tensor) -> Tensor:
-    """Per video, class indices by descending score; equal scores keep the lower index first."""
-    return torch.sort(preds, dim=1, descending=True, stable=True).indices
+def _top_k_mask(preds: Tensor, k: Tensor, k_max: int) -> Tensor:
+    """Boolean (B, C) mask of each video's ``k[b]`` highest-scored classes; ``k`` is (B, 1).
+
+    Among classes tied with the k-th score the lower indices are taken, so exactly ``k[b]``
+    classes are selected whatever order ``torch.topk`` returns ties in. Costs two ``topk`` and a
+    few elementwise passes, no full sort of the C scores.
+    """
+    if k_max == 0:
+        return torch.zeros_like(preds, dtype=torch.bool)
+    kth_score = preds.topk(k_max, dim=1).values.gather(1, (k - 1).clamp(min=0))
+    above = preds > kth_score
+    tied = preds == kth_score
+    missing = k - above.sum(dim=1, keepdim=True)
+    return (above | (tied & (tied.cumsum(dim=1) <= missing))) & (k > 0)
 
 
 def _top_k_per_video(preds: Tensor, target: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Each video's top-k (score, positive, class) triples, flattened to 1-D.
 
-    Uses all classes when ``top_k`` exceeds their number.
+    Uses all classes when ``top_k`` exceeds their number. The order within a video is irrelevant:
+    the AP ranking depends only on the multiset of pairs.
     """
-    top_classes = _rank_classes(preds)[:, : min(top_k, preds.shape[1])]
+    num_videos, num_classes = preds.shape
+    k = min(top_k, num_classes)
+    selected = _top_k_mask(preds, torch.full((num_videos, 1), k, device=preds.device), k)
+    # The k selected classes of each row, found without a host sync: the only positive keys.
+    index_key = torch.arange(num_classes, 0, -1, device=preds.device)
+    top_classes = torch.where(selected, index_key, 0).topk(k, dim=1).indices
     top_scores = preds.gather(1, top_classes)
     top_positive = target.gather(1, top_classes) > 0
     return top_scores.flatten(), top_positive.flatten(), top_classes.flatten()
@@ -307,11 +324,11 @@ class PrecisionAtEqualRecallRate(Metric):
         """Accumulate a batch of probabilities ``preds`` (B, C) and multi-hot ``target`` (B, C)."""
         _check_inputs(preds, target, self.validate_args)
         preds, positive = preds.detach(), target.detach() > 0
-        ranked = _rank_classes(preds)
         num_labels = positive.sum(dim=1, keepdim=True)
-        in_top_n = torch.arange(preds.shape[1], device=preds.device) < num_labels
-        correct = positive.gather(1, ranked) & (preds.gather(1, ranked) > 0) & in_top_n
-        precision = correct.sum(dim=1).to(torch.float64) / num_labels.squeeze(1).clamp(min=1)
+        max_labels = int(num_labels.max()) if preds.shape[0] else 0
+        top_n = _top_k_mask(preds, num_labels, max_labels)
+        correct = (top_n & positive & (preds > 0)).sum(dim=1)
+        precision = correct.to(torch.float64) / num_labels.squeeze(1).clamp(min=1)
         self.precision_sum += precision.sum()
         self.videos += preds.shape[0]
 
