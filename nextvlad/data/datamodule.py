@@ -1,0 +1,175 @@
+"""`YT8MDataModule`: the LightningDataModule for frame-level YouTube-8M TFRecords."""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import lightning as L
+import torch
+
+from nextvlad.data.dataset import STAT_NAMES, OnError, YT8MDataLoader, YT8MFrameDataset
+from nextvlad.data.records import Compression
+from nextvlad.data.transforms import ReverseWhitening, finalize_batch
+
+logger = logging.getLogger("nextvlad.data")
+
+Stage = Literal["fit", "validate", "test", "predict"]
+
+
+class YT8MDataModule(L.LightningDataModule):
+    """Frame-level YouTube-8M (SPEC 1.1) for Lightning: sharded, shuffled, CRC-checked.
+
+    What a LightningModule receives (after `on_after_batch_transfer`, on its device): a dict with
+    ``id`` list[str], ``rgb`` float32 (B, M, 1024), ``audio`` float32 (B, M, 128) dequantized and
+    zero-padded to M = max_frames (reverse-whitened when `eigenvalues_path` is set), ``lengths``
+    int64 (B,), ``labels`` float32 (B, num_classes) multi-hot (zeros without labels) and
+    ``has_labels`` bool (B,). With `sample_frames`, M = sample_frames and lengths = sample_frames.
+
+    Batches travel from the workers as uint8 and are dequantized on the device: a quarter of the
+    bytes to copy and pin, and the float work moves off the CPU (see benchmarks/bench_data.py).
+
+    Args:
+        train_pattern: training TFRecords (glob, comma-separated globs, or a list).
+        val_pattern: validation TFRecords; never shuffled, nothing dropped.
+        test_pattern: test TFRecords (may lack labels); never shuffled, nothing dropped.
+        predict_pattern: TFRecords to predict on (may lack labels); in file order per rank.
+        batch_size: training batch size (the authors: 160 = 2 GPUs x 80).
+        eval_batch_size: batch size for val/test/predict (default: batch_size).
+        num_workers: DataLoader worker processes per rank (each reads its own share of records).
+        max_frames: frames per video after padding/truncation (the authors: 300).
+        num_classes: label vocabulary size (YouTube-8M 2018: 3862).
+        eigenvalues_path: PCA `eigenvals.npy` for reverse whitening (SPEC 2); None: off.
+        sample_frames: draw this many frames per video uniformly with replacement (NetVLAD_random,
+            Table 1), in every stage; None: use all frames (the NeXtVLAD default).
+        seed: file order / shuffle buffer / frame sampling seed (combined with the epoch).
+        on_error: "raise": a bad record stops with an error naming file and record index;
+            "skip": it is skipped, counted and logged.
+        drop_last: training drops the last incomplete batch (per rank); evaluation never drops.
+        shuffle_buffer: records per reader held for shuffling during training.
+        compression: "auto" detects GZIP files by their magic bytes.
+        dequantize_in_workers: ship float32 batches from the workers instead of uint8 (slower; for
+            comparison or CPU-only setups that prefer it).
+    """
+
+    def __init__(self, train_pattern: str | list[str] | None = None,
+                 val_pattern: str | list[str] | None = None,
+                 test_pattern: str | list[str] | None = None,
+                 predict_pattern: str | list[str] | None = None,
+                 batch_size: int = 160, eval_batch_size: int | None = None, num_workers: int = 2,
+                 max_frames: int = 300, num_classes: int = 3862,
+                 eigenvalues_path: str | None = None, sample_frames: int | None = None,
+                 seed: int = 0, on_error: OnError = "raise", drop_last: bool = True,
+                 shuffle_buffer: int = 512, compression: Compression = "auto",
+                 dequantize_in_workers: bool = False):
+        super().__init__()
+        if sample_frames is not None and sample_frames < 1:
+            raise ValueError(f"sample_frames must be >= 1 or None, got {sample_frames}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.save_hyperparameters()
+        self.patterns = {"fit": train_pattern, "validate": val_pattern, "test": test_pattern,
+                         "predict": predict_pattern}
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.max_frames = max_frames
+        self.num_classes = num_classes
+        self.sample_frames = sample_frames
+        self.seed = seed
+        self.on_error = on_error
+        self.drop_last = drop_last
+        self.shuffle_buffer = shuffle_buffer
+        self.compression = compression
+        self.dequantize_in_workers = dequantize_in_workers
+        self.whitening = ReverseWhitening(eigenvalues_path) if eigenvalues_path else None
+        self.datasets: dict[str, YT8MFrameDataset] = {}
+        self.read_stats = dict.fromkeys(STAT_NAMES, 0)
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._iterations: dict[str, int] = {}
+
+    # -- datasets -----------------------------------------------------------------------------
+    def _dataset(self, split: Stage) -> YT8MFrameDataset:
+        if split not in self.datasets:
+            pattern = self.patterns[split]
+            if not pattern:
+                name = {"fit": "train_pattern", "validate": "val_pattern"}.get(split, f"{split}_pattern")
+                raise ValueError(f"YT8MDataModule: {name} is not set, needed for {split}")
+            training = split == "fit"
+            dataset = YT8MFrameDataset(
+                pattern, batch_size=self.batch_size if training else self.eval_batch_size,
+                max_frames=self.max_frames, num_classes=self.num_classes, training=training,
+                drop_last=self.drop_last, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
+                on_error=self.on_error, compression=self.compression,
+                dequantize_in_workers=self.dequantize_in_workers)
+            rank, world_size = self._rank_world()
+            dataset.set_distributed(rank, world_size)
+            self.datasets[split] = dataset
+            dropped = dataset.records_dropped_per_epoch()
+            logger.info("%s: %d records in %d files; rank %d/%d reads %d batches per epoch; %d "
+                        "records per epoch left out to keep ranks in step", split,
+                        dataset.num_records, len(dataset.files), rank, world_size, len(dataset),
+                        dropped)
+        return self.datasets[split]
+
+    def setup(self, stage: str) -> None:
+        """Scan the stage's files (record counts, framing checks) on every rank."""
+        splits = {"fit": ("fit", "validate"), "validate": ("validate",), "test": ("test",),
+                  "predict": ("predict",)}[stage]
+        for split in splits:
+            if self.patterns[split] or split == stage:
+                self._dataset(split)
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _loader(self, split: Stage) -> YT8MDataLoader:
+        dataset = self._dataset(split)
+
+        def context() -> tuple[int, int, int]:
+            # Lightning knows the epoch (also after a restart); without a Trainer count iterations.
+            iteration = self._iterations.get(split, 0)
+            self._iterations[split] = iteration + 1
+            trainer = self.trainer
+            epoch = trainer.current_epoch if trainer is not None else iteration
+            return (epoch, *self._rank_world())
+
+        return YT8MDataLoader(dataset, context=context, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> YT8MDataLoader:
+        return self._loader("fit")
+
+    def val_dataloader(self) -> YT8MDataLoader:
+        return self._loader("validate")
+
+    def test_dataloader(self) -> YT8MDataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> YT8MDataLoader:
+        return self._loader("predict")
+
+    # -- on the device --------------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Quantized batch on the device -> the float batch contract (see class docstring)."""
+        stats = batch.get("read_stats")
+        if stats is not None:
+            for name, value in zip(STAT_NAMES, stats.tolist()):
+                self.read_stats[name] += value
+        generator = self._generator(batch["lengths"].device) if self.sample_frames else None
+        return finalize_batch(batch, self.whitening, self.sample_frames, generator)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            rank, _ = self._rank_world()
+            self._generators[device] = torch.Generator(device=device).manual_seed(
+                self.seed * 1000003 + rank)
+        return self._generators[device]
+
+    def transform(self, batch: dict) -> dict:
+        """Apply what `on_after_batch_transfer` does, without a Trainer (e.g. on the CPU)."""
+        return self.on_after_batch_transfer(batch, 0)

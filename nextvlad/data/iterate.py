@@ -1,0 +1,107 @@
+"""Plain iterators for looking at YouTube-8M data outside of training."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from typing import Literal
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from nextvlad.data import protos
+from nextvlad.data.dataset import OnError, YT8MFrameDataset
+from nextvlad.data.parsing import parse_frame_record, parse_video_level_record
+from nextvlad.data.records import Compression, DataError, FramingError, expand_paths, read_records
+from nextvlad.data.transforms import ReverseWhitening, dequantize, finalize_batch
+
+Level = Literal["auto", "frame", "video"]
+
+
+def iter_videos(pattern_or_files: str | os.PathLike | Iterable[str], max_frames: int = 300,
+                num_classes: int = 3862, *, level: Level = "auto", compression: Compression = "auto",
+                on_error: OnError = "raise") -> Iterator[dict]:
+    """Yield every video of the given TFRecord files, in file order, one dict per video.
+
+    Frame-level records (SPEC 1.1) give::
+
+        {"id": str, "rgb": float32 (n, 1024), "audio": float32 (n, 128), "num_frames": n,
+         "labels": float32 (num_classes,) multi-hot, "label_ids": list[int], "has_labels": bool}
+
+    with frames dequantized (``q*4/255 + 4/512 - 2``), *not* padded, truncated to max_frames,
+    and n = min(rgb frames, audio frames, max_frames). Video-level records (SPEC 1.2) give
+    ``mean_rgb`` (1024,) / ``mean_audio`` (128,) float32 instead of rgb/audio/num_frames.
+    `level="auto"` decides per record: a record with a ``mean_rgb`` feature and no feature lists is
+    video-level. Bad records raise DataError naming file and record (or are skipped with
+    on_error="skip").
+
+    Example::
+
+        for video in iter_videos("data/yt8m/frame/validate00.tfrecord"):
+            print(video["id"], video["num_frames"], video["label_ids"])
+    """
+    for path in expand_paths(pattern_or_files):
+        records = read_records(path, compression, yield_errors=on_error == "skip")
+        index = 0
+        try:
+            for data in records:
+                try:
+                    if isinstance(data, DataError):
+                        raise data
+                    yield _decode(data, path, index, max_frames, num_classes, level)
+                except DataError:
+                    if on_error == "raise":
+                        raise
+                index += 1
+        except FramingError:
+            if on_error == "raise":
+                raise
+
+
+def _decode(data: bytes, path: str, index: int, max_frames: int, num_classes: int,
+            level: Level) -> dict:
+    if level == "video" or (level == "auto" and _is_video_level_safe(data)):
+        record = parse_video_level_record(data, num_classes, path, index)
+        return {"id": record.id, "mean_rgb": record.mean_rgb, "mean_audio": record.mean_audio,
+                **_labels(record.labels, record.has_labels, num_classes)}
+    video = parse_frame_record(data, num_classes, path, index)
+    n = min(video.num_frames, max_frames)
+    return {"id": video.id, "rgb": dequantize(video.rgb[:n]), "audio": dequantize(video.audio[:n]),
+            "num_frames": n, **_labels(video.labels, video.has_labels, num_classes)}
+
+
+def _is_video_level_safe(data: bytes) -> bool:
+    """An Example parses as a SequenceExample with only a context: look for mean_rgb there."""
+    message = protos.LazySequenceExample()
+    try:
+        message.ParseFromString(data)
+    except DecodeError:  # not parseable at all: let the frame-level parser report it
+        return False
+    return not message.feature_lists.feature_list and "mean_rgb" in message.context.feature
+
+
+def _labels(label_ids: np.ndarray, has_labels: bool, num_classes: int) -> dict:
+    multi_hot = np.zeros(num_classes, np.float32)
+    multi_hot[label_ids] = 1.0
+    return {"labels": multi_hot, "label_ids": sorted(set(label_ids.tolist())),
+            "has_labels": has_labels}
+
+
+def iter_batches(pattern_or_files: str | os.PathLike | Iterable[str], batch_size: int = 160,
+                 max_frames: int = 300, num_classes: int = 3862, *,
+                 eigenvalues_path: str | None = None, on_error: OnError = "raise",
+                 compression: Compression = "auto") -> Iterator[dict]:
+    """Yield float batches in the training batch contract, on the CPU, in file order, no drops.
+
+    Same keys, dtypes and values as what `YT8MDataModule` hands a LightningModule: ``id``,
+    ``rgb`` float32 (B, max_frames, 1024), ``audio`` float32 (B, max_frames, 128) zero-padded after
+    dequantizing (and reverse-whitened if `eigenvalues_path` is given), ``lengths`` int64,
+    ``labels`` float32 multi-hot, ``has_labels`` bool. Single process; for inference scripts and
+    tests.
+    """
+    dataset = YT8MFrameDataset(list(expand_paths(pattern_or_files)), batch_size=batch_size,
+                               max_frames=max_frames, num_classes=num_classes, training=False,
+                               on_error=on_error, compression=compression)
+    whitening = ReverseWhitening(eigenvalues_path) if eigenvalues_path else None
+    for batch in dataset:
+        yield finalize_batch(batch, whitening)
