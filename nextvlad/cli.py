@@ -6,6 +6,7 @@ fit/validate/test/predict are LightningCLI (configs/*.yaml name the model and da
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 from pathlib import Path
@@ -17,7 +18,13 @@ from lightning.pytorch import LightningDataModule, LightningModule
 
 from nextvlad.models.video_model import count_parameters
 
-TOOLS = {"params": "print the trainable parameters of a config's model, per component"}
+#: Tools beside the Lightning subcommands: name -> ("module:function" taking argv, help). Each tool
+#: lives in its own module and is imported only when called.
+TOOLS: dict[str, tuple[str, str]] = {
+    "params": ("nextvlad.cli:params_main", "print the trainable parameters of a config's model, per component"),
+    "export": ("nextvlad.export:main", "export a trained checkpoint (ONNX, torch.export)"),
+    "convert-tf": ("nextvlad.convert:main", "turn the authors' TensorFlow weights (.npz) into a checkpoint"),
+}
 
 
 class NextVLADCLI(LightningCLI):
@@ -38,11 +45,12 @@ class NextVLADCLI(LightningCLI):
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TOOLS:
-        return _run_tool(argv[0], argv[1:])
+        module_name, _, function_name = TOOLS[argv[0]][0].partition(":")
+        return getattr(importlib.import_module(module_name), function_name)(argv[1:])
     if argv and argv[0] in ("-h", "--help"):
-        print("Tools beside the Lightning subcommands:")
-        for name, help_text in TOOLS.items():
-            print(f"  nextvlad {name} --config CONFIG   {help_text}")
+        print("Tools beside the Lightning subcommands (each takes --help):")
+        for name, (_, help_text) in TOOLS.items():
+            print(f"  nextvlad {name:<12} {help_text}")
         print()
     NextVLADCLI(args=argv)
 
@@ -52,14 +60,12 @@ def lightning_main() -> None:
     main()
 
 
-def _run_tool(name: str, argv: list[str]) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog=f"nextvlad {name}", description=TOOLS[name])
+def params_main(argv: Sequence[str]) -> None:
+    """``nextvlad params --config configs/nextvlad.yaml``."""
+    parser = argparse.ArgumentParser(prog="nextvlad params", description=TOOLS["params"][1])
     parser.add_argument("--config", required=True, help="a LightningCLI YAML config (configs/*.yaml)")
     args = parser.parse_args(argv)
-    if name == "params":
-        print(parameter_table(model_from_config(args.config)))
+    print(parameter_table(model_from_config(args.config)))
 
 
 def model_from_config(config_path: str | Path) -> LightningModule:
