@@ -310,6 +310,20 @@ def test_gap_and_map_keep_only_top_k_per_video() -> None:
     assert sum(t.numel() for t in map_states) == 3 * pairs
 
 
+def test_forward_returns_batch_value_and_accumulates_like_update() -> None:
+    batches = [random_data(12, 9, seed=40 + i, levels=5, empty_fraction=0.2) for i in range(3)]
+    called, updated = make_metrics(9, top_k=4), make_metrics(9, top_k=4)
+    for preds, target in batches:
+        expected_batch = oracle_all(preds, target, top_k=4)
+        p, t = torch.from_numpy(preds), torch.from_numpy(target)
+        got_batch = {name: float(metric(p, t)) for name, metric in called.items()}
+        assert_matches_oracle(got_batch, expected_batch)
+        for metric in updated.values():
+            metric.update(p, t)
+    for name in called:
+        assert float(called[name].compute()) == float(updated[name].compute()), name
+
+
 def test_results_are_float64() -> None:
     preds, target = random_data(10, 5, seed=1)
     for metric in make_metrics(num_classes=5, top_k=3).values():
