@@ -43,6 +43,7 @@ class NextVLADCLI(LightningCLI):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TOOLS:
         module_name, _, function_name = TOOLS[argv[0]][0].partition(":")
@@ -52,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name, (_, help_text) in TOOLS.items():
             print(f"  nextvlad {name:<12} {help_text}")
         print()
-    NextVLADCLI(args=argv)
+    NextVLADCLI(args=None if from_command_line else argv)
 
 
 def lightning_main() -> None:
