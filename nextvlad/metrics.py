@@ -233,7 +233,7 @@ class MeanAveragePrecision(_TopKPairs):
         self.class_positives += (target.detach() > 0).sum(0).to(torch.float64)
 
     def compute(self) -> Tensor:
-        average_precision = self.average_precision_per_class()
+        average_precision = self._average_precision_per_class()
         if average_precision.numel() == 0:
             return torch.tensor(0.0, dtype=torch.float64, device=self.class_positives.device)
         return average_precision.mean()
@@ -243,7 +243,7 @@ class MeanAveragePrecision(_TopKPairs):
             return self.class_positives > 0
         return torch.ones_like(self.class_positives, dtype=torch.bool)
 
-    def average_precision_per_class(self) -> Tensor:
+    def _average_precision_per_class(self) -> Tensor:
         """float64 AP of each class kept in the mean: all C, or those with positives if filtered."""
         scores, positive = self._accumulated_pairs()
         classes = _cat_state(self.top_classes, self.dtype, self.device).long()
