@@ -4,6 +4,7 @@ on a GPU) vs the reference, gradients, and input validation."""
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -344,3 +345,33 @@ def test_auto_backend_on_cuda_is_triton(monkeypatch: pytest.MonkeyPatch) -> None
                         lambda *args: calls.append(args) or original(*args))
     residual_aggregation(*make_inputs(GPU_SHAPES[1], torch.bfloat16, "cuda"))
     assert len(calls) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark script (CPU smoke run)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_benchmark_quick_run_writes_results(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_aggregation.py"
+    spec = importlib.util.spec_from_file_location("bench_aggregation", script)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_aggregation", bench)  # dataclasses look their module up
+    spec.loader.exec_module(bench)
+    bench.main(["--quick", "--device", "cpu", "--output-dir", str(tmp_path), "--name", "smoke"])
+
+    result = json.loads((tmp_path / "smoke.json").read_text())
+    assert result["meta"]["torch"] == torch.__version__ and result["meta"]["device_type"] == "cpu"
+    rows = result["rows"]
+    assert {(r["provider"], r["mode"], r["lengths"]) for r in rows} == {
+        (provider, mode, lengths) for provider in ("einsum", "reference")
+        for mode in ("forward", "forward+backward") for lengths in ("full", "uniform")
+    }
+    assert all(r["ms"] > 0 and r["GB/s"] > 0 and r["note"] == "" for r in rows)
+    assert all(r["x_ref"] == 1.0 for r in rows if r["provider"] == "reference")
+    assert "| provider |" in (tmp_path / "smoke.md").read_text()
+    assert (tmp_path / "smoke.png").stat().st_size > 0

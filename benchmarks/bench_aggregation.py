@@ -1,0 +1,326 @@
+"""Benchmark of the NeXtVLAD residual aggregation: literal einsum, matmul reference,
+torch.compile(matmul reference) and the fused Triton kernel, forward and forward+backward.
+
+On a CUDA GPU it times with ``triton.testing.do_bench`` at the paper's shapes (B=160, M=300) and
+reports milliseconds, achieved GB/s over the minimal bytes the op must move, percent of the GPU's
+peak bandwidth and peak extra memory. On a CPU it still runs (reference providers, a smaller batch,
+a plain timer) so that CI exercises it. Writes ``benchmarks/results/aggregation_<device>.{json,md,png}``.
+
+    python benchmarks/bench_aggregation.py            # full run on the available device
+    python benchmarks/bench_aggregation.py --quick    # tiny shapes, seconds (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS_DIR, environment, markdown_table, write_results  # noqa: E402
+
+from nextvlad.kernels import (  # noqa: E402
+    residual_aggregation,
+    residual_aggregation_einsum,
+    residual_aggregation_reference,
+)
+
+PROVIDERS = ("einsum", "reference", "compiled", "triton")
+MODES = ("forward", "forward+backward")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+# Peak HBM bandwidth in GB/s by marketing name (vendor data sheets); --peak-gbps overrides.
+PEAK_BANDWIDTH_GBPS = {
+    "H200": 4800.0,
+    "H100 NVL": 3900.0,
+    "H100 80GB HBM3": 3350.0,  # SXM
+    "H100 PCIe": 2000.0,
+    "A100-SXM4-80GB": 2039.0,
+    "A100 80GB PCIe": 1935.0,
+    "A100-SXM4-40GB": 1555.0,
+    "A100-PCIE-40GB": 1555.0,
+    "L40S": 864.0,
+    "A10G": 600.0,
+}
+
+# The einsum materialises (B, M, G, K, D) fp32 residuals; skip it where that would not fit.
+EINSUM_MEMORY_LIMIT_BYTES = {"cuda": 40 * 2**30, "cpu": 2 * 2**30}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One aggregation problem: a NeXtVLAD stream at a batch size, with its frame lengths."""
+
+    name: str
+    batch: int
+    frames: int
+    groups: int
+    clusters: int
+    dim: int
+    lengths: str  # "full" (every video 300 frames) or "uniform" (uniform in [0.4 M, M])
+
+
+def workloads(batch: int, frames: int, quick: bool) -> list[Workload]:
+    if quick:
+        return [Workload("tiny", 4, 30, 4, 16, 32, lengths) for lengths in ("full", "uniform")]
+    streams = [
+        ("video K128 (paper)", 8, 128, 256),
+        ("audio K64 (paper)", 4, 64, 64),
+        ("video K112 (final)", 8, 112, 256),
+        ("audio K56 (final)", 4, 56, 64),
+    ]
+    return [
+        Workload(name, batch, frames, groups, clusters, dim, lengths)
+        for name, groups, clusters, dim in streams
+        for lengths in ("full", "uniform")
+    ]
+
+
+def make_inputs(workload: Workload, dtype: torch.dtype, device: torch.device, requires_grad: bool):
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    b, m, g, k, d = workload.batch, workload.frames, workload.groups, workload.clusters, workload.dim
+
+    def randn(*size: int) -> torch.Tensor:
+        return torch.randn(*size, generator=generator).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+    if workload.lengths == "full":
+        lengths = torch.full((b,), m, dtype=torch.int64)
+    else:  # the paper's videos are 120-300 s long: lengths uniform in [0.4 M, M]
+        lengths = torch.randint(int(0.4 * m), m + 1, (b,), generator=generator)
+    centroids = (0.1 * torch.randn(k, d, generator=generator)).to(device).requires_grad_(requires_grad)
+    return randn(b, m, g, d), randn(b, m, g, k), randn(b, m, g), lengths.to(device), centroids
+
+
+def minimal_bytes(workload: Workload, dtype: torch.dtype, real_frames: int, mode: str) -> int:
+    """Bytes the op cannot avoid moving: inputs of real frames once, outputs once.
+
+    Forward reads x, logits and attention of the real frames, lengths and centroids, and writes y.
+    Backward then reads them again plus dL/dy, and writes all four gradients (the input gradients
+    in full, zeros on padded frames included).
+    """
+    element = torch.finfo(dtype).bits // 8
+    b, m, g, k, d = workload.batch, workload.frames, workload.groups, workload.clusters, workload.dim
+    centroid_bytes = 4 * k * d
+    real_rows = real_frames * g
+    inputs = element * real_rows * (d + k + 1) + 8 * b + centroid_bytes
+    output = element * b * k * d
+    total = inputs + output
+    if mode == "forward+backward":
+        total += inputs + output + element * b * m * g * (d + k + 1) + centroid_bytes
+    return total
+
+
+def provider_function(provider: str, compiled_cache: dict) -> Callable[..., torch.Tensor]:
+    if provider == "einsum":
+        return residual_aggregation_einsum
+    if provider == "reference":
+        return residual_aggregation_reference
+    if provider == "compiled":
+        if "fn" not in compiled_cache:
+            compiled_cache["fn"] = torch.compile(residual_aggregation_reference, dynamic=False)
+        return compiled_cache["fn"]
+    if provider == "triton":
+        return lambda *inputs: residual_aggregation(*inputs, backend="triton")
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def make_step(function: Callable, inputs: tuple, mode: str) -> Callable[[], Any]:
+    x, logits, attention, lengths, centroids = inputs
+    if mode == "forward":
+        def forward() -> Any:
+            with torch.no_grad():
+                return function(x, logits, attention, lengths, centroids)
+        return forward
+    upstream = torch.randn(x.shape[0], logits.shape[3], x.shape[3], device=x.device, dtype=x.dtype)
+
+    def forward_backward() -> Any:
+        y = function(x, logits, attention, lengths, centroids)
+        return torch.autograd.grad(y, (x, logits, attention, centroids), upstream)
+
+    return forward_backward
+
+
+def time_step(step: Callable[[], Any], device: torch.device, warmup_ms: int, rep_ms: int) -> float:
+    """Median milliseconds per call."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(step, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    step()  # warm-up (and compilation for torch.compile)
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1e3
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def peak_extra_memory(step: Callable[[], Any], device: torch.device) -> int | None:
+    """Bytes allocated on top of the inputs at the step's peak (CUDA caching allocator only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    baseline = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    result = step()
+    torch.cuda.synchronize(device)
+    del result
+    return torch.cuda.max_memory_allocated(device) - baseline
+
+
+def peak_bandwidth(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    matches = [gbps for key, gbps in PEAK_BANDWIDTH_GBPS.items() if key in name]
+    return matches[0] if matches else None
+
+
+def run_case(
+    workload: Workload, dtype_name: str, mode: str, provider: str, device: torch.device,
+    args: argparse.Namespace, compiled_cache: dict, peak_gbps: float | None,
+) -> dict[str, Any]:
+    dtype = DTYPES[dtype_name]
+    inputs = make_inputs(workload, dtype, device, requires_grad=(mode != "forward"))
+    real_frames = int(inputs[3].sum())
+    row: dict[str, Any] = {
+        "shape": workload.name, "B": workload.batch, "M": workload.frames, "G": workload.groups,
+        "K": workload.clusters, "D": workload.dim, "lengths": workload.lengths,
+        "real_frames": real_frames / (workload.batch * workload.frames),
+        "dtype": dtype_name, "mode": mode, "provider": provider,
+        "ms": None, "GB/s": None, "%peak": None, "extra_MiB": None, "note": "",
+    }
+    einsum_bytes = 4 * workload.batch * workload.frames * workload.groups * workload.clusters * workload.dim
+    if provider == "einsum" and einsum_bytes * (3 if mode != "forward" else 1) > EINSUM_MEMORY_LIMIT_BYTES[device.type]:
+        row["note"] = "skipped: (B,M,G,K,D) residuals too large"
+        return row
+    try:
+        step = make_step(provider_function(provider, compiled_cache), inputs, mode)
+        milliseconds = time_step(step, device, args.warmup_ms, args.rep_ms)
+        extra = peak_extra_memory(step, device)
+    except Exception as error:  # one failing provider must not hide the others' numbers
+        row["note"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        return row
+    gbps = minimal_bytes(workload, dtype, real_frames, mode) / (milliseconds * 1e-3) / 1e9
+    row.update({
+        "ms": milliseconds, "GB/s": gbps,
+        "%peak": 100.0 * gbps / peak_gbps if peak_gbps else None,
+        "extra_MiB": extra / 2**20 if extra is not None else None,
+    })
+    return row
+
+
+def add_speedups(rows: list[dict[str, Any]]) -> None:
+    """``x_ref``: the matmul reference's time over this row's, per (shape, lengths, dtype, mode)."""
+    key = lambda row: (row["shape"], row["lengths"], row["dtype"], row["mode"])  # noqa: E731
+    reference = {key(row): row["ms"] for row in rows if row["provider"] == "reference" and row["ms"]}
+    for row in rows:
+        base = reference.get(key(row))
+        row["x_ref"] = base / row["ms"] if base and row["ms"] else None
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    cases = sorted({(r["shape"], r["lengths"], r["dtype"], r["mode"]) for r in rows}, key=str)
+    providers = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
+    figure, axis = plt.subplots(figsize=(max(8, 0.9 * len(cases)), 5))
+    width = 0.8 / max(1, len(providers))
+    for index, provider in enumerate(providers):
+        values = []
+        for case in cases:
+            match = [r["ms"] for r in rows if (r["shape"], r["lengths"], r["dtype"], r["mode"]) == case
+                     and r["provider"] == provider]
+            values.append(match[0] if match and match[0] else float("nan"))
+        axis.bar([i + index * width for i in range(len(cases))], values, width, label=provider)
+    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+    axis.set_xticklabels(["\n".join(map(str, case)) for case in cases], fontsize=6)
+    axis.set_yscale("log")
+    axis.set_ylabel("milliseconds (median, log scale)")
+    axis.set_title(title, fontsize=9)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and short timings (CI smoke run)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default 160 on GPU, 8 on CPU)")
+    parser.add_argument("--frames", type=int, default=300)
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None,
+                        help="default: all on GPU; einsum and reference on CPU")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=None,
+                        help="default: bf16 and fp32 (fp32 only with --quick)")
+    parser.add_argument("--warmup-ms", type=int, default=25)
+    parser.add_argument("--rep-ms", type=int, default=100)
+    parser.add_argument("--peak-gbps", type=float, default=None, help="peak memory bandwidth of the device")
+    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--name", default=None, help="result file stem (default aggregation_<device type>)")
+    parser.add_argument("--no-plot", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    providers = args.providers or (list(PROVIDERS) if on_gpu else ["einsum", "reference"])
+    dtypes = args.dtypes or (["fp32"] if args.quick else ["bf16", "fp32"])
+    batch = args.batch or (160 if on_gpu else 8)
+    if args.quick:
+        args.warmup_ms, args.rep_ms = min(args.warmup_ms, 5), min(args.rep_ms, 20)
+    peak_gbps = peak_bandwidth(device, args.peak_gbps)
+    compiled_cache: dict = {}
+
+    rows = []
+    for workload in workloads(batch, args.frames, args.quick):
+        for dtype_name in dtypes:
+            for mode in args.modes:
+                for provider in providers:
+                    rows.append(run_case(workload, dtype_name, mode, provider, device, args, compiled_cache, peak_gbps))
+                    gc.collect()
+                    if on_gpu:
+                        torch.cuda.empty_cache()
+    add_speedups(rows)
+
+    columns = ["shape", "lengths", "dtype", "mode", "provider", "ms", "x_ref", "GB/s", "%peak", "extra_MiB", "note"]
+    print(markdown_table(rows, columns))
+    meta = {
+        **environment(device),
+        "timer": "triton.testing.do_bench (median)" if on_gpu else "time.perf_counter (median)",
+        "peak_GBps": peak_gbps,
+        "quick": args.quick,
+        "workloads": [asdict(w) for w in workloads(batch, args.frames, args.quick)],
+        "bytes": "minimal bytes: real-frame inputs read once, outputs written once (see minimal_bytes)",
+    }
+    name = args.name or f"aggregation_{device.type}{'_quick' if args.quick else ''}"
+    paths = write_results(name, rows, meta, columns=columns, output_dir=args.output_dir)
+    if not args.no_plot:
+        plot(rows, args.output_dir / f"{name}.png", f"residual aggregation on {meta['device']}")
+    print(f"wrote {paths['json']} and {paths['md']}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
