@@ -13,3 +13,35 @@ if "TRITON_INTERPRET" not in os.environ:
 
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+
+
+# -- shared data fixtures -------------------------------------------------------------------------
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def eigenvalues_path() -> str:
+    """The published yt8m_pca eigenvalues (../shared/yt8m_pca/eigenvals.npy); skip if absent."""
+    path = REPO_ROOT.parent / "shared" / "yt8m_pca" / "eigenvals.npy"
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> dict:
+    """A small synthetic YouTube-8M dataset: 10 classes, 20-60 frames, 3 files per split.
+
+    Returns {"dir": str, "train"/"validate"/"test": [paths], "num_classes": 10}.
+    """
+    from nextvlad.data.synthetic import write_synthetic_dataset
+
+    out_dir = tmp_path_factory.mktemp("synthetic")
+    paths = write_synthetic_dataset(out_dir, num_train=120, num_validate=45, num_test=30,
+                                    num_classes=10, files_per_split=3, min_frames=20,
+                                    max_frames=60, seed=7)
+    return {"dir": str(out_dir), "num_classes": 10, **paths}

@@ -1,0 +1,179 @@
+"""Bad input: every case fails with an error naming the file and record, or is skipped and counted."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from nextvlad.data import DataError, FramingError, YT8MFrameDataset, iter_videos, write_records
+from nextvlad.data import protos
+from nextvlad.data.parsing import encode_frame_record, encode_video_level_record
+
+NUM_CLASSES = 10
+
+
+def good_record(i: int, frames: int = 3) -> bytes:
+    rng = np.random.default_rng(i)
+    return encode_frame_record(f"good{i}", rng.integers(0, 256, (frames, 1024), dtype=np.uint8),
+                               rng.integers(0, 256, (frames, 128), dtype=np.uint8), [i % NUM_CLASSES])
+
+
+def custom_record(rgb_sizes=(1024,) * 3, audio_sizes=(128,) * 3, labels=(1,), lists=("rgb", "audio")):
+    message = protos.SequenceExample()
+    message.context.feature["id"].bytes_list.value.append(b"bad")
+    message.context.feature["labels"].int64_list.value.extend(labels)
+    for name, sizes in (("rgb", rgb_sizes), ("audio", audio_sizes)):
+        if name in lists:
+            feature_list = message.feature_lists.feature_list[name]
+            for size in sizes:
+                feature_list.feature.add().bytes_list.value.append(bytes(size))
+    return message.SerializeToString()
+
+
+def write(tmp_path, records, name="bad.tfrecord") -> str:
+    path = str(tmp_path / name)
+    write_records(path, records)
+    return path
+
+
+def ids_read(path, on_error="raise"):
+    return [v["id"] for v in iter_videos(path, num_classes=NUM_CLASSES, on_error=on_error,
+                                         level="frame")]
+
+
+def dataset_ids(path, on_error="raise", caplog=None):
+    dataset = YT8MFrameDataset(path, batch_size=2, num_classes=NUM_CLASSES, on_error=on_error)
+    ids, skipped = [], 0
+    for batch in dataset:
+        ids += batch["id"]
+        skipped += int(batch["read_stats"][0])
+    return ids, skipped
+
+
+BAD_RECORDS = {
+    "not a SequenceExample": (b"\xff\xff\xff\xff", "not a tf.train.SequenceExample"),
+    "missing rgb": (custom_record(lists=("audio",)), "no 'rgb' feature list"),
+    "missing audio": (custom_record(lists=("rgb",)), "no 'audio' feature list"),
+    "wrong bytes per frame": (custom_record(rgb_sizes=(1024, 1000, 1024)),
+                              "'rgb' frame 1 has 1000 bytes, expected 1024"),
+    "label >= num_classes": (custom_record(labels=(3, NUM_CLASSES)),
+                             f"label {NUM_CLASSES} is outside [0, num_classes={NUM_CLASSES})"),
+    "negative label": (custom_record(labels=(-1,)), "label -1 is outside"),
+    "0 frames": (custom_record(rgb_sizes=(), audio_sizes=()), "has 0 frames"),
+    "video-level record": (encode_video_level_record("vl", np.zeros(1024), np.zeros(128), [1]),
+                           "looks like a video-level record"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECORDS))
+def test_bad_record_raises_with_file_and_index_or_is_skipped(tmp_path, case, caplog):
+    record, message = BAD_RECORDS[case]
+    path = write(tmp_path, [good_record(0), record, good_record(2)])
+    for read in (ids_read, lambda p: dataset_ids(p)[0]):
+        with pytest.raises(DataError) as error:
+            read(path)
+        assert f"{path}, record 1:" in str(error.value) and message in str(error.value)
+        assert error.value.path == path and error.value.index == 1
+    assert ids_read(path, on_error="skip") == ["good0", "good2"]
+    with caplog.at_level(logging.WARNING, logger="nextvlad.data"):
+        ids, skipped = dataset_ids(path, on_error="skip")
+    assert ids == ["good0", "good2"] and skipped == 1
+    assert "skipped 1 bad records" in caplog.text and f"{path}, record 1" in caplog.text
+
+
+def test_corrupted_data_crc(tmp_path):
+    path = write(tmp_path, [good_record(0), good_record(1), good_record(2)])
+    raw = bytearray(open(path, "rb").read())
+    first = len(good_record(0)) + 16
+    raw[first + 12 + 100] ^= 0x01  # one bit inside record 1's data
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(DataError, match=rf"{path}, record 1: corrupted record data \(CRC32C"):
+        ids_read(path)
+    assert ids_read(path, on_error="skip") == ["good0", "good2"]
+    assert dataset_ids(path, on_error="skip") == (["good0", "good2"], 1)
+
+
+def test_corrupted_length_crc(tmp_path):
+    path = write(tmp_path, [good_record(0), good_record(1), good_record(2)])
+    raw = bytearray(open(path, "rb").read())
+    raw[len(good_record(0)) + 16] ^= 0x01  # record 1's length field
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(FramingError, match=rf"{path}, record 1: corrupted record header"):
+        ids_read(path)
+    with pytest.raises(FramingError, match=rf"{path}, record 1: corrupted record header"):
+        YT8MFrameDataset(path, num_classes=NUM_CLASSES)  # found by the scan, before any training
+    # Nothing after a broken length can be located: the rest of the file is given up, loudly.
+    assert ids_read(path, on_error="skip") == ["good0"]
+    assert dataset_ids(path, on_error="skip")[0] == ["good0"]
+
+
+@pytest.mark.parametrize("cut", [5, 30, 2000])
+def test_truncated_file(tmp_path, cut):
+    path = write(tmp_path, [good_record(0), good_record(1)])
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[: len(good_record(0)) + 16 + cut])
+    with pytest.raises(FramingError, match=rf"{path}, record 1: truncated file"):
+        ids_read(path)
+    with pytest.raises(FramingError, match=rf"{path}, record 1: truncated file"):
+        YT8MFrameDataset(path, num_classes=NUM_CLASSES)
+    assert ids_read(path, on_error="skip") == ["good0"]
+    assert dataset_ids(path, on_error="skip")[0] == ["good0"]
+
+
+def test_truncated_gzip_file(tmp_path):
+    path = str(tmp_path / "bad.tfrecord.gz")
+    write_records(path, [good_record(0), good_record(1)], compression="gzip")
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[: len(raw) - 200])
+    with pytest.raises(FramingError, match=rf"{path}, record \d"):
+        ids_read(path)
+    with pytest.raises(FramingError, match=rf"{path}, record \d"):
+        YT8MFrameDataset(path, num_classes=NUM_CLASSES)
+
+
+def test_empty_file(tmp_path):
+    empty = str(tmp_path / "empty.tfrecord")
+    open(empty, "wb").close()
+    good = write(tmp_path, [good_record(0)], name="good.tfrecord")
+    with pytest.raises(FramingError, match=rf"{empty}: empty file"):
+        YT8MFrameDataset([empty, good], num_classes=NUM_CLASSES)
+    dataset = YT8MFrameDataset([empty, good], num_classes=NUM_CLASSES, on_error="skip")
+    assert [i for b in dataset for i in b["id"]] == ["good0"]
+    with pytest.raises(DataError, match="no readable records"):
+        YT8MFrameDataset([empty], num_classes=NUM_CLASSES, on_error="skip")
+
+
+def test_pattern_matching_nothing(tmp_path):
+    pattern = str(tmp_path / "nothing*.tfrecord")
+    with pytest.raises(FileNotFoundError, match="nothing\\*.tfrecord"):
+        YT8MFrameDataset(pattern)
+    with pytest.raises(FileNotFoundError, match="nothing\\*.tfrecord"):
+        list(iter_videos(pattern))
+
+
+def test_frame_count_mismatch_uses_shorter_and_is_counted(tmp_path, caplog):
+    path = write(tmp_path, [custom_record(rgb_sizes=(1024,) * 5, audio_sizes=(128,) * 3),
+                            good_record(1)])
+    (first, _) = iter_videos(path, num_classes=NUM_CLASSES)
+    assert first["num_frames"] == 3 and first["rgb"].shape == (3, 1024)
+    dataset = YT8MFrameDataset(path, batch_size=2, num_classes=NUM_CLASSES, max_frames=4)
+    with caplog.at_level(logging.WARNING, logger="nextvlad.data"):
+        (batch,) = list(dataset)
+    assert batch["lengths"].tolist() == [3, 3]
+    assert batch["read_stats"].tolist() == [0, 1, 0]
+    assert "1 rgb/audio frame-count mismatches" in caplog.text
+
+
+def test_skipped_records_in_ddp_training_cannot_silently_unbalance_ranks(tmp_path):
+    records = [good_record(i) for i in range(8)]
+    records[1] = records[2] = records[3] = b"\xff\xff"
+    path = write(tmp_path, records)
+    dataset = YT8MFrameDataset(path, batch_size=2, num_classes=NUM_CLASSES, training=True,
+                               on_error="skip", shuffle_buffer=0)
+    dataset.set_distributed(0, 2)  # rank 0 reads records 0-3: 3 of them bad
+    with pytest.raises(RuntimeError, match="DDP ranks would fall out of step"):
+        list(dataset)
+    dataset.set_distributed(1, 2)
+    assert sum(len(b["id"]) for b in dataset) == 4
