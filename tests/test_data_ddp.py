@@ -1,0 +1,80 @@
+"""A real 2-process DDP run (gloo, CPU) over uneven shards completes its epochs in step."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from nextvlad.data import write_records
+from nextvlad.data.parsing import encode_frame_record
+
+COUNTS = [7, 30, 1, 13, 4]  # 55 records; 2 ranks x batch 4 -> 6 batches per rank, 7 left out
+
+SCRIPT = textwrap.dedent('''
+    import json, os, sys
+    import lightning as L
+    import torch
+    from nextvlad.data import YT8MDataModule
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(1152, 3)
+            self.seen = []
+
+        def training_step(self, batch, batch_index):
+            assert batch["rgb"].dtype == torch.float32 and batch["rgb"].shape[1:] == (2, 1024)
+            features = torch.cat([batch["rgb"], batch["audio"]], -1).mean(1)
+            self.seen.append([self.current_epoch, batch["id"]])
+            return torch.nn.functional.binary_cross_entropy_with_logits(
+                self.linear(features), batch["labels"])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def on_train_end(self):
+            with open(os.path.join(sys.argv[2], f"rank{self.global_rank}.json"), "w") as f:
+                json.dump({"seen": self.seen, "world_size": self.trainer.world_size}, f)
+
+    if __name__ == "__main__":
+        datamodule = YT8MDataModule(train_pattern=sys.argv[1], batch_size=4, num_workers=1,
+                                    max_frames=2, num_classes=3, seed=11)
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0)
+        trainer.fit(Tiny(), datamodule)
+''')
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_two_process_ddp_epoch_on_uneven_shards(tmp_path):
+    rgb, audio = np.zeros((2, 1024), np.uint8), np.zeros((2, 128), np.uint8)
+    for f, count in enumerate(COUNTS):
+        write_records(str(tmp_path / f"train{f:02d}.tfrecord"),
+                      [encode_frame_record(f"f{f}r{r}", rgb, audio, [r % 3]) for r in range(count)])
+    script = tmp_path / "ddp_run.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("LOCAL_RANK", None)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "train*.tfrecord"),
+                             str(tmp_path)], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=110)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world_size"] == 2 for r in ranks)
+    all_ids = {f"f{f}r{r}" for f, count in enumerate(COUNTS) for r in range(count)}
+    per_epoch = []
+    for epoch in (0, 1):
+        batches = [[ids for e, ids in r["seen"] if e == epoch] for r in ranks]
+        assert [len(b) for b in batches] == [6, 6]  # same number of steps on both ranks
+        ids = [i for rank_batches in batches for batch in rank_batches for i in batch]
+        assert len(ids) == len(set(ids)) == 48 and set(ids) <= all_ids  # 7 = 55 - 2*6*4 left out
+        per_epoch.append(ids)
+    assert per_epoch[0] != per_epoch[1]  # reshuffled per epoch

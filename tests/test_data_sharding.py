@@ -1,0 +1,141 @@
+"""Sharding over DDP ranks x DataLoader workers, shuffling, and equal batch counts per rank."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from nextvlad.data import YT8MDataLoader, YT8MFrameDataset, iter_videos, write_records
+from nextvlad.data import sharding
+from nextvlad.data.parsing import encode_frame_record
+
+COUNTS = [7, 30, 1, 13, 4]  # uneven files
+
+# 3 workers on a 2-core machine is the point of these tests, not a mistake.
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
+
+
+@pytest.fixture(scope="module")
+def uneven_files(tmp_path_factory):
+    """Five files with 7, 30, 1, 13 and 4 tiny records; ids f{file}r{record}."""
+    out = tmp_path_factory.mktemp("uneven")
+    rgb, audio = np.zeros((2, 1024), np.uint8), np.zeros((2, 128), np.uint8)
+    paths = []
+    for f, count in enumerate(COUNTS):
+        path = str(out / f"train{f:02d}.tfrecord")
+        write_records(path, [encode_frame_record(f"f{f}r{r}", rgb, audio, [r % 3])
+                             for r in range(count)])
+        paths.append(path)
+    return paths
+
+
+ALL_IDS = {f"f{f}r{r}" for f, count in enumerate(COUNTS) for r in range(count)}
+
+
+def epoch_ids(dataset: YT8MFrameDataset, world_size: int, num_workers: int, epoch: int = 0):
+    """Iterate every simulated rank through a real DataLoader; returns per-rank lists of batches."""
+    per_rank = []
+    for rank in range(world_size):
+        loader = YT8MDataLoader(dataset, context=lambda r=rank: (epoch, r, world_size),
+                                num_workers=num_workers)
+        batches = [batch["id"] for batch in loader]
+        assert len(batches) == len(loader)  # __len__ is this rank's batch count
+        per_rank.append(batches)
+    return per_rank
+
+
+@pytest.mark.parametrize("world_size,num_workers", itertools.product([1, 2, 3, 4], [0, 1, 2, 3]))
+def test_every_record_read_exactly_once(uneven_files, world_size, num_workers):
+    total = len(ALL_IDS)
+    evaluation = YT8MFrameDataset(uneven_files, batch_size=4, num_classes=3)
+    per_rank = epoch_ids(evaluation, world_size, num_workers)
+    ids = [i for batches in per_rank for batch in batches for i in batch]
+    assert sorted(ids) == sorted(ALL_IDS)  # nothing dropped, nothing twice
+    rank_records = [sum(map(len, batches)) for batches in per_rank]
+    assert max(rank_records) - min(rank_records) <= 1
+
+    training = YT8MFrameDataset(uneven_files, batch_size=4, num_classes=3, training=True, seed=3)
+    per_rank = epoch_ids(training, world_size, num_workers, epoch=1)
+    ids = [i for batches in per_rank for batch in batches for i in batch]
+    assert len(ids) == len(set(ids)) and set(ids) <= ALL_IDS
+    assert len({len(batches) for batches in per_rank}) == 1  # ranks stay in step
+    assert all(len(batch) == 4 for batches in per_rank for batch in batches)  # drop_last
+    dropped = total - len(ids)
+    assert dropped == training.records_dropped_per_epoch() < world_size * 4  # < one batch per rank
+    assert len(per_rank[0]) == (total // world_size) // 4
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_training_without_drop_last_keeps_ranks_in_step(uneven_files, world_size):
+    dataset = YT8MFrameDataset(uneven_files, batch_size=4, num_classes=3, training=True,
+                               drop_last=False)
+    per_rank = epoch_ids(dataset, world_size, num_workers=2)
+    sizes = [[len(b) for b in batches] for batches in per_rank]
+    assert all(sorted(s) == sorted(sizes[0]) for s in sizes)
+    assert sum(map(sum, sizes)) == len(ALL_IDS) - len(ALL_IDS) % world_size
+
+
+def test_shuffle_is_deterministic_per_seed_and_epoch(uneven_files):
+    def order(seed, epoch, num_workers=2):
+        dataset = YT8MFrameDataset(uneven_files, batch_size=4, num_classes=3, training=True,
+                                   seed=seed, shuffle_buffer=8)
+        return [i for batches in epoch_ids(dataset, 2, num_workers, epoch) for b in batches for i in b]
+
+    first = order(seed=1, epoch=0)
+    assert order(seed=1, epoch=0) == first
+    assert order(seed=1, epoch=1) != first
+    assert order(seed=2, epoch=0) != first
+    assert sharding.epoch_file_order(5, 1, 0, True) == sharding.epoch_file_order(5, 1, 0, True)
+    assert sharding.epoch_file_order(5, 1, 0, False) == list(range(5))
+    # the shuffle buffer mixes records across files, not only the file order
+    assert first != sorted(first, key=lambda i: (int(i[1:].split("r")[0]), int(i.split("r")[1])))
+
+
+def test_epoch_follows_the_loader_iterations(uneven_files):
+    dataset = YT8MFrameDataset(uneven_files, batch_size=4, num_classes=3, training=True, seed=5)
+    loader = YT8MDataLoader(dataset, num_workers=0)
+    epochs = [[i for b in loader for i in b["id"]] for _ in range(3)]
+    assert dataset.epoch == 2 and epochs[0] != epochs[1] != epochs[2]
+
+
+def test_plan_properties_against_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        counts = rng.integers(0, 12, rng.integers(1, 6)).tolist()
+        total = sum(counts)
+        world_size, num_workers, batch = (int(rng.integers(1, 5)), int(rng.integers(1, 4)),
+                                          int(rng.integers(1, 6)))
+        order = rng.permutation(len(counts)).tolist()
+        for training, drop_last in ((False, False), (True, True), (True, False)):
+            seen = []
+            for rank in range(world_size):
+                rank_batches = []
+                for worker in range(num_workers):
+                    plan = sharding.plan_reader(counts, order, world_size, rank, num_workers,
+                                                worker, batch, training, drop_last)
+                    assert plan.num_records == sum(s.count for s in plan.segments)
+                    for s in plan.segments:
+                        assert 0 <= s.start and s.start + s.count <= counts[s.file_index]
+                        seen += [(s.file_index, s.start + k) for k in range(s.count)]
+                    rank_batches += plan.batch_sizes
+                assert len(rank_batches) == sharding.num_batches(counts, world_size, rank, batch,
+                                                                 training, drop_last)
+            assert len(seen) == len(set(seen))
+            dropped = sharding.records_dropped(total, world_size, batch, training, drop_last)
+            assert len(seen) == total - dropped
+            if not training:
+                assert dropped == 0
+            elif drop_last:
+                assert dropped < world_size * batch
+            else:
+                assert dropped < world_size
+
+
+def test_fewer_files_than_readers_splits_inside_files(uneven_files):
+    one_file = uneven_files[1]  # 30 records
+    dataset = YT8MFrameDataset(one_file, batch_size=2, num_classes=3)
+    per_rank = epoch_ids(dataset, world_size=4, num_workers=3)
+    ids = [i for batches in per_rank for b in batches for i in b]
+    assert sorted(ids) == sorted(v["id"] for v in iter_videos(one_file, num_classes=3))
