@@ -7,48 +7,9 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from toy_data import SMALL, collate, loader, toy_videos, trainer
 
 from nextvlad.module import VideoClassifier, clip_per_tensor_, summed_bce
-
-NUM_CLASSES = 12
-SMALL = dict(num_classes=NUM_CLASSES, rgb_size=32, audio_size=8, clusters=4, groups=4, hidden_size=16,
-             gating_reduction=4)
-
-
-def toy_videos(count: int, seed: int, max_frames: int = 10) -> list[dict]:
-    """Videos whose first label shifts the rgb frames: learnable, with varied lengths."""
-    g = torch.Generator().manual_seed(seed)
-    videos = []
-    for i in range(count):
-        length = int(torch.randint(1, max_frames + 1, (1,), generator=g))
-        label = int(torch.randint(0, NUM_CLASSES, (1,), generator=g))
-        rgb = torch.zeros(max_frames, 32)
-        rgb[:length] = torch.randn(length, 32, generator=g) * 0.3
-        rgb[:length, label] += 2.0
-        audio = torch.zeros(max_frames, 8)
-        audio[:length] = torch.randn(length, 8, generator=g)
-        labels = torch.zeros(NUM_CLASSES)
-        labels[label] = 1.0
-        videos.append({"id": f"v{i}", "rgb": rgb, "audio": audio, "lengths": torch.tensor(length),
-                       "labels": labels, "has_labels": torch.tensor(True)})
-    return videos
-
-
-def collate(videos: list[dict]) -> dict:
-    batch = {k: torch.stack([v[k] for v in videos]) for k in ("rgb", "audio", "lengths", "labels", "has_labels")}
-    batch["id"] = [v["id"] for v in videos]
-    return batch
-
-
-def loader(count: int, seed: int = 0, batch_size: int = 8) -> DataLoader:
-    return DataLoader(toy_videos(count, seed), batch_size=batch_size, collate_fn=collate)
-
-
-def trainer(**kwargs) -> pl.Trainer:
-    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False)
-    return pl.Trainer(**{**defaults, **kwargs})
 
 
 def test_summed_bce_matches_float64_formula():
