@@ -30,8 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping, Sequence
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch import LightningModule
 from torch import nn
 
 from nextvlad.models.mixture import MixtureOfNeXtVLAD
@@ -160,7 +162,9 @@ def _dense_map(module: str, tf_scope: str, bias: bool) -> dict[str, TFVariable]:
 
 
 def _batch_norm_map(module: str, tf_scope: str) -> dict[str, TFVariable]:
-    return {f"{module}.{ours}": TFVariable(f"{tf_scope}/{theirs}", "same") for ours, theirs in _BATCH_NORM_NAMES.items()}
+    return {
+        f"{module}.{ours}": TFVariable(f"{tf_scope}/{theirs}", "same") for ours, theirs in _BATCH_NORM_NAMES.items()
+    }
 
 
 def is_training_state(name: str) -> bool:
@@ -213,21 +217,11 @@ def load_tf_variables(
     arrays = read_variables(variables) if isinstance(variables, (str, Path)) else _strip_tensor_suffix(variables)
     names = tf_variable_map(model, scope)
     state = _unwrap(model).state_dict()
-    expected = {tf.name: key for key, tf in names.items()}
-    extra = [name for name in arrays if name not in expected]
-    training_state = [name for name in extra if is_training_state(name)]
-    unexpected = [name for name in extra if not is_training_state(name)]
-    missing = [tf.name for tf in names.values() if tf.name not in arrays]
-    misshaped = [
-        (tf.name, tuple(np.shape(arrays[tf.name])), tf.tf_shape(state[key].shape))
-        for key, tf in names.items()
-        if tf.name in arrays and tuple(np.shape(arrays[tf.name])) != tf.tf_shape(state[key].shape)
-    ]
-    not_float = [name for name in expected if name in arrays and not np.issubdtype(np.asarray(arrays[name]).dtype, np.floating)]
-    if training_state and not ignore_extra:
-        unexpected = training_state + unexpected
-    if missing or unexpected or misshaped or not_float:
-        raise ValueError(_mismatch_message(model, arrays, scope, missing, unexpected, misshaped, not_float, training_state, ignore_extra))
+    expected_shapes = {tf.name: tf.tf_shape(state[key].shape) for key, tf in names.items()}
+    training_state = [name for name in arrays if name not in expected_shapes and is_training_state(name)]
+    problems = _problems(arrays, expected_shapes, skip=training_state if ignore_extra else ())
+    if problems:
+        raise ValueError(_mismatch_message(model, arrays, scope, problems, [] if ignore_extra else training_state))
 
     with torch.no_grad():  # state_dict tensors share storage with the parameters and buffers
         for key, tf in names.items():
@@ -236,7 +230,7 @@ def load_tf_variables(
     ignored = tuple(training_state) if ignore_extra else ()
     if ignored:
         log.info("ignored %d TF training-state variables: %s", len(ignored), ", ".join(ignored))
-    return ConversionReport(loaded=tuple(expected), ignored=ignored)
+    return ConversionReport(loaded=tuple(expected_shapes), ignored=ignored)
 
 
 def export_tf_variables(model: nn.Module, *, scope: str = TF_SCOPE) -> dict[str, np.ndarray]:
@@ -265,48 +259,74 @@ def _strip_tensor_suffix(variables: Mapping[str, np.ndarray]) -> dict[str, np.nd
     return arrays
 
 
-def _mismatch_message(model, arrays, scope, missing, unexpected, misshaped, not_float, training_state, ignore_extra) -> str:
+@dataclass(frozen=True)
+class _Problem:
+    """One way the TF variables and the model disagree (in the order they are reported)."""
+
+    name: str
+    text: str
+    tf_shape: tuple[int, ...] = ()
+    model_shape: tuple[int, ...] = ()
+
+
+def _problems(
+    arrays: Mapping[str, np.ndarray], expected_shapes: Mapping[str, tuple[int, ...]], skip: Sequence[str]
+) -> list[_Problem]:
+    """Mis-shaped and non-float variables (model order), then missing, then unexpected ones."""
     problems = []
-    for name, got, want in misshaped:
-        problems.append(f"{name!r} has shape {got} but the model expects {want}")
-    problems += [f"{name!r} is not a floating-point array (dtype {np.asarray(arrays[name]).dtype})" for name in not_float]
-    problems += [f"{name!r} is missing" for name in missing]
-    problems += [f"{name!r} is unexpected" for name in unexpected]
-    lines = [f"the TF variables do not fit the model: {problems[0]}"]
+    for name, want in expected_shapes.items():
+        if name not in arrays:
+            continue
+        array = np.asarray(arrays[name])
+        if array.shape != want:
+            problems.append(_Problem(name, f"has shape {array.shape} but the model expects {want}", array.shape, want))
+        elif not np.issubdtype(array.dtype, np.floating):
+            problems.append(_Problem(name, f"is not a floating-point array (dtype {array.dtype})"))
+    problems += [_Problem(name, "is missing") for name in expected_shapes if name not in arrays]
+    problems += [_Problem(name, "is unexpected") for name in arrays if name not in expected_shapes and name not in skip]
+    return problems
+
+
+def _mismatch_message(
+    model: nn.Module, arrays: Mapping[str, np.ndarray], scope: str, problems: list[_Problem], training_state: list[str]
+) -> str:
+    shown = 40
+    lines = [f"the TF variables do not fit the model: {problems[0].name!r} {problems[0].text}"]
     if len(problems) > 1:
         lines.append(f"{len(problems)} problems in all:")
-        lines += [f"  {p}" for p in problems[:40]]
-        if len(problems) > 40:
-            lines.append(f"  ... and {len(problems) - 40} more")
-    if training_state and not ignore_extra:
+        lines += [f"  {p.name!r} {p.text}" for p in problems[:shown]]
+        if len(problems) > shown:
+            lines.append(f"  ... and {len(problems) - shown} more")
+    if training_state:
         lines.append(
             f"{len(training_state)} variables are optimizer/training state (e.g. {training_state[0]!r}); "
             "pass ignore_extra=True (nextvlad convert-tf --ignore-extra) to skip them"
         )
-    lines += _hints(model, arrays, scope, misshaped)
-    return "\n".join(lines)
+    return "\n".join(lines + _hints(model, arrays, scope, problems))
 
 
-def _hints(model, arrays, scope, misshaped) -> list[str]:
+def _hints(model: nn.Module, arrays: Mapping[str, np.ndarray], scope: str, problems: list[_Problem]) -> list[str]:
     """Explain the common architecture mismatches: branch count, scope, the 2018 mixture gate."""
     hints = []
     prefix = f"{scope}/" if scope else ""
     branch_ids = {int(m.group(1)) for name in arrays if (m := re.match(rf"^{re.escape(prefix)}branch_(\d+)/", name))}
-    model_branches = _unwrap(model).num_branches if isinstance(_unwrap(model), MixtureOfNeXtVLAD) else 1
-    tf_branches = len(branch_ids) if branch_ids else 1
+    inner = _unwrap(model)
+    model_branches = inner.num_branches if isinstance(inner, MixtureOfNeXtVLAD) else 1
+    tf_branches = len(branch_ids) or 1
     if tf_branches != model_branches:
         hints.append(
-            f"hint: the variables hold {'a mixture of %d branches' % tf_branches if branch_ids else 'a single model'} "
-            f"but the config builds {'a mixture of %d branches' % model_branches if model_branches > 1 else 'a single model'} "
+            f"hint: the variables hold {_describe(tf_branches)} but the config builds {_describe(model_branches)} "
             "(model.init_args.num_branches)"
         )
     if arrays and prefix and not any(name.startswith(prefix) for name in arrays):
         hints.append(f"hint: no variable starts with {prefix!r}; pass the checkpoint's outer scope (scope=/--scope)")
-    for name, got, want in misshaped:
-        if name.endswith("mix_weights_bn/gamma") and got != want:
+    misshaped = [p for p in problems if p.tf_shape]
+    for problem in misshaped:
+        if problem.name.endswith("mix_weights_bn/gamma"):
             hints.append(
-                f"hint: a mixture gate over {got[0]} inputs is the competition-era gate (mean over the features of "
-                "each frame, SPEC 7.1), which nextvlad does not implement; HEAD's gate averages frames (1152 inputs)"
+                f"hint: a mixture gate over {problem.tf_shape[0]} inputs is the competition-era gate (mean over "
+                "the features of each frame, SPEC 7.1), which nextvlad does not implement; HEAD's gate averages "
+                "frames (1152 inputs)"
             )
     if misshaped:
         hints.append("hint: the config's sizes (clusters, groups, expansion, hidden_size, gating_reduction, "
@@ -314,16 +334,18 @@ def _hints(model, arrays, scope, misshaped) -> list[str]:
     return hints
 
 
+def _describe(branches: int) -> str:
+    return f"a mixture of {branches} branches" if branches > 1 else "a single model"
+
+
 # --------------------------------------------------------------------------------------- checkpoint / CLI
-def checkpoint_from_module(module: "nn.Module", source: str = "") -> dict:
+def checkpoint_from_module(module: LightningModule, source: str = "") -> dict:
     """A Lightning checkpoint dict of a LightningModule's weights and hyper-parameters (no training state).
 
     It holds what ``load_from_checkpoint`` and ``Trainer.validate/test/predict(ckpt_path=...)``
     read; it has no optimizer state, so ``fit`` starts from it with ``load_from_checkpoint`` weights
     rather than resuming with ``--ckpt_path``.
     """
-    import lightning.pytorch as pl
-
     checkpoint = {
         "epoch": 0,
         "global_step": 0,
