@@ -233,18 +233,30 @@ class MeanAveragePrecision(_TopKPairs):
         self.class_positives += (target.detach() > 0).sum(0).to(torch.float64)
 
     def compute(self) -> Tensor:
-        average_precision = self._average_precision_per_class()
+        average_precision = self._average_precision_of_every_class()[self._kept_classes()]
         if average_precision.numel() == 0:
             return torch.tensor(0.0, dtype=torch.float64, device=self.class_positives.device)
         return average_precision.mean()
+
+    def compute_per_class(self) -> tuple[Tensor, Tensor]:
+        """Per-class ``(average_precision, positives)``, float64 (C,) each, over all processes.
+
+        Every class is returned whatever ``filter_empty_classes`` says; a class without positives
+        has AP 0 (its ``positives`` entry tells it apart). Under DDP the states are gathered as in
+        ``compute()``, so every rank must call it. ``compute()`` is the mean of the kept entries.
+        """
+        with self.sync_context(
+            dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync
+        ):
+            return self._average_precision_of_every_class().clone(), self.class_positives.clone()
 
     def _kept_classes(self) -> Tensor:
         if self.filter_empty_classes:
             return self.class_positives > 0
         return torch.ones_like(self.class_positives, dtype=torch.bool)
 
-    def _average_precision_per_class(self) -> Tensor:
-        """float64 AP of each class kept in the mean: all C, or those with positives if filtered."""
+    def _average_precision_of_every_class(self) -> Tensor:
+        """float64 AP of all C classes from the current (local or synced) states."""
         scores, positive = self._accumulated_pairs()
         classes = _cat_state(self.top_classes, self.dtype, self.device).long()
         # Rank by (class, descending score, negatives first) with three stable sorts.
@@ -266,7 +278,7 @@ class MeanAveragePrecision(_TopKPairs):
         average_precision = torch.where(
             positives > 0, precision_sum / positives.clamp(min=1.0), torch.zeros_like(positives)
         )
-        return average_precision[self._kept_classes()]
+        return average_precision
 
 
 class HitAtOne(Metric):
