@@ -1,0 +1,400 @@
+"""Lightning callbacks for what follows training: the Kaggle submission and evaluation reports.
+
+* :class:`SubmissionWriter` streams ``predict`` results to the challenge CSV (SPEC 6), and
+  optionally a human-readable twin with label names from the YouTube-8M ``vocabulary.csv``.
+* :class:`EvaluationReport` prints GAP@k, Hit@1, PERR, MAP and the loss after ``validate`` /
+  ``test``, and writes them as JSON plus a PNG of per-class AP against class frequency.
+
+Both are used from the command line by naming them in a config (``configs/predict.yaml``) or with
+``--trainer.callbacks+=nextvlad.callbacks.SubmissionWriter --trainer.callbacks.output_path=...``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import IO, Any, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+
+from nextvlad.metrics import MeanAveragePrecision
+
+__all__ = ["SubmissionWriter", "EvaluationReport", "read_vocabulary", "submission_rows"]
+
+SUBMISSION_HEADER = "VideoId,LabelConfidencePairs\n"
+NAMES_HEADER = ("VideoId", "Labels")
+
+
+# ------------------------------------------------------------------------------------ submission
+def submission_rows(ids: Sequence[str], classes: torch.Tensor, scores: torch.Tensor) -> list[str]:
+    """SPEC 6 lines ``id,c1 s1 c2 s2 ...`` (``"%i %g"``), pairs by descending score.
+
+    Equal scores keep the lower class index first (a stable sort, deterministic whatever order
+    ``topk`` returned them in). ``classes``/``scores`` are (B, k).
+    """
+    order = sort_by_score(classes, scores)
+    classes, scores = classes.gather(1, order).tolist(), scores.gather(1, order).tolist()
+    return [
+        video_id + "," + " ".join("%i %g" % pair for pair in zip(row_classes, row_scores)) + "\n"
+        for video_id, row_classes, row_scores in zip(ids, classes, scores)
+    ]
+
+
+def sort_by_score(classes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Per-row permutation: descending score, ties by ascending class index."""
+    by_class = torch.argsort(classes, dim=1, stable=True)
+    by_score = torch.argsort(scores.gather(1, by_class), dim=1, descending=True, stable=True)
+    return by_class.gather(1, by_score)
+
+
+def read_vocabulary(path: str | os.PathLike) -> dict[int, str]:
+    """Class index -> label name from a YouTube-8M ``vocabulary.csv`` (columns Index and Name)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"vocabulary file not found: {path}")
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"Index", "Name"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(
+                f"{path}: a vocabulary needs the columns Index and Name; missing {sorted(missing)} "
+                f"(header: {reader.fieldnames})"
+            )
+        names: dict[int, str] = {}
+        for line_number, row in enumerate(reader, start=2):
+            try:
+                index = int(row["Index"])
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}, line {line_number}: Index {row['Index']!r} is not an integer") from None
+            names[index] = row["Name"] or f"#{index}"
+    return names
+
+
+class SubmissionWriter(BasePredictionWriter):
+    """Writes ``predict`` results as the Kaggle submission CSV of SPEC 6, batch by batch.
+
+    Each line is ``VideoId,LabelConfidencePairs`` with the model's top-k (``top_k`` of the
+    ``VideoClassifier``, 20 by default) ``"%i %g"`` class/probability pairs by descending score.
+    Rows are streamed to a temporary file beside ``output_path`` and renamed over it only when
+    prediction finishes, so an interrupted run never replaces a complete CSV. A path that cannot be
+    written fails in ``setup``, before any prediction.
+
+    Under DDP every rank streams its own part beside ``output_path`` (so the directory must be on a
+    filesystem all ranks share) and rank 0 concatenates the parts in rank order, dropping repeated
+    video ids (a DistributedSampler pads ranks with repeats).
+
+    The LightningModule's ``predict_step`` must return ``{"id": list[str], "classes": (B, k) int,
+    "scores": (B, k) float}``, as ``VideoClassifier.predict_step`` does.
+
+    Args:
+        output_path: the submission CSV to write.
+        vocabulary_path: YouTube-8M ``vocabulary.csv`` (columns Index and Name); when set, a second
+            CSV ``VideoId,Labels`` lists "Name (probability)" pairs for people to read.
+        names_path: where that second file goes; default ``<output stem>_names.csv``.
+    """
+
+    def __init__(
+        self,
+        output_path: str = "submission.csv",
+        vocabulary_path: str | None = None,
+        names_path: str | None = None,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        self.output_path = Path(output_path)
+        self.vocabulary_path = vocabulary_path
+        if names_path is None and vocabulary_path is not None:
+            names_path = str(self.output_path.with_name(f"{self.output_path.stem}_names{self.output_path.suffix or '.csv'}"))
+        self.names_path = Path(names_path) if names_path is not None else None
+        self.vocabulary: dict[int, str] | None = None
+        self._parts: dict[Path, IO[str]] = {}  # target -> this rank's open part file
+
+    # -- paths ----------------------------------------------------------------------------------
+    def _targets(self) -> list[Path]:
+        return [self.output_path] + ([self.names_path] if self.names_path is not None else [])
+
+    @staticmethod
+    def _part_path(target: Path, rank: int, world_size: int) -> Path:
+        suffix = f".rank{rank}-of-{world_size}.part" if world_size > 1 else ".tmp"
+        return target.with_name(f".{target.name}{suffix}")
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != TrainerFn.PREDICTING.value:
+            return
+        if self.vocabulary_path is not None:
+            self.vocabulary = read_vocabulary(self.vocabulary_path)
+            self._check_vocabulary_covers(pl_module)
+        if self.names_path is not None and self.names_path.resolve() == self.output_path.resolve():
+            raise ValueError(f"SubmissionWriter: names_path and output_path are the same file ({self.output_path})")
+        for target in self._targets():
+            self._parts[target] = self._open_part(target, trainer.global_rank, trainer.world_size)
+        if trainer.world_size == 1:
+            self._parts[self.output_path].write(SUBMISSION_HEADER)
+            if self.names_path is not None:
+                _names_writer(self._parts[self.names_path]).writerow(NAMES_HEADER)
+
+    def _check_vocabulary_covers(self, pl_module: pl.LightningModule) -> None:
+        num_classes = getattr(pl_module, "hparams", {}).get("num_classes")
+        if num_classes is None:
+            return
+        unnamed = [index for index in range(num_classes) if index not in self.vocabulary]
+        if unnamed:
+            raise ValueError(
+                f"{self.vocabulary_path}: no Name for {len(unnamed)} of the model's {num_classes} "
+                f"class indices (first: {unnamed[:5]})"
+            )
+
+    def _open_part(self, target: Path, rank: int, world_size: int) -> IO[str]:
+        if target.is_dir():
+            raise IsADirectoryError(f"SubmissionWriter: {target} is a directory, expected a CSV file path")
+        part = self._part_path(target, rank, world_size)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            return part.open("w", encoding="utf-8", newline="")
+        except OSError as error:
+            raise OSError(
+                f"SubmissionWriter: cannot write {target} (creating {part} failed: {error.strerror or error})"
+            ) from error
+
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        if not isinstance(prediction, dict) or not {"id", "classes", "scores"} <= prediction.keys():
+            raise TypeError(
+                "SubmissionWriter needs predict_step to return a dict with 'id', 'classes' and 'scores', "
+                f"got {type(prediction).__name__}"
+                + (f" with keys {sorted(prediction)}" if isinstance(prediction, dict) else "")
+            )
+        ids = list(prediction["id"])
+        classes = prediction["classes"].detach().cpu().long()
+        scores = prediction["scores"].detach().cpu().float()
+        self._parts[self.output_path].writelines(submission_rows(ids, classes, scores))
+        if self.names_path is not None:
+            self._write_names(ids, classes, scores)
+
+    def _write_names(self, ids: list[str], classes: torch.Tensor, scores: torch.Tensor) -> None:
+        order = sort_by_score(classes, scores)
+        classes, scores = classes.gather(1, order).tolist(), scores.gather(1, order).tolist()
+        writer = _names_writer(self._parts[self.names_path])
+        for video_id, row_classes, row_scores in zip(ids, classes, scores):
+            labels = "; ".join(f"{self.vocabulary.get(c, f'#{c}')} ({s:.4g})" for c, s in zip(row_classes, row_scores))
+            writer.writerow((video_id, labels))
+
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_predict_epoch_end(trainer, pl_module)
+        self._close_parts()
+        world_size = trainer.world_size
+        if world_size == 1:
+            for target in self._targets():
+                os.replace(self._part_path(target, 0, 1), target)
+            return
+        trainer.strategy.barrier("SubmissionWriter: parts written")
+        if trainer.global_rank == 0:
+            self._merge_parts(self.output_path, world_size, SUBMISSION_HEADER)
+            if self.names_path is not None:
+                self._merge_parts(self.names_path, world_size, ",".join(NAMES_HEADER) + "\n")
+
+    def _merge_parts(self, target: Path, world_size: int, header: str) -> None:
+        """Concatenate the ranks' parts under ``header``, first occurrence of each id wins."""
+        parts = [self._part_path(target, rank, world_size) for rank in range(world_size)]
+        missing = [str(part) for part in parts if not part.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"SubmissionWriter: rank 0 cannot see the parts {missing}; under multi-node DDP the "
+                f"output path ({target}) must be on a filesystem every node shares"
+            )
+        merged = target.with_name(f".{target.name}.tmp")
+        seen: set[str] = set()
+        with merged.open("w", encoding="utf-8", newline="") as out:
+            out.write(header)
+            for part in parts:
+                with part.open(encoding="utf-8", newline="") as lines:
+                    for line in lines:
+                        video_id = line.split(",", 1)[0]
+                        if video_id not in seen:
+                            seen.add(video_id)
+                            out.write(line)
+        os.replace(merged, target)
+        for part in parts:
+            part.unlink()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Leave any existing output untouched and remove this rank's incomplete parts.
+        self._close_parts()
+        for target in self._targets():
+            with contextlib.suppress(OSError):  # e.g. the part was never created; keep the original error
+                self._part_path(target, trainer.global_rank, trainer.world_size).unlink()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close_parts()
+
+    def _close_parts(self) -> None:
+        for handle in self._parts.values():
+            handle.close()
+        self._parts.clear()
+
+
+def _names_writer(handle: IO[str]) -> Any:
+    return csv.writer(handle, lineterminator="\n")
+
+
+# ------------------------------------------------------------------------------------ reports
+_STAGES = {TrainerFn.VALIDATING: ("validate", "val/", "val_metrics"), TrainerFn.TESTING: ("test", "test/", "test_metrics")}
+
+
+class EvaluationReport(Callback):
+    """After ``validate`` / ``test``: a table of the challenge metrics, a JSON file and a plot.
+
+    Prints GAP@k, Hit@1, PERR, MAP and the loss (as the LightningModule logged them under
+    ``val/`` or ``test/``), writes them as ``<checkpoint stem>.<stage>.json`` next to the evaluated
+    checkpoint (or ``<stage>_metrics.json`` in the log directory when there is none) together with
+    the per-class AP and positive counts, and a PNG ``<...>.<stage>_class_ap.png`` of per-class AP
+    against the number of positive videos of each class in the evaluated set.
+
+    The per-class values come from the module's ``MeanAveragePrecision`` (found in its
+    ``val_metrics`` / ``test_metrics`` collection), read in ``on_*_epoch_end`` before the module
+    resets it: Lightning runs callback hooks before the LightningModule's. Only ``validate`` and
+    ``test`` runs are reported, not the validation epochs inside ``fit``.
+
+    Args:
+        output_dir: write here instead of next to the checkpoint / in the log directory.
+        plot: also write the PNG.
+    """
+
+    def __init__(self, output_dir: str | None = None, plot: bool = True) -> None:
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.plot = plot
+        self._per_class: tuple[np.ndarray, np.ndarray] | None = None
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._collect_per_class(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._collect_per_class(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._report(trainer, pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._report(trainer, pl_module)
+
+    # -- work -----------------------------------------------------------------------------------
+    @staticmethod
+    def _stage(trainer: pl.Trainer) -> tuple[str, str, str] | None:
+        if trainer.sanity_checking:
+            return None
+        return _STAGES.get(trainer.state.fn)
+
+    def _collect_per_class(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._per_class = None
+        stage = self._stage(trainer)
+        if stage is None:
+            return
+        collection = getattr(pl_module, stage[2], None)
+        metrics = list(collection.values()) if hasattr(collection, "values") else []
+        average_precision = next((m for m in metrics if isinstance(m, MeanAveragePrecision)), None)
+        if average_precision is None:
+            rank_zero_warn(f"EvaluationReport: {type(pl_module).__name__}.{stage[2]} has no MeanAveragePrecision; "
+                           "no per-class AP in the report")
+            return
+        # Called on every rank, also one that saw no labelled video: it is a collective under DDP.
+        per_class_ap, positives = average_precision.compute_per_class()  # a collective call under DDP
+        self._per_class = (per_class_ap.cpu().numpy(), positives.cpu().numpy())
+
+    def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stage = self._stage(trainer)
+        if stage is None or not trainer.is_global_zero:
+            return
+        name, prefix, _ = stage
+        top_k = getattr(pl_module, "hparams", {}).get("top_k", 20)
+        labels = {"gap": f"GAP@{top_k}", "hit_at_one": "Hit@1", "perr": "PERR", "map": "MAP", "loss": "loss"}
+        logged = trainer.callback_metrics
+        values = {key: float(logged[prefix + key]) for key in labels if prefix + key in logged}
+        checkpoint = str(trainer.ckpt_path) if trainer.ckpt_path else None
+        print(format_table(name, checkpoint, {labels[key]: value for key, value in values.items()}))
+
+        json_path, plot_path = self._output_paths(trainer, name, checkpoint)
+        report: dict[str, Any] = {"stage": name, "checkpoint": checkpoint, "top_k": top_k, "metrics": values}
+        if self._per_class is not None:
+            per_class_ap, positives = self._per_class
+            report["per_class"] = {"average_precision": per_class_ap.tolist(), "positives": positives.tolist()}
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"{name} metrics written to {json_path}")
+        if self.plot and self._per_class is not None and self._per_class[1].any():
+            plot_class_average_precision(*self._per_class, plot_path, title=f"{name}: {Path(checkpoint).name if checkpoint else 'no checkpoint'}")
+            print(f"per-class AP plot written to {plot_path}")
+
+    def _output_paths(self, trainer: pl.Trainer, stage: str, checkpoint: str | None) -> tuple[Path, Path]:
+        if checkpoint is not None and "://" not in checkpoint:
+            checkpoint_path = Path(checkpoint)
+            directory = self.output_dir or checkpoint_path.parent
+            stem = checkpoint_path.stem
+            return directory / f"{stem}.{stage}.json", directory / f"{stem}.{stage}_class_ap.png"
+        directory = self.output_dir or Path(trainer.log_dir or trainer.default_root_dir)
+        return directory / f"{stage}_metrics.json", directory / f"{stage}_class_ap.png"
+
+
+def format_table(stage: str, checkpoint: str | None, values: dict[str, float]) -> str:
+    """A two-column text table of metric values, titled with the stage and checkpoint."""
+    title = f"{stage} ({checkpoint})" if checkpoint else stage
+    width = max([len(label) for label in values] + [6])
+    rule = "-" * (width + 12)
+    rows = [f"{label:<{width}}  {value:>10.6f}" for label, value in values.items()]
+    return "\n".join([title, rule, f"{'metric':<{width}}  {'value':>10}", rule, *rows, rule])
+
+
+def plot_class_average_precision(
+    average_precision: np.ndarray, positives: np.ndarray, path: str | os.PathLike, title: str = ""
+) -> None:
+    """Scatter of per-class AP against the class's positive videos (log x), with binned means.
+
+    Classes without positives have no defined AP and are left out (their count is in the legend).
+    """
+    # Figure + Agg canvas directly: no pyplot global state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    present = positives > 0
+    counts, values = positives[present], average_precision[present]
+    figure = Figure(figsize=(7, 4.5), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.scatter(counts, values, s=6, alpha=0.4, linewidths=0, label=f"{present.sum()} classes")
+    if counts.size:
+        edges = np.unique(np.geomspace(counts.min(), counts.max() + 1, num=16).astype(int))
+        which = np.digitize(counts, edges)
+        centers, means = [], []
+        for b in np.unique(which):
+            in_bin = which == b
+            centers.append(math.exp(np.log(counts[in_bin]).mean()))
+            means.append(values[in_bin].mean())
+        axes.plot(centers, means, color="C3", marker="o", markersize=3, label="mean AP per frequency bin")
+    axes.set_xscale("log")
+    axes.set_ylim(-0.02, 1.02)
+    axes.set_xlabel("positive videos of the class in the evaluated set")
+    axes.set_ylabel("average precision")
+    absent = int((~present).sum())
+    axes.set_title(title + (f"  ({absent} classes without positives left out)" if absent else ""), fontsize=9)
+    axes.legend(loc="lower right", fontsize=8)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)

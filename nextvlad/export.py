@@ -1,0 +1,227 @@
+"""``nextvlad export``: a trained checkpoint as ONNX or a ``torch.export`` program, for serving.
+
+    nextvlad export --config configs/nextvlad.yaml --ckpt_path runs/.../best.ckpt \\
+        --format onnx --output nextvlad.onnx
+
+The exported graph maps ``rgb`` float32 (batch, frames, rgb_size), ``audio`` float32
+(batch, frames, audio_size) and ``lengths`` int64 (batch,) to ``probabilities`` float32
+(batch, num_classes), the sigmoid of the model's logits (SPEC 6 serves the same). Batch and frame
+axes are dynamic. Frames at index >= ``lengths[b]`` are ignored by the aggregation, so a single
+model gives the same output for any amount of padding; the mixture gate, however, averages over
+all rows, padding included, divided by the frame count (the authors' ``gate_input="all"``), so pad
+mixtures to the ``max_frames`` they were trained with (300), with what training saw there.
+
+Input preprocessing (SPEC 1.1, 2): the features are dequantized (``q * 4/255 + 4/512 - 2``) and
+zero-padded by the caller. Reverse whitening is baked into the graph when the training config
+names an eigenvalues file (``data.init_args.eigenvalues_path``) or ``--eigenvalues_path`` is given,
+so the exported model takes the dequantized features exactly as the authors' inference graph does
+(``input_batch_raw``); ``--no_reverse_whitening`` exports the bare model, which then expects
+already reverse-whitened rgb, as the LightningModule does. The ONNX metadata records which.
+
+The aggregation runs the PyTorch reference (matmul) path, which every exporter and runtime
+understands; the result equals the Triton kernel's up to float rounding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import yaml
+from torch import nn
+
+from nextvlad.models.netvlad import NetVLAD
+from nextvlad.models.nextvlad import NeXtVLAD
+
+__all__ = ["ExportableClassifier", "load_classifier", "export_onnx", "export_program", "main"]
+
+FORMATS = ("onnx", "torch_export")
+INPUT_NAMES = ("rgb", "audio", "lengths")
+OUTPUT_NAME = "probabilities"
+
+
+class ExportableClassifier(nn.Module):
+    """``(rgb, audio, lengths) -> probabilities`` of a classifier in eval mode, for export.
+
+    Args:
+        classifier: a ``VideoClassifier`` (its ``forward`` honours ``predict_branch``).
+        eigenvalues_path: bake reverse whitening (SPEC 2) of the rgb input into the graph.
+    """
+
+    def __init__(self, classifier: nn.Module, eigenvalues_path: str | None = None) -> None:
+        super().__init__()
+        self.classifier = classifier.eval()
+        self.reverse_whitening = eigenvalues_path is not None
+        if self.reverse_whitening:
+            from nextvlad.data.transforms import WHITENING_OFFSET, ReverseWhitening
+
+            self.whitening_offset = float(WHITENING_OFFSET)
+            self.register_buffer("whitening_scale", ReverseWhitening(eigenvalues_path).scale.float())
+
+    def forward(self, rgb: torch.Tensor, audio: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.reverse_whitening:
+            # ReverseWhitening.__call__ on every row, padding included, as the data layer does.
+            rgb = (rgb - self.whitening_offset) * self.whitening_scale
+        return torch.sigmoid(self.classifier(rgb, audio, lengths).float())
+
+
+# ---------------------------------------------------------------------------------- loading
+def load_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` of a Lightning checkpoint, with errors that name the file."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling errors have many types; all mean "not our checkpoint"
+        raise ValueError(f"{path}: not a loadable checkpoint ({type(error).__name__}: {error})") from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+    return checkpoint
+
+
+def load_classifier(ckpt_path: str | Path, config_path: str | Path | None = None) -> nn.Module:
+    """The LightningModule of a checkpoint, in eval mode on the CPU, aggregating with the reference.
+
+    With ``config_path`` the model is built from the config's ``model`` section (so its choices,
+    e.g. ``predict_branch``, apply) and the checkpoint must be of the same architecture; without it,
+    from the hyper-parameters saved in the checkpoint.
+    """
+    from nextvlad.module import VideoClassifier
+
+    checkpoint = load_checkpoint(ckpt_path)
+    if config_path is not None:
+        from nextvlad.cli import model_from_config
+
+        module = model_from_config(config_path)
+        module.on_load_checkpoint(checkpoint)  # raises on another architecture
+    else:
+        saved = checkpoint.get("hyper_parameters")
+        if not isinstance(saved, dict):
+            raise ValueError(f"{ckpt_path}: no hyper_parameters saved; pass --config")
+        module = VideoClassifier(**{k: v for k, v in saved.items() if not k.startswith("_")})
+        module.on_load_checkpoint(checkpoint)
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        raise ValueError(f"{ckpt_path}: weights do not fit the model: {error}") from error
+    use_reference_aggregation(module)
+    return module.eval()
+
+
+def use_reference_aggregation(module: nn.Module) -> None:
+    """Switch every NeXtVLAD/NetVLAD layer to the plain PyTorch aggregation (exportable)."""
+    for layer in module.modules():
+        if isinstance(layer, (NeXtVLAD, NetVLAD)):
+            layer.backend = "reference"
+
+
+def eigenvalues_from_config(config_path: str | Path) -> str | None:
+    """``data.init_args.eigenvalues_path`` of a LightningCLI config, if any."""
+    config = yaml.safe_load(Path(config_path).read_text()) or {}
+    data = config.get("data") or {}
+    return (data.get("init_args") or {}).get("eigenvalues_path")
+
+
+# ---------------------------------------------------------------------------------- export
+def example_inputs(module: ExportableClassifier, batch: int = 2, frames: int = 6) -> tuple[torch.Tensor, ...]:
+    """Inputs to trace with; sizes > 1 so the exporter keeps both axes symbolic."""
+    hparams = module.classifier.hparams
+    generator = torch.Generator().manual_seed(0)
+    rgb = torch.randn(batch, frames, hparams.rgb_size, generator=generator)
+    audio = torch.randn(batch, frames, hparams.audio_size, generator=generator)
+    lengths = torch.tensor([frames] + [max(1, frames // 2)] * (batch - 1))
+    return rgb, audio, lengths
+
+
+@contextlib.contextmanager
+def _aggregation_validated_in_eager() -> Iterator[None]:
+    """Skip ``residual_aggregation``'s input validation while tracing.
+
+    It checks the *values* of ``lengths`` with a Python ``if``, which torch.export cannot trace (a
+    data-dependent branch). The caller runs the model eagerly on the same example inputs first, so
+    shapes and dtypes are validated there; the exported graph accepts any lengths, as the authors'
+    graph did. (If the kernel module learns to skip that check under ``torch.compiler.is_exporting()``,
+    this goes away.)
+    """
+    kernel = sys.modules["nextvlad.kernels.residual_aggregation"]
+    validate = kernel.validate_inputs
+    kernel.validate_inputs = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        kernel.validate_inputs = validate
+
+
+def export_program(module: ExportableClassifier) -> torch.export.ExportedProgram:
+    """``torch.export`` program with dynamic batch and frame axes (frames shared by rgb and audio)."""
+    inputs = example_inputs(module)
+    with torch.no_grad():
+        module(*inputs)  # validates shapes/dtypes eagerly
+    batch, frames = torch.export.Dim("batch"), torch.export.Dim("frames")
+    shapes = {"rgb": {0: batch, 1: frames}, "audio": {0: batch, 1: frames}, "lengths": {0: batch}}
+    with _aggregation_validated_in_eager():
+        return torch.export.export(module, inputs, dynamic_shapes=shapes)
+
+
+def export_onnx(module: ExportableClassifier, path: str | Path, opset: int | None = None) -> None:
+    """Write an ONNX model: inputs rgb/audio/lengths, output probabilities, axes batch/frames."""
+    program = export_program(module)
+    onnx_program = torch.onnx.export(
+        program, example_inputs(module), input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
+        opset_version=opset, dynamo=True, verbose=False,
+    )
+    # torch.onnx's own renaming (what it does when given axis names); rgb's two symbols are shared
+    # by audio and lengths, whose shapes the program ties to them.
+    onnx_program._rename_dynamic_axes({"rgb": {0: "batch", 1: "frames"}, "audio": {}, "lengths": {}})
+    hparams = module.classifier.hparams
+    onnx_program.model.metadata_props.update({
+        "nextvlad.inputs": "rgb float32 (batch, frames, rgb_size), audio float32 (batch, frames, audio_size): "
+                           "dequantized, zero-padded; lengths int64 (batch,)",
+        "nextvlad.reverse_whitening": "in graph" if module.reverse_whitening else "expected in the rgb input",
+        "nextvlad.num_classes": str(hparams.num_classes),
+        "nextvlad.architecture": str(hparams.architecture),
+    })
+    onnx_program.save(str(path))
+
+
+# ---------------------------------------------------------------------------------- command line
+def main(argv: Sequence[str] | None = None) -> None:
+    """``nextvlad export --ckpt_path X [--config Y] --format onnx|torch_export --output Z``."""
+    parser = argparse.ArgumentParser(
+        prog="nextvlad export",
+        description="Export a trained checkpoint (ONNX or torch.export .pt2) for serving. The model takes "
+                    "dequantized, zero-padded rgb/audio frames and lengths; see nextvlad/export.py.",
+    )
+    parser.add_argument("--config", help="LightningCLI config the checkpoint was trained with (model section; "
+                                         "data.init_args.eigenvalues_path). Default: the checkpoint's hyper-parameters")
+    parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint (.ckpt)")
+    parser.add_argument("--format", choices=FORMATS, default="onnx")
+    parser.add_argument("--output", required=True, help="file to write (.onnx or .pt2)")
+    parser.add_argument("--eigenvalues_path", help="PCA eigenvals.npy: bake reverse whitening into the graph "
+                                                   "(default: the config's data.init_args.eigenvalues_path)")
+    parser.add_argument("--no_reverse_whitening", action="store_true",
+                        help="do not bake reverse whitening: the model expects reverse-whitened rgb")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch.onnx's)")
+    args = parser.parse_args(argv)
+
+    if args.config is not None and not Path(args.config).is_file():
+        parser.error(f"config file not found: {args.config}")
+    eigenvalues = args.eigenvalues_path
+    if eigenvalues is None and args.config is not None:
+        eigenvalues = eigenvalues_from_config(args.config)
+    if args.no_reverse_whitening:
+        eigenvalues = None
+    module = ExportableClassifier(load_classifier(args.ckpt_path, args.config), eigenvalues)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if args.format == "onnx":
+        export_onnx(module, output, args.opset)
+    else:
+        torch.export.save(export_program(module), str(output))
+    whitening = f"reverse whitening in graph ({eigenvalues})" if eigenvalues else "no reverse whitening in graph"
+    print(f"wrote {output} ({args.format}; {whitening})")

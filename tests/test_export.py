@@ -1,0 +1,160 @@
+"""``nextvlad export``: ONNX / torch.export graphs match PyTorch; checkpoints load weights-only; errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from toy_data import SMALL, loader, trainer
+
+from nextvlad.cli import main as cli_main
+from nextvlad.data.transforms import ReverseWhitening
+from nextvlad.module import VideoClassifier
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def trained_checkpoint(tmp_path, name: str = "model.ckpt", **hparams) -> str:
+    """A few training steps (so BN running statistics are not the identity), saved by the Trainer."""
+    torch.manual_seed(0)
+    run = trainer(max_steps=3, default_root_dir=tmp_path)
+    run.fit(VideoClassifier(**{**SMALL, **hparams}), loader(24))
+    path = tmp_path / name
+    run.save_checkpoint(path)
+    return str(path)
+
+
+def reference_probabilities(ckpt_path: str, rgb, audio, lengths, whitening=None) -> np.ndarray:
+    """The LightningModule itself, loaded the Lightning way, on the same inputs."""
+    module = VideoClassifier.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
+    if whitening is not None:
+        rgb = whitening(rgb)
+    with torch.no_grad():
+        return torch.sigmoid(module(rgb, audio, lengths)).double().numpy()
+
+
+def videos(batch: int, frames: int, rgb_size: int, seed: int):
+    """Dequantized-looking inputs, zero-padded after each video's length; lengths 1..frames."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, frames + 1, (batch,), generator=g)
+    lengths[0] = frames
+    rgb = torch.rand(batch, frames, rgb_size, generator=g) * 4 - 2
+    audio = torch.rand(batch, frames, SMALL["audio_size"], generator=g) * 4 - 2
+    padding = torch.arange(frames)[None, :] >= lengths[:, None]
+    rgb[padding], audio[padding] = 0.0, 0.0
+    return rgb, audio, lengths
+
+
+@pytest.mark.parametrize("hparams", [{}, {"num_branches": 2}], ids=["single", "mixture"])
+def test_onnx_matches_pytorch_on_videos_of_different_lengths(tmp_path, hparams):
+    ckpt = trained_checkpoint(tmp_path, **hparams)
+    output = tmp_path / "model.onnx"
+    cli_main(["export", "--ckpt_path", ckpt, "--format", "onnx", "--output", str(output)])
+
+    session = ort.InferenceSession(str(output))
+    assert [i.name for i in session.get_inputs()] == ["rgb", "audio", "lengths"]
+    assert session.get_inputs()[0].shape == ["batch", "frames", SMALL["rgb_size"]]
+    assert session.get_outputs()[0].shape == ["batch", SMALL["num_classes"]]
+    # Batch and frame counts that differ from the traced example, down to a single frame.
+    for batch, frames, seed in [(1, 1, 0), (3, 17, 1), (5, 4, 2)]:
+        rgb, audio, lengths = videos(batch, frames, SMALL["rgb_size"], seed)
+        (onnx_out,) = session.run(None, {"rgb": rgb.numpy(), "audio": audio.numpy(), "lengths": lengths.numpy()})
+        np.testing.assert_allclose(onnx_out, reference_probabilities(ckpt, rgb, audio, lengths), atol=1e-4, rtol=0)
+    if hparams:
+        return  # the mixture gate averages over all M rows (SPEC 9), so M matters there by design
+    # Extra zero padding beyond every length changes nothing for a single model.
+    padded = {"rgb": np.pad(rgb.numpy(), ((0, 0), (0, 9), (0, 0))),
+              "audio": np.pad(audio.numpy(), ((0, 0), (0, 9), (0, 0))), "lengths": lengths.numpy()}
+    np.testing.assert_allclose(session.run(None, padded)[0], onnx_out, atol=1e-6, rtol=0)
+
+
+def test_reverse_whitening_from_the_config_is_baked_into_the_graph(tmp_path, eigenvalues_path):
+    hparams = {**SMALL, "rgb_size": 1024}
+    torch.manual_seed(0)
+    ckpt = tmp_path / "wide.ckpt"
+    run = trainer(max_steps=2, default_root_dir=tmp_path)
+    run.fit(VideoClassifier(**hparams), _wide_loader())
+    run.save_checkpoint(ckpt)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "model:\n  class_path: nextvlad.VideoClassifier\n  init_args:\n"
+        + "".join(f"    {k}: {v}\n" for k, v in hparams.items())
+        + f"data:\n  class_path: nextvlad.data.YT8MDataModule\n  init_args:\n    eigenvalues_path: {eigenvalues_path}\n"
+    )
+    output = tmp_path / "whitened.onnx"
+    cli_main(["export", "--config", str(config), "--ckpt_path", str(ckpt), "--output", str(output)])
+    session = ort.InferenceSession(str(output))
+    rgb, audio, lengths = videos(3, 9, 1024, 4)
+    (onnx_out,) = session.run(None, {"rgb": rgb.numpy(), "audio": audio.numpy(), "lengths": lengths.numpy()})
+    expected = reference_probabilities(str(ckpt), rgb, audio, lengths, ReverseWhitening(eigenvalues_path))
+    np.testing.assert_allclose(onnx_out, expected, atol=1e-4, rtol=0)
+    unwhitened = reference_probabilities(str(ckpt), rgb, audio, lengths)
+    assert np.abs(onnx_out - unwhitened).max() > 1e-3  # the whitening really is in the graph
+
+    bare = tmp_path / "bare.onnx"
+    cli_main(["export", "--config", str(config), "--ckpt_path", str(ckpt), "--output", str(bare),
+              "--no_reverse_whitening"])
+    (bare_out,) = ort.InferenceSession(str(bare)).run(
+        None, {"rgb": rgb.numpy(), "audio": audio.numpy(), "lengths": lengths.numpy()})
+    np.testing.assert_allclose(bare_out, unwhitened, atol=1e-4, rtol=0)
+
+
+def _wide_loader():
+    """Toy videos with 1024-wide rgb (the eigenvalues' size)."""
+    from toy_data import toy_videos, collate
+
+    wide = []
+    for video in toy_videos(8, 5):
+        video = dict(video)
+        video["rgb"] = torch.nn.functional.pad(video["rgb"], (0, 1024 - video["rgb"].shape[-1]))
+        wide.append(video)
+    return torch.utils.data.DataLoader(wide, batch_size=4, collate_fn=collate)
+
+
+def test_torch_export_program_matches_pytorch(tmp_path):
+    ckpt = trained_checkpoint(tmp_path)
+    output = tmp_path / "model.pt2"
+    cli_main(["export", "--ckpt_path", ckpt, "--format", "torch_export", "--output", str(output)])
+    program = torch.export.load(str(output)).module()
+    for batch, frames, seed in [(1, 1, 5), (4, 13, 6)]:
+        rgb, audio, lengths = videos(batch, frames, SMALL["rgb_size"], seed)
+        with torch.no_grad():
+            out = program(rgb, audio, lengths).double().numpy()
+        np.testing.assert_allclose(out, reference_probabilities(ckpt, rgb, audio, lengths), atol=1e-5, rtol=0)
+
+
+def test_trainer_checkpoint_loads_weights_only(tmp_path):
+    checkpoint = torch.load(trained_checkpoint(tmp_path, num_branches=2), weights_only=True)
+    assert checkpoint["hyper_parameters"]["num_branches"] == 2
+    assert set(checkpoint["state_dict"]) == set(VideoClassifier(**SMALL, num_branches=2).state_dict())
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    missing = tmp_path / "nope.ckpt"
+    with pytest.raises(FileNotFoundError, match=f"checkpoint not found: {missing}"):
+        cli_main(["export", "--ckpt_path", str(missing), "--output", str(tmp_path / "m.onnx")])
+
+
+def test_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.ckpt: not a loadable checkpoint"):
+        cli_main(["export", "--ckpt_path", str(junk), "--output", str(tmp_path / "m.onnx")])
+
+
+def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
+    ckpt = trained_checkpoint(tmp_path)
+    config = tmp_path / "other.yaml"
+    config.write_text(
+        "model:\n  class_path: nextvlad.VideoClassifier\n  init_args:\n"
+        + "".join(f"    {k}: {v}\n" for k, v in {**SMALL, "clusters": 8}.items())
+    )
+    with pytest.raises(ValueError, match="another architecture.*clusters: checkpoint 4 vs config 8"):
+        cli_main(["export", "--config", str(config), "--ckpt_path", ckpt, "--output", str(tmp_path / "m.onnx")])
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_unknown_format_is_rejected_by_the_parser(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["export", "--ckpt_path", "x.ckpt", "--format", "tflite", "--output", "m"])
+    assert "invalid choice: 'tflite'" in capsys.readouterr().err

@@ -1,0 +1,133 @@
+"""EvaluationReport (validate/test table, JSON, per-class AP plot) and MAP's per-class values."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from toy_data import SMALL, NUM_CLASSES, loader, toy_videos, collate, trainer
+
+from nextvlad.callbacks import EvaluationReport
+from nextvlad.metrics import MeanAveragePrecision
+from nextvlad.module import VideoClassifier
+
+
+def per_class_ap_oracle(preds: np.ndarray, target: np.ndarray, top_k: int) -> np.ndarray:
+    """SPEC 5 per-class AP in float64: class c ranks the videos whose top-k holds c (distinct scores)."""
+    preds, target = np.asarray(preds, np.float64), np.asarray(target, np.float64)
+    num_videos, num_classes = preds.shape
+    top = np.argsort(-preds, axis=1, kind="stable")[:, :top_k]
+    ap = np.zeros(num_classes)
+    for c in range(num_classes):
+        positives = target[:, c].sum()
+        if positives == 0:
+            continue
+        videos = [v for v in range(num_videos) if c in top[v]]
+        ranked = sorted(videos, key=lambda v: -preds[v, c])
+        hits, total = 0, 0.0
+        for rank, v in enumerate(ranked, start=1):
+            if target[v, c]:
+                hits += 1
+                total += hits / rank
+        ap[c] = total / positives
+    return ap
+
+
+def test_compute_per_class_matches_float64_oracle_and_compute():
+    g = torch.Generator().manual_seed(0)
+    preds = torch.rand(40, 7, generator=g)
+    target = (torch.rand(40, 7, generator=g) > 0.6).float()
+    target[:, 5] = 0  # a class without positives: AP 0, counted by compute() (authors' MAP)
+    metric = MeanAveragePrecision(num_classes=7, top_k=3)
+    for chunk in range(0, 40, 16):
+        metric.update(preds[chunk:chunk + 16], target[chunk:chunk + 16])
+    average_precision, positives = metric.compute_per_class()
+    expected = per_class_ap_oracle(preds.double().numpy(), target.numpy(), top_k=3)
+    assert average_precision.dtype == torch.float64
+    np.testing.assert_allclose(average_precision.numpy(), expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(positives.numpy(), target.sum(0).numpy())
+    assert metric.compute().item() == pytest.approx(expected.mean(), abs=1e-12)
+
+    filtered = MeanAveragePrecision(num_classes=7, top_k=3, filter_empty_classes=True)
+    filtered.update(preds, target)
+    all_classes, _ = filtered.compute_per_class()  # every class, whatever the filter
+    assert all_classes.shape == (7,)
+    assert filtered.compute().item() == pytest.approx(expected[target.sum(0).numpy() > 0].mean(), abs=1e-12)
+
+
+def trained(tmp_path) -> tuple[VideoClassifier, str]:
+    torch.manual_seed(0)
+    module = VideoClassifier(**SMALL, learning_rate=1e-2)
+    run = trainer(max_epochs=2, default_root_dir=tmp_path)
+    run.fit(module, loader(64))
+    ckpt = tmp_path / "model.ckpt"
+    run.save_checkpoint(ckpt)
+    return module, str(ckpt)
+
+
+def model_predictions(module: VideoClassifier, videos: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    batch = collate(videos)
+    module.eval()
+    with torch.no_grad():
+        probabilities = torch.sigmoid(module(batch["rgb"], batch["audio"], batch["lengths"]))
+    return probabilities.double().numpy(), batch["labels"].numpy()
+
+
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_report_prints_table_and_writes_json_and_plot_next_to_checkpoint(tmp_path, capsys, stage):
+    module, ckpt = trained(tmp_path)
+    capsys.readouterr()
+    run = trainer(default_root_dir=tmp_path, callbacks=[EvaluationReport()])
+    evaluate = run.validate if stage == "validate" else run.test
+    (results,) = evaluate(module, loader(40, seed=3), ckpt_path=ckpt, verbose=False)
+    prefix = "val/" if stage == "validate" else "test/"
+
+    printed = capsys.readouterr().out
+    for label, key in [("GAP@20", "gap"), ("Hit@1", "hit_at_one"), ("PERR", "perr"), ("MAP", "map"), ("loss", "loss")]:
+        line = next(line for line in printed.splitlines() if line.split()[:1] == [label])
+        assert float(line.split()[1]) == pytest.approx(results[prefix + key], abs=1e-6)
+
+    report = json.loads((tmp_path / f"model.{stage}.json").read_text())
+    assert report["stage"] == stage and report["checkpoint"] == ckpt
+    assert report["metrics"] == pytest.approx({k.removeprefix(prefix): v for k, v in results.items()})
+    # Per-class AP: an independent oracle on the module's own predictions.
+    preds, labels = model_predictions(module, toy_videos(40, 3))
+    np.testing.assert_allclose(report["per_class"]["average_precision"],
+                               per_class_ap_oracle(preds, labels, top_k=20), atol=1e-6)
+    assert report["per_class"]["positives"] == labels.sum(0).tolist()
+    assert np.mean(report["per_class"]["average_precision"]) == pytest.approx(results[prefix + "map"], abs=1e-6)
+
+    png = tmp_path / f"model.{stage}_class_ap.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    assert matplotlib.image.imread(png).shape[:2] == (540, 840)  # 7 x 4.5 inches at 120 dpi
+
+
+def test_report_without_checkpoint_goes_to_the_log_dir(tmp_path):
+    module = VideoClassifier(**SMALL)
+    trainer(default_root_dir=tmp_path, callbacks=[EvaluationReport(plot=False)]).test(module, loader(16), verbose=False)
+    report = json.loads((tmp_path / "test_metrics.json").read_text())
+    assert report["checkpoint"] is None
+    assert set(report["metrics"]) == {"gap", "hit_at_one", "perr", "map", "loss"}
+    assert len(report["per_class"]["positives"]) == NUM_CLASSES
+    assert not (tmp_path / "test_class_ap.png").exists()
+
+
+def test_validation_inside_fit_writes_no_report(tmp_path):
+    module = VideoClassifier(**SMALL)
+    out = tmp_path / "reports"
+    run = trainer(max_epochs=1, default_root_dir=tmp_path, callbacks=[EvaluationReport(output_dir=str(out))])
+    run.fit(module, loader(16), loader(8))
+    assert not out.exists()
+
+
+def test_unlabelled_evaluation_set_reports_without_a_plot(tmp_path):
+    module = VideoClassifier(**SMALL)
+    run = trainer(default_root_dir=tmp_path, callbacks=[EvaluationReport(output_dir=str(tmp_path / "r"))])
+    run.validate(module, loader(16, labelled=False), verbose=False)
+    report = json.loads((tmp_path / "r" / "validate_metrics.json").read_text())
+    assert report["per_class"]["positives"] == [0.0] * NUM_CLASSES
+    assert not (tmp_path / "r" / "validate_class_ap.png").exists()
