@@ -12,8 +12,8 @@ How a video is made (everything is a function of the seed):
   a pool of "background" directions belongs to no class;
 * a video has 1..`max_labels` labels (classes drawn with Zipf-like frequencies) and
   `min_frames`..`max_frames` frames, cut into segments of 5-30 frames; each segment shows one
-  prototype of one of its labels (every label gets at least one segment), or with probability
-  `background_rate` a background direction;
+  prototype of one of its labels (every label gets at least one segment, shortened if the video
+  is short), or with probability `background_rate` a background direction;
 * frame = segment direction + a per-video offset + Gaussian noise (`noise` std per dimension), so
   a model must pool evidence over frames and ignore background segments, but the labels are
   recoverable: a small NeXtVLAD reaches a high GAP within minutes on a CPU.
@@ -99,7 +99,10 @@ def _make_video(world: _World, config: SyntheticConfig, rng: np.random.Generator
     label_order = rng.permutation(labels)
     start, segment = 0, 0
     while start < num_frames:
-        end = min(num_frames, start + int(rng.integers(5, 31)))
+        length = int(rng.integers(5, 31))
+        if segment < num_labels:  # leave room for one segment per label still to be shown
+            length = min(length, max(1, (num_frames - start) // (num_labels - segment)))
+        end = min(num_frames, start + length)
         if segment >= num_labels and rng.random() < config.background_rate:
             j = int(rng.integers(len(world.background_rgb)))
             rgb_rows[start:end], audio_rows[start:end] = world.background_rgb[j], world.background_audio[j]
