@@ -232,7 +232,8 @@ def residual_aggregation(
         attention: (B, M, G) group-attention logits, before the sigmoid.
         lengths: (B,) integer count of real frames; frames ``i >= lengths[b]`` contribute nothing.
         centroids: (K, D) cluster centres (any floating dtype).
-        backend: ``"auto"`` (Triton for CUDA tensors of fp32/fp16/bf16, the reference otherwise),
+        backend: ``"auto"`` (Triton for CUDA tensors of fp32/fp16/bf16 with K <= 256, the
+            reference otherwise),
             ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"reference"`` (matmul
             formulation) or ``"einsum"`` (literal equation 5, memory-hungry).
         normalize: also apply the intra-normalisation (L2 over D per cluster, SPEC 3.1 step 8).
@@ -253,7 +254,7 @@ def residual_aggregation(
     validate_inputs(x, logits, attention, lengths, centroids)
 
     if backend == "auto":
-        backend = "triton" if _triton_supports(x) else "reference"
+        backend = "triton" if _triton_supports(x, logits.shape[3]) else "reference"
     if backend == "einsum":
         return residual_aggregation_einsum(x, logits, attention, lengths, centroids, normalize=normalize)
     if backend == "reference":
@@ -261,9 +262,14 @@ def residual_aggregation(
     return _residual_aggregation_triton(x, logits, attention, lengths, centroids, normalize, precision)
 
 
-def _triton_supports(x: Tensor) -> bool:
-    """Whether ``backend="auto"`` picks Triton: CUDA tensors of a dtype the kernels are tuned for."""
-    return triton is not None and x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+def _triton_supports(x: Tensor, clusters: int) -> bool:
+    """Whether ``backend="auto"`` picks Triton: CUDA tensors of a dtype and K the kernels are tuned for."""
+    return (
+        triton is not None
+        and x.is_cuda
+        and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and clusters <= MAX_TRITON_CLUSTERS
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,19 +283,25 @@ def _triton_supports(x: Tensor) -> bool:
 
 def _aggregation_forward_kernel(
     x_ptr, logits_ptr, attention_ptr, lengths_ptr, centroids_ptr, y_ptr, assignment_sum_ptr,
-    max_frames, groups, clusters, dim,
+    max_frames, groups, clusters, dim, rows_per_split,
     K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """One program per (D block, video): y[b, :, d-block] and, from the first D block, a_sum[b, :].
+    """One program per (D block, video, frame split): y[split, b, :, d-block] and, from the first
+    D block, a_sum[split, b, :]. The launcher sums the splits (there is one unless the batch is too
+    small to fill the GPU); the result is linear in the rows, so each split subtracts its own share
+    of the centroid term.
 
-    acc (K_PAD, BLOCK_D) += a^T (K_PAD, BLOCK_R) @ x (BLOCK_R, BLOCK_D) over the real rows; the
-    soft assignment lives only in registers.
+    acc (K_PAD, BLOCK_D) += a^T (K_PAD, BLOCK_R) @ x (BLOCK_R, BLOCK_D) over the split's real rows;
+    the soft assignment lives only in registers.
     """
     pid_d = tl.program_id(0)
     video = tl.program_id(1).to(tl.int64)
+    output_index = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + video
     rows_per_video = max_frames * groups
     real_rows = tl.load(lengths_ptr + video).to(tl.int32) * groups
+    row_begin = tl.program_id(2) * rows_per_split
+    row_end = tl.minimum(real_rows, row_begin + rows_per_split)
 
     offs_k = tl.arange(0, K_PAD)
     k_valid = offs_k < clusters
@@ -303,9 +315,9 @@ def _aggregation_forward_kernel(
 
     acc = tl.zeros((K_PAD, BLOCK_D), dtype=ACC_DTYPE)
     assignment_sum = tl.zeros((K_PAD,), dtype=ACC_DTYPE)
-    for row_start in range(0, real_rows, BLOCK_R):
+    for row_start in range(row_begin, row_end, BLOCK_R):
         rows = row_start + offs_r
-        row_valid = rows < real_rows
+        row_valid = rows < row_end
         # Soft assignment a = sigmoid(attention) * softmax_K(logits); padded K columns get -inf
         # (probability 0), rows past the video's end get gate 0.
         logits = tl.load(
@@ -333,11 +345,11 @@ def _aggregation_forward_kernel(
     ).to(ACC_DTYPE)
     y = acc - assignment_sum[:, None] * centroids
     tl.store(
-        y_ptr + video * clusters * dim + offs_k[:, None] * dim + offs_d[None, :],
+        y_ptr + output_index * clusters * dim + offs_k[:, None] * dim + offs_d[None, :],
         y.to(y_ptr.dtype.element_ty), mask=k_valid[:, None] & d_valid[None, :],
     )
     if pid_d == 0:
-        tl.store(assignment_sum_ptr + video * clusters + offs_k, assignment_sum, mask=k_valid)
+        tl.store(assignment_sum_ptr + output_index * clusters + offs_k, assignment_sum, mask=k_valid)
 
 
 def _aggregation_backward_kernel(
@@ -445,39 +457,114 @@ def _kernels(interpret: bool) -> _Kernels:
         )
 
 
-@dataclass(frozen=True)
-class _LaunchConfig:
-    k_pad: int
-    block_r: int
-    block_d: int
-    num_warps: int
+# (BLOCK_R, BLOCK_D, num_warps) candidates by K_PAD and operand family. Every one compiles for
+# sm_90 without register spills (checked offline: triton.compile for GPUTarget("cuda", 90, 32) with
+# 16-divisible strides, then `cuobjdump --dump-resource-usage`). The first is the default; on a GPU
+# all of them are autotuned once per (K, D, dtype). Every tl.dot dimension is at least 16.
+_Tile = tuple[int, int, int]
+_FORWARD_TILES: dict[str, dict[int, list[_Tile]]] = {
+    "half": {
+        16: [(64, 128, 4), (128, 128, 8), (64, 64, 4), (128, 64, 4)],
+        64: [(64, 128, 8), (64, 64, 4), (128, 64, 8), (32, 128, 8), (128, 128, 8)],
+        128: [(64, 128, 8), (64, 64, 8), (32, 128, 8), (128, 64, 8), (128, 128, 8)],
+        256: [(32, 64, 8), (64, 32, 8), (64, 64, 8), (32, 32, 8)],
+    },
+    "tf32": {
+        16: [(64, 64, 4), (64, 128, 4)],
+        64: [(64, 64, 8), (64, 64, 4), (64, 128, 8)],
+        128: [(64, 64, 8), (32, 64, 8), (32, 128, 8)],
+        256: [(32, 32, 8), (32, 64, 8)],
+    },
+    "ieee": {  # exact fp32 (FMA, no tensor cores): mostly for tests
+        16: [(64, 64, 4), (32, 64, 4), (64, 128, 8)],
+        64: [(64, 64, 8), (128, 32, 8), (64, 128, 8)],
+        128: [(64, 64, 8), (32, 64, 8), (64, 32, 8)],
+        256: [(32, 32, 8), (32, 64, 8)],
+    },
+}
+_BACKWARD_TILES: dict[str, dict[int, list[_Tile]]] = {
+    "half": {
+        16: [(64, 64, 8), (128, 64, 8), (64, 128, 8), (64, 32, 8)],
+        64: [(64, 64, 8), (32, 64, 8), (128, 32, 8), (64, 128, 8), (128, 64, 8)],
+        128: [(64, 64, 8), (32, 64, 8), (64, 32, 8), (64, 128, 8)],
+        256: [(16, 64, 8), (32, 64, 8)],
+    },
+    "tf32": {
+        16: [(64, 64, 4), (32, 64, 8)],
+        64: [(64, 64, 8), (32, 64, 8)],
+        128: [(32, 64, 8), (64, 64, 8)],
+        256: [(16, 64, 8), (16, 32, 8)],
+    },
+    "ieee": {
+        16: [(32, 64, 8), (64, 32, 8)],
+        64: [(32, 64, 8), (64, 32, 8), (32, 32, 8)],
+        128: [(32, 32, 8), (32, 64, 8)],
+        256: [(16, 16, 8), (16, 32, 8)],
+    },
+}
+MAX_TRITON_CLUSTERS = 256
+# Frame splits start at multiples of every BLOCK_R above.
+_SPLIT_ROW_ALIGNMENT = 128
 
 
 def _next_power_of_two(value: int) -> int:
     return 1 << max(0, value - 1).bit_length()
 
 
-def _forward_config(clusters: int, dim: int) -> _LaunchConfig:
-    """Block sizes for the forward pass; every tl.dot dimension is at least 16.
+def _padded_clusters(clusters: int) -> int:
+    return max(16, _next_power_of_two(clusters))
 
-    The fp32 accumulator (K_PAD, BLOCK_D) is capped at 16K elements (64 registers a thread with
-    8 warps): K=128 gives BLOCK_D=128, so the video stream (D=256) recomputes the softmax twice.
+
+def _tile_family(dtype: torch.dtype, precision: str) -> str:
+    if dtype in (torch.float16, torch.bfloat16):
+        return "half"
+    return "ieee" if dtype == torch.float64 else precision
+
+
+def _tiles(table: dict[str, dict[int, list[_Tile]]], family: str, k_pad: int, dim: int) -> list[_Tile]:
+    """The candidate tiles for this K_PAD (the next listed size up), BLOCK_D clamped to D."""
+    by_k_pad = table[family]
+    candidates = by_k_pad[min(size for size in by_k_pad if size >= k_pad)]
+    d_cap = max(16, _next_power_of_two(dim))
+    return list(dict.fromkeys((rows, min(block_d, d_cap), warps) for rows, block_d, warps in candidates))
+
+
+def _autotune_enabled() -> bool:
+    """Autotuning on a GPU is on unless NEXTVLAD_AUTOTUNE=0 (then the first tile always runs, so
+    results are bitwise reproducible across processes too)."""
+    return os.environ.get("NEXTVLAD_AUTOTUNE", "1") != "0"
+
+
+@functools.cache
+def _autotuned(kind: str, tiles: tuple[_Tile, ...]) -> Any:
+    kernel = getattr(_kernels(False), kind)
+    configs = [triton.Config({"BLOCK_R": rows, "BLOCK_D": block_d}, num_warps=warps) for rows, block_d, warps in tiles]
+    return triton.autotune(configs=configs, key=["clusters", "dim"])(kernel)
+
+
+def _launch(kind: str, tiles: list[_Tile], grid: Any, *args: Any, **constexprs: Any) -> None:
+    """Run ``kind`` ("forward"/"backward") with the default tile, or autotuned on a GPU.
+
+    ``grid`` maps the tile's meta-parameters (BLOCK_R, BLOCK_D) to the launch grid.
     """
-    k_pad = max(16, _next_power_of_two(clusters))
-    block_d = max(16, min(_next_power_of_two(dim), 128, 16384 // k_pad))
-    block_r = 64 if k_pad <= 128 else 32
-    num_warps = 8 if k_pad * block_d >= 8192 else 4
-    return _LaunchConfig(k_pad, block_r, block_d, num_warps)
+    interpret = triton_interpreter_enabled()
+    if interpret or not _autotune_enabled() or len(tiles) == 1:
+        rows, block_d, warps = tiles[0]
+        meta = {"BLOCK_R": rows, "BLOCK_D": block_d}
+        getattr(_kernels(interpret), kind)[grid(meta)](*args, **constexprs, **meta, num_warps=warps)
+    else:
+        _autotuned(kind, tuple(tiles))[grid](*args, **constexprs)
 
 
-def _backward_config(clusters: int, dim: int) -> _LaunchConfig:
-    """Block sizes for the backward pass: probabilities and grad_assignment (BLOCK_R, K_PAD) stay
-    in registers for the whole D loop."""
-    k_pad = max(16, _next_power_of_two(clusters))
-    block_r = 64 if k_pad <= 128 else 32
-    block_d = max(16, min(_next_power_of_two(dim), 64))
-    num_warps = 8 if block_r * k_pad >= 8192 else 4
-    return _LaunchConfig(k_pad, block_r, block_d, num_warps)
+def _forward_splits(batch: int, rows_per_video: int, d_blocks: int, device: torch.device) -> int:
+    """Frame splits per video so that small batches (inference) still fill the GPU's SMs."""
+    if device.type != "cuda":
+        return 1
+    programs = batch * d_blocks
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= target:
+        return 1
+    return max(1, min(triton.cdiv(target, programs), triton.cdiv(rows_per_video, _SPLIT_ROW_ALIGNMENT)))
 
 
 def _accumulator_dtype(dtype: torch.dtype) -> Any:
@@ -505,6 +592,15 @@ def _dot_precision(dtype: torch.dtype, precision: str) -> str | None:
     return "ieee" if dtype == torch.float64 else None
 
 
+def _kernel_constants(x: Tensor, clusters: int, precision: str) -> dict[str, Any]:
+    return {
+        "K_PAD": _padded_clusters(clusters),
+        "ACC_DTYPE": _accumulator_dtype(x.dtype),
+        "DOT_DTYPE": _dot_dtype(x.dtype, triton_interpreter_enabled()),
+        "INPUT_PRECISION": _dot_precision(x.dtype, precision),
+    }
+
+
 def _launch_forward(
     x: Tensor, logits: Tensor, attention: Tensor, lengths: Tensor, centroids: Tensor,
     out_dtype: torch.dtype, precision: str,
@@ -512,22 +608,25 @@ def _launch_forward(
     batch, max_frames, groups, dim = x.shape
     clusters = logits.shape[3]
     compute = _compute_dtype(x.dtype)
-    y = torch.empty((batch, clusters, dim), dtype=out_dtype, device=x.device)
-    assignment_sum = torch.empty((batch, clusters), dtype=compute, device=x.device)
-    if batch == 0:
-        return y, assignment_sum
-    config = _forward_config(clusters, dim)
-    grid = (triton.cdiv(dim, config.block_d), batch)
-    interpret = triton_interpreter_enabled()
-    _kernels(interpret).forward[grid](
-        x, logits, attention, lengths, centroids, y, assignment_sum,
-        max_frames, groups, clusters, dim,
-        K_PAD=config.k_pad, BLOCK_R=config.block_r, BLOCK_D=config.block_d,
-        ACC_DTYPE=_accumulator_dtype(x.dtype), DOT_DTYPE=_dot_dtype(x.dtype, interpret),
-        INPUT_PRECISION=_dot_precision(x.dtype, precision),
-        num_warps=config.num_warps,
-    )
-    return y, assignment_sum
+    tiles = _tiles(_FORWARD_TILES, _tile_family(x.dtype, precision), _padded_clusters(clusters), dim)
+    rows_per_video = max_frames * groups
+    splits = _forward_splits(batch, rows_per_video, triton.cdiv(dim, tiles[0][1]), x.device)
+    rows_per_split = _SPLIT_ROW_ALIGNMENT * triton.cdiv(triton.cdiv(rows_per_video, splits), _SPLIT_ROW_ALIGNMENT)
+    splits = triton.cdiv(rows_per_video, rows_per_split)
+    # With several splits each writes fp32 partial sums; with one, y is written directly.
+    partial_dtype = out_dtype if splits == 1 else compute
+    y = torch.empty((splits, batch, clusters, dim), dtype=partial_dtype, device=x.device)
+    assignment_sum = torch.empty((splits, batch, clusters), dtype=compute, device=x.device)
+    if batch > 0:
+        _launch(
+            "forward", tiles, lambda meta: (triton.cdiv(dim, meta["BLOCK_D"]), batch, splits),
+            x, logits, attention, lengths, centroids, y, assignment_sum,
+            max_frames, groups, clusters, dim, rows_per_split,
+            **_kernel_constants(x, clusters, precision),
+        )
+    if splits == 1:
+        return y[0], assignment_sum[0]
+    return y.sum(dim=0).to(out_dtype), assignment_sum.sum(dim=0)
 
 
 def _launch_backward(
@@ -540,20 +639,15 @@ def _launch_backward(
     grad_x = torch.empty_like(x)
     grad_logits = torch.empty_like(logits)
     grad_attention = torch.empty_like(attention)
-    if batch == 0:
-        return grad_x, grad_logits, grad_attention
-    config = _backward_config(clusters, dim)
-    grid = (triton.cdiv(max_frames * groups, config.block_r), batch)
-    interpret = triton_interpreter_enabled()
-    _kernels(interpret).backward[grid](
-        x, logits, attention, lengths, grad_y, grad_y_dot_centroids,
-        grad_x, grad_logits, grad_attention,
-        max_frames, groups, clusters, dim,
-        K_PAD=config.k_pad, BLOCK_R=config.block_r, BLOCK_D=config.block_d,
-        ACC_DTYPE=_accumulator_dtype(x.dtype), DOT_DTYPE=_dot_dtype(x.dtype, interpret),
-        INPUT_PRECISION=_dot_precision(x.dtype, precision),
-        num_warps=config.num_warps,
-    )
+    if batch > 0:
+        tiles = _tiles(_BACKWARD_TILES, _tile_family(x.dtype, precision), _padded_clusters(clusters), dim)
+        _launch(
+            "backward", tiles, lambda meta: (triton.cdiv(max_frames * groups, meta["BLOCK_R"]), batch),
+            x, logits, attention, lengths, grad_y, grad_y_dot_centroids,
+            grad_x, grad_logits, grad_attention,
+            max_frames, groups, clusters, dim,
+            **_kernel_constants(x, clusters, precision),
+        )
     return grad_x, grad_logits, grad_attention
 
 
@@ -620,6 +714,11 @@ def _residual_aggregation_triton(
             f"backend='triton' needs CUDA tensors (x is on {x.device}); CPU tensors run only under "
             "TRITON_INTERPRET=1, set before Triton is first imported"
         )
+    if logits.shape[3] > MAX_TRITON_CLUSTERS:
+        raise ValueError(
+            f"backend='triton' takes at most K = {MAX_TRITON_CLUSTERS} clusters (logits.shape[3] = "
+            f"{logits.shape[3]}); backend='reference' has no limit"
+        )
     if x.is_cuda and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(
             f"backend='triton' on CUDA takes float32, float16 or bfloat16 x, got {x.dtype} "
@@ -633,3 +732,83 @@ def _residual_aggregation_triton(
         x, logits, attention, lengths, centroids, precision, _compute_dtype(x.dtype)
     )
     return l2_normalize_clusters(y).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compilation for a GPU that is not there (CI checks and tile tuning)
+# ----------------------------------------------------------------------------------------------
+
+_TRITON_POINTER_TYPES = {
+    torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64",
+}
+
+
+def compile_for_gpu(
+    kind: str,
+    dtype: torch.dtype,
+    clusters: int,
+    dim: int,
+    *,
+    tile: _Tile | None = None,
+    precision: str = "ieee",
+    arch: int = 90,
+) -> Any:
+    """Compile the forward or backward kernel for an NVIDIA GPU of compute capability ``arch``
+    (90 = H100) without one: ``triton.compile`` down to a cubin with the bundled ptxas.
+
+    It specialises like a real launch would (16-byte-aligned pointers; K and D marked divisible by
+    16 when they are), so register use and spills read off the cubin (``resource_usage``) are those
+    of the real kernel. Needs Triton in compiled mode (not TRITON_INTERPRET=1).
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if triton_interpreter_enabled():
+        raise RuntimeError("compile_for_gpu needs Triton in compiled mode (unset TRITON_INTERPRET)")
+    kernel = getattr(_kernels(False), kind)
+    table = _FORWARD_TILES if kind == "forward" else _BACKWARD_TILES
+    k_pad = _padded_clusters(clusters)
+    rows, block_d, warps = tile or _tiles(table, _tile_family(dtype, precision), k_pad, dim)[0]
+    pointer = _TRITON_POINTER_TYPES[dtype]
+    accumulator = "*fp64" if dtype == torch.float64 else "*fp32"
+    special_pointers = {
+        "lengths_ptr": "*i64", "centroids_ptr": "*fp32", "assignment_sum_ptr": accumulator,
+        "grad_y_dot_centroids_ptr": accumulator,
+    }
+    integers = {"max_frames": 300, "groups": 8, "clusters": clusters, "dim": dim, "rows_per_split": 128}
+    constants = {
+        "K_PAD": k_pad, "BLOCK_R": rows, "BLOCK_D": block_d,
+        "ACC_DTYPE": _accumulator_dtype(dtype), "DOT_DTYPE": _dot_dtype(dtype, interpret=False),
+        "INPUT_PRECISION": _dot_precision(dtype, precision),
+    }
+    signature, attributes = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = special_pointers.get(name, pointer)
+            attributes[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+            if integers[name] % 16 == 0:
+                attributes[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(kernel, signature, constexprs=constants, attrs=attributes)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+
+
+def resource_usage(compiled: Any) -> dict[str, int]:
+    """Registers, spill stack and shared memory of a kernel from :func:`compile_for_gpu`, read with
+    the cuobjdump that ships with Triton."""
+    import re
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        report = subprocess.run([tool, "--dump-resource-usage", cubin.name], capture_output=True, text=True,
+                                check=True).stdout
+    registers = int(re.search(r"REG:(\d+)", report).group(1))
+    stack = int(re.search(r"STACK:(\d+)", report).group(1))
+    return {"registers": registers, "spill_stack_bytes": stack, "shared_memory_bytes": compiled.metadata.shared}

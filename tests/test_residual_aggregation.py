@@ -4,6 +4,7 @@ on a GPU) vs the reference, gradients, and input validation."""
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 
@@ -219,6 +220,15 @@ def test_triton_interpreter_normalize_and_bfloat16(interpreter) -> None:
         torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2, msg=lambda m: f"{name}: {m}")
 
 
+def test_triton_interpreter_frame_splits_match_reference(interpreter, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small batches split each video's frames over several programs (on a GPU, to fill the SMs);
+    # force that path: 2 x 150 rows in 128-row splits, one split past the short video's end.
+    monkeypatch.setattr(residual_aggregation_module, "_forward_splits", lambda *args: 3)
+    shape = Shape(2, 75, 2, 9, 16, (75, 50))
+    for name, got, expected in zip(NAMES, *triton_and_reference(shape, torch.float32)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 def test_triton_interpreter_gradcheck_float64(interpreter) -> None:
     x, logits, attention, lengths, centroids = with_grad(*make_inputs(Shape(2, 3, 2, 3, 4, (3, 1)), torch.float64))
 
@@ -240,6 +250,38 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(residual_aggregation_module, "triton_interpreter_enabled", lambda: False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         residual_aggregation(*make_inputs(INTERPRETER_SHAPES[0]), backend="triton")
+
+
+def test_triton_backend_rejects_more_than_256_clusters() -> None:
+    inputs = make_inputs(Shape(1, 2, 1, 257, 16, (2,)))
+    with pytest.raises(ValueError, match="at most K = 256"):
+        residual_aggregation(*inputs, backend="triton")
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_h100_without_register_spills() -> None:
+    """Without a GPU, compile the kernels for sm_90 (Triton's bundled ptxas) at the paper's video
+    stream and at awkward sizes: they must compile, fit in shared memory and not spill. Runs in a
+    subprocess because this process's Triton may be in interpreter mode."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent("""
+        import torch
+        from nextvlad.kernels.residual_aggregation import compile_for_gpu, resource_usage
+        cases = [("forward", torch.bfloat16, 128, 256), ("backward", torch.bfloat16, 128, 256),
+                 ("forward", torch.float32, 7, 24), ("backward", torch.float32, 7, 24)]
+        for kind, dtype, clusters, dim in cases:
+            usage = resource_usage(compile_for_gpu(kind, dtype, clusters, dim, precision="ieee"))
+            print(kind, dtype, clusters, dim, usage)
+            assert usage["spill_stack_bytes"] == 0, usage
+            assert usage["shared_memory_bytes"] <= 227 * 1024, usage
+    """)
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    environment["TRITON_DEFAULT_FP_FUSION"] = "1"
+    result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_auto_backend_on_cpu_is_the_reference() -> None:
