@@ -108,6 +108,18 @@ def test_datamodule_transform_uint8_and_float_paths_agree(synthetic_data, eigenv
     torch.testing.assert_close(results[0]["rgb"], reference["rgb"], rtol=0, atol=0)
 
 
+def test_device_and_cpu_dequantize_agree_bitwise():
+    from nextvlad.data.transforms import _dequantize_padded_cpu, _dequantize_padded_torch
+
+    quantized = torch.randint(0, 256, (5, 40, 1024), dtype=torch.uint8)
+    lengths = torch.tensor([40, 1, 17, 39, 25])
+    expected = _dequantize_padded_torch(quantized, lengths)  # what runs on a GPU
+    torch.testing.assert_close(_dequantize_padded_cpu(quantized, lengths), expected, rtol=0, atol=0)
+    if torch.cuda.is_available():
+        on_gpu = _dequantize_padded_torch(quantized.cuda(), lengths.cuda()).cpu()
+        torch.testing.assert_close(on_gpu, expected, rtol=0, atol=0)
+
+
 def test_sample_frames_draws_real_frames_with_replacement(synthetic_data):
     (batch,) = list(iter_batches(synthetic_data["validate"][0], batch_size=64, max_frames=60,
                                  num_classes=10))

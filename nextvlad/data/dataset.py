@@ -25,7 +25,7 @@ from nextvlad.data import sharding
 from nextvlad.data.parsing import AUDIO_SIZE, RGB_SIZE, QuantizedVideo, parse_frame_record
 from nextvlad.data.records import (Compression, DataError, FileScan, FramingError, expand_paths,
                                    read_records, scan_records)
-from nextvlad.data.transforms import dequantize_padded
+from nextvlad.data.transforms import dequantize_rows_into
 
 logger = logging.getLogger("nextvlad.data")
 
@@ -68,35 +68,51 @@ class ReadStats:
 
 
 def collate_quantized(videos: Sequence[QuantizedVideo], max_frames: int, num_classes: int,
-                      shared_memory: bool = False) -> dict:
-    """Pad/truncate quantized videos to max_frames (uint8) and stack them into a batch dict.
+                      shared_memory: bool = False, dequantized: bool = False) -> dict:
+    """Pad/truncate videos to max_frames and stack them into a batch dict (frames uint8).
 
     The uint8 padding value is irrelevant (0 is used): `dequantize_padded` zeroes every frame at
-    index >= length after dequantizing. With `shared_memory` the frame tensors are allocated in
-    shared memory, so sending them from a DataLoader worker needs no extra copy.
+    index >= length after dequantizing. With `dequantized`, frames are float32, dequantized and
+    zero-padded (the CPU float path). With `shared_memory`
+    the frame tensors are allocated in shared memory, so a DataLoader worker sends them without
+    another copy.
     """
     size = len(videos)
-    rgb = torch.empty((size, max_frames, RGB_SIZE), dtype=torch.uint8)
-    audio = torch.empty((size, max_frames, AUDIO_SIZE), dtype=torch.uint8)
-    if shared_memory:
-        rgb.share_memory_()
-        audio.share_memory_()
+    dtype = torch.float32 if dequantized else torch.uint8
+    rgb = _empty((size, max_frames, RGB_SIZE), dtype, shared_memory)
+    audio = _empty((size, max_frames, AUDIO_SIZE), dtype, shared_memory)
     rgb_np, audio_np = rgb.numpy(), audio.numpy()
     lengths = np.empty(size, np.int64)
     labels = np.zeros((size, num_classes), np.uint8)
     has_labels = np.empty(size, np.bool_)
     for i, video in enumerate(videos):
         n = min(video.num_frames, max_frames)
-        rgb_np[i, :n] = video.rgb[:n]
-        rgb_np[i, n:] = 0
-        audio_np[i, :n] = video.audio[:n]
-        audio_np[i, n:] = 0
+        for out, frames in ((rgb_np, video.rgb), (audio_np, video.audio)):
+            if dequantized:
+                dequantize_rows_into(out[i, :n], frames[:n])
+            else:
+                out[i, :n] = frames[:n]
+            out[i, n:] = 0
         lengths[i] = n
         labels[i, video.labels] = 1
         has_labels[i] = video.has_labels
     return {"id": [video.id for video in videos], "rgb": rgb, "audio": audio,
             "lengths": torch.from_numpy(lengths), "labels": torch.from_numpy(labels),
             "has_labels": torch.from_numpy(has_labels)}
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared_memory: bool) -> torch.Tensor:
+    if shared_memory:
+        # What torch's default_collate does in a worker: allocate straight into shared memory.
+        numel = int(np.prod(shape))
+        storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
+        return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+    # numpy's allocator asks for transparent huge pages on big arrays; torch.empty's large
+    # allocations page-fault 4 KiB at a time, which costs ~3x more than the copy itself here.
+    return torch.from_numpy(np.empty(shape, _NUMPY_DTYPES[dtype]))
+
+
+_NUMPY_DTYPES = {torch.uint8: np.uint8, torch.float32: np.float32}
 
 
 class YT8MFrameDataset(IterableDataset):
@@ -257,10 +273,7 @@ class YT8MFrameDataset(IterableDataset):
     def _make_batch(self, videos: list[QuantizedVideo], stats: ReadStats, reported: ReadStats,
                     in_worker: bool) -> dict:
         batch = collate_quantized(videos, self.max_frames, self.num_classes,
-                                  shared_memory=in_worker and not self.dequantize_in_workers)
-        if self.dequantize_in_workers:
-            batch["rgb"] = dequantize_padded(batch["rgb"], batch["lengths"])
-            batch["audio"] = dequantize_padded(batch["audio"], batch["lengths"])
+                                  shared_memory=in_worker, dequantized=self.dequantize_in_workers)
         now = stats.as_tensor()
         batch["read_stats"] = now - reported.as_tensor()
         (reported.skipped_records, reported.frame_count_mismatches,

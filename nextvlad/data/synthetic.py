@@ -51,7 +51,7 @@ class SyntheticConfig:
     max_labels: int = 5
     prototypes_per_class: int = 2
     background_rate: float = 0.15
-    prototype_scale: float = 0.6
+    prototype_scale: float = 0.2
     offset_scale: float = 0.2
     noise: float = 0.7
     seed: int = 0
