@@ -57,6 +57,8 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),
+        # CPU timings on a shared machine are only as good as its load when they were taken.
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 

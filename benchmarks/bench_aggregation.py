@@ -153,6 +153,8 @@ def time_step(step: Callable[[], Any], device: torch.device, warmup_ms: int, rep
     if device.type == "cuda":
         import triton.testing
 
+        step()  # compilation and autotuning happen here, outside do_bench's estimate
+        torch.cuda.synchronize(device)
         return float(triton.testing.do_bench(step, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
     step()  # warm-up (and compilation for torch.compile)
     times = []

@@ -238,7 +238,8 @@ def residual_aggregation(
             formulation) or ``"einsum"`` (literal equation 5, memory-hungry).
         normalize: also apply the intra-normalisation (L2 over D per cluster, SPEC 3.1 step 8).
         precision: Triton fp32 dot precision, ``"ieee"`` (exact fp32) or ``"tf32"``; by default
-            ``"tf32"`` exactly when ``torch.backends.cuda.matmul.allow_tf32`` is set.
+            ``"tf32"`` exactly when PyTorch's own fp32 matmuls may use it
+            (``torch.get_float32_matmul_precision() != "highest"``). Ignored for fp16/bf16.
 
     Returns:
         (B, K, D) in ``x``'s dtype, accumulated in fp32. Differentiable in x, logits, attention and
@@ -529,31 +530,37 @@ def _tiles(table: dict[str, dict[int, list[_Tile]]], family: str, k_pad: int, di
     return list(dict.fromkeys((rows, min(block_d, d_cap), warps) for rows, block_d, warps in candidates))
 
 
-def _autotune_enabled() -> bool:
-    """Autotuning on a GPU is on unless NEXTVLAD_AUTOTUNE=0 (then the first tile always runs, so
-    results are bitwise reproducible across processes too)."""
-    return os.environ.get("NEXTVLAD_AUTOTUNE", "1") != "0"
+def _autotune_enabled(interpret: bool) -> bool:
+    """Autotuning is on for compiled kernels unless NEXTVLAD_AUTOTUNE=0 (then the first tile always
+    runs, so results are bitwise reproducible across processes too). The interpreter has no timer."""
+    return not interpret and os.environ.get("NEXTVLAD_AUTOTUNE", "1") != "0"
+
+
+# Timer for the autotuner; None means Triton's own (CUDA events). Tests swap in a fake one.
+_AUTOTUNE_TIMER: Any = None
 
 
 @functools.cache
-def _autotuned(kind: str, tiles: tuple[_Tile, ...]) -> Any:
-    kernel = getattr(_kernels(False), kind)
+def _autotuned(kind: str, family: str, tiles: tuple[_Tile, ...], interpret: bool) -> Any:
+    """One autotuner per kernel, operand family and candidate list (its cache is keyed on K, D and
+    the tensors' dtypes)."""
+    kernel = getattr(_kernels(interpret), kind)
     configs = [triton.Config({"BLOCK_R": rows, "BLOCK_D": block_d}, num_warps=warps) for rows, block_d, warps in tiles]
-    return triton.autotune(configs=configs, key=["clusters", "dim"])(kernel)
+    return triton.autotune(configs=configs, key=["clusters", "dim"], do_bench=_AUTOTUNE_TIMER)(kernel)
 
 
-def _launch(kind: str, tiles: list[_Tile], grid: Any, *args: Any, **constexprs: Any) -> None:
+def _launch(kind: str, family: str, tiles: list[_Tile], grid: Any, *args: Any, **constexprs: Any) -> None:
     """Run ``kind`` ("forward"/"backward") with the default tile, or autotuned on a GPU.
 
     ``grid`` maps the tile's meta-parameters (BLOCK_R, BLOCK_D) to the launch grid.
     """
     interpret = triton_interpreter_enabled()
-    if interpret or not _autotune_enabled() or len(tiles) == 1:
+    if _autotune_enabled(interpret) and len(tiles) > 1:
+        _autotuned(kind, family, tuple(tiles), interpret)[grid](*args, **constexprs)
+    else:
         rows, block_d, warps = tiles[0]
         meta = {"BLOCK_R": rows, "BLOCK_D": block_d}
         getattr(_kernels(interpret), kind)[grid(meta)](*args, **constexprs, **meta, num_warps=warps)
-    else:
-        _autotuned(kind, tuple(tiles))[grid](*args, **constexprs)
 
 
 def _forward_splits(batch: int, rows_per_video: int, d_blocks: int, device: torch.device) -> int:
@@ -608,7 +615,8 @@ def _launch_forward(
     batch, max_frames, groups, dim = x.shape
     clusters = logits.shape[3]
     compute = _compute_dtype(x.dtype)
-    tiles = _tiles(_FORWARD_TILES, _tile_family(x.dtype, precision), _padded_clusters(clusters), dim)
+    family = _tile_family(x.dtype, precision)
+    tiles = _tiles(_FORWARD_TILES, family, _padded_clusters(clusters), dim)
     rows_per_video = max_frames * groups
     splits = _forward_splits(batch, rows_per_video, triton.cdiv(dim, tiles[0][1]), x.device)
     rows_per_split = _SPLIT_ROW_ALIGNMENT * triton.cdiv(triton.cdiv(rows_per_video, splits), _SPLIT_ROW_ALIGNMENT)
@@ -619,7 +627,7 @@ def _launch_forward(
     assignment_sum = torch.empty((splits, batch, clusters), dtype=compute, device=x.device)
     if batch > 0:
         _launch(
-            "forward", tiles, lambda meta: (triton.cdiv(dim, meta["BLOCK_D"]), batch, splits),
+            "forward", family, tiles, lambda meta: (triton.cdiv(dim, meta["BLOCK_D"]), batch, splits),
             x, logits, attention, lengths, centroids, y, assignment_sum,
             max_frames, groups, clusters, dim, rows_per_split,
             **_kernel_constants(x, clusters, precision),
@@ -640,9 +648,10 @@ def _launch_backward(
     grad_logits = torch.empty_like(logits)
     grad_attention = torch.empty_like(attention)
     if batch > 0:
-        tiles = _tiles(_BACKWARD_TILES, _tile_family(x.dtype, precision), _padded_clusters(clusters), dim)
+        family = _tile_family(x.dtype, precision)
+        tiles = _tiles(_BACKWARD_TILES, family, _padded_clusters(clusters), dim)
         _launch(
-            "backward", tiles, lambda meta: (triton.cdiv(max_frames * groups, meta["BLOCK_R"]), batch),
+            "backward", family, tiles, lambda meta: (triton.cdiv(max_frames * groups, meta["BLOCK_R"]), batch),
             x, logits, attention, lengths, grad_y, grad_y_dot_centroids,
             grad_x, grad_logits, grad_attention,
             max_frames, groups, clusters, dim,

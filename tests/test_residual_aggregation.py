@@ -229,6 +229,29 @@ def test_triton_interpreter_frame_splits_match_reference(interpreter, monkeypatc
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+def test_triton_interpreter_autotuned_launch_path(interpreter, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU's autotuned launch (configs, grid from meta-parameters), with a fake timer that
+    makes the last candidate win, so a non-default tile runs."""
+    timed = []
+
+    def fake_timer(kernel_call, quantiles):
+        kernel_call()
+        timed.append(1)
+        return [float(100 - len(timed))] * 3
+
+    monkeypatch.setattr(residual_aggregation_module, "_autotune_enabled", lambda interpret: True)
+    monkeypatch.setattr(residual_aggregation_module, "_AUTOTUNE_TIMER", fake_timer)
+    residual_aggregation_module._autotuned.cache_clear()
+    try:
+        shape = Shape(2, 40, 2, 100, 64, (40, 9))
+        for name, got, expected in zip(NAMES, *triton_and_reference(shape, torch.float32)):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    finally:
+        residual_aggregation_module._autotuned.cache_clear()
+    tiles = residual_aggregation_module._FORWARD_TILES["ieee"][128] + residual_aggregation_module._BACKWARD_TILES["ieee"][128]
+    assert len(timed) == len(tiles)
+
+
 def test_triton_interpreter_gradcheck_float64(interpreter) -> None:
     x, logits, attention, lengths, centroids = with_grad(*make_inputs(Shape(2, 3, 2, 3, 4, (3, 1)), torch.float64))
 
