@@ -11,6 +11,23 @@ frames ``i < lengths[b]`` and 0 for padded ones::
 
 where ``A_b`` is ``a[b]`` viewed as ``(M*G, K)`` and ``X_b`` is ``x[b]`` viewed as ``(M*G, D)``
 (SPEC 3.1 steps 5-7). Accumulation is in fp32 (fp64 for fp64 inputs); ``y`` has ``x``'s dtype.
+
+Triton backend (``ResidualAggregationFunction``):
+
+* forward: one program per (video, D block[, frame split]) loops over the video's real
+  (frame, group) rows only, computes the soft assignment in registers and accumulates
+  ``a^T x`` with ``tl.dot`` into fp32; it never writes the (B, M, G, K) assignment. It also
+  returns ``a_sum`` (B, K), the only tensor saved besides the inputs.
+* backward: one program per (video, row block) recomputes the assignment (flash-attention style)
+  and writes the row-local gradients of x, logits and attention; the centroid gradient
+  ``-sum_b a_sum[b,k] dy[b,k,d]`` is a plain reduction over the saved ``a_sum``. No atomics, so
+  the result is deterministic for a given tile.
+* tiles come from tables checked by compiling for sm_90 without a GPU (``compile_for_gpu``,
+  ``resource_usage``); on a GPU they are autotuned unless ``NEXTVLAD_AUTOTUNE=0``.
+* ``normalize=True`` applies the intra-normalisation after the kernel, in fp32 (not fused: fusing
+  pays only if measured faster, and no GPU has measured it yet).
+* CPU tensors run through the Triton interpreter when Triton was imported with
+  ``TRITON_INTERPRET=1`` (tests only; slow).
 """
 
 from __future__ import annotations
@@ -278,8 +295,8 @@ def _triton_supports(x: Tensor, clusters: int) -> bool:
 #
 # Per video b the (frame, group) pairs are the rows r = i*G + g of X_b (M*G, D), of the logits
 # (M*G, K) and of the attention (M*G,); the real frames are exactly the first lengths[b]*G rows, so
-# every loop below runs over real rows only. The kernels are plain functions here and wrapped by
-# triton.jit on first use (see _kernels) so that TRITON_INTERPRET only matters at call time.
+# every loop below runs over real rows only. The kernels are plain functions here, wrapped by
+# triton.jit on first use in the mode Triton itself was imported in (see _kernels).
 # ----------------------------------------------------------------------------------------------
 
 def _aggregation_forward_kernel(
