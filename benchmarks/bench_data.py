@@ -123,6 +123,12 @@ def count_videos(batches: Iterable[dict], per_batch: Callable[[dict], Any] | Non
     return videos
 
 
+def release_buffers(batch: dict) -> None:
+    lease = batch.get("buffer_lease")
+    if lease is not None:
+        lease.release()
+
+
 def measure(name: str, run: Callable[[], int], total_bytes: int, processes: int,
             repeats: int) -> dict[str, Any]:
     times, videos = [], 0
@@ -151,7 +157,10 @@ def run_benchmarks(paths: list[str], batch_size: int, max_frames: int, workers: 
                                        num_classes=NUM_CLASSES, dequantize_in_workers=to_float)
             if num_workers == 0:
                 return count_videos(dataset)
-            return count_videos(YT8MDataLoader(dataset, num_workers=num_workers, pin_memory=False))
+            # Hand the workers' shared-memory buffers back, as finalize_batch does after the
+            # copy to the device (see nextvlad/data/shm_pool.py).
+            return count_videos(YT8MDataLoader(dataset, num_workers=num_workers, pin_memory=False),
+                                release_buffers)
         return run
 
     def theirs(num_workers: int, to_float: bool) -> Callable[[], int]:

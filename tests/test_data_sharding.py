@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 
 from nextvlad.data import YT8MDataLoader, YT8MFrameDataset, iter_videos, write_records
 from nextvlad.data import sharding
@@ -139,3 +140,36 @@ def test_fewer_files_than_readers_splits_inside_files(uneven_files):
     per_rank = epoch_ids(dataset, world_size=4, num_workers=3)
     ids = [i for batches in per_rank for b in batches for i in b]
     assert sorted(ids) == sorted(v["id"] for v in iter_videos(one_file, num_classes=3))
+
+
+def test_worker_buffer_reuse_never_corrupts_batches(synthetic_data):
+    """Workers reuse shared-memory buffers once finalize_batch released them; a consumer that
+    releases (DataModule path) or never releases (raw batches kept) sees the same, right data."""
+    from nextvlad.data import finalize_batch, iter_batches
+
+    files = synthetic_data["train"]
+    expected = {}
+    for batch in iter_batches(files, batch_size=5, max_frames=40, num_classes=10):
+        for i, video_id in enumerate(batch["id"]):
+            expected[video_id] = (batch["rgb"][i], batch["audio"][i])
+    dataset = YT8MFrameDataset(files, batch_size=5, max_frames=40, num_classes=10)
+    for release in (True, False):
+        loader = YT8MDataLoader(dataset, num_workers=2)
+        raw_batches, slots = [], []
+        for raw in loader:
+            slots.append(raw["buffer_lease"].slot if "buffer_lease" in raw else None)
+            if release:
+                batch = finalize_batch(raw)  # releases the lease
+                for i, video_id in enumerate(batch["id"]):
+                    torch.testing.assert_close(batch["rgb"][i], expected[video_id][0], rtol=0, atol=0)
+                    torch.testing.assert_close(batch["audio"][i], expected[video_id][1], rtol=0, atol=0)
+            else:
+                raw_batches.append(raw)
+        if release:  # 24 batches from 2 workers with at most 4 buffers each: reused
+            assert len(slots) == 24 and None not in slots and max(slots) < 4
+        else:  # nothing released: each worker used its 4 buffers once, then fresh ones
+            assert slots.count(None) == 24 - 8
+            for raw in raw_batches:
+                batch = finalize_batch(raw)
+                for i, video_id in enumerate(batch["id"]):
+                    torch.testing.assert_close(batch["rgb"][i], expected[video_id][0], rtol=0, atol=0)

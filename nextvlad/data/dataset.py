@@ -5,7 +5,8 @@ because only the dataset knows which batch sizes keep the DDP ranks in step (see
 A yielded batch is *quantized*: ``rgb`` uint8 (B, M, 1024), ``audio`` uint8 (B, M, 128) padded at
 the end, ``lengths`` int64, ``labels`` uint8 multi-hot, ``has_labels`` bool, ``id`` list[str], and
 ``read_stats`` int64 (3,) counters (skipped records, rgb/audio frame-count mismatches, videos
-truncated to max_frames) accumulated since the previous batch. `transforms.finalize_batch` turns
+truncated to max_frames) accumulated since the previous batch, and from DataLoader workers a
+``buffer_lease`` (see `shm_pool`). `transforms.finalize_batch` turns
 it into the float contract; `YT8MDataModule` does so in ``on_after_batch_transfer``.
 """
 
@@ -25,6 +26,7 @@ from nextvlad.data import sharding
 from nextvlad.data.parsing import AUDIO_SIZE, RGB_SIZE, QuantizedVideo, parse_frame_record
 from nextvlad.data.records import (Compression, DataError, FileScan, FramingError, expand_paths,
                                    read_records, scan_records)
+from nextvlad.data.shm_pool import SharedBufferPool
 from nextvlad.data.transforms import dequantize_rows_into
 
 logger = logging.getLogger("nextvlad.data")
@@ -68,19 +70,23 @@ class ReadStats:
 
 
 def collate_quantized(videos: Sequence[QuantizedVideo], max_frames: int, num_classes: int,
-                      shared_memory: bool = False, dequantized: bool = False) -> dict:
+                      dequantized: bool = False,
+                      buffers: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """Pad/truncate videos to max_frames and stack them into a batch dict (frames uint8).
 
     The uint8 padding value is irrelevant (0 is used): `dequantize_padded` zeroes every frame at
     index >= length after dequantizing. With `dequantized`, frames are float32, dequantized and
-    zero-padded (the CPU float path). With `shared_memory`
-    the frame tensors are allocated in shared memory, so a DataLoader worker sends them without
-    another copy.
+    zero-padded (the CPU float path). `buffers` are (rgb, audio) tensors to fill, e.g. shared
+    memory in a DataLoader worker; by default new ones are allocated.
     """
     size = len(videos)
-    dtype = torch.float32 if dequantized else torch.uint8
-    rgb = _empty((size, max_frames, RGB_SIZE), dtype, shared_memory)
-    audio = _empty((size, max_frames, AUDIO_SIZE), dtype, shared_memory)
+    if buffers is None:
+        dtype = np.float32 if dequantized else np.uint8
+        # numpy's allocator asks for transparent huge pages on big arrays; torch.empty's large
+        # allocations page-fault 4 KiB at a time, which costs ~3x more than the copy itself here.
+        buffers = (torch.from_numpy(np.empty((size, max_frames, RGB_SIZE), dtype)),
+                   torch.from_numpy(np.empty((size, max_frames, AUDIO_SIZE), dtype)))
+    rgb, audio = buffers
     rgb_np, audio_np = rgb.numpy(), audio.numpy()
     lengths = np.empty(size, np.int64)
     labels = np.zeros((size, num_classes), np.uint8)
@@ -99,20 +105,6 @@ def collate_quantized(videos: Sequence[QuantizedVideo], max_frames: int, num_cla
     return {"id": [video.id for video in videos], "rgb": rgb, "audio": audio,
             "lengths": torch.from_numpy(lengths), "labels": torch.from_numpy(labels),
             "has_labels": torch.from_numpy(has_labels)}
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared_memory: bool) -> torch.Tensor:
-    if shared_memory:
-        # What torch's default_collate does in a worker: allocate straight into shared memory.
-        numel = int(np.prod(shape))
-        storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
-        return torch.empty(0, dtype=dtype).set_(storage).view(shape)
-    # numpy's allocator asks for transparent huge pages on big arrays; torch.empty's large
-    # allocations page-fault 4 KiB at a time, which costs ~3x more than the copy itself here.
-    return torch.from_numpy(np.empty(shape, _NUMPY_DTYPES[dtype]))
-
-
-_NUMPY_DTYPES = {torch.uint8: np.uint8, torch.float32: np.float32}
 
 
 class YT8MFrameDataset(IterableDataset):
@@ -213,7 +205,13 @@ class YT8MFrameDataset(IterableDataset):
         if self.training and self.shuffle_buffer > 1:
             rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
             videos = shuffled(videos, self.shuffle_buffer, rng)
-        yield from self._batches(videos, plan, stats, in_worker=info is not None)
+        pool = None
+        if info is not None:  # a worker: batches go to shared memory, reuse it (see shm_pool)
+            dtype = torch.float32 if self.dequantize_in_workers else torch.uint8
+            pool = SharedBufferPool(((self.batch_size, self.max_frames, RGB_SIZE),
+                                     (self.batch_size, self.max_frames, AUDIO_SIZE)), dtype,
+                                    max_slots=0 if self.dequantize_in_workers else 4)
+        yield from self._batches(videos, plan, stats, pool)
         self._report(stats, plan, worker, num_workers)
 
     def _videos(self, plan: sharding.ReaderPlan, stats: ReadStats) -> Iterator[QuantizedVideo]:
@@ -251,7 +249,7 @@ class YT8MFrameDataset(IterableDataset):
         return video
 
     def _batches(self, videos: Iterable[QuantizedVideo], plan: sharding.ReaderPlan,
-                 stats: ReadStats, in_worker: bool) -> Iterator[dict]:
+                 stats: ReadStats, pool: SharedBufferPool | None) -> Iterator[dict]:
         sizes = list(plan.batch_sizes)
         reported = ReadStats()
         pending: list[QuantizedVideo] = []
@@ -259,10 +257,10 @@ class YT8MFrameDataset(IterableDataset):
         for video in videos:
             pending.append(video)
             if emitted < len(sizes) and len(pending) == sizes[emitted]:
-                yield self._make_batch(pending, stats, reported, in_worker)
+                yield self._make_batch(pending, stats, reported, pool)
                 pending, emitted = [], emitted + 1
         if pending:  # records were skipped, so the planned batches could not all be filled
-            yield self._make_batch(pending, stats, reported, in_worker)
+            yield self._make_batch(pending, stats, reported, pool)
             emitted += 1
         if emitted < len(sizes) and self.training and self.world_size > 1:
             raise RuntimeError(
@@ -271,9 +269,12 @@ class YT8MFrameDataset(IterableDataset):
                 f"and hang. Fix or remove the bad files: {stats.skip_reasons[:5]}")
 
     def _make_batch(self, videos: list[QuantizedVideo], stats: ReadStats, reported: ReadStats,
-                    in_worker: bool) -> dict:
+                    pool: SharedBufferPool | None) -> dict:
+        buffers, lease = pool.take(len(videos)) if pool is not None else (None, None)
         batch = collate_quantized(videos, self.max_frames, self.num_classes,
-                                  shared_memory=in_worker, dequantized=self.dequantize_in_workers)
+                                  self.dequantize_in_workers, buffers)
+        if lease is not None:
+            batch["buffer_lease"] = lease
         now = stats.as_tensor()
         batch["read_stats"] = now - reported.as_tensor()
         (reported.skipped_records, reported.frame_count_mismatches,

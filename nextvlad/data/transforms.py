@@ -141,6 +141,9 @@ def finalize_batch(batch: dict, whitening: ReverseWhitening | None = None,
     if rgb.dtype == torch.uint8:
         rgb = dequantize_padded(rgb, lengths)
         audio = dequantize_padded(audio, lengths)
+        lease = batch.get("buffer_lease")
+        if lease is not None:  # the uint8 frames have been copied out: the worker may reuse them
+            lease.release()
     if whitening is not None:
         rgb = whitening(rgb)
     out = {"id": batch["id"], "rgb": rgb, "audio": audio, "lengths": lengths,
