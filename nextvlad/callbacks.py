@@ -372,15 +372,19 @@ def plot_class_average_precision(
     # Figure + Agg canvas directly: no pyplot global state, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     present = positives > 0
     counts, values = positives[present], average_precision[present]
     figure = Figure(figsize=(7, 4.5), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    axes.scatter(counts, values, s=6, alpha=0.4, linewidths=0, label=f"{present.sum()} classes")
+    axes.scatter(counts, values, s=10, alpha=0.5, linewidths=0, label=f"{present.sum()} classes")
     if counts.size:
-        edges = np.unique(np.geomspace(counts.min(), counts.max() + 1, num=16).astype(int))
+        axes.axhline(values.mean(), color="C2", linestyle="--", linewidth=1,
+                     label=f"mean AP of these classes: {values.mean():.4f}")
+    if counts.size >= 50:  # enough classes for a trend line to mean something
+        edges = np.unique(np.geomspace(counts.min(), counts.max() + 1, num=13).astype(int))
         which = np.digitize(counts, edges)
         centers, means = [], []
         for b in np.unique(which):
@@ -389,6 +393,9 @@ def plot_class_average_precision(
             means.append(values[in_bin].mean())
         axes.plot(centers, means, color="C3", marker="o", markersize=3, label="mean AP per frequency bin")
     axes.set_xscale("log")
+    plain_numbers = FuncFormatter(lambda value, _: f"{value:g}")
+    axes.xaxis.set_major_formatter(plain_numbers)
+    axes.xaxis.set_minor_formatter(plain_numbers if counts.size and counts.max() < 10 * counts.min() else NullFormatter())
     axes.set_ylim(-0.02, 1.02)
     axes.set_xlabel("positive videos of the class in the evaluated set")
     axes.set_ylabel("average precision")

@@ -7,13 +7,14 @@ The exported graph maps ``rgb`` float32 (batch, frames, rgb_size), ``audio`` flo
 (batch, frames, audio_size) and ``lengths`` int64 (batch,) to ``probabilities`` float32
 (batch, num_classes), the sigmoid of the model's logits (SPEC 6 serves the same). Batch and frame
 axes are dynamic. Frames at index >= ``lengths[b]`` are ignored by the aggregation, so a single
-model gives the same output for any amount of padding; the mixture gate, however, averages over
-all rows, padding included, divided by the frame count (the authors' ``gate_input="all"``), so pad
-mixtures to the ``max_frames`` they were trained with (300), with what training saw there.
+model gives the same output for any amount of padding. A mixture with the authors' gate
+(``gate_input="all"``) averages over all rows, padding included, divided by the frame count, so
+pad its inputs with 0.0 to the ``max_frames`` it was trained with (300), as the data layer does.
 
 Input preprocessing (SPEC 1.1, 2): the features are dequantized (``q * 4/255 + 4/512 - 2``) and
-zero-padded by the caller. Reverse whitening is baked into the graph when the training config
-names an eigenvalues file (``data.init_args.eigenvalues_path``) or ``--eigenvalues_path`` is given,
+zero-padded by the caller. Reverse whitening is baked into the graph when training used it (the
+config's ``data.init_args.eigenvalues_path``, or without ``--config`` the data module
+hyper-parameters LightningCLI saved in the checkpoint) or ``--eigenvalues_path`` is given,
 so the exported model takes the dequantized features exactly as the authors' inference graph does
 (``input_batch_raw``); ``--no_reverse_whitening`` exports the bare model, which then expects
 already reverse-whitened rgb, as the LightningModule does. The ONNX metadata records which.
@@ -37,7 +38,8 @@ from torch import nn
 from nextvlad.models.netvlad import NetVLAD
 from nextvlad.models.nextvlad import NeXtVLAD
 
-__all__ = ["ExportableClassifier", "load_classifier", "export_onnx", "export_program", "main"]
+__all__ = ["ExportableClassifier", "load_checkpoint", "load_classifier", "classifier_from_checkpoint",
+           "export_onnx", "export_program", "main"]
 
 FORMATS = ("onnx", "torch_export")
 INPUT_NAMES = ("rgb", "audio", "lengths")
@@ -91,24 +93,30 @@ def load_classifier(ckpt_path: str | Path, config_path: str | Path | None = None
     e.g. ``predict_branch``, apply) and the checkpoint must be of the same architecture; without it,
     from the hyper-parameters saved in the checkpoint.
     """
+    return classifier_from_checkpoint(load_checkpoint(ckpt_path), str(ckpt_path), config_path)
+
+
+def classifier_from_checkpoint(
+    checkpoint: dict[str, Any], name: str, config_path: str | Path | None = None
+) -> nn.Module:
+    """:func:`load_classifier` for a checkpoint already loaded; ``name`` is used in errors."""
     from nextvlad.module import VideoClassifier
 
-    checkpoint = load_checkpoint(ckpt_path)
     if config_path is not None:
         from nextvlad.cli import model_from_config
 
         module = model_from_config(config_path)
-        module.on_load_checkpoint(checkpoint)  # raises on another architecture
     else:
         saved = checkpoint.get("hyper_parameters")
         if not isinstance(saved, dict):
-            raise ValueError(f"{ckpt_path}: no hyper_parameters saved; pass --config")
+            raise ValueError(f"{name}: no hyper_parameters saved; pass --config")
+        # LightningCLI adds _class_path/_instantiator entries; they are not constructor arguments.
         module = VideoClassifier(**{k: v for k, v in saved.items() if not k.startswith("_")})
-        module.on_load_checkpoint(checkpoint)
+    module.on_load_checkpoint(checkpoint)  # raises on another architecture
     try:
         module.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
-        raise ValueError(f"{ckpt_path}: weights do not fit the model: {error}") from error
+        raise ValueError(f"{name}: weights do not fit the model: {error}") from error
     use_reference_aggregation(module)
     return module.eval()
 
@@ -120,11 +128,13 @@ def use_reference_aggregation(module: nn.Module) -> None:
             layer.backend = "reference"
 
 
-def eigenvalues_from_config(config_path: str | Path) -> str | None:
-    """``data.init_args.eigenvalues_path`` of a LightningCLI config, if any."""
-    config = yaml.safe_load(Path(config_path).read_text()) or {}
-    data = config.get("data") or {}
-    return (data.get("init_args") or {}).get("eigenvalues_path")
+def training_eigenvalues(checkpoint: dict[str, Any], config_path: str | Path | None) -> str | None:
+    """The eigenvalues file the model was trained with: the config's ``data.init_args``, else the
+    data module hyper-parameters LightningCLI saved in the checkpoint; None when whitening was off."""
+    if config_path is not None:
+        config = yaml.safe_load(Path(config_path).read_text()) or {}
+        return ((config.get("data") or {}).get("init_args") or {}).get("eigenvalues_path")
+    return (checkpoint.get("datamodule_hyper_parameters") or {}).get("eigenvalues_path")
 
 
 # ---------------------------------------------------------------------------------- export
@@ -203,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--format", choices=FORMATS, default="onnx")
     parser.add_argument("--output", required=True, help="file to write (.onnx or .pt2)")
     parser.add_argument("--eigenvalues_path", help="PCA eigenvals.npy: bake reverse whitening into the graph "
-                                                   "(default: the config's data.init_args.eigenvalues_path)")
+                                                   "(default: the one training used: the config's "
+                                                   "data.init_args.eigenvalues_path, else the checkpoint's)")
     parser.add_argument("--no_reverse_whitening", action="store_true",
                         help="do not bake reverse whitening: the model expects reverse-whitened rgb")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch.onnx's)")
@@ -211,12 +222,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if args.config is not None and not Path(args.config).is_file():
         parser.error(f"config file not found: {args.config}")
-    eigenvalues = args.eigenvalues_path
-    if eigenvalues is None and args.config is not None:
-        eigenvalues = eigenvalues_from_config(args.config)
+    checkpoint = load_checkpoint(args.ckpt_path)
+    eigenvalues = args.eigenvalues_path or training_eigenvalues(checkpoint, args.config)
     if args.no_reverse_whitening:
         eigenvalues = None
-    module = ExportableClassifier(load_classifier(args.ckpt_path, args.config), eigenvalues)
+    module = ExportableClassifier(classifier_from_checkpoint(checkpoint, args.ckpt_path, args.config), eigenvalues)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     if args.format == "onnx":

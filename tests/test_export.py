@@ -158,3 +158,14 @@ def test_unknown_format_is_rejected_by_the_parser(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["export", "--ckpt_path", "x.ckpt", "--format", "tflite", "--output", "m"])
     assert "invalid choice: 'tflite'" in capsys.readouterr().err
+
+
+def test_whitening_defaults_to_what_training_used(tmp_path):
+    from nextvlad.export import training_eigenvalues
+
+    saved_by_cli = {"datamodule_hyper_parameters": {"eigenvalues_path": "/data/eigenvals.npy"}}
+    assert training_eigenvalues(saved_by_cli, None) == "/data/eigenvals.npy"
+    assert training_eigenvalues({}, None) is None
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  init_args:\n    eigenvalues_path: null\n")
+    assert training_eigenvalues(saved_by_cli, config) is None  # the config given wins

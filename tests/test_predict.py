@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import re
+import pathlib
 
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ from toy_data import NUM_CLASSES, SMALL, collate, loader, toy_videos, trainer
 from nextvlad.callbacks import SubmissionWriter, read_vocabulary, submission_rows
 from nextvlad.module import VideoClassifier
 
-PAIR = re.compile(r"^(\d+) (\S+)$")
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def parse_submission(path) -> dict[str, list[tuple[int, float, str]]]:
@@ -173,3 +173,109 @@ def test_ddp_ranks_write_parts_and_rank_zero_merges_them(tmp_path):
     for video_id, pairs in rows.items():
         assert [c for c, _, _ in pairs] == [c for c, _ in expected[video_id]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["submission.csv"]
+
+
+# ------------------------------------------------------------------------------ end to end (CLI)
+E2E_CLASSES = 25  # more than 20, so every row carries exactly 20 pairs
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """Synthetic TFRecords, a config, and a checkpoint from `nextvlad fit` (two steps)."""
+    from nextvlad.cli import main as cli_main
+    from nextvlad.data.synthetic import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("e2e")
+    write_synthetic_dataset(root / "data", num_train=32, num_validate=16, num_test=23, num_classes=E2E_CLASSES,
+                            files_per_split=2, min_frames=5, max_frames=30, seed=3)
+    config = root / "e2e.yaml"  # not config.yaml: LightningCLI saves its config under that name there
+    config.write_text(f"""
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  max_steps: 2
+  logger: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  default_root_dir: {root}
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: {root / "checkpoints"}, save_last: true}}
+model:
+  class_path: nextvlad.VideoClassifier
+  init_args: {{num_classes: {E2E_CLASSES}, clusters: 4, groups: 4, hidden_size: 16, gating_reduction: 4}}
+data:
+  class_path: nextvlad.data.YT8MDataModule
+  init_args:
+    train_pattern: {root / "data" / "train*.tfrecord"}
+    val_pattern: {root / "data" / "validate*.tfrecord"}
+    predict_pattern: {root / "data" / "test*.tfrecord"}
+    batch_size: 8
+    num_workers: 0
+    max_frames: 30
+    num_classes: {E2E_CLASSES}
+""")
+    cli_main(["fit", "--config", str(config)])
+    return {"root": root, "config": str(config), "ckpt": str(root / "checkpoints" / "last.ckpt")}
+
+
+@pytest.mark.slow
+def test_cli_predict_writes_the_submission_for_an_unlabelled_test_split(trained_run):
+    from nextvlad.cli import main as cli_main
+    from nextvlad.data import iter_videos
+
+    root = trained_run["root"]
+    output = root / "out" / "submission.csv"
+    cli_main(["predict", "--config", trained_run["config"], "--config", str(REPO_ROOT / "configs" / "predict.yaml"),
+              "--ckpt_path", trained_run["ckpt"], f"--trainer.callbacks.output_path={output}"])
+    test_videos = list(iter_videos(str(root / "data" / "test*.tfrecord"), max_frames=30, num_classes=E2E_CLASSES))
+    assert test_videos and not any(video["has_labels"] for video in test_videos)  # a test split: no labels
+    rows = parse_submission(output)  # also asserts that no id appears twice
+    assert sorted(rows) == sorted(video["id"] for video in test_videos)
+    for pairs in rows.values():
+        assert len(pairs) == 20
+        assert len({c for c, _, _ in pairs}) == 20 and all(0 <= c < E2E_CLASSES for c, _, _ in pairs)
+        scores = [s for _, s, _ in pairs]
+        assert scores == sorted(scores, reverse=True) and all(0 < s < 1 for s in scores)
+        assert all(text == "%g" % float(text) for _, _, text in pairs)
+
+
+@pytest.mark.slow
+def test_cli_checkpoint_loads_weights_only_and_validates_with_a_report(trained_run, capsys):
+    from nextvlad.cli import main as cli_main
+
+    checkpoint = torch.load(trained_run["ckpt"], weights_only=True)
+    assert checkpoint["hyper_parameters"]["num_classes"] == E2E_CLASSES
+    cli_main(["validate", "--config", trained_run["config"], "--config", str(REPO_ROOT / "configs" / "evaluate.yaml"),
+              "--ckpt_path", trained_run["ckpt"]])
+    assert "GAP@20" in capsys.readouterr().out
+    assert (trained_run["root"] / "checkpoints" / "last.validate.json").is_file()
+    assert (trained_run["root"] / "checkpoints" / "last.validate_class_ap.png").is_file()
+
+
+@pytest.mark.slow
+def test_onnx_export_of_a_cli_checkpoint_reproduces_the_submission(trained_run):
+    """The exported graph (no --config: the checkpoint's own hyper-parameters) on the dequantized,
+    zero-padded test videos gives the submission's classes and scores."""
+    ort = pytest.importorskip("onnxruntime")
+    from nextvlad.cli import main as cli_main
+    from nextvlad.data import iter_videos
+
+    root = trained_run["root"]
+    submission = root / "onnx_check.csv"
+    cli_main(["predict", "--config", trained_run["config"], "--config", str(REPO_ROOT / "configs" / "predict.yaml"),
+              "--ckpt_path", trained_run["ckpt"], f"--trainer.callbacks.output_path={submission}"])
+    model = root / "model.onnx"
+    cli_main(["export", "--ckpt_path", trained_run["ckpt"], "--output", str(model)])
+    videos = list(iter_videos(str(root / "data" / "test*.tfrecord"), max_frames=30, num_classes=E2E_CLASSES))
+    rgb = np.zeros((len(videos), 30, 1024), np.float32)
+    audio = np.zeros((len(videos), 30, 128), np.float32)
+    for b, video in enumerate(videos):
+        rgb[b, :video["num_frames"]], audio[b, :video["num_frames"]] = video["rgb"], video["audio"]
+    lengths = np.array([video["num_frames"] for video in videos], np.int64)
+    (probabilities,) = ort.InferenceSession(str(model)).run(None, {"rgb": rgb, "audio": audio, "lengths": lengths})
+    rows = parse_submission(submission)
+    for video, row in zip(videos, probabilities):
+        classes = [c for c, _, _ in rows[video["id"]]]
+        np.testing.assert_allclose(row[classes], [s for _, s, _ in rows[video["id"]]], atol=1e-4, rtol=0)
+        assert np.sort(row)[::-1][19] <= min(s for _, s, _ in rows[video["id"]]) + 1e-4  # nothing better left out

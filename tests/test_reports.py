@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
 import torch
-from toy_data import SMALL, NUM_CLASSES, loader, toy_videos, collate, trainer
+from toy_data import NUM_CLASSES, SMALL, collate, loader, toy_videos, trainer
 
 from nextvlad.callbacks import EvaluationReport
 from nextvlad.metrics import MeanAveragePrecision
@@ -57,8 +58,11 @@ def test_compute_per_class_matches_float64_oracle_and_compute():
     assert filtered.compute().item() == pytest.approx(expected[target.sum(0).numpy() > 0].mean(), abs=1e-12)
 
 
-def trained(tmp_path) -> tuple[VideoClassifier, str]:
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[VideoClassifier, str]:
+    """A briefly trained module and its checkpoint (reports go next to it)."""
     torch.manual_seed(0)
+    tmp_path = tmp_path_factory.mktemp("trained")
     module = VideoClassifier(**SMALL, learning_rate=1e-2)
     run = trainer(max_epochs=2, default_root_dir=tmp_path)
     run.fit(module, loader(64))
@@ -76,8 +80,9 @@ def model_predictions(module: VideoClassifier, videos: list[dict]) -> tuple[np.n
 
 
 @pytest.mark.parametrize("stage", ["validate", "test"])
-def test_report_prints_table_and_writes_json_and_plot_next_to_checkpoint(tmp_path, capsys, stage):
-    module, ckpt = trained(tmp_path)
+def test_report_prints_table_and_writes_json_and_plot_next_to_checkpoint(trained, capsys, stage):
+    module, ckpt = trained
+    tmp_path = pathlib.Path(ckpt).parent
     capsys.readouterr()
     run = trainer(default_root_dir=tmp_path, callbacks=[EvaluationReport()])
     evaluate = run.validate if stage == "validate" else run.test
