@@ -1,0 +1,100 @@
+"""YT8MDataModule with a real Trainer: configurable from a CLI, nothing dropped outside training."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from jsonargparse import ArgumentParser
+
+from nextvlad.data import YT8MDataModule, iter_videos
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's CPU/worker hints
+
+
+class Recorder(L.LightningModule):
+    """Records what every step receives; trains a linear layer on mean features."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(1152, num_classes)
+        self.received: dict[str, list[dict]] = {"train": [], "val": [], "test": [], "predict": []}
+
+    def _record(self, stage: str, batch: dict) -> torch.Tensor:
+        self.received[stage].append({k: v for k, v in batch.items()})
+        features = torch.cat([batch["rgb"], batch["audio"]], -1).sum(1) / batch["lengths"][:, None]
+        return self.linear(features)
+
+    def training_step(self, batch, batch_index):
+        logits = self._record("train", batch)
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["labels"])
+
+    def validation_step(self, batch, batch_index):
+        self._record("val", batch)
+
+    def test_step(self, batch, batch_index):
+        self._record("test", batch)
+
+    def predict_step(self, batch, batch_index):
+        return torch.sigmoid(self._record("predict", batch))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def trainer(**kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+def test_fit_validate_test_predict(synthetic_data):
+    datamodule = YT8MDataModule(train_pattern=synthetic_data["train"],
+                                val_pattern=synthetic_data["validate"],
+                                test_pattern=synthetic_data["test"],
+                                predict_pattern=synthetic_data["test"], batch_size=16,
+                                eval_batch_size=7, num_workers=2, max_frames=50, num_classes=10)
+    model = Recorder(10)
+    trainer(max_epochs=2, num_sanity_val_steps=0).fit(model, datamodule)
+    train_ids = [[i for b in model.received["train"][e * 7:(e + 1) * 7] for i in b["id"]] for e in (0, 1)]
+    assert len(model.received["train"]) == 14  # 120 // 16 = 7 full batches per epoch
+    assert all(len(ids) == len(set(ids)) == 112 for ids in train_ids)
+    assert train_ids[0] != train_ids[1]  # reshuffled per epoch
+    all_validate = sorted(v["id"] for v in iter_videos(synthetic_data["validate"], num_classes=10))
+    val_ids = [i for b in model.received["val"] for i in b["id"]]
+    assert sorted(val_ids) == sorted(all_validate * 2)  # two validation passes, nothing dropped
+    for batch in model.received["train"] + model.received["val"]:
+        assert set(batch) == {"id", "rgb", "audio", "lengths", "labels", "has_labels"}
+        assert batch["rgb"].dtype == torch.float32 and batch["rgb"].shape[1:] == (50, 1024)
+        assert batch["labels"].dtype == torch.float32 and batch["has_labels"].all()
+    assert datamodule.read_stats["truncated_videos"] > 0  # 20-60 frame videos, max_frames 50
+
+    trainer().test(model, datamodule)
+    predictions = trainer().predict(model, datamodule)
+    all_test = sorted(v["id"] for v in iter_videos(synthetic_data["test"], num_classes=10))
+    for stage in ("test", "predict"):
+        ids = [i for b in model.received[stage] for i in b["id"]]
+        assert sorted(ids) == all_test  # label-less files, nothing dropped
+        assert not any(b["has_labels"].any() or b["labels"].any() for b in model.received[stage])
+    assert sum(len(p) for p in predictions) == len(all_test)
+
+
+def test_configurable_from_the_command_line(synthetic_data, eigenvalues_path):
+    parser = ArgumentParser()
+    parser.add_class_arguments(YT8MDataModule, "data")
+    config = parser.parse_args([
+        "--data.train_pattern", f"{synthetic_data['dir']}/train*.tfrecord",
+        "--data.val_pattern", "[a.tfrecord, b.tfrecord]", "--data.batch_size", "32",
+        "--data.eigenvalues_path", eigenvalues_path, "--data.sample_frames", "20",
+        "--data.on_error", "skip"])
+    datamodule = parser.instantiate_classes(config).data
+    assert isinstance(datamodule, YT8MDataModule)
+    assert datamodule.batch_size == 32 and datamodule.sample_frames == 20
+    assert datamodule.patterns["validate"] == ["a.tfrecord", "b.tfrecord"]
+    assert datamodule.whitening is not None and datamodule.on_error == "skip"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--data.on_error", "ignore"])
+
+
+def test_missing_pattern_is_a_clear_error():
+    with pytest.raises(ValueError, match="val_pattern is not set"):
+        YT8MDataModule(train_pattern="x*").val_dataloader()
