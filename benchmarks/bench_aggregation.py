@@ -118,15 +118,16 @@ def minimal_bytes(workload: Workload, dtype: torch.dtype, real_frames: int, mode
     return total
 
 
-def provider_function(provider: str, compiled_cache: dict) -> Callable[..., torch.Tensor]:
+def provider_function(provider: str) -> Callable[..., torch.Tensor]:
     if provider == "einsum":
         return residual_aggregation_einsum
     if provider == "reference":
         return residual_aggregation_reference
     if provider == "compiled":
-        if "fn" not in compiled_cache:
-            compiled_cache["fn"] = torch.compile(residual_aggregation_reference, dynamic=False)
-        return compiled_cache["fn"]
+        # A fresh compilation per case: Dynamo's recompile limit (8 per function) would otherwise
+        # silently fall back to eager after a few shapes and dtypes.
+        torch._dynamo.reset()
+        return torch.compile(residual_aggregation_reference, dynamic=False)
     if provider == "triton":
         return lambda *inputs: residual_aggregation(*inputs, backend="triton")
     raise ValueError(f"unknown provider {provider!r}")
@@ -191,7 +192,7 @@ def peak_bandwidth(device: torch.device, override: float | None) -> float | None
 
 def run_case(
     workload: Workload, dtype_name: str, mode: str, provider: str, device: torch.device,
-    args: argparse.Namespace, compiled_cache: dict, peak_gbps: float | None,
+    args: argparse.Namespace, peak_gbps: float | None,
 ) -> dict[str, Any]:
     dtype = DTYPES[dtype_name]
     inputs = make_inputs(workload, dtype, device, requires_grad=(mode != "forward"))
@@ -208,7 +209,7 @@ def run_case(
         row["note"] = "skipped: (B,M,G,K,D) residuals too large"
         return row
     try:
-        step = make_step(provider_function(provider, compiled_cache), inputs, mode)
+        step = make_step(provider_function(provider), inputs, mode)
         milliseconds = time_step(step, device, args.warmup_ms, args.rep_ms)
         extra = peak_extra_memory(step, device)
     except Exception as error:  # one failing provider must not hide the others' numbers
@@ -279,12 +280,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peak-gbps", type=float, default=None, help="peak memory bandwidth of the device")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default=None, help="result file stem (default aggregation_<device type>)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (on a loaded shared machine 1 is far steadier)")
     parser.add_argument("--no-plot", action="store_true")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     providers = args.providers or (list(PROVIDERS) if on_gpu else ["einsum", "reference"])
@@ -293,20 +298,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.quick:
         args.warmup_ms, args.rep_ms = min(args.warmup_ms, 5), min(args.rep_ms, 20)
     peak_gbps = peak_bandwidth(device, args.peak_gbps)
-    compiled_cache: dict = {}
 
     rows = []
     for workload in workloads(batch, args.frames, args.quick):
         for dtype_name in dtypes:
             for mode in args.modes:
                 for provider in providers:
-                    rows.append(run_case(workload, dtype_name, mode, provider, device, args, compiled_cache, peak_gbps))
+                    rows.append(run_case(workload, dtype_name, mode, provider, device, args, peak_gbps))
                     gc.collect()
                     if on_gpu:
                         torch.cuda.empty_cache()
     add_speedups(rows)
 
-    columns = ["shape", "lengths", "dtype", "mode", "provider", "ms", "x_ref", "GB/s", "%peak", "extra_MiB", "note"]
+    columns = ["shape", "lengths", "real_frames", "dtype", "mode", "provider", "ms", "x_ref", "GB/s", "%peak",
+               "extra_MiB", "note"]
     print(markdown_table(rows, columns))
     meta = {
         **environment(device),

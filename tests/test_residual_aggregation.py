@@ -427,7 +427,11 @@ def test_benchmark_quick_run_writes_results(tmp_path, monkeypatch: pytest.Monkey
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "bench_aggregation", bench)  # dataclasses look their module up
     spec.loader.exec_module(bench)
-    bench.main(["--quick", "--device", "cpu", "--output-dir", str(tmp_path), "--name", "smoke"])
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--quick", "--device", "cpu", "--threads", "1", "--output-dir", str(tmp_path), "--name", "smoke"])
+    finally:
+        torch.set_num_threads(threads)
 
     result = json.loads((tmp_path / "smoke.json").read_text())
     assert result["meta"]["torch"] == torch.__version__ and result["meta"]["device_type"] == "cpu"
