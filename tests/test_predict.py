@@ -117,6 +117,22 @@ def test_unwritable_csv_path_fails_before_predicting(tmp_path, bad):
     assert CountingClassifier.predicted_batches == 0
 
 
+def test_missing_or_foreign_checkpoint_is_a_clear_error_and_writes_nothing(tmp_path):
+    output = tmp_path / "out" / "submission.csv"
+    missing = tmp_path / "nope.ckpt"
+    with pytest.raises(FileNotFoundError, match=f"Checkpoint file not found: {missing}"):
+        trainer(callbacks=[SubmissionWriter(str(output))]).predict(
+            VideoClassifier(**SMALL), loader(8, labelled=False), ckpt_path=str(missing))
+    run = trainer(max_steps=1)
+    run.fit(VideoClassifier(**SMALL), loader(8))
+    run.save_checkpoint(tmp_path / "small.ckpt")
+    other = VideoClassifier(**{**SMALL, "hidden_size": 8})
+    with pytest.raises(ValueError, match="another architecture.*hidden_size: checkpoint 16 vs config 8"):
+        trainer(callbacks=[SubmissionWriter(str(output))]).predict(
+            other, loader(8, labelled=False), ckpt_path=str(tmp_path / "small.ckpt"))
+    assert not output.exists() and list(output.parent.iterdir()) == []
+
+
 def write_vocabulary(path, num_classes: int = NUM_CLASSES) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
