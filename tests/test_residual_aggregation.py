@@ -210,14 +210,16 @@ def test_triton_interpreter_matches_reference_fp32(interpreter, shape: Shape) ->
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-def test_triton_interpreter_normalize_and_bfloat16(interpreter) -> None:
+def test_triton_interpreter_normalize_and_half_precision(interpreter) -> None:
     shape = Shape(2, 7, 2, 6, 16, (7, 3))
     for name, got, expected in zip(NAMES, *triton_and_reference(shape, torch.float32, normalize=True)):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
-    # bf16 loads, fp32 accumulation, bf16 stores (the interpreter widens the dot operands).
-    for name, got, expected in zip(NAMES, *triton_and_reference(shape, torch.bfloat16)):
-        assert got.dtype == torch.bfloat16, name
-        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2, msg=lambda m: f"{name}: {m}")
+    # Half-precision loads, fp32 accumulation, half stores (the interpreter widens bf16 dot operands).
+    for dtype in (torch.bfloat16, torch.float16):
+        for name, got, expected in zip(NAMES, *triton_and_reference(shape, dtype)):
+            assert got.dtype == dtype, name
+            torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2,
+                                       msg=lambda m: f"{dtype} {name}: {m}")
 
 
 def test_triton_interpreter_frame_splits_match_reference(interpreter, monkeypatch: pytest.MonkeyPatch) -> None:
