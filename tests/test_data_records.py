@@ -65,8 +65,8 @@ def features(entries: dict[str, bytes]) -> bytes:
 
 def sequence_example(video_id: bytes, labels: list[int] | None, rgb: np.ndarray, audio: np.ndarray,
                      lists_first: bool = False, packed: bool = True,
-                     odd_frame: int | None = None) -> bytes:
-    context_entries = {"id": bytes_feature([video_id])}
+                     odd_frame: int | None = None, id_key: str = "id") -> bytes:
+    context_entries = {id_key: bytes_feature([video_id])}
     if labels is not None:
         context_entries["labels"] = int64_feature(labels, packed)
     lists = b""
@@ -132,6 +132,14 @@ def test_reader_reads_hand_built_sequence_examples(tmp_path, compress):
         np.testing.assert_array_equal(g["labels"], expected)
         assert g["has_labels"] == (labels is not None)
         assert g["label_ids"] == (labels or [])
+
+
+def test_video_id_key_of_the_download_page_layout(tmp_path):
+    rgb, audio = np.full((2, 1024), 3, np.uint8), np.full((2, 128), 4, np.uint8)
+    path = tmp_path / "old.tfrecord"
+    path.write_bytes(frame_oracle([sequence_example(b"old", [1], rgb, audio, id_key="video_id")]))
+    (video,) = iter_videos(str(path), num_classes=3)
+    assert video["id"] == "old" and video["num_frames"] == 2
 
 
 def test_writer_framing_matches_oracle(tmp_path):

@@ -31,8 +31,8 @@ def iter_videos(pattern_or_files: str | os.PathLike | Iterable[str], max_frames:
     with frames dequantized (``q*4/255 + 4/512 - 2``), *not* padded, truncated to max_frames,
     and n = min(rgb frames, audio frames, max_frames). Video-level records (SPEC 1.2) give
     ``mean_rgb`` (1024,) / ``mean_audio`` (128,) float32 instead of rgb/audio/num_frames.
-    `level="auto"` decides per record: a record with a ``mean_rgb`` feature and no feature lists is
-    video-level. Bad records raise DataError naming file and record (or are skipped with
+    `level="auto"` decides per record: a record that is not a valid frame-level record but has a
+    ``mean_rgb`` feature and no feature lists is video-level. Bad records raise DataError naming file and record (or are skipped with
     on_error="skip").
 
     Example::
@@ -60,24 +60,33 @@ def iter_videos(pattern_or_files: str | os.PathLike | Iterable[str], max_frames:
 
 def _decode(data: bytes, path: str, index: int, max_frames: int, num_classes: int,
             level: Level) -> dict:
-    if level == "video" or (level == "auto" and _is_video_level_safe(data)):
-        record = parse_video_level_record(data, num_classes, path, index)
-        return {"id": record.id, "mean_rgb": record.mean_rgb, "mean_audio": record.mean_audio,
-                **_labels(record.labels, record.has_labels, num_classes)}
-    video = parse_frame_record(data, num_classes, path, index)
+    if level == "video":
+        return _video_level(data, path, index, num_classes)
+    try:
+        video = parse_frame_record(data, num_classes, path, index)
+    except DataError:
+        if level == "auto" and _is_video_level(data):
+            return _video_level(data, path, index, num_classes)
+        raise
     n = min(video.num_frames, max_frames)
     return {"id": video.id, "rgb": dequantize(video.rgb[:n]), "audio": dequantize(video.audio[:n]),
             "num_frames": n, **_labels(video.labels, video.has_labels, num_classes)}
 
 
-def _is_video_level_safe(data: bytes) -> bool:
+def _is_video_level(data: bytes) -> bool:
     """An Example parses as a SequenceExample with only a context: look for mean_rgb there."""
     message = protos.LazySequenceExample()
     try:
         message.ParseFromString(data)
-    except DecodeError:  # not parseable at all: let the frame-level parser report it
+    except DecodeError:
         return False
     return not message.feature_lists.feature_list and "mean_rgb" in message.context.feature
+
+
+def _video_level(data: bytes, path: str, index: int, num_classes: int) -> dict:
+    record = parse_video_level_record(data, num_classes, path, index)
+    return {"id": record.id, "mean_rgb": record.mean_rgb, "mean_audio": record.mean_audio,
+            **_labels(record.labels, record.has_labels, num_classes)}
 
 
 def _labels(label_ids: np.ndarray, has_labels: bool, num_classes: int) -> dict:

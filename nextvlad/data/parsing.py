@@ -133,7 +133,8 @@ def _decode_feature_list_slow(raw: bytes, frame_size: int, name: str, path: str,
 
 
 def _context_id(features, path: str, index: int) -> str:
-    feature = features.feature.get("id")
+    # 2018+ files use "id"; the 2017 release and the download page's example say "video_id".
+    feature = features.feature.get("id") or features.feature.get("video_id")
     if feature is None or feature.WhichOneof("kind") != "bytes_list" or len(feature.bytes_list.value) != 1:
         raise DataError(path, index, "missing or malformed context feature 'id' (one bytes value)")
     try:
