@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -42,18 +43,20 @@ class NextVLADCLI(LightningCLI):
         )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> LightningCLI | None:
+    """Entry point of the ``nextvlad`` and ``lightning`` commands; returns the LightningCLI."""
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TOOLS:
         module_name, _, function_name = TOOLS[argv[0]][0].partition(":")
-        return getattr(importlib.import_module(module_name), function_name)(argv[1:])
+        getattr(importlib.import_module(module_name), function_name)(argv[1:])
+        return None
     if argv and argv[0] in ("-h", "--help"):
         print("Tools beside the Lightning subcommands (each takes --help):")
         for name, (_, help_text) in TOOLS.items():
             print(f"  nextvlad {name:<12} {help_text}")
         print()
-    NextVLADCLI(args=None if from_command_line else argv)
+    return NextVLADCLI(args=None if from_command_line else argv)
 
 
 def lightning_main() -> None:
@@ -66,7 +69,9 @@ def params_main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(prog="nextvlad params", description=TOOLS["params"][1])
     parser.add_argument("--config", required=True, help="a LightningCLI YAML config (configs/*.yaml)")
     args = parser.parse_args(argv)
-    print(parameter_table(model_from_config(args.config)))
+    with torch.device("meta"):  # shapes are all a count needs: no initialisation
+        module = model_from_config(args.config)
+    print(parameter_table(module))
 
 
 def model_from_config(config_path: str | Path) -> LightningModule:
