@@ -234,6 +234,7 @@ def add_speedups(rows: list[dict[str, Any]]) -> None:
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """One panel per (mode, dtype); grouped bars of milliseconds per workload and provider."""
     try:
         import matplotlib
 
@@ -241,25 +242,30 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    cases = sorted({(r["shape"], r["lengths"], r["dtype"], r["mode"]) for r in rows}, key=str)
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in rows)]
+    cases = list(dict.fromkeys((r["shape"], r["lengths"]) for r in rows))
     providers = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
-    figure, axis = plt.subplots(figsize=(max(8, 0.9 * len(cases)), 5))
     width = 0.8 / max(1, len(providers))
-    for index, provider in enumerate(providers):
-        values = []
-        for case in cases:
-            match = [r["ms"] for r in rows if (r["shape"], r["lengths"], r["dtype"], r["mode"]) == case
-                     and r["provider"] == provider]
-            values.append(match[0] if match and match[0] else float("nan"))
-        axis.bar([i + index * width for i in range(len(cases))], values, width, label=provider)
-    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
-    axis.set_xticklabels(["\n".join(map(str, case)) for case in cases], fontsize=6)
-    axis.set_yscale("log")
-    axis.set_ylabel("milliseconds (median, log scale)")
-    axis.set_title(title, fontsize=9)
-    axis.legend()
+    figure, axes = plt.subplots(len(modes), len(dtypes), squeeze=False,
+                                figsize=(max(6.0, 1.1 * len(cases)) * len(dtypes), 3.6 * len(modes)))
+    for (mode, dtype), axis in zip([(m, d) for m in modes for d in dtypes], axes.flat):
+        for index, provider in enumerate(providers):
+            values = []
+            for shape, lengths in cases:
+                match = [r["ms"] for r in rows if (r["shape"], r["lengths"], r["mode"], r["dtype"], r["provider"])
+                         == (shape, lengths, mode, dtype, provider)]
+                values.append(match[0] if match and match[0] else float("nan"))
+            axis.bar([i + index * width for i in range(len(cases))], values, width, label=provider)
+        axis.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+        axis.set_xticklabels([f"{shape}\n{lengths}" for shape, lengths in cases], fontsize=7)
+        axis.set_yscale("log")
+        axis.set_ylabel("ms (median)")
+        axis.set_title(f"{mode}, {dtype}", fontsize=9)
+    axes.flat[0].legend(fontsize=8)
+    figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
 
@@ -324,7 +330,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     name = args.name or f"aggregation_{device.type}{'_quick' if args.quick else ''}"
     paths = write_results(name, rows, meta, columns=columns, output_dir=args.output_dir)
     if not args.no_plot:
-        plot(rows, args.output_dir / f"{name}.png", f"residual aggregation on {meta['device']}")
+        threads = "" if on_gpu else f", {torch.get_num_threads()} CPU thread(s)"
+        plot(rows, args.output_dir / f"{name}.png", f"residual aggregation on {meta['device']}, B={batch}{threads}")
     print(f"wrote {paths['json']} and {paths['md']}")
     return rows
 
