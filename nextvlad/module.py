@@ -56,7 +56,9 @@ class VideoClassifier(pl.LightningModule):
     Optimisation args (SPEC 4): ``learning_rate``, ``lr_decay`` every ``lr_decay_examples`` examples
     (counted over all ranks and accumulated batches), ``l2_penalty`` (on classifier weights and
     biases, as ``l2 * 0.5 * sum w^2``), ``gradient_clip`` ("per_tensor" as TF's clip_by_norm per
-    variable, "global", "off") at ``gradient_clip_norm``. ``top_k`` is the k of GAP/MAP and of
+    variable, "global", "off") at ``gradient_clip_norm``. ``bn_momentum`` is the running-statistics
+    update of every batch norm (default 1e-3, slim's decay 0.999, which takes thousands of steps to
+    settle: short runs such as the demo use a larger value). ``top_k`` is the k of GAP/MAP and of
     predictions.
     """
 
@@ -85,6 +87,7 @@ class VideoClassifier(pl.LightningModule):
         detach_teacher: bool = False,
         predict_branch: int | None = None,
         aggregation_backend: Literal["auto", "triton", "reference"] = "auto",
+        bn_momentum: float = 1e-3,
         learning_rate: float = 2e-4,
         lr_decay: float = 0.8,
         lr_decay_examples: int = 2_000_000,
@@ -101,8 +104,13 @@ class VideoClassifier(pl.LightningModule):
             raise ValueError(f"temperature must be >= 0 (0 disables distillation), got {temperature}")
         if predict_branch is not None and not 0 <= predict_branch < num_branches:
             raise ValueError(f"predict_branch must be in [0, {num_branches}), got {predict_branch}")
+        if not 0.0 < bn_momentum <= 1.0:
+            raise ValueError(f"bn_momentum must be in (0, 1], got {bn_momentum}")
         self.model = self._build_model()
-        self.train_gap = GlobalAveragePrecision(top_k=top_k)
+        for layer in self.model.modules():  # one knob for every BN (TF decay = 1 - momentum)
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                layer.momentum = bn_momentum
+        self.train_gap = GlobalAveragePrecision(top_k=top_k, validate_args=False)  # no per-step device sync
         self.val_metrics = self._evaluation_metrics("val/")
         self.test_metrics = self._evaluation_metrics("test/")
         self.examples_seen = 0  # optimizer-step examples over all ranks; drives the LR schedule

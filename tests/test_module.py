@@ -114,11 +114,20 @@ def test_zero_temperature_is_sum_of_cross_entropies_plus_l2():
         (dict(num_branches=3, predict_branch=3), "predict_branch"),
         (dict(gradient_clip="sometimes"), "gradient_clip"),
         (dict(groups=3), "groups=3 must divide"),
+        (dict(bn_momentum=0.0), "bn_momentum"),
     ],
 )
 def test_bad_hyper_parameters_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         VideoClassifier(**{**SMALL, **kwargs})
+
+
+def test_bn_momentum_reaches_every_batch_norm():
+    module = VideoClassifier(**SMALL, num_branches=2, bn_momentum=0.05)
+    norms = [m for m in module.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == 2 * 6 + 1  # per branch: 2 cluster, 2 vlad, hidden and gating BN; gate BN
+    assert all(m.momentum == 0.05 for m in norms)
+    assert VideoClassifier(**SMALL).model.hidden_bn.momentum == 1e-3
 
 
 def test_feature_size_that_does_not_match_the_data_fails_before_training():
