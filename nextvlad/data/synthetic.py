@@ -16,7 +16,12 @@ How a video is made (everything is a function of the seed):
   is short), or with probability `background_rate` a background direction;
 * frame = segment direction + a per-video offset + Gaussian noise (`noise` std per dimension), so
   a model must pool evidence over frames and ignore background segments, but the labels are
-  recoverable: a small NeXtVLAD reaches a high GAP within minutes on a CPU.
+  recoverable.
+
+`prototype_scale` sets the difficulty. Measured with a per-frame linear scorer and log-mean-exp
+pooling over frames (1000 train / 200 validation videos, 100 classes, 20-60 frames, Adam 3e-3):
+validation GAP 0.96 after 2 epochs at 0.4 (the default), 0.85 at 0.3 (0.95 after 10 epochs); at
+0.2 with 20-300 frames it is still about 0.5 after 6 epochs.
 
 Command line: ``python -m nextvlad.data.synthetic --out-dir data/synthetic`` (or the
 ``nextvlad-synthetic`` script); from Python: `write_synthetic_dataset`.
@@ -51,7 +56,7 @@ class SyntheticConfig:
     max_labels: int = 5
     prototypes_per_class: int = 2
     background_rate: float = 0.15
-    prototype_scale: float = 0.2
+    prototype_scale: float = 0.4
     offset_scale: float = 0.2
     noise: float = 0.7
     seed: int = 0
