@@ -122,12 +122,22 @@ def validate_inputs(
         if tensor.device != x.device:
             raise ValueError(f"{name} must be on x's device {x.device}, got {tensor.device}")
 
-    if batch > 0:
-        # One host sync for both bounds; cheap next to the op itself.
+    if batch > 0 and not _tracing():
+        # One host sync for both bounds; cheap next to the op itself. A data-dependent branch
+        # cannot be traced, so torch.compile / torch.export skip it (the graph accepts any lengths).
         out_of_range = (lengths < 0) | (lengths > max_frames)
         if bool(out_of_range.any()):
             bad = lengths[out_of_range][:5].tolist()
             raise ValueError(f"lengths must lie in [0, M = {max_frames}], got values {bad}")
+
+
+def _tracing() -> bool:
+    """True while torch.compile (Dynamo) or torch.export traces the op."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is None:
+        return False
+    return bool(getattr(compiler, "is_compiling", lambda: False)()
+                or getattr(compiler, "is_exporting", lambda: False)())
 
 
 # ----------------------------------------------------------------------------------------------

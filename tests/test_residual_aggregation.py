@@ -360,6 +360,21 @@ def test_bad_input_raises_value_error_naming_the_argument(case: str) -> None:
         residual_aggregation(*inputs)
 
 
+def test_torch_export_traces_the_reference_without_the_lengths_check() -> None:
+    """The lengths-value check is a data-dependent branch; under torch.export it is skipped, and the
+    exported program matches eager, shorter videos included."""
+
+    class Aggregate(torch.nn.Module):
+        def forward(self, x, logits, attention, lengths, centroids):
+            return residual_aggregation(x, logits, attention, lengths, centroids, backend="reference",
+                                        normalize=True)
+
+    inputs = make_inputs(Shape(2, 6, 2, 5, 16, (6, 3)))
+    program = torch.export.export(Aggregate(), tuple(inputs))
+    other = make_inputs(Shape(2, 6, 2, 5, 16, (1, 4)), seed=3)
+    torch.testing.assert_close(program.module()(*other), Aggregate()(*other))
+
+
 @pytest.mark.parametrize("keyword", [{"backend": "cuda"}, {"precision": "bf16"}])
 def test_bad_options_raise_value_error(keyword: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(keyword))):
