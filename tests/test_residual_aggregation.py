@@ -231,6 +231,23 @@ def test_triton_interpreter_frame_splits_match_reference(interpreter, monkeypatc
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+def _all_tiles(*tables) -> list[tuple[int, int, int]]:
+    return sorted({tile for table in tables for family in table.values() for tiles in family.values() for tile in tiles})
+
+
+ALL_TILES = _all_tiles(residual_aggregation_module._FORWARD_TILES, residual_aggregation_module._BACKWARD_TILES)
+
+
+@pytest.mark.parametrize("block_r,block_d", sorted({(rows, block_d) for rows, block_d, _ in ALL_TILES}))
+def test_triton_interpreter_every_tile_shape(interpreter, monkeypatch: pytest.MonkeyPatch, block_r: int,
+                                             block_d: int) -> None:
+    """Every (BLOCK_R, BLOCK_D) the tables hold, on rows and D that are not multiples of it."""
+    monkeypatch.setattr(residual_aggregation_module, "_tiles", lambda *args: [(block_r, block_d, 4)])
+    shape = Shape(2, 37, 3, 20, 40, (37, 11))
+    for name, got, expected in zip(NAMES, *triton_and_reference(shape, torch.float32)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 def test_triton_interpreter_autotuned_launch_path(interpreter, monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU's autotuned launch (configs, grid from meta-parameters), with a fake timer that
     makes the last candidate win, so a non-default tile runs."""
@@ -416,6 +433,26 @@ def test_compiled_triton_tf32_normalize_and_determinism() -> None:
     for name, got, again, expected in zip(NAMES, first, second, reference):
         assert torch.equal(got, again), name
         torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_compiled_triton_every_candidate_tile_matches_reference(monkeypatch: pytest.MonkeyPatch,
+                                                              dtype: torch.dtype) -> None:
+    """Autotuning may pick any candidate tile, so each must be right on the real compiler: run the
+    i-th candidate of both kernels, for every i, at the final recipe's video and audio shapes."""
+    tiles = residual_aggregation_module._tiles
+    for shape in (Shape(3, 300, 8, 112, 256, (300, 41, 0)), Shape(3, 300, 4, 56, 64, (300, 41, 0))):
+        for index in range(5):
+            monkeypatch.setattr(residual_aggregation_module, "_tiles",
+                                lambda *args, index=index: [tiles(*args)[index % len(tiles(*args))]])
+            triton_results, reference_results = triton_and_reference(shape, dtype, device="cuda")
+            for name, got, expected in zip(NAMES, triton_results, reference_results):
+                scale = expected.float().abs().max().clamp(min=1.0)
+                torch.testing.assert_close(got.float() / scale, expected.float() / scale, **GPU_TOLERANCES[dtype],
+                                           msg=lambda m: f"{shape} candidate {index} {name}: {m}")
 
 
 @pytest.mark.gpu
