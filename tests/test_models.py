@@ -254,3 +254,16 @@ def test_mixture_gate_input_all_rows_vs_masked():
     out = everything.forward_all(rgb, audio, lengths)
     mixed = sum(out.gate[:, m:m + 1] * out.branch_logits[m] for m in range(2))
     assert torch.allclose(out.logits, mixed, atol=1e-6)
+
+
+def test_mixture_shared_expansion_gemm_equals_branch_by_branch():
+    torch.manual_seed(0)
+    branches = [build_video_model("nextvlad", num_classes=5, rgb_size=8, audio_size=4, clusters=2, groups=2,
+                                  hidden_size=8, gating_reduction=2) for _ in range(3)]
+    mixture = MixtureOfNeXtVLAD(branches, input_size=12).eval()
+    rgb, audio, lengths = torch.randn(3, 6, 8), torch.randn(3, 6, 4), torch.tensor([6, 2, 4])
+    fused = mixture.forward_all(rgb, audio, lengths).branch_logits
+    separate = torch.stack([branch(rgb, audio, lengths) for branch in branches])
+    assert torch.allclose(fused, separate, atol=1e-5)
+    with pytest.raises(ValueError, match="expects 8 features per frame, got 7"):
+        mixture(torch.randn(3, 6, 7), audio, lengths)

@@ -15,6 +15,7 @@ from torch import nn
 from nextvlad._validation import check_choice, check_positive
 from nextvlad.kernels.residual_aggregation import frame_mask
 from nextvlad.models.initialization import tf_linear
+from nextvlad.models.nextvlad import NeXtVLAD
 from nextvlad.models.video_model import VideoModel
 
 GateInput = Literal["all", "masked"]
@@ -62,16 +63,39 @@ class MixtureOfNeXtVLAD(nn.Module):
         return torch.softmax(self.gate_fc(self.gate_bn(mean)), dim=-1)
 
     def forward_all(self, rgb: torch.Tensor, audio: torch.Tensor, lengths: torch.Tensor) -> MixtureOutput:
-        branch_logits = torch.stack([branch(rgb, audio, lengths) for branch in self.branches])
+        if all(isinstance(b.video_aggregator, NeXtVLAD) and isinstance(b.audio_aggregator, NeXtVLAD)
+               for b in self.branches):
+            branch_logits = self._nextvlad_branches(rgb, audio, lengths)
+        else:
+            branch_logits = torch.stack([branch(rgb, audio, lengths) for branch in self.branches])
         gate = self.gate(rgb, audio, lengths)
         logits = torch.einsum("bm,mbc->bc", gate.to(branch_logits.dtype), branch_logits)
         return MixtureOutput(logits, branch_logits, gate)
+
+    def _nextvlad_branches(self, rgb: torch.Tensor, audio: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """All branches' logits, their expansion FCs (the largest per-frame GEMMs) run as one."""
+        video = _shared_linear(rgb, [b.video_aggregator.expansion_fc for b in self.branches])
+        audio_expanded = _shared_linear(audio, [b.audio_aggregator.expansion_fc for b in self.branches])
+        return torch.stack([
+            branch.head(torch.cat([branch.video_aggregator.aggregate(v, lengths),
+                                   branch.audio_aggregator.aggregate(a, lengths)], dim=1))
+            for branch, v, a in zip(self.branches, video, audio_expanded)
+        ])
 
     def forward(self, rgb: torch.Tensor, audio: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.forward_all(rgb, audio, lengths).logits
 
     def classifiers(self) -> list[nn.Linear]:
         return [branch.classifier for branch in self.branches]
+
+
+def _shared_linear(inputs: torch.Tensor, layers: list[nn.Linear]) -> tuple[torch.Tensor, ...]:
+    """``[layer(inputs) for layer in layers]`` as one GEMM over the concatenated weights."""
+    if inputs.shape[-1] != layers[0].in_features:
+        raise ValueError(f"NeXtVLAD expects {layers[0].in_features} features per frame, got {inputs.shape[-1]}")
+    weight = torch.cat([layer.weight for layer in layers])
+    bias = torch.cat([layer.bias for layer in layers])
+    return torch.nn.functional.linear(inputs, weight, bias).split([layer.out_features for layer in layers], dim=-1)
 
 
 def distillation_kl(

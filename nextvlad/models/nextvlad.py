@@ -73,10 +73,16 @@ class NeXtVLAD(nn.Module):
         return self.clusters * self.group_size
 
     def forward(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        batch, max_frames, features = frames.shape
-        if features != self.feature_size:
-            raise ValueError(f"NeXtVLAD expects {self.feature_size} features per frame, got {features}")
-        expanded = self.expansion_fc(frames)
+        if frames.shape[-1] != self.feature_size:
+            raise ValueError(f"NeXtVLAD expects {self.feature_size} features per frame, got {frames.shape[-1]}")
+        return self.aggregate(self.expansion_fc(frames), lengths)
+
+    def aggregate(self, expanded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Everything after the expansion FC, from ``expanded`` (B, M, expansion * N).
+
+        Separate so that a mixture can run its branches' expansion FCs as one GEMM.
+        """
+        batch, max_frames, _ = expanded.shape
         attention = self.group_attention(expanded)
         logits = self.cluster_logits(expanded).reshape(batch * max_frames, -1)
         mask = frame_mask(lengths, max_frames).reshape(-1) if self.cluster_bn_statistics == "masked" else None

@@ -66,6 +66,10 @@ class VideoModel(nn.Module):
         descriptor = torch.cat(
             [self.video_aggregator(rgb, lengths), self.audio_aggregator(audio, lengths)], dim=1
         )
+        return self.head(descriptor)
+
+    def head(self, descriptor: torch.Tensor) -> torch.Tensor:
+        """Video-level head on the concatenated (video, audio) descriptor: logits (B, C)."""
         hidden = self.hidden_activation(self.hidden_bn(self.hidden(self.dropout(descriptor))))
         return self.classifier(self.context_gating(hidden))
 
