@@ -19,12 +19,11 @@ from nextvlad.kernels import (
 )
 from nextvlad.kernels.residual_aggregation import ResidualAggregationFunction, triton_interpreter_enabled
 
-triton = pytest.importorskip("triton")
-
 # The package re-exports the function under the module's name, so fetch the module itself.
 residual_aggregation_module = importlib.import_module("nextvlad.kernels.residual_aggregation")
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+requires_triton = pytest.mark.skipif(residual_aggregation_module.triton is None, reason="needs triton")
 
 
 @dataclass(frozen=True)
@@ -288,12 +287,14 @@ def test_triton_interpreter_is_deterministic(interpreter) -> None:
         assert torch.equal(a, b), name
 
 
+@requires_triton
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(residual_aggregation_module, "triton_interpreter_enabled", lambda: False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         residual_aggregation(*make_inputs(INTERPRETER_SHAPES[0]), backend="triton")
 
 
+@requires_triton
 def test_triton_backend_rejects_more_than_256_clusters() -> None:
     inputs = make_inputs(Shape(1, 2, 1, 257, 16, (2,)))
     with pytest.raises(ValueError, match="at most K = 256"):
@@ -301,6 +302,7 @@ def test_triton_backend_rejects_more_than_256_clusters() -> None:
 
 
 @pytest.mark.slow
+@requires_triton
 def test_kernels_compile_for_h100_without_register_spills() -> None:
     """Without a GPU, compile the kernels for sm_90 (Triton's bundled ptxas) at the paper's video
     stream and at awkward sizes: they must compile, fit in shared memory and not spill. Runs in a
