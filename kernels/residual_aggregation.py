@@ -32,6 +32,7 @@ Triton backend (``ResidualAggregationFunction``):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -477,8 +478,11 @@ class _Kernels:
 def _kernels(interpret: bool) -> _Kernels:
     """The kernels wrapped by ``triton.jit`` in the given mode, which must be Triton's own mode
     (see :func:`triton_interpreter_enabled`), whatever ``TRITON_INTERPRET`` says now."""
-    with triton.knobs.runtime.scope():
-        triton.knobs.runtime.interpret = interpret
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; older ones read the environment
+    scope = knobs.runtime.scope() if knobs is not None else contextlib.nullcontext()
+    with scope:
+        if knobs is not None:
+            knobs.runtime.interpret = interpret
         return _Kernels(
             forward=triton.jit(_aggregation_forward_kernel),
             backward=triton.jit(_aggregation_backward_kernel),
@@ -573,7 +577,8 @@ def _autotuned(kind: str, family: str, tiles: tuple[_Tile, ...], interpret: bool
     the tensors' dtypes)."""
     kernel = getattr(_kernels(interpret), kind)
     configs = [triton.Config({"BLOCK_R": rows, "BLOCK_D": block_d}, num_warps=warps) for rows, block_d, warps in tiles]
-    return triton.autotune(configs=configs, key=["clusters", "dim"], do_bench=_AUTOTUNE_TIMER)(kernel)
+    timer = {} if _AUTOTUNE_TIMER is None else {"do_bench": _AUTOTUNE_TIMER}
+    return triton.autotune(configs=configs, key=["clusters", "dim"], **timer)(kernel)
 
 
 def _launch(kind: str, family: str, tiles: list[_Tile], grid: Any, *args: Any, **constexprs: Any) -> None:
