@@ -8,6 +8,7 @@ from typing import Literal
 import lightning as L
 import torch
 
+from nextvlad._validation import check_choice, check_positive
 from nextvlad.data.dataset import STAT_NAMES, OnError, YT8MDataLoader, YT8MFrameDataset
 from nextvlad.data.records import Compression
 from nextvlad.data.transforms import ReverseWhitening, finalize_batch
@@ -63,10 +64,11 @@ class YT8MDataModule(L.LightningDataModule):
                  shuffle_buffer: int = 512, compression: Compression = "auto",
                  dequantize_in_workers: bool = False):
         super().__init__()
-        if sample_frames is not None and sample_frames < 1:
-            raise ValueError(f"sample_frames must be >= 1 or None, got {sample_frames}")
+        if sample_frames is not None:
+            check_positive(sample_frames=sample_frames)
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        check_choice("on_error", on_error, ("raise", "skip"))
         self.save_hyperparameters()
         self.patterns = {"fit": train_pattern, "validate": val_pattern, "test": test_pattern,
                          "predict": predict_pattern}

@@ -6,8 +6,8 @@ A yielded batch is *quantized*: ``rgb`` uint8 (B, M, 1024), ``audio`` uint8 (B, 
 the end, ``lengths`` int64, ``labels`` uint8 multi-hot, ``has_labels`` bool, ``id`` list[str], and
 ``read_stats`` int64 (3,) counters (skipped records, rgb/audio frame-count mismatches, videos
 truncated to max_frames) accumulated since the previous batch, and from DataLoader workers a
-``buffer_lease`` (see `shm_pool`). `transforms.finalize_batch` turns
-it into the float contract; `YT8MDataModule` does so in ``on_after_batch_transfer``.
+``buffer_lease`` (see `shm_pool`). `transforms.finalize_batch` turns it into the float contract;
+`YT8MDataModule` does so in ``on_after_batch_transfer``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from nextvlad._validation import check_choice, check_positive
 from nextvlad.data import sharding
 from nextvlad.data.parsing import AUDIO_SIZE, RGB_SIZE, QuantizedVideo, parse_frame_record
 from nextvlad.data.records import (Compression, DataError, FileScan, FramingError, expand_paths,
@@ -131,12 +132,9 @@ class YT8MFrameDataset(IterableDataset):
                  seed: int = 0, shuffle_buffer: int = 512, on_error: OnError = "raise",
                  compression: Compression = "auto", dequantize_in_workers: bool = False):
         super().__init__()
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        for name, value in (("batch_size", batch_size), ("max_frames", max_frames),
-                            ("num_classes", num_classes)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        check_choice("on_error", on_error, ("raise", "skip"))
+        check_choice("compression", compression, ("auto", "none", "gzip"))
+        check_positive(batch_size=batch_size, max_frames=max_frames, num_classes=num_classes)
         self.files = expand_paths(files)
         self.batch_size = batch_size
         self.max_frames = max_frames
