@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from nextvlad._validation import check_choice, check_positive
 from nextvlad.data.dataset import STAT_NAMES, OnError, YT8MDataLoader, YT8MFrameDataset
 from nextvlad.data.records import Compression
 from nextvlad.data.transforms import ReverseWhitening, finalize_batch
 
-logger = logging.getLogger("nextvlad.data")
 
 Stage = Literal["fit", "validate", "test", "predict"]
 
@@ -108,10 +107,11 @@ class YT8MDataModule(L.LightningDataModule):
             dataset.set_distributed(rank, world_size)
             self.datasets[split] = dataset
             dropped = dataset.records_dropped_per_epoch()
-            logger.info("%s: %d records in %d files; rank %d/%d reads %d batches per epoch; %d "
-                        "records per epoch left out to keep ranks in step", split,
-                        dataset.num_records, len(dataset.files), rank, world_size, len(dataset),
-                        dropped)
+            # Shown once (rank 0), next to Lightning's own start-up messages.
+            rank_zero_info(f"YT8MDataModule {split}: {dataset.num_records} records in "
+                           f"{len(dataset.files)} files; {len(dataset)} batches per epoch and rank "
+                           f"(world size {world_size}); {dropped} records per epoch not read "
+                           f"({'drop_last, ranks kept in step' if dropped else 'none dropped'})")
         return self.datasets[split]
 
     def setup(self, stage: str) -> None:
