@@ -355,10 +355,10 @@ def _aggregation_forward_kernel(
         ).to(ACC_DTYPE)
         logits = tl.where(k_valid[None, :], logits, float("-inf"))
         unnormalised = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-        probabilities = unnormalised / tl.sum(unnormalised, axis=1)[:, None]
         gate = tl.sigmoid(tl.load(attention_video + rows, mask=row_valid, other=0.0).to(ACC_DTYPE))
         gate = tl.where(row_valid, gate, 0.0)
-        assignment = probabilities * gate[:, None]
+        # One per-row scale folds the softmax normalisation and the gate.
+        assignment = unnormalised * (gate / tl.sum(unnormalised, axis=1))[:, None]
 
         features = tl.load(
             x_video + rows[:, None] * dim + offs_d[None, :],
@@ -432,7 +432,7 @@ def _aggregation_backward_kernel(
                          other=0.0).to(ACC_DTYPE)
         logits = tl.where(k_valid[None, :], logits, float("-inf"))
         unnormalised = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-        probabilities = unnormalised / tl.sum(unnormalised, axis=1)[:, None]
+        probabilities = unnormalised * (1.0 / tl.sum(unnormalised, axis=1))[:, None]
         sigmoid = tl.sigmoid(tl.load(attention_ptr + attention_offsets, mask=row_valid,
                                      other=0.0).to(ACC_DTYPE))
         gate = tl.where(row_valid, sigmoid, 0.0)
@@ -510,8 +510,8 @@ _FORWARD_TILES: dict[str, dict[int, list[_Tile]]] = {
     "ieee": {  # exact fp32 (FMA, no tensor cores): mostly for tests
         16: [(64, 64, 4), (32, 64, 4), (64, 128, 8)],
         64: [(64, 64, 8), (128, 32, 8), (64, 128, 8)],
-        128: [(64, 64, 8), (32, 64, 8), (64, 32, 8)],
-        256: [(32, 32, 8), (32, 64, 8)],
+        128: [(32, 64, 8), (64, 64, 8), (64, 32, 8)],
+        256: [(16, 32, 8), (16, 64, 8), (32, 32, 4)],
     },
 }
 _BACKWARD_TILES: dict[str, dict[int, list[_Tile]]] = {
