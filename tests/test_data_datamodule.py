@@ -8,6 +8,7 @@ import torch
 from jsonargparse import ArgumentParser
 
 from nextvlad.data import YT8MDataModule, iter_videos
+from nextvlad.data.transforms import BATCH_KEYS
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's CPU/worker hints
 
@@ -63,7 +64,7 @@ def test_fit_validate_test_predict(synthetic_data):
     val_ids = [i for b in model.received["val"] for i in b["id"]]
     assert sorted(val_ids) == sorted(all_validate * 2)  # two validation passes, nothing dropped
     for batch in model.received["train"] + model.received["val"]:
-        assert set(batch) == {"id", "rgb", "audio", "lengths", "labels", "has_labels"}
+        assert tuple(batch) == BATCH_KEYS  # exactly the contract, nothing else
         assert batch["rgb"].dtype == torch.float32 and batch["rgb"].shape[1:] == (50, 1024)
         assert batch["labels"].dtype == torch.float32 and batch["has_labels"].all()
     assert datamodule.read_stats["truncated_videos"] > 0  # 20-60 frame videos, max_frames 50

@@ -17,7 +17,7 @@ import os
 import numpy as np
 import torch
 
-from nextvlad.data.parsing import AUDIO_SIZE, RGB_SIZE
+from nextvlad.data.parsing import RGB_SIZE
 
 # Dequantize(max=2, min=-2): scalar = 4/255, bias = 4/512 + (-2), both taken to float32 as TF does.
 DEQUANTIZE_SCALE = np.float32(4.0 / 255.0)
@@ -153,6 +153,7 @@ def finalize_batch(batch: dict, whitening: ReverseWhitening | None = None,
     return out
 
 
-__all__ = ["DEQUANTIZE_SCALE", "DEQUANTIZE_BIAS", "BATCH_KEYS", "dequantize", "quantize",
-           "whitening_scale", "ReverseWhitening", "frame_mask", "dequantize_padded",
-           "sample_frames", "finalize_batch", "AUDIO_SIZE"]
+__all__ = ["DEQUANTIZE_SCALE", "DEQUANTIZE_BIAS", "WHITENING_OFFSET", "WHITENING_EPSILON",
+           "BATCH_KEYS", "dequantize", "quantize", "whitening_scale", "ReverseWhitening",
+           "frame_mask", "dequantize_padded", "dequantize_rows_into", "sample_frames",
+           "finalize_batch"]
