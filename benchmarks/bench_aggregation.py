@@ -8,6 +8,7 @@ a plain timer) so that CI exercises it. Writes ``benchmarks/results/aggregation_
 
     python benchmarks/bench_aggregation.py            # full run on the available device
     python benchmarks/bench_aggregation.py --quick    # tiny shapes, seconds (CI)
+    python benchmarks/bench_aggregation.py --compile-report  # sm_90 registers/spills, no GPU needed
 """
 
 from __future__ import annotations
@@ -270,6 +271,32 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
     return path
 
 
+def compile_report(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """No GPU needed: compile each default tile for sm_90 (H100) and report registers, spills and
+    shared memory per workload, kernel and operand family. Facts about the binaries, not timings."""
+    from nextvlad.kernels.residual_aggregation import (
+        _BACKWARD_TILES, _FORWARD_TILES, _padded_clusters, _tile_family, _tiles, compile_for_gpu, resource_usage,
+    )
+
+    rows = []
+    shapes = dict.fromkeys((w.clusters, w.dim) for w in workloads(160, 300, quick=False))
+    for clusters, dim in shapes:
+        for dtype_name, dtype, precision in (("bf16", torch.bfloat16, "ieee"), ("fp32", torch.float32, "tf32"),
+                                             ("fp32", torch.float32, "ieee")):
+            for kind, table in (("forward", _FORWARD_TILES), ("backward", _BACKWARD_TILES)):
+                family = _tile_family(dtype, precision)
+                tile = _tiles(table, family, _padded_clusters(clusters), dim)[0]
+                usage = resource_usage(compile_for_gpu(kind, dtype, clusters, dim, tile=tile, precision=precision))
+                rows.append({"K": clusters, "D": dim, "dtype": dtype_name, "family": family, "kernel": kind,
+                             "BLOCK_R": tile[0], "BLOCK_D": tile[1], "warps": tile[2], **usage})
+    columns = list(rows[0])
+    print(markdown_table(rows, columns))
+    meta = {**environment("cpu"), "target": "sm_90 (compiled with Triton's bundled ptxas; no GPU used)"}
+    paths = write_results("aggregation_sm90_compile", rows, meta, columns=columns, output_dir=args.output_dir)
+    print(f"wrote {paths['json']} and {paths['md']}")
+    return rows
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes and short timings (CI smoke run)")
@@ -289,11 +316,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (on a loaded shared machine 1 is far steadier)")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--compile-report", action="store_true",
+                        help="instead of timing: compile the default tiles for sm_90 and report registers/"
+                             "spills/shared memory (needs Triton in compiled mode, no GPU)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
+    if args.compile_report:
+        return compile_report(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
