@@ -223,6 +223,14 @@ class VideoClassifier(pl.LightningModule):
         metrics.update(torch.sigmoid(logits.float()), labels)
         self.log(f"{prefix}loss", summed_bce(logits, labels), batch_size=logits.shape[0], sync_dist=True)
 
+    def on_validation_epoch_start(self) -> None:
+        # Fresh state tensors: under ddp_spawn the module reaches the ranks in shared memory, and
+        # in-place accumulation would add every rank's counts into the same tensors.
+        self.val_metrics.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.test_metrics.reset()
+
     def on_validation_epoch_end(self) -> None:
         self._log_metrics(self.val_metrics)
 

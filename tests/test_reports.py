@@ -136,3 +136,18 @@ def test_unlabelled_evaluation_set_reports_without_a_plot(tmp_path):
     report = json.loads((tmp_path / "r" / "validate_metrics.json").read_text())
     assert report["per_class"]["positives"] == [0.0] * NUM_CLASSES
     assert not (tmp_path / "r" / "validate_class_ap.png").exists()
+
+
+@pytest.mark.slow
+def test_ddp_report_gathers_per_class_values_from_every_rank(trained, tmp_path):
+    """Two gloo processes, 20 videos each: the same report as one process over all 40."""
+    module, ckpt = trained
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    trainer(callbacks=[EvaluationReport(output_dir=str(single), plot=False)]).validate(
+        module, loader(40, seed=3), ckpt_path=ckpt, verbose=False)
+    trainer(strategy="ddp_spawn", devices=2, callbacks=[EvaluationReport(output_dir=str(ddp), plot=False)]).validate(
+        module, loader(40, seed=3), ckpt_path=ckpt, verbose=False)
+    one, two = (json.loads((d / "model.validate.json").read_text()) for d in (single, ddp))
+    assert two["per_class"]["positives"] == one["per_class"]["positives"]
+    np.testing.assert_allclose(two["per_class"]["average_precision"], one["per_class"]["average_precision"], atol=1e-12)
+    assert two["metrics"] == pytest.approx(one["metrics"], abs=1e-6)
