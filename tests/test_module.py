@@ -171,3 +171,18 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
     other = VideoClassifier(**{**SMALL, "clusters": 8})
     with pytest.raises(ValueError, match="another architecture.*clusters: checkpoint 4 vs config 8"):
         trainer(max_steps=2, default_root_dir=tmp_path).fit(other, loader(16), ckpt_path=ckpt)
+
+
+@pytest.mark.parametrize("num_branches", [1, 3])
+def test_bf16_mixed_precision_trains(num_branches):
+    torch.manual_seed(0)
+    module = VideoClassifier(**SMALL, num_branches=num_branches, cluster_bn_statistics="masked")
+    losses = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer(max_steps=3, precision="bf16-mixed", callbacks=[Record()]).fit(module, loader(32))
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert all(p.dtype == torch.float32 for p in module.parameters())  # master weights stay fp32
