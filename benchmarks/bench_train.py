@@ -1,0 +1,198 @@
+"""Training throughput (videos/s) of a config's model: model only, end to end, and mix3 vs 3 x single.
+
+* model only: random batches already on the device; forward, backward, per-tensor clipping and the
+  Adam step, exactly what ``VideoClassifier`` does in ``training_step``;
+* end to end: ``Trainer.fit`` reading synthetic frame-level TFRecords (120-300 frames per video)
+  through ``YT8MDataModule`` with the config's data settings;
+* mixture cost: the step time of the config's model with ``num_branches`` 3 against 3 x the step
+  time of the same model with one branch (issue: the branches must not cost more than three models).
+
+    python benchmarks/bench_train.py --config configs/nextvlad.yaml                 # GPU, bf16
+    python benchmarks/bench_train.py --config configs/nextvlad_mix3.yaml --mixture
+    python benchmarks/bench_train.py --tiny                                         # CPU smoke run
+
+Compare rows of one run only: numbers depend on the machine and whatever else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, markdown_table, write_results  # noqa: E402
+
+from nextvlad.data import write_synthetic_dataset  # noqa: E402
+from nextvlad.module import VideoClassifier, clip_per_tensor_  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+#: --tiny: a model small enough for a CPU smoke run (seconds), same layers.
+TINY_MODEL = {"num_classes": 100, "clusters": 8, "groups": 4, "hidden_size": 64, "gating_reduction": 4}
+
+
+def model_hparams(config: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    section = yaml.safe_load(config.read_text())["model"]
+    return {**(section.get("init_args") or {}), **overrides}
+
+
+def random_batch(hp: dict[str, Any], batch: int, frames: int, device: torch.device) -> dict[str, Any]:
+    num_classes = hp.get("num_classes", 3862)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    labels = (torch.rand(batch, num_classes, generator=generator) < 3.0 / num_classes).float()
+    return {
+        "id": [f"v{i}" for i in range(batch)],
+        "rgb": torch.randn(batch, frames, hp.get("rgb_size", 1024), generator=generator).to(device),
+        "audio": torch.randn(batch, frames, hp.get("audio_size", 128), generator=generator).to(device),
+        "lengths": torch.randint(frames // 2, frames + 1, (batch,), generator=generator).to(device),
+        "labels": labels.to(device),
+        "has_labels": torch.ones(batch, dtype=torch.bool, device=device),
+    }
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_model_steps(hp: dict[str, Any], batch: dict[str, Any], device: torch.device, precision: str,
+                     warmup: int, steps: int) -> float:
+    """Seconds per training step (forward, backward, per-tensor clip, Adam) on a fixed batch."""
+    module = VideoClassifier(**hp).to(device).train()
+    optimizer = module.configure_optimizers()
+    def step() -> None:
+        with autocast(device, precision):
+            losses, _ = module.compute_losses(batch)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        clip_per_tensor_([p for p in module.parameters() if p.grad is not None], hp.get("gradient_clip_norm", 1.0))
+        optimizer.step()
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+class StepTimer(pl.Callback):
+    """Wall time of the training batches after ``warmup`` (data loading included)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.videos = warmup, None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
+            synchronize(pl_module.device)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx >= self.warmup:
+            self.videos += len(batch["lengths"])
+        self.end = time.perf_counter()
+
+    def videos_per_second(self) -> float:
+        return self.videos / (self.end - self.start)
+
+
+def end_to_end(hp: dict[str, Any], config: Path, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    data_args = yaml.safe_load(config.read_text())["data"].get("init_args", {})
+    num_videos = args.batch * (args.warmup + args.steps + 1)
+    with tempfile.TemporaryDirectory() as directory:
+        write_synthetic_dataset(directory, num_train=num_videos, num_validate=0, num_test=0,
+                                num_classes=hp.get("num_classes", 3862), min_frames=120, max_frames=300,
+                                files_per_split=max(2, args.workers))
+        from nextvlad.data import YT8MDataModule
+
+        datamodule = YT8MDataModule(
+            train_pattern=str(Path(directory) / "train*.tfrecord"), batch_size=args.batch,
+            num_workers=args.workers, max_frames=args.frames, num_classes=hp.get("num_classes", 3862),
+            eigenvalues_path=args.eigenvalues or None, sample_frames=data_args.get("sample_frames"),
+        )
+        timer = StepTimer(args.warmup)
+        trainer = pl.Trainer(accelerator=device.type, devices=1, precision=args.precision, max_epochs=1,
+                             limit_train_batches=args.warmup + args.steps, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[timer], limit_val_batches=0)
+        trainer.fit(VideoClassifier(**hp), datamodule=datamodule)
+    return {"workload": f"end to end ({args.workers} workers)", "videos_per_s": timer.videos_per_second(),
+            "ms_per_step": 1000 * args.batch / timer.videos_per_second()}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "nextvlad.yaml")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default=None, choices=["bf16-mixed", "32-true"],
+                        help="default: bf16-mixed on GPU, 32-true on CPU")
+    parser.add_argument("--batch", type=int, default=None, help="default: 160 on GPU, 8 on CPU")
+    parser.add_argument("--frames", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--eigenvalues", default=str(REPO.parent / "shared" / "yt8m_pca" / "eigenvals.npy"),
+                        help="eigenvals.npy for reverse whitening in the end-to-end run ('' for none)")
+    parser.add_argument("--mixture", action="store_true", help="also time num_branches 3 against 1")
+    parser.add_argument("--no-end-to-end", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="tiny model, batch 4, 20 frames (CI smoke run)")
+    parser.add_argument("--output-dir", type=Path, default=None)
+    parser.add_argument("--name", default=None, help="result file stem (default train_<config>_<device>)")
+    args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.precision = args.precision or ("bf16-mixed" if cuda else "32-true")
+    if args.tiny:
+        args.batch, args.frames, args.warmup, args.steps, args.workers = 4, 20, 1, 2, 1
+    args.batch = args.batch or (160 if cuda else 8)
+    if args.eigenvalues and not Path(args.eigenvalues).is_file():
+        args.eigenvalues = ""
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    hp = model_hparams(args.config, {**(TINY_MODEL if args.tiny else {}), "aggregation_backend": "auto"})
+    batch = random_batch(hp, args.batch, args.frames, device)
+    common = {"config": args.config.name, "precision": args.precision, "batch": args.batch, "frames": args.frames}
+    rows = []
+    seconds = time_model_steps(hp, batch, device, args.precision, args.warmup, args.steps)
+    rows.append({"workload": f"model only ({hp.get('num_branches', 1)} branch(es))", **common,
+                 "ms_per_step": 1000 * seconds, "videos_per_s": args.batch / seconds})
+    if args.mixture:
+        single = time_model_steps({**hp, "num_branches": 1}, batch, device, args.precision, args.warmup, args.steps)
+        mixture = time_model_steps({**hp, "num_branches": 3}, batch, device, args.precision, args.warmup, args.steps)
+        rows.append({"workload": "model only, 1 branch", **common, "ms_per_step": 1000 * single,
+                     "videos_per_s": args.batch / single})
+        rows.append({"workload": "model only, 3 branches", **common, "ms_per_step": 1000 * mixture,
+                     "videos_per_s": args.batch / mixture, "mix3 / (3 x single)": mixture / (3 * single)})
+    if not args.no_end_to_end:
+        rows.append({**end_to_end(hp, args.config, args, device), **common})
+    meta = {**environment(device), "config": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO)
+                                                 else args.config), "tiny": args.tiny, "warmup": args.warmup,
+            "steps": args.steps}
+    columns = ["workload", "config", "precision", "batch", "frames", "ms_per_step", "videos_per_s",
+               "mix3 / (3 x single)"]
+    print(markdown_table(rows, columns))
+    name = args.name or f"train_{args.config.stem}_{device.type}{'_tiny' if args.tiny else ''}"
+    write_results(name, rows, meta, columns=columns, output_dir=args.output_dir)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
