@@ -328,7 +328,8 @@ def _aggregation_forward_kernel(
     video = tl.program_id(1).to(tl.int64)
     output_index = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + video
     rows_per_video = max_frames * groups
-    real_rows = tl.load(lengths_ptr + video).to(tl.int32) * groups
+    # Clamped to [0, M] so memory stays in bounds even where validation was skipped (tracing).
+    real_rows = tl.minimum(tl.maximum(tl.load(lengths_ptr + video).to(tl.int32), 0), max_frames) * groups
     row_begin = tl.program_id(2) * rows_per_split
     row_end = tl.minimum(real_rows, row_begin + rows_per_split)
 
@@ -400,7 +401,8 @@ def _aggregation_backward_kernel(
     pid_r = tl.program_id(0)
     video = tl.program_id(1).to(tl.int64)
     rows_per_video = max_frames * groups
-    real_rows = tl.load(lengths_ptr + video).to(tl.int32) * groups
+    # Clamped to [0, M] so memory stays in bounds even where validation was skipped (tracing).
+    real_rows = tl.minimum(tl.maximum(tl.load(lengths_ptr + video).to(tl.int32), 0), max_frames) * groups
 
     offs_k = tl.arange(0, K_PAD)
     k_valid = offs_k < clusters

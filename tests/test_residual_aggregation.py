@@ -270,6 +270,16 @@ def test_triton_interpreter_autotuned_launch_path(interpreter, monkeypatch: pyte
     assert len(timed) == len(tiles)
 
 
+def test_triton_interpreter_clamps_unvalidated_lengths(interpreter) -> None:
+    # Under torch.compile/export the lengths check is skipped; the kernels then clamp to [0, M]
+    # (memory stays in bounds) exactly as the reference's frame mask does.
+    x, logits, attention, _, centroids = make_inputs(Shape(2, 6, 2, 5, 16, (6, 6)))
+    lengths = torch.tensor([-2, 11])
+    y = ResidualAggregationFunction.apply(x, logits, attention, lengths, centroids, "ieee")
+    expected = residual_aggregation_reference(x, logits, attention, torch.tensor([0, 6]), centroids)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_triton_interpreter_gradcheck_float64(interpreter) -> None:
     x, logits, attention, lengths, centroids = with_grad(*make_inputs(Shape(2, 3, 2, 3, 4, (3, 1)), torch.float64))
 
