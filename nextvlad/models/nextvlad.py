@@ -94,7 +94,7 @@ class NeXtVLAD(nn.Module):
             lengths,
             self.centroids.to(expanded.dtype),
             backend=self.backend,
-            normalize=True,  # intra-normalisation over D per cluster, fused into the op
+            normalize=True,  # intra-normalisation over D per cluster (SPEC 3.1 step 8), done by the op
         )
         return self.vlad_bn(flatten_like_tf(vlad))
 
