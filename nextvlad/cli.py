@@ -59,6 +59,11 @@ def main(argv: Sequence[str] | None = None) -> LightningCLI | None:
     return NextVLADCLI(args=None if from_command_line else argv)
 
 
+def console_main() -> None:
+    """The ``nextvlad`` console script (returns None: a returned object would become exit status 1)."""
+    main()
+
+
 def lightning_main() -> None:
     """``lightning fit --config configs/nextvlad.yaml``: current Lightning ships no such command."""
     main()
