@@ -113,6 +113,12 @@ class VideoClassifier(pl.LightningModule):
         self.train_gap = GlobalAveragePrecision(top_k=top_k, validate_args=False)  # no per-step device sync
         self.val_metrics = self._evaluation_metrics("val/")
         self.test_metrics = self._evaluation_metrics("test/")
+        # A mixture also reports each branch's GAP, so that the mixture can be compared with them.
+        branch_gaps = 0 if num_branches == 1 or predict_branch is not None else num_branches
+        self.branch_gaps = nn.ModuleDict({
+            stage: nn.ModuleList(GlobalAveragePrecision(top_k=top_k) for _ in range(branch_gaps))
+            for stage in ("val", "test")
+        })
         self.examples_seen = 0  # optimizer-step examples over all ranks; drives the LR schedule
         self._pending_examples = 0
 
@@ -208,39 +214,57 @@ class VideoClassifier(pl.LightningModule):
         return losses["total"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluation_step(batch, self.val_metrics, "val/")
+        self._evaluation_step(batch, "val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluation_step(batch, self.test_metrics, "test/")
+        self._evaluation_step(batch, "test")
 
-    def _evaluation_step(self, batch: dict[str, Any], metrics: MetricCollection, prefix: str) -> None:
+    def _stage_metrics(self, stage: str) -> MetricCollection:
+        return self.val_metrics if stage == "val" else self.test_metrics
+
+    def _evaluation_step(self, batch: dict[str, Any], stage: str) -> None:
         self._check_batch(batch)
         labelled = batch["has_labels"]
-        logits = self(batch["rgb"], batch["audio"], batch["lengths"])[labelled]
-        if logits.shape[0] == 0:
+        if not labelled.any():
             return
         labels = batch["labels"][labelled].float()
-        metrics.update(torch.sigmoid(logits.float()), labels)
-        self.log(f"{prefix}loss", summed_bce(logits, labels), batch_size=logits.shape[0], sync_dist=True)
+        branch_gaps = self.branch_gaps[stage]
+        if branch_gaps:
+            out = self.model.forward_all(batch["rgb"], batch["audio"], batch["lengths"])
+            logits = out.logits[labelled]
+            for gap, branch_logits in zip(branch_gaps, out.branch_logits):
+                gap.update(torch.sigmoid(branch_logits[labelled].float()), labels)
+        else:
+            logits = self(batch["rgb"], batch["audio"], batch["lengths"])[labelled]
+        self._stage_metrics(stage).update(torch.sigmoid(logits.float()), labels)
+        self.log(f"{stage}/loss", summed_bce(logits, labels), batch_size=logits.shape[0], sync_dist=True)
 
     def on_validation_epoch_start(self) -> None:
-        # Fresh state tensors: under ddp_spawn the module reaches the ranks in shared memory, and
-        # in-place accumulation would add every rank's counts into the same tensors.
-        self.val_metrics.reset()
+        self._reset_metrics("val")
 
     def on_test_epoch_start(self) -> None:
-        self.test_metrics.reset()
+        self._reset_metrics("test")
+
+    def _reset_metrics(self, stage: str) -> None:
+        # Fresh state tensors: under ddp_spawn the module reaches the ranks in shared memory, and
+        # in-place accumulation would add every rank's counts into the same tensors.
+        self._stage_metrics(stage).reset()
+        for gap in self.branch_gaps[stage]:
+            gap.reset()
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics(self.val_metrics)
+        self._log_metrics("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics(self.test_metrics)
+        self._log_metrics("test")
 
-    def _log_metrics(self, metrics: MetricCollection) -> None:
-        values = metrics.compute()
-        self.log_dict(values, prog_bar=True)
+    def _log_metrics(self, stage: str) -> None:
+        metrics = self._stage_metrics(stage)
+        self.log_dict(metrics.compute(), prog_bar=True)
         metrics.reset()
+        for m, gap in enumerate(self.branch_gaps[stage]):
+            self.log(f"{stage}/branch_{m}/gap", gap.compute())
+            gap.reset()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Top-k classes and probabilities per video (never the full (videos x C) matrix)."""
