@@ -177,3 +177,11 @@ def test_skipped_records_in_ddp_training_cannot_silently_unbalance_ranks(tmp_pat
         list(dataset)
     dataset.set_distributed(1, 2)
     assert sum(len(b["id"]) for b in dataset) == 4
+
+
+def test_missing_eigenvalues_file_is_a_clear_error_before_training(tmp_path):
+    from nextvlad.data import YT8MDataModule
+
+    missing = tmp_path / "yt8m_pca" / "eigenvals.npy"
+    with pytest.raises(FileNotFoundError, match=r"eigenvalues_path: .*eigenvals.npy does not exist"):
+        YT8MDataModule(train_pattern="unused*.tfrecord", eigenvalues_path=str(missing))

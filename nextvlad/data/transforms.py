@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from nextvlad.data.parsing import RGB_SIZE
+from nextvlad.kernels.residual_aggregation import frame_mask  # one definition of "real frame"
 
 # Dequantize(max=2, min=-2): scalar = 4/255, bias = 4/512 + (-2), both taken to float32 as TF does.
 DEQUANTIZE_SCALE = np.float32(4.0 / 255.0)
@@ -43,6 +44,11 @@ def whitening_scale(eigenvalues_path: str | os.PathLike) -> np.ndarray:
 
     The file is `eigenvals.npy` from Google's `yt8m_pca` (shape (2048, 1) or (2048,), descending).
     """
+    if not os.path.isfile(eigenvalues_path):
+        raise FileNotFoundError(
+            f"eigenvalues_path: {eigenvalues_path} does not exist (the yt8m_pca eigenvals.npy for "
+            "reverse whitening, see the README's 'Getting the data'; null turns whitening off)"
+        )
     loaded = np.load(eigenvalues_path)
     eigenvalues = loaded[:, 0] if loaded.ndim == 2 and loaded.shape[1] == 1 else loaded
     if eigenvalues.ndim != 1 or eigenvalues.shape[0] < RGB_SIZE:
@@ -70,11 +76,6 @@ class ReverseWhitening:
     def __call__(self, rgb: torch.Tensor) -> torch.Tensor:
         """Apply to a padded float32 rgb batch (..., 1024)."""
         return (rgb - float(WHITENING_OFFSET)) * self.scale_on(rgb.device)
-
-
-def frame_mask(lengths: torch.Tensor, max_frames: int) -> torch.Tensor:
-    """bool (B, max_frames): True at real frames."""
-    return torch.arange(max_frames, device=lengths.device) < lengths[:, None]
 
 
 def dequantize_padded(quantized: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
