@@ -281,12 +281,8 @@ class MeanAveragePrecision(_TopKPairs):
         return average_precision
 
 
-class HitAtOne(Metric):
-    """Hit@1: mean over videos of ``target[argmax(preds)]``, ties to the first max index (SPEC 5).
-
-    Args:
-        validate_args: check that target is 0/1 and preds has no NaN (one device sync per update).
-    """
+class _MeanOverVideos(Metric):
+    """A per-video score averaged over every video seen (summed states, so exact under DDP)."""
 
     is_differentiable = False
     higher_is_better = True
@@ -295,22 +291,37 @@ class HitAtOne(Metric):
     def __init__(self, validate_args: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
         self.validate_args = validate_args
-        self.add_state("hits", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("score_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("videos", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def _video_scores(self, preds: Tensor, target: Tensor) -> Tensor:
+        """(B,) float64 score of each video of the batch."""
+        raise NotImplementedError
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Accumulate a batch of probabilities ``preds`` (B, C) and multi-hot ``target`` (B, C)."""
         _check_inputs(preds, target, self.validate_args)
-        # torch.argmax returns the first maximal index on ties, as numpy does.
-        best_class = preds.detach().argmax(dim=1, keepdim=True)
-        self.hits += (target.detach().gather(1, best_class) > 0).sum().to(torch.float64)
+        self.score_sum += self._video_scores(preds.detach(), target.detach()).sum()
         self.videos += preds.shape[0]
 
     def compute(self) -> Tensor:
-        return self.hits / self.videos.clamp(min=1)
+        return self.score_sum / self.videos.clamp(min=1)
 
 
-class PrecisionAtEqualRecallRate(Metric):
+class HitAtOne(_MeanOverVideos):
+    """Hit@1: mean over videos of ``target[argmax(preds)]``, ties to the first max index (SPEC 5).
+
+    Args:
+        validate_args: check that target is 0/1 and preds has no NaN (one device sync per update).
+    """
+
+    def _video_scores(self, preds: Tensor, target: Tensor) -> Tensor:
+        # torch.argmax returns the first maximal index on ties, as numpy does.
+        best_class = preds.argmax(dim=1, keepdim=True)
+        return (target.gather(1, best_class) > 0).squeeze(1).to(torch.float64)
+
+
+class PrecisionAtEqualRecallRate(_MeanOverVideos):
     """PERR: mean over videos of the precision of its top-n classes, n = its number of labels.
 
     Per video ``sum over the top-n classes of label * [pred > 0] / n`` (SPEC 5); a video without
@@ -320,29 +331,10 @@ class PrecisionAtEqualRecallRate(Metric):
         validate_args: check that target is 0/1 and preds has no NaN (one device sync per update).
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, validate_args: bool = True, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.validate_args = validate_args
-        self.add_state(
-            "precision_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
-        )
-        self.add_state("videos", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, preds: Tensor, target: Tensor) -> None:
-        """Accumulate a batch of probabilities ``preds`` (B, C) and multi-hot ``target`` (B, C)."""
-        _check_inputs(preds, target, self.validate_args)
-        preds, positive = preds.detach(), target.detach() > 0
+    def _video_scores(self, preds: Tensor, target: Tensor) -> Tensor:
+        positive = target > 0
         num_labels = positive.sum(dim=1, keepdim=True)
         max_labels = int(num_labels.max()) if preds.shape[0] else 0
         top_n = _top_k_mask(preds, num_labels, max_labels)
         correct = (top_n & positive & (preds > 0)).sum(dim=1)
-        precision = correct.to(torch.float64) / num_labels.squeeze(1).clamp(min=1)
-        self.precision_sum += precision.sum()
-        self.videos += preds.shape[0]
-
-    def compute(self) -> Tensor:
-        return self.precision_sum / self.videos.clamp(min=1)
+        return correct.to(torch.float64) / num_labels.squeeze(1).clamp(min=1)
