@@ -325,8 +325,8 @@ def _hints(model: nn.Module, arrays: Mapping[str, np.ndarray], scope: str, probl
         if problem.name.endswith("mix_weights_bn/gamma"):
             hints.append(
                 f"hint: a mixture gate over {problem.tf_shape[0]} inputs is the competition-era gate (mean over "
-                "the features of each frame, SPEC 7.1), which nextvlad does not implement; HEAD's gate averages "
-                "frames (1152 inputs)"
+                "the features of each frame, SPEC 7.1): set model.init_args.gate_input: per_frame and "
+                f"gate_frames: {problem.tf_shape[0]}; HEAD's gate averages frames (1152 inputs)"
             )
     if misshaped:
         hints.append("hint: the config's sizes (clusters, groups, expansion, hidden_size, gating_reduction, "

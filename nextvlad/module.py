@@ -48,8 +48,9 @@ class VideoClassifier(pl.LightningModule):
     ``cluster_bn_statistics`` ("all" rows as the TF code, or "masked"), ``input_reduction``
     (NetVLAD_small: 4).
 
-    Mixture args (SPEC 3.3): ``num_branches`` > 1 builds ``MixtureOfNeXtVLAD`` with ``gate_input``;
-    ``temperature`` T and ``cl_lambda`` weight the distillation KL (T = 0 disables it);
+    Mixture args (SPEC 3.3): ``num_branches`` > 1 builds ``MixtureOfNeXtVLAD`` with ``gate_input``
+    ("all" frames as the authors' final code, "masked", or "per_frame" over ``gate_frames`` frames as
+    the 2018 competition code); ``temperature`` T and ``cl_lambda`` weight the distillation KL (T = 0 disables it);
     ``detach_teacher`` stops its gradient into the mixture; ``predict_branch`` predicts with one
     branch instead of the mixture.
 
@@ -82,6 +83,7 @@ class VideoClassifier(pl.LightningModule):
         num_branches: int = 1,
         branch_hidden_activation: HiddenActivation = "none",
         gate_input: GateInput = "all",
+        gate_frames: int = 300,
         temperature: float = 3.0,
         cl_lambda: float = 9.0,
         detach_teacher: bool = False,
@@ -134,7 +136,8 @@ class VideoClassifier(pl.LightningModule):
         if hp.num_branches == 1:
             return branch(hp.hidden_activation)
         branches = [branch(hp.branch_hidden_activation) for _ in range(hp.num_branches)]
-        return MixtureOfNeXtVLAD(branches, hp.rgb_size + hp.audio_size, hp.gate_input)
+        gate_size = hp.gate_frames if hp.gate_input == "per_frame" else hp.rgb_size + hp.audio_size
+        return MixtureOfNeXtVLAD(branches, gate_size, hp.gate_input)
 
     def _evaluation_metrics(self, prefix: str) -> MetricCollection:
         hp = self.hparams

@@ -342,13 +342,30 @@ def test_variables_of_a_mixture_into_a_single_model_explain_the_mismatch():
         load_tf_variables(VideoClassifier(**TINY, num_branches=BRANCHES), tf_single())
 
 
-def test_competition_era_gate_is_explained():
-    v = tf_mixture()
-    frames = 300
-    v.update(tf_batch_norm_vars(np.random.default_rng(0), "tower/mix_weights_bn", frames))
-    v["tower/mix_weights/weights"] = np.zeros((frames, BRANCHES), np.float32)
-    with pytest.raises(ValueError, match="competition-era gate"):
+def test_competition_era_gate_is_explained_and_loads_with_per_frame_gate():
+    rng = np.random.default_rng(0)
+    v = tf_mixture(seed=5)
+    frames = 7  # the 2018 gate has one input per padded frame (300 in the authors' graph)
+    v.update(tf_batch_norm_vars(rng, "tower/mix_weights_bn", frames))
+    v["tower/mix_weights/weights"] = dense(rng, frames, BRANCHES)
+    with pytest.raises(ValueError, match="competition-era gate.*gate_input: per_frame and gate_frames: 7"):
         load_tf_variables(VideoClassifier(**TINY, num_branches=BRANCHES), v)
+    module = VideoClassifier(**TINY, num_branches=BRANCHES, gate_input="per_frame", gate_frames=frames).eval()
+    load_tf_variables(module, v)
+    rgb, audio, lengths = inputs(frames=frames)
+    w = as64(v)
+    # SPEC 7.1: reduce_mean(input, axis=-1), a per-frame mean over the 1152 features, padding included
+    frame_mean = np.concatenate([rgb, audio], axis=-1).mean(axis=-1)
+    gate = np_softmax(np_batch_norm(frame_mean, w, "tower/mix_weights_bn") @ w["tower/mix_weights/weights"]
+                      + w["tower/mix_weights/biases"])
+    branch_logits = [np_model(rgb, audio, lengths, w, f"tower/branch_{m}/", "video_vlad", "audio_vlad", relu=False)
+                     for m in range(BRANCHES)]
+    expected = sum(gate[:, m:m + 1] * branch_logits[m] for m in range(BRANCHES))
+    with torch.no_grad():
+        got = module(*(torch.from_numpy(a).float() for a in (rgb, audio)), torch.from_numpy(lengths)).double().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="needs inputs padded to 7 frames, got 6"):
+        module(torch.zeros(2, 6, RGB), torch.zeros(2, 6, AUDIO), torch.tensor([6, 3]))
 
 
 def test_other_scope_and_netvlad():

@@ -267,3 +267,12 @@ def test_mixture_shared_expansion_gemm_equals_branch_by_branch():
     assert torch.allclose(fused, separate, atol=1e-5)
     with pytest.raises(ValueError, match="expects 8 features per frame, got 7"):
         mixture(torch.randn(3, 6, 7), audio, lengths)
+
+
+def test_competition_era_mixture_parameter_count():
+    """SPEC 3.5: the 2018 gate (BN over 300 frame means + FC 300->3) gives 235,931,013."""
+    with torch.device("meta"):
+        branches = [build_video_model("nextvlad", clusters=112, gating_reduction=16, hidden_activation="none")
+                    for _ in range(3)]
+        mixture = MixtureOfNeXtVLAD(branches, input_size=300, gate_input="per_frame")
+    assert count_parameters(mixture) == 235_931_013

@@ -18,7 +18,7 @@ from nextvlad.models.initialization import tf_linear
 from nextvlad.models.nextvlad import NeXtVLAD
 from nextvlad.models.video_model import VideoModel
 
-GateInput = Literal["all", "masked"]
+GateInput = Literal["all", "masked", "per_frame"]
 
 #: The authors add 1e-8 inside both logarithms of the KL (SPEC 3.3).
 KL_EPSILON = 1e-8
@@ -35,15 +35,18 @@ class MixtureOfNeXtVLAD(nn.Module):
 
     Args:
         branches: the two-stream models (each built with ``build_video_model``).
-        input_size: features per frame of the gate input (rgb + audio, 1152).
+        input_size: width of the gate input: features per frame (rgb + audio, 1152) for "all" and
+            "masked", the number of frames M (300) for "per_frame".
         gate_input: "all" averages every one of the M padded rows and divides by M, as the authors'
-            final code; "masked" averages the real frames only.
+            final code; "masked" averages the real frames only; "per_frame" averages the features
+            of each frame, giving M values (the 2018 competition code, SPEC 7.1: needed to load its
+            checkpoints, and only for inputs padded to exactly ``input_size`` frames).
     """
 
     def __init__(self, branches: list[VideoModel], input_size: int = 1152, gate_input: GateInput = "all") -> None:
         super().__init__()
         check_positive(num_branches=len(branches))
-        check_choice("gate_input", gate_input, ("all", "masked"))
+        check_choice("gate_input", gate_input, ("all", "masked", "per_frame"))
         self.branches = nn.ModuleList(branches)
         self.gate_input = gate_input
         self.gate_bn = nn.BatchNorm1d(input_size, eps=1e-3, momentum=1e-3)
@@ -57,6 +60,13 @@ class MixtureOfNeXtVLAD(nn.Module):
         frames = torch.cat([rgb, audio], dim=-1).float()
         if self.gate_input == "all":
             mean = frames.mean(dim=1)
+        elif self.gate_input == "per_frame":
+            if frames.shape[1] != self.gate_bn.num_features:
+                raise ValueError(
+                    f"gate_input='per_frame' needs inputs padded to {self.gate_bn.num_features} frames, "
+                    f"got {frames.shape[1]}"
+                )
+            mean = frames.mean(dim=2)
         else:
             mask = frame_mask(lengths, frames.shape[1]).unsqueeze(-1)
             mean = (frames * mask).sum(dim=1) / lengths.clamp(min=1).unsqueeze(-1)
