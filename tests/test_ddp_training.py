@@ -1,0 +1,52 @@
+"""VideoClassifier under real 2-process DDP (gloo, CPU): the LR schedule counts every rank's examples."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent('''
+    import json, os, sys
+    import lightning.pytorch as pl
+    from nextvlad import VideoClassifier
+    from nextvlad.data import YT8MDataModule
+
+    class Record(pl.Callback):
+        def on_train_end(self, trainer, module):
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            with open(os.path.join(sys.argv[2], f"rank{trainer.global_rank}.json"), "w") as f:
+                json.dump({"examples_seen": module.examples_seen, "steps": trainer.global_step,
+                           "lr": lr, "val_gap": float(trainer.callback_metrics["val/gap"]),
+                           "world_size": trainer.world_size}, f)
+
+    if __name__ == "__main__":
+        pattern, out, num_classes = sys.argv[1], sys.argv[2], int(sys.argv[3])
+        data = YT8MDataModule(train_pattern=pattern + "/train*.tfrecord", val_pattern=pattern + "/validate*.tfrecord",
+                              batch_size=8, num_workers=0, max_frames=60, num_classes=num_classes)
+        model = VideoClassifier(num_classes=num_classes, clusters=4, groups=2, expansion=1, hidden_size=16,
+                                gating_reduction=4, learning_rate=1e-2, lr_decay=0.5, lr_decay_examples=64)
+        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             num_sanity_val_steps=0, callbacks=[Record()])
+        trainer.fit(model, data)
+''')
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_two_rank_training_counts_examples_over_ranks(synthetic_data, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    result = subprocess.run([sys.executable, str(script), synthetic_data["dir"], str(tmp_path),
+                             str(synthetic_data["num_classes"])], capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]  # same step, examples, LR and (synced) validation GAP on both ranks
+    # 120 training videos over 2 ranks x batch 8: 7 steps, each of 2 x 8 examples
+    assert ranks[0]["world_size"] == 2 and ranks[0]["steps"] == 7
+    assert ranks[0]["examples_seen"] == 7 * 16
+    assert ranks[0]["lr"] == pytest.approx(1e-2 * 0.5 ** (6 * 16 // 64))  # LR of the last step
