@@ -185,3 +185,14 @@ def test_missing_eigenvalues_file_is_a_clear_error_before_training(tmp_path):
     missing = tmp_path / "yt8m_pca" / "eigenvals.npy"
     with pytest.raises(FileNotFoundError, match=r"eigenvalues_path: .*eigenvals.npy does not exist"):
         YT8MDataModule(train_pattern="unused*.tfrecord", eigenvalues_path=str(missing))
+
+
+@pytest.mark.parametrize("bad_at", [[4, 5], [2, 3, 4, 5], [1, 4, 5]])
+def test_skips_after_the_last_batch_still_reach_read_stats(tmp_path, bad_at):
+    """read_stats travels with batches: skips after a reader's last good record must still be
+    counted (on the last batch), not only logged."""
+    records = [b"\xff\xff" if i in bad_at else good_record(i) for i in range(6)]
+    path = write(tmp_path, records)
+    ids, skipped = dataset_ids(path, on_error="skip")
+    assert ids == [f"good{i}" for i in range(6) if i not in bad_at]
+    assert skipped == len(bad_at)

@@ -252,14 +252,25 @@ class YT8MFrameDataset(IterableDataset):
         reported = ReadStats()
         pending: list[QuantizedVideo] = []
         emitted = 0
+        # A finished batch is held until the next good record arrives: if the reader ends first,
+        # records skipped after its last video are added to its read_stats instead of being lost.
+        held: dict | None = None
         for video in videos:
+            if held is not None:
+                yield held
+                held = None
             pending.append(video)
             if emitted < len(sizes) and len(pending) == sizes[emitted]:
-                yield self._make_batch(pending, stats, reported, pool)
+                held = self._make_batch(pending, stats, reported, pool)
                 pending, emitted = [], emitted + 1
         if pending:  # records were skipped, so the planned batches could not all be filled
-            yield self._make_batch(pending, stats, reported, pool)
+            if held is not None:
+                yield held
+            held = self._make_batch(pending, stats, reported, pool)
             emitted += 1
+        if held is not None:
+            held["read_stats"] += stats.as_tensor() - reported.as_tensor()
+            yield held
         if emitted < len(sizes) and self.training and self.world_size > 1:
             raise RuntimeError(
                 f"rank {self.rank}: {stats.skipped_records} bad records were skipped, leaving "
