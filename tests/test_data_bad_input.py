@@ -196,3 +196,16 @@ def test_skips_after_the_last_batch_still_reach_read_stats(tmp_path, bad_at):
     ids, skipped = dataset_ids(path, on_error="skip")
     assert ids == [f"good{i}" for i in range(6) if i not in bad_at]
     assert skipped == len(bad_at)
+
+
+def test_iter_videos_skips_are_logged_with_file_and_record(tmp_path, caplog):
+    path = write(tmp_path, [good_record(0), b"\xff\xff", good_record(2)])
+    with caplog.at_level(logging.WARNING, logger="nextvlad.data"):
+        assert ids_read(path, on_error="skip") == ["good0", "good2"]
+    assert f"{path}, record 1" in caplog.text
+    caplog.clear()
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[:-10])  # record 2 truncated: the rest of the file is given up
+    with caplog.at_level(logging.WARNING, logger="nextvlad.data"):
+        assert ids_read(path, on_error="skip") == ["good0"]
+    assert f"{path}, record 1" in caplog.text and f"{path}, record 2: truncated" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from typing import Literal
@@ -14,6 +15,8 @@ from nextvlad.data.dataset import OnError, YT8MFrameDataset
 from nextvlad.data.parsing import parse_frame_record, parse_video_level_record
 from nextvlad.data.records import Compression, DataError, FramingError, expand_paths, read_records
 from nextvlad.data.transforms import ReverseWhitening, dequantize, finalize_batch
+
+logger = logging.getLogger("nextvlad.data")
 
 Level = Literal["auto", "frame", "video"]
 
@@ -49,13 +52,15 @@ def iter_videos(pattern_or_files: str | os.PathLike | Iterable[str], max_frames:
                     if isinstance(data, DataError):
                         raise data
                     yield _decode(data, path, index, max_frames, num_classes, level)
-                except DataError:
+                except DataError as error:
                     if on_error == "raise":
                         raise
+                    logger.warning("on_error=skip: skipped %s", error)
                 index += 1
-        except FramingError:
+        except FramingError as error:
             if on_error == "raise":
                 raise
+            logger.warning("on_error=skip: gave up the rest of the file: %s", error)
 
 
 def _decode(data: bytes, path: str, index: int, max_frames: int, num_classes: int,
