@@ -99,3 +99,20 @@ def test_configurable_from_the_command_line(synthetic_data, eigenvalues_path):
 def test_missing_pattern_is_a_clear_error():
     with pytest.raises(ValueError, match="val_pattern is not set"):
         YT8MDataModule(train_pattern="x*").val_dataloader()
+
+
+def test_read_stats_are_counted_before_the_device_transfer(synthetic_data):
+    """Counting read_stats after the transfer would read a device tensor back to the host:
+    one GPU synchronisation per batch. They are consumed on the host, before the transfer."""
+    dm = YT8MDataModule(val_pattern=synthetic_data["validate"], batch_size=8, num_workers=0,
+                        max_frames=30, num_classes=10)
+    dm.setup("validate")
+    raw = next(iter(dm.val_dataloader()))
+    truncated = int(raw["read_stats"][2])
+    assert truncated > 0  # 20-60 frame videos, max_frames 30
+    to_transfer = dm.on_before_batch_transfer(raw, 0)
+    assert "read_stats" not in to_transfer and dm.read_stats["truncated_videos"] == truncated
+    assert tuple(dm.on_after_batch_transfer(to_transfer, 0)) == BATCH_KEYS
+    assert dm.read_stats["truncated_videos"] == truncated  # counted once
+    assert tuple(dm.transform(next(iter(dm.val_dataloader())))) == BATCH_KEYS
+    assert dm.read_stats["truncated_videos"] == 2 * truncated  # the same first batch again

@@ -155,13 +155,21 @@ class YT8MDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> YT8MDataLoader:
         return self._loader("predict")
 
-    # -- on the device --------------------------------------------------------------------------
-    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Quantized batch on the device -> the float batch contract (see class docstring)."""
-        stats = batch.get("read_stats")
+    # -- on the host, then on the device ----------------------------------------------------------
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Count the batch's read_stats while they are on the host (after the transfer, reading
+        them back would synchronise the GPU once per batch) and leave them behind."""
+        batch = dict(batch)
+        stats = batch.pop("read_stats", None)
         if stats is not None:
             for name, value in zip(STAT_NAMES, stats.tolist()):
                 self.read_stats[name] += value
+        return batch
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Quantized batch on the device -> the float batch contract (see class docstring)."""
+        if "read_stats" in batch:  # called without on_before_batch_transfer
+            batch = self.on_before_batch_transfer(batch, dataloader_idx)
         generator = self._generator(batch["lengths"].device) if self.sample_frames else None
         return finalize_batch(batch, self.whitening, self.sample_frames, generator)
 
@@ -173,5 +181,5 @@ class YT8MDataModule(L.LightningDataModule):
         return self._generators[device]
 
     def transform(self, batch: dict) -> dict:
-        """Apply what `on_after_batch_transfer` does, without a Trainer (e.g. on the CPU)."""
-        return self.on_after_batch_transfer(batch, 0)
+        """Apply what the batch transfer hooks do, without a Trainer (e.g. on the CPU)."""
+        return self.on_after_batch_transfer(self.on_before_batch_transfer(batch, 0), 0)
