@@ -116,3 +116,17 @@ def test_read_stats_are_counted_before_the_device_transfer(synthetic_data):
     assert dm.read_stats["truncated_videos"] == truncated  # counted once
     assert tuple(dm.transform(next(iter(dm.val_dataloader())))) == BATCH_KEYS
     assert dm.read_stats["truncated_videos"] == 2 * truncated  # the same first batch again
+
+
+def test_loader_length_follows_the_current_trainer(synthetic_data):
+    """A Trainer stops evaluation after len(loader) batches, so a length computed for another
+    world size (a datamodule set up earlier, or reused by a second Trainer) would drop records."""
+    from types import SimpleNamespace
+
+    dm = YT8MDataModule(val_pattern=synthetic_data["validate"], eval_batch_size=7, num_workers=0,
+                        max_frames=30, num_classes=10)
+    for rank, world_size in ((1, 2), (0, 1), (0, 3)):
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=world_size, current_epoch=0)
+        dm.setup("validate")
+        loader = dm.val_dataloader()
+        assert len(loader) == len(list(loader))

@@ -132,6 +132,9 @@ class YT8MDataModule(L.LightningDataModule):
 
     def _loader(self, split: Stage) -> YT8MDataLoader:
         dataset = self._dataset(split)
+        # The dataset may have been made for another Trainer (or none): len(loader), which
+        # Lightning uses as the number of batches to take, must be this rank's count.
+        dataset.set_distributed(*self._rank_world())
 
         def context() -> tuple[int, int, int]:
             # Lightning knows the epoch (also after a restart); without a Trainer count iterations.
