@@ -115,9 +115,12 @@ def test_device_and_cpu_dequantize_agree_bitwise():
     lengths = torch.tensor([40, 1, 17, 39, 25])
     expected = _dequantize_padded_torch(quantized, lengths)  # what runs on a GPU
     torch.testing.assert_close(_dequantize_padded_cpu(quantized, lengths), expected, rtol=0, atol=0)
+    padded = ~(torch.arange(40) < lengths[:, None])
+    assert not torch.signbit(expected[padded]).any()  # +0.0 (SPEC 1.1), not -0.0 (q * False)
     if torch.cuda.is_available():
         on_gpu = _dequantize_padded_torch(quantized.cuda(), lengths.cuda()).cpu()
         torch.testing.assert_close(on_gpu, expected, rtol=0, atol=0)
+        assert torch.equal(torch.signbit(on_gpu), torch.signbit(expected))
 
 
 def test_sample_frames_draws_real_frames_with_replacement(synthetic_data):

@@ -87,7 +87,8 @@ def dequantize_padded(quantized: torch.Tensor, lengths: torch.Tensor) -> torch.T
 
 def _dequantize_padded_torch(quantized: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     values = quantized.to(torch.float32).mul_(float(DEQUANTIZE_SCALE)).add_(float(DEQUANTIZE_BIAS))
-    return values.mul_(frame_mask(lengths, quantized.shape[1])[..., None])
+    # masked_fill, not a multiplication by the mask: negative values times 0 would give -0.0.
+    return values.masked_fill_(~frame_mask(lengths, quantized.shape[1])[..., None], 0.0)
 
 
 def dequantize_rows_into(out: np.ndarray, quantized: np.ndarray) -> None:
