@@ -323,11 +323,13 @@ def test_kernels_compile_for_h100_without_register_spills() -> None:
     script = textwrap.dedent("""
         import torch
         from nextvlad.kernels.residual_aggregation import compile_for_gpu, resource_usage
-        cases = [("forward", torch.bfloat16, 128, 256), ("backward", torch.bfloat16, 128, 256),
-                 ("forward", torch.float32, 7, 24), ("backward", torch.float32, 7, 24)]
-        for kind, dtype, clusters, dim in cases:
-            usage = resource_usage(compile_for_gpu(kind, dtype, clusters, dim, precision="ieee"))
-            print(kind, dtype, clusters, dim, usage)
+        cases = [("forward", torch.bfloat16, 128, 256, "ieee"), ("backward", torch.bfloat16, 128, 256, "ieee"),
+                 ("forward", torch.float32, 7, 24, "ieee"), ("backward", torch.float32, 7, 24, "ieee"),
+                 # many clusters, small D: the tile's BLOCK_D is clamped towards D
+                 ("backward", torch.bfloat16, 256, 16, "ieee"), ("backward", torch.float32, 128, 16, "tf32")]
+        for kind, dtype, clusters, dim, precision in cases:
+            usage = resource_usage(compile_for_gpu(kind, dtype, clusters, dim, precision=precision))
+            print(kind, dtype, clusters, dim, precision, usage)
             assert usage["spill_stack_bytes"] == 0, usage
             assert usage["shared_memory_bytes"] <= 227 * 1024, usage
     """)
