@@ -660,10 +660,15 @@ def _launch_forward(
     splits = _forward_splits(batch, rows_per_video, triton.cdiv(dim, tiles[0][1]), x.device)
     rows_per_split = _SPLIT_ROW_ALIGNMENT * triton.cdiv(triton.cdiv(rows_per_video, splits), _SPLIT_ROW_ALIGNMENT)
     splits = triton.cdiv(rows_per_video, rows_per_split)
-    # With several splits each writes fp32 partial sums; with one, y is written directly.
-    partial_dtype = out_dtype if splits == 1 else compute
-    y = torch.empty((splits, batch, clusters, dim), dtype=partial_dtype, device=x.device)
-    assignment_sum = torch.empty((splits, batch, clusters), dtype=compute, device=x.device)
+    # With several splits each writes fp32 partial sums; with one, y is written directly. y is then
+    # allocated as (B, K, D) itself, not as a view y[0] of a (1, B, K, D) buffer: autograd forbids
+    # in-place ops on a custom Function's output that is a view.
+    if splits == 1:
+        y = torch.empty((batch, clusters, dim), dtype=out_dtype, device=x.device)
+        assignment_sum = torch.empty((batch, clusters), dtype=compute, device=x.device)
+    else:
+        y = torch.empty((splits, batch, clusters, dim), dtype=compute, device=x.device)
+        assignment_sum = torch.empty((splits, batch, clusters), dtype=compute, device=x.device)
     if batch > 0:
         _launch(
             "forward", family, tiles, lambda meta: (triton.cdiv(dim, meta["BLOCK_D"]), batch, splits),
@@ -672,7 +677,7 @@ def _launch_forward(
             **_kernel_constants(x, clusters, precision),
         )
     if splits == 1:
-        return y[0], assignment_sum[0]
+        return y, assignment_sum
     return y.sum(dim=0).to(out_dtype), assignment_sum.sum(dim=0)
 
 

@@ -280,6 +280,20 @@ def test_triton_interpreter_clamps_unvalidated_lengths(interpreter) -> None:
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_triton_interpreter_output_can_be_modified_in_place(interpreter) -> None:
+    # Autograd forbids in-place ops on a custom Function's output that is a view (e.g. y[0] of a
+    # (splits, B, K, D) buffer); the reference's output allows them, so must the Triton one's.
+    shape = INTERPRETER_SHAPES[0]
+    results = []
+    for backend in ("triton", "reference"):
+        x, logits, attention, lengths, centroids = with_grad(*make_inputs(shape))
+        y = residual_aggregation(x, logits, attention, lengths, centroids, backend=backend, precision="ieee")
+        y.mul_(2.0)
+        results.append((y, *gradients(y.sum(), (x, logits, attention, centroids), torch.tensor(1.0))))
+    for name, got, expected in zip(NAMES, *results):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 def test_triton_interpreter_gradcheck_float64(interpreter) -> None:
     x, logits, attention, lengths, centroids = with_grad(*make_inputs(Shape(2, 3, 2, 3, 4, (3, 1)), torch.float64))
 
