@@ -264,9 +264,7 @@ class YT8MFrameDataset(IterableDataset):
                 held = self._make_batch(pending, stats, reported, pool)
                 pending, emitted = [], emitted + 1
         if pending:  # records were skipped, so the planned batches could not all be filled
-            if held is not None:
-                yield held
-            held = self._make_batch(pending, stats, reported, pool)
+            held = self._make_batch(pending, stats, reported, pool)  # (nothing was held)
             emitted += 1
         if held is not None:
             held["read_stats"] += stats.as_tensor() - reported.as_tensor()
