@@ -723,6 +723,7 @@ class ResidualAggregationFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the backward kernels have no backward themselves
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         x, logits, attention, lengths, centroids, assignment_sum = ctx.saved_tensors
         compute = assignment_sum.dtype

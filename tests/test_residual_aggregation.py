@@ -294,6 +294,16 @@ def test_triton_interpreter_output_can_be_modified_in_place(interpreter) -> None
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+def test_triton_interpreter_refuses_double_backward(interpreter) -> None:
+    # The backward kernels are not differentiable; second derivatives (e.g. a gradient penalty)
+    # must raise instead of silently dropping the terms through the saved a_sum and the kernels.
+    x, logits, attention, lengths, centroids = with_grad(*make_inputs(INTERPRETER_SHAPES[0]))
+    y = residual_aggregation(x, logits, attention, lengths, centroids, backend="triton", precision="ieee")
+    (grad_centroids,) = torch.autograd.grad(y.pow(2).sum(), centroids, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_centroids.sum().backward()
+
+
 def test_triton_interpreter_gradcheck_float64(interpreter) -> None:
     x, logits, attention, lengths, centroids = with_grad(*make_inputs(Shape(2, 3, 2, 3, 4, (3, 1)), torch.float64))
 
