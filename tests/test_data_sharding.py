@@ -173,3 +173,21 @@ def test_worker_buffer_reuse_never_corrupts_batches(synthetic_data):
                 batch = finalize_batch(raw)
                 for i, video_id in enumerate(batch["id"]):
                     torch.testing.assert_close(batch["rgb"][i], expected[video_id][0], rtol=0, atol=0)
+
+
+def test_a_stale_lease_cannot_release_a_reused_buffer():
+    """Finalizing a raw batch twice (or releasing a lease late) must not free the buffer that a
+    newer batch now occupies: the worker would overwrite frames the consumer has not read."""
+    from nextvlad.data.shm_pool import SharedBufferPool
+
+    pool = SharedBufferPool(((2, 3, 4),), torch.uint8, max_slots=2)
+    (first,), first_lease = pool.take(2)
+    first_lease.release()
+    (second,), second_lease = pool.take(2)
+    assert second_lease.slot == first_lease.slot  # reused once released
+    first_lease.release()  # stale: the slot now belongs to the second batch
+    (third,), third_lease = pool.take(2)
+    assert third_lease.slot != second_lease.slot
+    second_lease.release()
+    second_lease.release()  # idempotent
+    assert pool.take(1)[1].slot == second_lease.slot

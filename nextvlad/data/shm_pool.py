@@ -21,12 +21,17 @@ import torch
 class BufferLease:
     """Travels with a batch; `release()` tells the worker its frame buffers may be reused."""
 
-    def __init__(self, flag: torch.Tensor, slot: int):
-        self._flag = flag  # int32 (1,) in shared memory: 1 while the main process may read
+    def __init__(self, flag: torch.Tensor, slot: int, generation: int):
+        # flag: int32 (1,) in shared memory, 0 when free, else the generation of the batch that
+        # holds the slot. Only that batch's lease may free it: a stale one (a raw batch finalized
+        # twice) must not hand a newer batch's buffers back to the worker.
+        self._flag = flag
         self.slot = slot
+        self.generation = generation
 
     def release(self) -> None:
-        self._flag.zero_()
+        if int(self._flag[0]) == self.generation:  # only the worker changes a non-zero flag
+            self._flag.zero_()
 
     def __repr__(self) -> str:
         return f"BufferLease(slot={self.slot})"
@@ -45,6 +50,13 @@ def new_shared(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 class _Slot:
     tensors: tuple[torch.Tensor, ...]
     flag: torch.Tensor
+    generation: int = 0
+
+    def lease(self, index: int, leading: int) -> tuple[tuple[torch.Tensor, ...], BufferLease]:
+        self.generation = self.generation % (2**31 - 1) + 1  # never 0 (free)
+        self.flag.fill_(self.generation)
+        return tuple(t[:leading] for t in self.tensors), BufferLease(self.flag, index,
+                                                                      self.generation)
 
 
 class SharedBufferPool:
@@ -60,12 +72,10 @@ class SharedBufferPool:
         """Buffers whose first dimension is `leading` (<= the pool's), and their lease."""
         for index, slot in enumerate(self.slots):
             if int(slot.flag[0]) == 0:
-                slot.flag.fill_(1)
-                return tuple(t[:leading] for t in slot.tensors), BufferLease(slot.flag, index)
+                return slot.lease(index, leading)
         if len(self.slots) < self.max_slots:
-            flag = torch.ones(1, dtype=torch.int32).share_memory_()
-            slot = _Slot(tuple(new_shared(shape, self.dtype) for shape in self.shapes), flag)
-            self.slots.append(slot)
-            return tuple(t[:leading] for t in slot.tensors), BufferLease(flag, len(self.slots) - 1)
+            flag = torch.zeros(1, dtype=torch.int32).share_memory_()
+            self.slots.append(_Slot(tuple(new_shared(s, self.dtype) for s in self.shapes), flag))
+            return self.slots[-1].lease(len(self.slots) - 1, leading)
         # Every slot is still held by the consumer: a one-off segment, freed with the batch.
         return tuple(new_shared((leading, *shape[1:]), self.dtype) for shape in self.shapes), None
