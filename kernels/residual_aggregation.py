@@ -558,13 +558,14 @@ def _tile_family(dtype: torch.dtype, precision: str) -> str:
 def _tiles(table: dict[str, dict[int, list[_Tile]]], family: str, k_pad: int, dim: int) -> list[_Tile]:
     """The candidate tiles for this K_PAD (the next listed size up), BLOCK_D clamped to D.
 
-    The backward kernel's BLOCK_D is clamped no lower than 64: for sm_90 its tensor-core tiles with
-    BLOCK_D 16 or 32 and K_PAD >= 128 spill hundreds of bytes of registers (e.g. bf16 K=256, D=16 with
-    (16, 16, 8): 808 bytes), while the masked (BLOCK_R, 64) tiles compile spill-free.
+    With K_PAD >= 128 the backward kernel's BLOCK_D is clamped no lower than 64: for sm_90 its
+    tensor-core tiles with BLOCK_D 16 or 32 there spill hundreds of bytes of registers (e.g. bf16
+    K=256, D=16 with (16, 16, 8): 808 bytes), while the masked (BLOCK_R, 64) tiles compile
+    spill-free. (With fewer clusters it is the other way round, e.g. K=7, D=24.)
     """
     by_k_pad = table[family]
     candidates = by_k_pad[min(size for size in by_k_pad if size >= k_pad)]
-    d_cap = max(64 if table is _BACKWARD_TILES else 16, _next_power_of_two(dim))
+    d_cap = max(64 if table is _BACKWARD_TILES and k_pad >= 128 else 16, _next_power_of_two(dim))
     return list(dict.fromkeys((rows, min(block_d, d_cap), warps) for rows, block_d, warps in candidates))
 
 
