@@ -312,9 +312,9 @@ def _triton_supports(x: Tensor, clusters: int) -> bool:
 
 def _aggregation_forward_kernel(
     x_ptr, logits_ptr, attention_ptr, lengths_ptr, centroids_ptr, y_ptr, assignment_sum_ptr,
-    max_frames, groups, clusters, dim, rows_per_split,
+    max_frames, groups, clusters, dim, rows_per_split, x_stride_video, x_stride_frame, x_stride_group,
     K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UNIFORM_X_ROWS: tl.constexpr,
 ):
     """One program per (D block, video, frame split): y[split, b, :, d-block] and, from the first
     D block, a_sum[split, b, :]. The launcher sums the splits (there is one unless the batch is too
@@ -339,7 +339,7 @@ def _aggregation_forward_kernel(
     d_valid = offs_d < dim
     offs_r = tl.arange(0, BLOCK_R)
 
-    x_video = x_ptr + video * rows_per_video * dim
+    x_video = x_ptr + video * x_stride_video
     logits_video = logits_ptr + video * rows_per_video * clusters
     attention_video = attention_ptr + video * rows_per_video
 
@@ -361,8 +361,12 @@ def _aggregation_forward_kernel(
         # One per-row scale folds the softmax normalisation and the gate.
         assignment = unnormalised * (gate / tl.sum(unnormalised, axis=1))[:, None]
 
+        if UNIFORM_X_ROWS:  # see _uniform_x_rows
+            x_rows = rows * x_stride_group
+        else:
+            x_rows = (rows // groups) * x_stride_frame + (rows % groups) * x_stride_group
         features = tl.load(
-            x_video + rows[:, None] * dim + offs_d[None, :],
+            x_video + x_rows[:, None] + offs_d[None, :],
             mask=row_valid[:, None] & d_valid[None, :], other=0.0,
         )
         acc = tl.dot(tl.trans(assignment.to(DOT_DTYPE)), features.to(DOT_DTYPE), acc,
@@ -385,9 +389,9 @@ def _aggregation_forward_kernel(
 def _aggregation_backward_kernel(
     x_ptr, logits_ptr, attention_ptr, lengths_ptr, grad_y_ptr, grad_y_dot_centroids_ptr,
     grad_x_ptr, grad_logits_ptr, grad_attention_ptr,
-    max_frames, groups, clusters, dim,
+    max_frames, groups, clusters, dim, x_stride_video, x_stride_frame, x_stride_group,
     K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UNIFORM_X_ROWS: tl.constexpr,
 ):
     """One program per (row block, video); every gradient here is local to a (frame, group) row.
 
@@ -410,7 +414,11 @@ def _aggregation_backward_kernel(
     row_in_video = rows < rows_per_video
     row_valid = rows < real_rows
 
-    x_video = x_ptr + video * rows_per_video * dim
+    x_video = x_ptr + video * x_stride_video
+    if UNIFORM_X_ROWS:  # see _uniform_x_rows
+        x_rows = rows * x_stride_group
+    else:
+        x_rows = (rows // groups) * x_stride_frame + (rows % groups) * x_stride_group
     grad_x_video = grad_x_ptr + video * rows_per_video * dim
     logits_offsets = video * rows_per_video * clusters + rows[:, None] * clusters + offs_k[None, :]
     logits_store_mask = row_in_video[:, None] & k_valid[None, :]
@@ -444,7 +452,7 @@ def _aggregation_backward_kernel(
         for d_start in range(0, dim, BLOCK_D):
             offs_d = d_start + tl.arange(0, BLOCK_D)
             d_valid = offs_d < dim
-            features = tl.load(x_video + rows[:, None] * dim + offs_d[None, :],
+            features = tl.load(x_video + x_rows[:, None] + offs_d[None, :],
                                mask=row_valid[:, None] & d_valid[None, :], other=0.0)
             grad_y = tl.load(grad_y_video + offs_k[:, None] * dim + offs_d[None, :],
                              mask=k_valid[:, None] & d_valid[None, :], other=0.0)
@@ -639,8 +647,26 @@ def _dot_precision(dtype: torch.dtype, precision: str) -> str | None:
     return "ieee" if dtype == torch.float64 else None
 
 
+def _x_strides(x: Tensor) -> tuple[int, int, int]:
+    """x's (video, frame, group) strides, the group stride made the row stride when G = 1 (a size-1
+    dimension's stride is arbitrary)."""
+    stride_video, stride_frame, stride_group, _ = x.stride()
+    return stride_video, stride_frame, stride_frame if x.shape[2] == 1 else stride_group
+
+
+def _uniform_x_rows(x: Tensor) -> bool:
+    """Whether x[b] viewed as (M*G, D) rows r = i*G + g has one row stride (x's frames hold their
+    G*D features back to back, as in any contiguous x). Then the kernels address row r at
+    r * stride without the division by G that the general case (a split of a wider GEMM output)
+    needs, and compile exactly as for a contiguous x (the division costs registers: spills in a
+    few tiles)."""
+    _, stride_frame, stride_group = _x_strides(x)
+    return stride_frame == x.shape[2] * stride_group
+
+
 def _kernel_constants(x: Tensor, clusters: int, precision: str) -> dict[str, Any]:
     return {
+        "UNIFORM_X_ROWS": _uniform_x_rows(x),
         "K_PAD": _padded_clusters(clusters),
         "ACC_DTYPE": _accumulator_dtype(x.dtype),
         "DOT_DTYPE": _dot_dtype(x.dtype, triton_interpreter_enabled()),
@@ -674,7 +700,7 @@ def _launch_forward(
         _launch(
             "forward", family, tiles, lambda meta: (triton.cdiv(dim, meta["BLOCK_D"]), batch, splits),
             x, logits, attention, lengths, centroids, y, assignment_sum,
-            max_frames, groups, clusters, dim, rows_per_split,
+            max_frames, groups, clusters, dim, rows_per_split, *_x_strides(x),
             **_kernel_constants(x, clusters, precision),
         )
     if splits == 1:
@@ -689,7 +715,8 @@ def _launch_backward(
     batch, max_frames, groups, dim = x.shape
     clusters = logits.shape[3]
     # Every row is written by the kernel (zeros past each video's end), so no memset is needed.
-    grad_x = torch.empty_like(x)
+    # grad_x is contiguous whatever x's strides (empty_like would copy a dense x's permutation).
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     grad_logits = torch.empty_like(logits)
     grad_attention = torch.empty_like(attention)
     if batch > 0:
@@ -699,7 +726,7 @@ def _launch_backward(
             "backward", family, tiles, lambda meta: (triton.cdiv(max_frames * groups, meta["BLOCK_R"]), batch),
             x, logits, attention, lengths, grad_y, grad_y_dot_centroids,
             grad_x, grad_logits, grad_attention,
-            max_frames, groups, clusters, dim,
+            max_frames, groups, clusters, dim, *_x_strides(x),
             **_kernel_constants(x, clusters, precision),
         )
     return grad_x, grad_logits, grad_attention
@@ -713,9 +740,11 @@ class ResidualAggregationFunction(torch.autograd.Function):
         ctx: Any, x: Tensor, logits: Tensor, attention: Tensor, lengths: Tensor, centroids: Tensor,
         precision: str = "ieee", out_dtype: torch.dtype | None = None,
     ) -> Tensor:
-        x, logits, attention, lengths, centroids = (
-            t.contiguous() for t in (x, logits, attention, lengths, centroids)
-        )
+        # The kernels take x's strides (a mixture hands in a split of one wider GEMM output: copying
+        # it would cost a read and a write of x and keep the copy alive for the backward); only
+        # the feature axis must be contiguous.
+        x = x if x.stride(3) == 1 else x.contiguous()
+        logits, attention, lengths, centroids = (t.contiguous() for t in (logits, attention, lengths, centroids))
         y, assignment_sum = _launch_forward(
             x, logits, attention, lengths, centroids, out_dtype or x.dtype, precision
         )
@@ -807,13 +836,15 @@ def compile_for_gpu(
     tile: _Tile | None = None,
     precision: str = "ieee",
     arch: int = 90,
+    strided_x: bool = False,
 ) -> Any:
     """Compile the forward or backward kernel for an NVIDIA GPU of compute capability ``arch``
     (90 = H100) without one: ``triton.compile`` down to a cubin with the bundled ptxas.
 
     It specialises like a real launch would (16-byte-aligned pointers; K and D marked divisible by
     16 when they are), so register use and spills read off the cubin (``resource_usage``) are those
-    of the real kernel. Needs Triton in compiled mode (not TRITON_INTERPRET=1).
+    of the real kernel. ``strided_x`` compiles the variant for an x whose frames are not back to
+    back (a split of a wider tensor). Needs Triton in compiled mode (not TRITON_INTERPRET=1).
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -830,11 +861,13 @@ def compile_for_gpu(
         "lengths_ptr": "*i64", "centroids_ptr": "*fp32", "assignment_sum_ptr": accumulator,
         "grad_y_dot_centroids_ptr": accumulator,
     }
-    integers = {"max_frames": 300, "groups": 8, "clusters": clusters, "dim": dim, "rows_per_split": 128}
+    integers = {"max_frames": 300, "groups": 8, "clusters": clusters, "dim": dim, "rows_per_split": 128,
+                "x_stride_video": (3 if strided_x else 1) * 300 * 8 * dim,
+                "x_stride_frame": (3 if strided_x else 1) * 8 * dim, "x_stride_group": dim}
     constants = {
         "K_PAD": k_pad, "BLOCK_R": rows, "BLOCK_D": block_d,
         "ACC_DTYPE": _accumulator_dtype(dtype), "DOT_DTYPE": _dot_dtype(dtype, interpret=False),
-        "INPUT_PRECISION": _dot_precision(dtype, precision),
+        "INPUT_PRECISION": _dot_precision(dtype, precision), "UNIFORM_X_ROWS": not strided_x,
     }
     signature, attributes = {}, {}
     for index, name in enumerate(kernel.arg_names):

@@ -280,6 +280,38 @@ def test_triton_interpreter_clamps_unvalidated_lengths(interpreter) -> None:
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
 
+def _strided_views(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """x's values in non-contiguous layouts whose last dim is contiguous."""
+    batch, frames, groups, dim = x.shape
+    wide = torch.zeros(batch, frames, 3 * groups * dim, dtype=x.dtype)
+    wide[..., groups * dim:2 * groups * dim] = x.reshape(batch, frames, -1)
+    group_major = x.transpose(1, 2).contiguous()  # (B, G, M, D), dense
+    return {
+        # a mixture runs its branches' expansion FCs as one GEMM and splits the output
+        "split of a wider GEMM output": wide[..., groups * dim:2 * groups * dim].reshape(x.shape),
+        "dense, groups outermost": group_major.transpose(1, 2),
+    }
+
+
+@pytest.mark.parametrize("layout", ["split of a wider GEMM output", "dense, groups outermost"])
+def test_triton_interpreter_reads_strided_x_without_copying_it(interpreter, layout: str) -> None:
+    shape = Shape(2, 9, 3, 7, 16, (9, 4))
+    inputs = make_inputs(shape)
+    upstream = torch.randn(shape.batch, shape.clusters, shape.dim, generator=torch.Generator().manual_seed(2))
+    results = []
+    for backend, x in (("triton", _strided_views(inputs[0])[layout]), ("reference", inputs[0])):
+        assert backend == "reference" or not x.is_contiguous()
+        x = x.detach().requires_grad_()
+        logits, attention, centroids = with_grad(inputs[1], inputs[2], inputs[4])
+        y = residual_aggregation(x, logits, attention, inputs[3], centroids, backend=backend, precision="ieee")
+        if backend == "triton":  # the forward saved x itself, not a contiguous copy
+            assert y.grad_fn.saved_tensors[0].data_ptr() == x.data_ptr()
+        results.append((y, *gradients(y, (x, logits, attention, centroids), upstream)))
+    for name, got, expected in zip(NAMES, *results):
+        assert got.shape == expected.shape, name
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 def test_triton_interpreter_output_can_be_modified_in_place(interpreter) -> None:
     # Autograd forbids in-place ops on a custom Function's output that is a view (e.g. y[0] of a
     # (splits, B, K, D) buffer); the reference's output allows them, so must the Triton one's.
@@ -351,8 +383,12 @@ def test_kernels_compile_for_h100_without_register_spills() -> None:
                  ("forward", torch.float32, 7, 24, "ieee"), ("backward", torch.float32, 7, 24, "ieee"),
                  # many clusters, small D: the tile's BLOCK_D is clamped towards D
                  ("backward", torch.bfloat16, 256, 16, "ieee"), ("backward", torch.float32, 128, 16, "tf32")]
+        # the variant for an x whose frames are not back to back (a mixture's split GEMM output)
+        cases += [("forward", torch.bfloat16, 112, 256, "strided"), ("backward", torch.bfloat16, 112, 256, "strided")]
         for kind, dtype, clusters, dim, precision in cases:
-            usage = resource_usage(compile_for_gpu(kind, dtype, clusters, dim, precision=precision))
+            strided = precision == "strided"
+            usage = resource_usage(compile_for_gpu(kind, dtype, clusters, dim, strided_x=strided,
+                                                   precision="ieee" if strided else precision))
             print(kind, dtype, clusters, dim, precision, usage)
             assert usage["spill_stack_bytes"] == 0, usage
             assert usage["shared_memory_bytes"] <= 227 * 1024, usage
