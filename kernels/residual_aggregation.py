@@ -329,7 +329,7 @@ def _aggregation_forward_kernel(
     output_index = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + video
     rows_per_video = max_frames * groups
     # Clamped to [0, M] so memory stays in bounds even where validation was skipped (tracing).
-    real_rows = tl.minimum(tl.maximum(tl.load(lengths_ptr + video).to(tl.int32), 0), max_frames) * groups
+    real_rows = tl.minimum(tl.maximum(tl.load(lengths_ptr + video), 0), max_frames).to(tl.int32) * groups
     row_begin = tl.program_id(2) * rows_per_split
     row_end = tl.minimum(real_rows, row_begin + rows_per_split)
 
@@ -406,7 +406,7 @@ def _aggregation_backward_kernel(
     video = tl.program_id(1).to(tl.int64)
     rows_per_video = max_frames * groups
     # Clamped to [0, M] so memory stays in bounds even where validation was skipped (tracing).
-    real_rows = tl.minimum(tl.maximum(tl.load(lengths_ptr + video).to(tl.int32), 0), max_frames) * groups
+    real_rows = tl.minimum(tl.maximum(tl.load(lengths_ptr + video), 0), max_frames).to(tl.int32) * groups
 
     offs_k = tl.arange(0, K_PAD)
     k_valid = offs_k < clusters

@@ -274,10 +274,10 @@ def test_triton_interpreter_clamps_unvalidated_lengths(interpreter) -> None:
     # Under torch.compile/export the lengths check is skipped; the kernels then clamp to [0, M]
     # (memory stays in bounds) exactly as the reference's frame mask does.
     x, logits, attention, _, centroids = make_inputs(Shape(2, 6, 2, 5, 16, (6, 6)))
-    lengths = torch.tensor([-2, 11])
-    y = ResidualAggregationFunction.apply(x, logits, attention, lengths, centroids, "ieee")
-    expected = residual_aggregation_reference(x, logits, attention, torch.tensor([0, 6]), centroids)
-    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    for lengths in (torch.tensor([-2, 11]), torch.tensor([-(2**32) + 3, 2**32 + 1])):  # int32 wraps to 3, 1
+        y = ResidualAggregationFunction.apply(x, logits, attention, lengths, centroids, "ieee")
+        expected = residual_aggregation_reference(x, logits, attention, lengths, centroids)
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"lengths {lengths}: {m}")
 
 
 def _strided_views(x: torch.Tensor) -> dict[str, torch.Tensor]:
