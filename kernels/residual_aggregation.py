@@ -316,7 +316,7 @@ def _aggregation_forward_kernel(
     K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UNIFORM_X_ROWS: tl.constexpr,
 ):
-    """One program per (D block, video, frame split): y[split, b, :, d-block] and, from the first
+    """One program per (D block, video; frame split): y[split, b, :, d-block] and, from the first
     D block, a_sum[split, b, :]. The launcher sums the splits (there is one unless the batch is too
     small to fill the GPU); the result is linear in the rows, so each split subtracts its own share
     of the centroid term.
@@ -324,13 +324,16 @@ def _aggregation_forward_kernel(
     acc (K_PAD, BLOCK_D) += a^T (K_PAD, BLOCK_R) @ x (BLOCK_R, BLOCK_D) over the split's real rows;
     the soft assignment lives only in registers.
     """
-    pid_d = tl.program_id(0)
-    video = tl.program_id(1).to(tl.int64)
-    output_index = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + video
+    # Axis 0 enumerates (video, D block), D blocks fastest: a video's D blocks run side by side and
+    # share its logits in L2, and the batch is not limited to 65535 (CUDA's limit on axes 1 and 2).
+    d_blocks = tl.cdiv(dim, BLOCK_D)
+    pid_d = tl.program_id(0) % d_blocks
+    video = (tl.program_id(0) // d_blocks).to(tl.int64)
+    output_index = tl.program_id(1).to(tl.int64) * (tl.num_programs(0) // d_blocks) + video
     rows_per_video = max_frames * groups
     # Clamped to [0, M] so memory stays in bounds even where validation was skipped (tracing).
     real_rows = tl.minimum(tl.maximum(tl.load(lengths_ptr + video), 0), max_frames).to(tl.int32) * groups
-    row_begin = tl.program_id(2) * rows_per_split
+    row_begin = tl.program_id(1) * rows_per_split
     row_end = tl.minimum(real_rows, row_begin + rows_per_split)
 
     offs_k = tl.arange(0, K_PAD)
@@ -393,7 +396,9 @@ def _aggregation_backward_kernel(
     K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UNIFORM_X_ROWS: tl.constexpr,
 ):
-    """One program per (row block, video); every gradient here is local to a (frame, group) row.
+    """One program per (row block, video), both on axis 0 (row blocks fastest, so a video's blocks
+    share its dL/dy in L2; any batch fits CUDA's grid); every gradient here is local to a
+    (frame, group) row.
 
     With s = sigmoid(attention), p = softmax(logits), a = s p and gy = dL/dy[b]:
       grad_x = a @ gy
@@ -402,9 +407,10 @@ def _aggregation_backward_kernel(
     The assignment is recomputed from the logits (flash-attention style), never stored.
     Row blocks wholly past the video's end only write zeros.
     """
-    pid_r = tl.program_id(0)
-    video = tl.program_id(1).to(tl.int64)
     rows_per_video = max_frames * groups
+    row_blocks = tl.cdiv(rows_per_video, BLOCK_R)
+    pid_r = tl.program_id(0) % row_blocks
+    video = (tl.program_id(0) // row_blocks).to(tl.int64)
     # Clamped to [0, M] so memory stays in bounds even where validation was skipped (tracing).
     real_rows = tl.minimum(tl.maximum(tl.load(lengths_ptr + video), 0), max_frames).to(tl.int32) * groups
 
@@ -698,7 +704,7 @@ def _launch_forward(
         assignment_sum = torch.empty((splits, batch, clusters), dtype=compute, device=x.device)
     if batch > 0:
         _launch(
-            "forward", family, tiles, lambda meta: (triton.cdiv(dim, meta["BLOCK_D"]), batch, splits),
+            "forward", family, tiles, lambda meta: (triton.cdiv(dim, meta["BLOCK_D"]) * batch, splits),
             x, logits, attention, lengths, centroids, y, assignment_sum,
             max_frames, groups, clusters, dim, rows_per_split, *_x_strides(x),
             **_kernel_constants(x, clusters, precision),
@@ -723,7 +729,7 @@ def _launch_backward(
         family = _tile_family(x.dtype, precision)
         tiles = _tiles(_BACKWARD_TILES, family, _padded_clusters(clusters), dim)
         _launch(
-            "backward", family, tiles, lambda meta: (triton.cdiv(max_frames * groups, meta["BLOCK_R"]), batch),
+            "backward", family, tiles, lambda meta: (triton.cdiv(max_frames * groups, meta["BLOCK_R"]) * batch,),
             x, logits, attention, lengths, grad_y, grad_y_dot_centroids,
             grad_x, grad_logits, grad_attention,
             max_frames, groups, clusters, dim, *_x_strides(x),

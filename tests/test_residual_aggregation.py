@@ -336,6 +336,28 @@ def test_triton_interpreter_refuses_double_backward(interpreter) -> None:
         grad_centroids.sum().backward()
 
 
+@requires_triton
+def test_launch_grids_fit_cuda_limits_for_large_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    # CUDA grids allow 2**31 - 1 programs on axis 0 but only 65535 on axes 1 and 2, so the batch
+    # must not have an axis of its own (a launch with B > 65535 would fail on a GPU; the
+    # interpreter has no such limit, hence the grids are checked here without running them).
+    grids = []
+    monkeypatch.setattr(residual_aggregation_module, "_launch",
+                        lambda kind, family, tiles, grid, *args, **kwargs: grids.append(
+                            grid({"BLOCK_R": tiles[0][0], "BLOCK_D": tiles[0][1]})))
+    batch = 70_000
+    x, logits, attention, lengths, centroids = make_inputs(Shape(1, 2, 1, 1, 16, (2,)))
+    x, logits, attention = (t.expand(batch, *t.shape[1:]) for t in (x, logits, attention))
+    lengths = lengths.expand(batch)
+    residual_aggregation_module._launch_forward(x, logits, attention, lengths, centroids, torch.float32, "ieee")
+    grad_y_dot_centroids = torch.zeros(batch, 1)
+    residual_aggregation_module._launch_backward(x, logits, attention, lengths, torch.zeros(batch, 1, 16),
+                                                 grad_y_dot_centroids, "ieee")
+    assert len(grids) == 2
+    for grid in grids:
+        assert grid[0] < 2**31 and all(size <= 65535 for size in grid[1:]), grid
+
+
 def test_triton_interpreter_gradcheck_float64(interpreter) -> None:
     x, logits, attention, lengths, centroids = with_grad(*make_inputs(Shape(2, 3, 2, 3, 4, (3, 1)), torch.float64))
 
