@@ -123,13 +123,20 @@ def validate_inputs(
         if tensor.device != x.device:
             raise ValueError(f"{name} must be on x's device {x.device}, got {tensor.device}")
 
-    if batch > 0 and not _tracing():
+    if batch > 0 and not _tracing() and not _capturing_cuda_graph(lengths):
         # One host sync for both bounds; cheap next to the op itself. A data-dependent branch
-        # cannot be traced, so torch.compile / torch.export skip it (the graph accepts any lengths).
+        # cannot be traced, so torch.compile / torch.export skip it (the graph accepts any lengths),
+        # and neither can a CUDA graph capture (a sync while capturing is a CUDA error). Where the
+        # check is skipped, the kernels and the reference's frame mask both clamp lengths to [0, M].
         out_of_range = (lengths < 0) | (lengths > max_frames)
         if bool(out_of_range.any()):
             bad = lengths[out_of_range][:5].tolist()
             raise ValueError(f"lengths must lie in [0, M = {max_frames}], got values {bad}")
+
+
+def _capturing_cuda_graph(tensor: Tensor) -> bool:
+    """True while the current CUDA stream is being captured into a CUDA graph (no syncs allowed)."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _tracing() -> bool:

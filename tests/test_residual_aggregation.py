@@ -553,6 +553,25 @@ def test_compiled_triton_every_candidate_tile_matches_reference(monkeypatch: pyt
 
 @pytest.mark.gpu
 @requires_cuda
+def test_compiled_triton_forward_captures_into_a_cuda_graph() -> None:
+    # The lengths check syncs with the host, which a stream capture forbids; it is skipped there.
+    inputs = make_inputs(GPU_SHAPES[1], torch.bfloat16, "cuda")
+    expected = residual_aggregation(*inputs)  # compiles (and autotunes) outside the capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        residual_aggregation(*inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = residual_aggregation(*inputs)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, expected)
+
+
+@pytest.mark.gpu
+@requires_cuda
 def test_auto_backend_on_cuda_is_triton(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     original = residual_aggregation_module._residual_aggregation_triton
