@@ -626,7 +626,7 @@ def _launch(kind: str, family: str, tiles: list[_Tile], grid: Any, *args: Any, *
 
 def _forward_splits(batch: int, rows_per_video: int, d_blocks: int, device: torch.device) -> int:
     """Frame splits per video so that small batches (inference) still fill the GPU's SMs."""
-    if device.type != "cuda":
+    if device.type != "cuda" or batch == 0:  # B = 0: no programs to divide by
         return 1
     programs = batch * d_blocks
     target = 2 * torch.cuda.get_device_properties(device).multi_processor_count

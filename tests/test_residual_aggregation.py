@@ -358,6 +358,12 @@ def test_launch_grids_fit_cuda_limits_for_large_batches(monkeypatch: pytest.Monk
         assert grid[0] < 2**31 and all(size <= 65535 for size in grid[1:]), grid
 
 
+@requires_triton
+def test_empty_batch_needs_no_frame_splits() -> None:
+    # B = 0 on a GPU divided by the number of programs (zero); answered before any device query.
+    assert residual_aggregation_module._forward_splits(0, 2400, 2, torch.device("cuda")) == 1
+
+
 def test_triton_interpreter_gradcheck_float64(interpreter) -> None:
     x, logits, attention, lengths, centroids = with_grad(*make_inputs(Shape(2, 3, 2, 3, 4, (3, 1)), torch.float64))
 
