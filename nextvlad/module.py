@@ -30,6 +30,13 @@ from nextvlad.models.video_model import Architecture, HiddenActivation, build_vi
 
 GradientClip = Literal["per_tensor", "global", "off"]
 
+#: Hyper-parameters passed to ``build_video_model`` under the same name.
+BUILD_ARGS = (
+    "architecture", "num_classes", "rgb_size", "audio_size", "clusters", "groups", "expansion",
+    "audio_clusters", "audio_groups", "input_reduction", "hidden_size", "gating_reduction", "dropout",
+    "cluster_bn_statistics",
+)
+
 #: Hyper-parameters that fix the shapes of the parameters: a checkpoint must agree on all of them.
 ARCHITECTURE_HPARAMS = (
     "architecture", "num_classes", "rgb_size", "audio_size", "clusters", "groups", "expansion",
@@ -127,12 +134,11 @@ class VideoClassifier(pl.LightningModule):
     # ----------------------------------------------------------------------------- construction
     def _build_model(self) -> nn.Module:
         hp = self.hparams
+        shared = {name: hp[name] for name in BUILD_ARGS}
+
         def branch(activation: HiddenActivation) -> nn.Module:
-            return build_video_model(
-                hp.architecture, hp.num_classes, hp.rgb_size, hp.audio_size, hp.clusters, hp.groups,
-                hp.expansion, hp.audio_clusters, hp.audio_groups, hp.input_reduction, hp.hidden_size,
-                hp.gating_reduction, hp.dropout, activation, hp.cluster_bn_statistics, hp.aggregation_backend,
-            )
+            return build_video_model(**shared, hidden_activation=activation, backend=hp.aggregation_backend)
+
         if hp.num_branches == 1:
             return branch(hp.hidden_activation)
         branches = [branch(hp.branch_hidden_activation) for _ in range(hp.num_branches)]
