@@ -616,12 +616,16 @@ def _launch(kind: str, family: str, tiles: list[_Tile], grid: Any, *args: Any, *
     ``grid`` maps the tile's meta-parameters (BLOCK_R, BLOCK_D) to the launch grid.
     """
     interpret = triton_interpreter_enabled()
-    if _autotune_enabled(interpret) and len(tiles) > 1:
-        _autotuned(kind, family, tuple(tiles), interpret)[grid](*args, **constexprs)
-    else:
-        rows, block_d, warps = tiles[0]
-        meta = {"BLOCK_R": rows, "BLOCK_D": block_d}
-        getattr(_kernels(interpret), kind)[grid(meta)](*args, **constexprs, **meta, num_warps=warps)
+    # Triton launches on the *current* CUDA device and stream, not on the tensors' device: without
+    # this, x on cuda:1 while cuda:0 is current (no torch.cuda.set_device) reads foreign addresses.
+    device = args[0].device
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        if _autotune_enabled(interpret) and len(tiles) > 1:
+            _autotuned(kind, family, tuple(tiles), interpret)[grid](*args, **constexprs)
+        else:
+            rows, block_d, warps = tiles[0]
+            meta = {"BLOCK_R": rows, "BLOCK_D": block_d}
+            getattr(_kernels(interpret), kind)[grid(meta)](*args, **constexprs, **meta, num_warps=warps)
 
 
 def _forward_splits(batch: int, rows_per_video: int, d_blocks: int, device: torch.device) -> int:

@@ -577,6 +577,17 @@ def test_compiled_triton_forward_captures_into_a_cuda_graph() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_compiled_triton_runs_on_the_tensors_device_not_the_current_one() -> None:
+    # Triton launches on the current device; the op must switch to x's (cuda:1 while cuda:0 is current).
+    with torch.cuda.device(0):
+        triton_results, reference_results = triton_and_reference(GPU_SHAPES[1], torch.float32, device="cuda:1")
+    for name, got, expected in zip(NAMES, triton_results, reference_results):
+        assert got.device == torch.device("cuda:1"), name
+        torch.testing.assert_close(got, expected, **GPU_TOLERANCES[torch.float32], msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.gpu
 @requires_cuda
 def test_auto_backend_on_cuda_is_triton(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
