@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -123,15 +124,37 @@ def validate_inputs(
         if tensor.device != x.device:
             raise ValueError(f"{name} must be on x's device {x.device}, got {tensor.device}")
 
-    if batch > 0 and not _tracing() and not _capturing_cuda_graph(lengths):
-        # One host sync for both bounds; cheap next to the op itself. A data-dependent branch
-        # cannot be traced, so torch.compile / torch.export skip it (the graph accepts any lengths),
-        # and neither can a CUDA graph capture (a sync while capturing is a CUDA error). Where the
-        # check is skipped, the kernels and the reference's frame mask both clamp lengths to [0, M].
+    if batch > 0 and not _tracing() and not _capturing_cuda_graph(lengths) and not _lengths_checked(lengths, max_frames):
+        # One host sync for both bounds. A data-dependent branch cannot be traced, so
+        # torch.compile / torch.export skip it (the graph accepts any lengths), and neither can a
+        # CUDA graph capture (a sync while capturing is a CUDA error). Where the check is skipped,
+        # the kernels and the reference's frame mask both clamp lengths to [0, M].
         out_of_range = (lengths < 0) | (lengths > max_frames)
         if bool(out_of_range.any()):
             bad = lengths[out_of_range][:5].tolist()
             raise ValueError(f"lengths must lie in [0, M = {max_frames}], got values {bad}")
+        _remember_checked_lengths(lengths, max_frames)
+
+
+# A model calls the op several times per step with one lengths tensor (video and audio streams,
+# every mixture branch): the values are checked, with a host sync, only the first time. The entry
+# is the tensor object itself (a weak reference, so a new tensor at a recycled address never
+# matches) and its version counter (an in-place change invalidates it).
+_checked_lengths: tuple[weakref.ref, int, int] | None = None
+
+
+def _lengths_checked(lengths: Tensor, max_frames: int) -> bool:
+    if _checked_lengths is None or lengths.is_inference():  # inference tensors have no version
+        return False
+    reference, version, frames = _checked_lengths
+    return reference() is lengths and version == lengths._version and frames == max_frames
+
+
+def _remember_checked_lengths(lengths: Tensor, max_frames: int) -> None:
+    global _checked_lengths
+    if lengths.is_inference():
+        return
+    _checked_lengths = (weakref.ref(lengths), lengths._version, max_frames)
 
 
 def _capturing_cuda_graph(tensor: Tensor) -> bool:

@@ -630,3 +630,20 @@ def test_benchmark_quick_run_writes_results(tmp_path, monkeypatch: pytest.Monkey
     assert all(r["x_ref"] == 1.0 for r in rows if r["provider"] == "reference")
     assert "| provider |" in (tmp_path / "smoke.md").read_text()
     assert (tmp_path / "smoke.png").stat().st_size > 0
+
+
+def test_lengths_values_are_checked_once_per_tensor_and_again_after_an_in_place_change(monkeypatch):
+    """The host-syncing range check runs once for the several calls a model makes per step."""
+    x, logits, attention = torch.randn(2, 4, 1, 16), torch.randn(2, 4, 1, 3), torch.randn(2, 4, 1)
+    centroids, lengths = torch.randn(3, 16), torch.tensor([4, 2])
+    checks = []
+    original_any = torch.Tensor.any
+    monkeypatch.setattr(torch.Tensor, "any", lambda self, *a, **k: checks.append(1) or original_any(self, *a, **k))
+    for _ in range(3):
+        residual_aggregation(x, logits, attention, lengths, centroids, backend="reference")
+    assert len(checks) == 1
+    lengths[1] = 5  # in place: the version counter changes, so the values are checked again
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, M = 4\], got values \[5\]"):
+        residual_aggregation(x, logits, attention, lengths, centroids, backend="reference")
+    with pytest.raises(ValueError, match="lengths must lie"):  # a new tensor with bad values
+        residual_aggregation(x, logits, attention, torch.tensor([4, -1]), centroids, backend="reference")
