@@ -77,7 +77,7 @@ class NetVLAD(nn.Module):
             logits.to(descriptors.dtype),
             attention,
             lengths,
-            self.centroids.to(descriptors.dtype),
+            self.centroids,
             backend=self.backend,
             normalize=True,  # intra-normalisation over D per cluster
         )

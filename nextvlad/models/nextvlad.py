@@ -92,7 +92,7 @@ class NeXtVLAD(nn.Module):
             logits.reshape(batch, max_frames, self.groups, self.clusters).to(expanded.dtype),
             attention,
             lengths,
-            self.centroids.to(expanded.dtype),
+            self.centroids,  # fp32 master copy: the op accepts any float dtype here
             backend=self.backend,
             normalize=True,  # intra-normalisation over D per cluster (SPEC 3.1 step 8), done by the op
         )
