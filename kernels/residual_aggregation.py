@@ -100,7 +100,9 @@ def validate_inputs(
     _check_size("lengths", lengths, 0, batch, "B = x.shape[0]")
     _check_size("centroids", centroids, 0, clusters, "K = logits.shape[3]")
     _check_size("centroids", centroids, 1, dim, "D = x.shape[3]")
-    if min(max_frames, groups, dim, clusters) < 1:
+    # One comparison per size, not min(): under torch.export, min() of the symbolic frame count
+    # and the constant sizes would guard M against them (e.g. M >= 5 for G = 4).
+    if max_frames < 1 or groups < 1 or dim < 1 or clusters < 1:
         raise ValueError(
             f"x and logits need M, G, D, K >= 1, got x {tuple(x.shape)}, logits {tuple(logits.shape)}"
         )

@@ -494,6 +494,23 @@ def test_torch_export_traces_the_reference_without_the_lengths_check() -> None:
     torch.testing.assert_close(program.module()(*other), Aggregate()(*other))
 
 
+def test_torch_export_keeps_the_frame_axis_dynamic_down_to_one_frame() -> None:
+    """Validating the sizes adds no guard on the symbolic frame count (e.g. M >= G + 1), so one
+    program with a dynamic frame axis serves any number of frames, a single one included."""
+
+    class Aggregate(torch.nn.Module):
+        def forward(self, x, logits, attention, lengths, centroids):
+            return residual_aggregation(x, logits, attention, lengths, centroids, backend="reference")
+
+    batch, frames = torch.export.Dim("batch"), torch.export.Dim("frames")
+    dynamic = ({0: batch, 1: frames}, {0: batch, 1: frames}, {0: batch, 1: frames}, {0: batch}, None)
+    inputs = make_inputs(Shape(2, 6, 4, 5, 16, (6, 3)))
+    program = torch.export.export(Aggregate(), tuple(inputs), dynamic_shapes=dynamic)
+    for shape in (Shape(1, 1, 4, 5, 16, (1,)), Shape(3, 2, 4, 5, 16, (2, 0, 1))):
+        other = make_inputs(shape, seed=4)
+        torch.testing.assert_close(program.module()(*other), Aggregate()(*other))
+
+
 @pytest.mark.parametrize("keyword", [{"backend": "cuda"}, {"precision": "bf16"}])
 def test_bad_options_raise_value_error(keyword: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(keyword))):
