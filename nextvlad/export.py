@@ -26,10 +26,8 @@ understands; the result equals the Triton kernel's up to float rounding.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import yaml
@@ -148,34 +146,11 @@ def example_inputs(module: ExportableClassifier, batch: int = 2, frames: int = 6
     return rgb, audio, lengths
 
 
-@contextlib.contextmanager
-def _aggregation_validated_in_eager() -> Iterator[None]:
-    """Skip ``residual_aggregation``'s input validation while tracing.
-
-    It checks the *values* of ``lengths`` with a Python ``if``, which torch.export cannot trace (a
-    data-dependent branch). The caller runs the model eagerly on the same example inputs first, so
-    shapes and dtypes are validated there; the exported graph accepts any lengths, as the authors'
-    graph did. (If the kernel module learns to skip that check under ``torch.compiler.is_exporting()``,
-    this goes away.)
-    """
-    kernel = sys.modules["nextvlad.kernels.residual_aggregation"]
-    validate = kernel.validate_inputs
-    kernel.validate_inputs = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        kernel.validate_inputs = validate
-
-
 def export_program(module: ExportableClassifier) -> torch.export.ExportedProgram:
     """``torch.export`` program with dynamic batch and frame axes (frames shared by rgb and audio)."""
-    inputs = example_inputs(module)
-    with torch.no_grad():
-        module(*inputs)  # validates shapes/dtypes eagerly
     batch, frames = torch.export.Dim("batch"), torch.export.Dim("frames")
     shapes = {"rgb": {0: batch, 1: frames}, "audio": {0: batch, 1: frames}, "lengths": {0: batch}}
-    with _aggregation_validated_in_eager():
-        return torch.export.export(module, inputs, dynamic_shapes=shapes)
+    return torch.export.export(module, example_inputs(module), dynamic_shapes=shapes)
 
 
 def export_onnx(module: ExportableClassifier, path: str | Path, opset: int | None = None) -> None:
