@@ -41,19 +41,23 @@ def submission_rows(ids: Sequence[str], classes: torch.Tensor, scores: torch.Ten
     Equal scores keep the lower class index first (a stable sort, deterministic whatever order
     ``topk`` returned them in). ``classes``/``scores`` are (B, k).
     """
-    order = sort_by_score(classes, scores)
-    classes, scores = classes.gather(1, order).tolist(), scores.gather(1, order).tolist()
+    return _csv_lines(ids, *rank_by_score(classes, scores))
+
+
+def rank_by_score(classes: torch.Tensor, scores: torch.Tensor) -> tuple[list[list[int]], list[list[float]]]:
+    """Each row's classes and scores as lists, by descending score, ties by ascending class index."""
+    by_class = torch.argsort(classes, dim=1, stable=True)
+    by_score = torch.argsort(scores.gather(1, by_class), dim=1, descending=True, stable=True)
+    order = by_class.gather(1, by_score)
+    return classes.gather(1, order).tolist(), scores.gather(1, order).tolist()
+
+
+def _csv_lines(ids: Sequence[str], classes: list[list[int]], scores: list[list[float]]) -> list[str]:
+    """SPEC 6 lines of rows already ranked by :func:`rank_by_score`."""
     return [
         video_id + "," + " ".join("%i %g" % pair for pair in zip(row_classes, row_scores)) + "\n"
         for video_id, row_classes, row_scores in zip(ids, classes, scores)
     ]
-
-
-def sort_by_score(classes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """Per-row permutation: descending score, ties by ascending class index."""
-    by_class = torch.argsort(classes, dim=1, stable=True)
-    by_score = torch.argsort(scores.gather(1, by_class), dim=1, descending=True, stable=True)
-    return by_class.gather(1, by_score)
 
 
 def read_vocabulary(path: str | os.PathLike) -> dict[int, str]:
@@ -183,15 +187,14 @@ class SubmissionWriter(BasePredictionWriter):
                 + (f" with keys {sorted(prediction)}" if isinstance(prediction, dict) else "")
             )
         ids = list(prediction["id"])
-        classes = prediction["classes"].detach().cpu().long()
-        scores = prediction["scores"].detach().cpu().float()
-        self._parts[self.output_path].writelines(submission_rows(ids, classes, scores))
+        # Ranked once for both files.
+        classes, scores = rank_by_score(prediction["classes"].detach().cpu().long(),
+                                        prediction["scores"].detach().cpu().float())
+        self._parts[self.output_path].writelines(_csv_lines(ids, classes, scores))
         if self.names_path is not None:
             self._write_names(ids, classes, scores)
 
-    def _write_names(self, ids: list[str], classes: torch.Tensor, scores: torch.Tensor) -> None:
-        order = sort_by_score(classes, scores)
-        classes, scores = classes.gather(1, order).tolist(), scores.gather(1, order).tolist()
+    def _write_names(self, ids: list[str], classes: list[list[int]], scores: list[list[float]]) -> None:
         writer = _names_writer(self._parts[self.names_path])
         for video_id, row_classes, row_scores in zip(ids, classes, scores):
             labels = "; ".join(f"{self.vocabulary.get(c, f'#{c}')} ({s:.4g})" for c, s in zip(row_classes, row_scores))
