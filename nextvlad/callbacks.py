@@ -319,7 +319,7 @@ class EvaluationReport(Callback):
                            "no per-class AP in the report")
             return
         # Called on every rank, also one that saw no labelled video: it is a collective under DDP.
-        per_class_ap, positives = average_precision.compute_per_class()  # a collective call under DDP
+        per_class_ap, positives = average_precision.compute_per_class()
         self._per_class = (per_class_ap.cpu().numpy(), positives.cpu().numpy())
 
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
