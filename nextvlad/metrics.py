@@ -33,6 +33,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
+from nextvlad._validation import check_positive_int
+
 __all__ = [
     "GlobalAveragePrecision",
     "HitAtOne",
@@ -50,11 +52,6 @@ def _cat_state(state: list[Tensor] | Tensor, dtype: torch.dtype, device: torch.d
     if isinstance(state, list) and not state:
         return torch.empty(0, dtype=dtype, device=device)
     return dim_zero_cat(state)
-
-
-def _check_positive_int(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def _check_inputs(preds: Tensor, target: Tensor, validate_values: bool) -> None:
@@ -133,7 +130,7 @@ class _TopKPairs(Metric):
 
     def __init__(self, top_k: int, validate_args: bool, **kwargs) -> None:
         super().__init__(**kwargs)
-        _check_positive_int(top_k, "top_k")
+        check_positive_int(top_k=top_k)
         self.top_k = top_k
         self.validate_args = validate_args
         self.add_state("top_scores", default=[], dist_reduce_fx="cat")
@@ -209,7 +206,7 @@ class MeanAveragePrecision(_TopKPairs):
         **kwargs,
     ) -> None:
         super().__init__(top_k, validate_args, **kwargs)
-        _check_positive_int(num_classes, "num_classes")
+        check_positive_int(num_classes=num_classes)
         if num_classes > _MAX_EXACT_CLASSES:
             raise ValueError(f"num_classes must be <= {_MAX_EXACT_CLASSES}, got {num_classes}")
         self.num_classes = num_classes
