@@ -69,9 +69,12 @@ def _check_inputs(preds: Tensor, target: Tensor, validate_values: bool) -> None:
         raise ValueError("preds must have at least one class (got 0 columns)")
     if not validate_values:
         return
-    if preds.is_floating_point() and torch.isnan(preds).any():
+    # Both flags in one device-to-host copy: a single sync per update, as validate_args promises.
+    flags = torch.stack((torch.isnan(preds).any(), ((target != 0) & (target != 1)).any()))
+    has_nan, not_multi_hot = flags.tolist()
+    if has_nan:
         raise ValueError("preds contains NaN")
-    if ((target != 0) & (target != 1)).any():
+    if not_multi_hot:
         raise ValueError("target must be multi-hot: every value 0 or 1")
 
 
