@@ -155,9 +155,9 @@ def export_program(module: ExportableClassifier) -> torch.export.ExportedProgram
 
 def export_onnx(module: ExportableClassifier, path: str | Path, opset: int | None = None) -> None:
     """Write an ONNX model: inputs rgb/audio/lengths, output probabilities, axes batch/frames."""
-    program = export_program(module)
+    # torch.onnx takes the program as it is (no example inputs, no second trace).
     onnx_program = torch.onnx.export(
-        program, example_inputs(module), input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
+        export_program(module), input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
         opset_version=opset, dynamo=True, verbose=False,
     )
     # torch.onnx's own renaming (what it does when given axis names); rgb's two symbols are shared
