@@ -282,7 +282,10 @@ class VideoClassifier(pl.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Top-k classes and probabilities per video (never the full (videos x C) matrix)."""
         probabilities = torch.sigmoid(self(batch["rgb"], batch["audio"], batch["lengths"]).float())
-        scores, classes = probabilities.topk(min(self.hparams.top_k, probabilities.shape[-1]), dim=-1)
+        # A stable sort, so that a tie at the k-th score keeps the lower class index (topk leaves
+        # that choice to the backend), as the metrics do.
+        classes = torch.argsort(probabilities, dim=-1, descending=True, stable=True)[:, : self.hparams.top_k]
+        scores = probabilities.gather(1, classes)
         return {"id": list(batch["id"]), "scores": scores.cpu(), "classes": classes.cpu()}
 
     # ----------------------------------------------------------------------------- optimisation

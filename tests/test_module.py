@@ -7,7 +7,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from toy_data import SMALL, collate, loader, toy_videos, trainer
+from toy_data import NUM_CLASSES, SMALL, collate, loader, toy_videos, trainer
 
 from nextvlad.module import VideoClassifier, clip_per_tensor_, summed_bce
 
@@ -186,3 +186,13 @@ def test_bf16_mixed_precision_trains(num_branches):
     trainer(max_steps=3, precision="bf16-mixed", callbacks=[Record()]).fit(module, loader(32))
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     assert all(p.dtype == torch.float32 for p in module.parameters())  # master weights stay fp32
+
+
+def test_predict_step_breaks_ties_at_the_cut_off_by_lower_class_index():
+    module = VideoClassifier(**SMALL, top_k=3).eval()
+    batch = collate(toy_videos(2, 0))
+    tied = torch.tensor([[0.0, 5.0, 1.0, 1.0, 1.0, 1.0] + [-9.0] * (NUM_CLASSES - 6)] * 2)
+    module.forward = lambda rgb, audio, lengths: tied  # the ranking alone is under test
+    out = module.predict_step(batch, 0)
+    assert out["classes"].tolist() == [[1, 2, 3], [1, 2, 3]]
+    assert torch.allclose(out["scores"], torch.sigmoid(tied).gather(1, out["classes"]))
