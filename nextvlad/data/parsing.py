@@ -157,14 +157,19 @@ def _context_labels(features, num_classes: int, path: str, index: int) -> tuple[
     return labels, labels.size > 0
 
 
-def parse_frame_record(data: bytes, num_classes: int, path: str = "<bytes>",
-                       index: int = 0) -> QuantizedVideo:
-    """Parse one serialized frame-level SequenceExample (SPEC 1.1); errors name path and index."""
-    message = protos.LazySequenceExample()
+def _parse(message, data: bytes, kind: str, path: str, index: int):
+    """``message`` filled from ``data``; a DecodeError becomes a DataError naming path and index."""
     try:
         message.ParseFromString(data)
     except DecodeError as error:
-        raise DataError(path, index, f"not a tf.train.SequenceExample: {error}") from None
+        raise DataError(path, index, f"not a {kind}: {error}") from None
+    return message
+
+
+def parse_frame_record(data: bytes, num_classes: int, path: str = "<bytes>",
+                       index: int = 0) -> QuantizedVideo:
+    """Parse one serialized frame-level SequenceExample (SPEC 1.1); errors name path and index."""
+    message = _parse(protos.LazySequenceExample(), data, "tf.train.SequenceExample", path, index)
     video_id = _context_id(message.context, path, index)
     labels, has_labels = _context_labels(message.context, num_classes, path, index)
     feature_lists = message.feature_lists.feature_list
@@ -187,12 +192,7 @@ def parse_frame_record(data: bytes, num_classes: int, path: str = "<bytes>",
 def parse_video_level_record(data: bytes, num_classes: int, path: str = "<bytes>",
                              index: int = 0) -> VideoLevelRecord:
     """Parse one serialized video-level Example (SPEC 1.2)."""
-    message = protos.Example()
-    try:
-        message.ParseFromString(data)
-    except DecodeError as error:
-        raise DataError(path, index, f"not a tf.train.Example: {error}") from None
-    features = message.features
+    features = _parse(protos.Example(), data, "tf.train.Example", path, index).features
     video_id = _context_id(features, path, index)
     labels, has_labels = _context_labels(features, num_classes, path, index)
     means = []
@@ -206,13 +206,18 @@ def parse_video_level_record(data: bytes, num_classes: int, path: str = "<bytes>
     return VideoLevelRecord(video_id, means[0], means[1], labels, has_labels)
 
 
+def _set_id_and_labels(features, video_id: str, labels: np.ndarray | list[int] | None) -> None:
+    """The context ``id`` and (unless None) ``labels`` features shared by both record levels."""
+    features.feature["id"].bytes_list.value.append(video_id.encode("utf-8"))
+    if labels is not None:
+        features.feature["labels"].int64_list.value.extend(int(x) for x in labels)
+
+
 def encode_frame_record(video_id: str, rgb: np.ndarray, audio: np.ndarray,
                         labels: np.ndarray | list[int] | None) -> bytes:
     """Serialize a frame-level SequenceExample in the official layout (labels None: omitted)."""
     message = protos.LazySequenceExample()
-    message.context.feature["id"].bytes_list.value.append(video_id.encode("utf-8"))
-    if labels is not None:
-        message.context.feature["labels"].int64_list.value.extend(int(x) for x in labels)
+    _set_id_and_labels(message.context, video_id, labels)
     message.feature_lists.feature_list["rgb"] = encode_feature_list(rgb)
     message.feature_lists.feature_list["audio"] = encode_feature_list(audio)
     return message.SerializeToString()
@@ -222,9 +227,7 @@ def encode_video_level_record(video_id: str, mean_rgb: np.ndarray, mean_audio: n
                               labels: np.ndarray | list[int] | None) -> bytes:
     """Serialize a video-level Example (SPEC 1.2)."""
     message = protos.Example()
-    message.features.feature["id"].bytes_list.value.append(video_id.encode("utf-8"))
-    if labels is not None:
-        message.features.feature["labels"].int64_list.value.extend(int(x) for x in labels)
+    _set_id_and_labels(message.features, video_id, labels)
     message.features.feature["mean_rgb"].float_list.value.extend(np.asarray(mean_rgb, np.float32).tolist())
     message.features.feature["mean_audio"].float_list.value.extend(np.asarray(mean_audio, np.float32).tolist())
     return message.SerializeToString()
