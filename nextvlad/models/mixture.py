@@ -84,6 +84,8 @@ class MixtureOfNeXtVLAD(nn.Module):
 
     def _nextvlad_branches(self, rgb: torch.Tensor, audio: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """All branches' logits, their expansion FCs (the largest per-frame GEMMs) run as one."""
+        self.branches[0].video_aggregator.check_frames(rgb)
+        self.branches[0].audio_aggregator.check_frames(audio)
         video = _shared_linear(rgb, [b.video_aggregator.expansion_fc for b in self.branches])
         audio_expanded = _shared_linear(audio, [b.audio_aggregator.expansion_fc for b in self.branches])
         return torch.stack([
@@ -101,8 +103,6 @@ class MixtureOfNeXtVLAD(nn.Module):
 
 def _shared_linear(inputs: torch.Tensor, layers: list[nn.Linear]) -> tuple[torch.Tensor, ...]:
     """``[layer(inputs) for layer in layers]`` as one GEMM over the concatenated weights."""
-    if inputs.shape[-1] != layers[0].in_features:
-        raise ValueError(f"NeXtVLAD expects {layers[0].in_features} features per frame, got {inputs.shape[-1]}")
     weight = torch.cat([layer.weight for layer in layers])
     bias = torch.cat([layer.bias for layer in layers])
     return torch.nn.functional.linear(inputs, weight, bias).split([layer.out_features for layer in layers], dim=-1)

@@ -73,9 +73,13 @@ class NeXtVLAD(nn.Module):
         return self.clusters * self.group_size
 
     def forward(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        self.check_frames(frames)
+        return self.aggregate(self.expansion_fc(frames), lengths)
+
+    def check_frames(self, frames: torch.Tensor) -> None:
+        """ValueError unless ``frames`` has ``feature_size`` features per frame."""
         if frames.shape[-1] != self.feature_size:
             raise ValueError(f"NeXtVLAD expects {self.feature_size} features per frame, got {frames.shape[-1]}")
-        return self.aggregate(self.expansion_fc(frames), lengths)
 
     def aggregate(self, expanded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Everything after the expansion FC, from ``expanded`` (B, M, expansion * N).
