@@ -60,12 +60,9 @@ def main(argv: Sequence[str] | None = None) -> LightningCLI | None:
 
 
 def console_main() -> None:
-    """The ``nextvlad`` console script (returns None: a returned object would become exit status 1)."""
-    main()
-
-
-def lightning_main() -> None:
-    """``lightning fit --config configs/nextvlad.yaml``: current Lightning ships no such command."""
+    """The ``nextvlad`` and ``lightning`` console scripts (current Lightning ships no ``lightning``
+    command, so ``lightning fit --config configs/nextvlad.yaml`` is ours). Returns None: a returned
+    object would become exit status 1."""
     main()
 
 
