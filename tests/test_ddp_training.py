@@ -12,6 +12,7 @@ import pytest
 SCRIPT = textwrap.dedent('''
     import json, os, sys
     import lightning.pytorch as pl
+    import torch
     from nextvlad import VideoClassifier
     from nextvlad.data import YT8MDataModule
 
@@ -33,6 +34,9 @@ SCRIPT = textwrap.dedent('''
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              num_sanity_val_steps=0, callbacks=[Record()])
         trainer.fit(model, data)
+        # Tear the gloo group down before interpreter exit rather than in its destructors.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 ''')
 
 
