@@ -46,6 +46,7 @@ INTERPRETER_SHAPES = [
     Shape(2, 9, 1, 16, 64, (9, 4)),  # G = 1; D = 64
     Shape(1, 33, 4, 5, 40, (33,)),  # K < 16 (padded), several row blocks, D not a power of two
     Shape(2, 40, 2, 130, 24, (3, 40)),  # K > 128; whole backward row blocks past the end
+    Shape(2, 6, 2, 300, 16, (6, 2)),  # K > 256: the K_PAD = 512 tiles
 ]
 
 
@@ -389,9 +390,9 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch: pytest.MonkeyP
 
 
 @requires_triton
-def test_triton_backend_rejects_more_than_256_clusters() -> None:
-    inputs = make_inputs(Shape(1, 2, 1, 257, 16, (2,)))
-    with pytest.raises(ValueError, match="at most K = 256"):
+def test_triton_backend_rejects_more_than_512_clusters() -> None:
+    inputs = make_inputs(Shape(1, 2, 1, 513, 16, (2,)))
+    with pytest.raises(ValueError, match="at most K = 512"):
         residual_aggregation(*inputs, backend="triton")
 
 
@@ -410,7 +411,10 @@ def test_kernels_compile_for_h100_without_register_spills() -> None:
         cases = [("forward", torch.bfloat16, 128, 256, "ieee"), ("backward", torch.bfloat16, 128, 256, "ieee"),
                  ("forward", torch.float32, 7, 24, "ieee"), ("backward", torch.float32, 7, 24, "ieee"),
                  # many clusters, small D: the tile's BLOCK_D is clamped towards D
-                 ("backward", torch.bfloat16, 256, 16, "ieee"), ("backward", torch.float32, 128, 16, "tf32")]
+                 ("backward", torch.bfloat16, 256, 16, "ieee"), ("backward", torch.float32, 128, 16, "tf32"),
+                 # the largest clusters Triton takes (K_PAD = 512), at both stream widths
+                 ("forward", torch.bfloat16, 400, 256, "ieee"), ("backward", torch.bfloat16, 400, 256, "ieee"),
+                 ("forward", torch.float32, 512, 64, "tf32"), ("backward", torch.bfloat16, 512, 16, "ieee")]
         # the variant for an x whose frames are not back to back (a mixture's split GEMM output)
         cases += [("forward", torch.bfloat16, 112, 256, "strided"), ("backward", torch.bfloat16, 112, 256, "strided")]
         for kind, dtype, clusters, dim, precision in cases:
@@ -526,6 +530,7 @@ GPU_SHAPES = [
     Shape(4, 300, 4, 56, 64, (300, 120, 299, 17)),  # audio stream, final recipe
     Shape(3, 301, 8, 112, 256, (301, 150, 2)),  # final recipe K, M > 300
     Shape(2, 64, 32, 7, 24, (64, 33)),  # G = 32, small odd K and D
+    Shape(2, 300, 8, 400, 64, (300, 77)),  # K > 256: the K_PAD = 512 tiles
 ]
 GPU_TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
 
@@ -613,6 +618,8 @@ def test_auto_backend_on_cuda_is_triton(monkeypatch: pytest.MonkeyPatch) -> None
                         lambda *args: calls.append(args) or original(*args))
     residual_aggregation(*make_inputs(GPU_SHAPES[1], torch.bfloat16, "cuda"))
     assert len(calls) == 1
+    residual_aggregation(*make_inputs(Shape(2, 3, 1, 513, 16, (3, 1)), torch.bfloat16, "cuda"))
+    assert len(calls) == 1, "more than 512 clusters: the reference, not Triton"
 
 
 # ----------------------------------------------------------------------------------------------
