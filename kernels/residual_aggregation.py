@@ -578,19 +578,19 @@ _BACKWARD_TILES: dict[str, dict[int, list[_Tile]]] = {
         64: [(64, 64, 8), (32, 64, 8)],
         128: [(32, 64, 8), (64, 64, 8)],
         256: [(16, 64, 8), (16, 32, 8)],
-        512: [(16, 32, 8)],  # spills 8 bytes; every other sm_90 tile spills more
+        512: [(16, 32, 8)],  # spills 8 bytes on sm_90, the least of the tiles tried
     },
     "ieee": {
         16: [(32, 64, 8), (64, 32, 8)],
         64: [(32, 64, 8), (64, 32, 8), (32, 32, 8)],
         128: [(32, 32, 8), (32, 64, 8)],
         256: [(16, 16, 8), (16, 32, 8)],
-        512: [(16, 16, 8), (16, 32, 8)],  # spill 16 / 24 bytes; every other sm_90 tile spills more
+        512: [(16, 16, 8), (16, 32, 8)],  # spill 16 / 24 bytes on sm_90, the least of the tiles tried
     },
 }
-# K_PAD = 1024 has no spill-free backward tile on sm_90 (the best bf16 one spills 240 bytes and the
-# (BLOCK_R, K_PAD) assignment tiles leave no room to shrink): beyond 512 clusters "auto" runs the
-# reference, whose cuBLAS GEMM is then the better choice anyway.
+# For K_PAD = 1024 no backward tile tried compiled for sm_90 without spills (the best bf16 one
+# spills 240 bytes; BLOCK_R is already tl.dot's minimum of 16), so beyond 512 clusters "auto" runs
+# the reference.
 MAX_TRITON_CLUSTERS = 512
 # Frame splits start at multiples of every BLOCK_R above.
 _SPLIT_ROW_ALIGNMENT = 128
