@@ -274,8 +274,10 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
 def compile_report(args: argparse.Namespace) -> list[dict[str, Any]]:
     """No GPU needed: compile each default tile for sm_90 (H100) and report registers, spills and
     shared memory per workload, kernel and operand family. Facts about the binaries, not timings."""
-    from nextvlad.kernels.residual_aggregation import (
-        _BACKWARD_TILES, _FORWARD_TILES, _padded_clusters, _tile_family, _tiles, compile_for_gpu, resource_usage,
+    from kernel_compile import compile_for_gpu, resource_usage
+
+    from nextvlad.kernels.residual_aggregation_triton import (
+        _BACKWARD_TILES, _FORWARD_TILES, _padded_clusters, _tile_family, _tiles,
     )
 
     rows = []

@@ -1,25 +1,20 @@
-"""Fused kernels for nextvlad, one file per op (Liger-Kernel layout), installed as ``nextvlad.kernels``."""
+"""Fused kernels for nextvlad, installed as ``nextvlad.kernels``. Per op (Liger-Kernel layout): the
+public op with validation, dispatch and its torch.library registration (``<op>.py``), the Triton
+kernels and launchers (``<op>_triton.py``) and the PyTorch references (``<op>_reference.py``)."""
 
-from .residual_aggregation import (
-    ResidualAggregationFunction,
-    compile_for_gpu,
+from .residual_aggregation import residual_aggregation, triton_interpreter_enabled
+from .residual_aggregation_reference import (
     frame_mask,
     l2_normalize_clusters,
-    residual_aggregation,
     residual_aggregation_einsum,
     residual_aggregation_reference,
-    resource_usage,
-    triton_interpreter_enabled,
 )
 
 __all__ = [
-    "ResidualAggregationFunction",
-    "compile_for_gpu",
     "frame_mask",
     "l2_normalize_clusters",
     "residual_aggregation",
     "residual_aggregation_einsum",
     "residual_aggregation_reference",
-    "resource_usage",
     "triton_interpreter_enabled",
 ]

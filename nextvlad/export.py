@@ -33,8 +33,7 @@ import torch
 import yaml
 from torch import nn
 
-from nextvlad.models.netvlad import NetVLAD
-from nextvlad.models.nextvlad import NeXtVLAD
+from nextvlad.kernels.residual_aggregation import reference_decompositions
 
 __all__ = ["ExportableClassifier", "load_checkpoint", "load_classifier", "classifier_from_checkpoint",
            "export_onnx", "export_program", "main"]
@@ -115,15 +114,7 @@ def classifier_from_checkpoint(
         module.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
         raise ValueError(f"{name}: weights do not fit the model: {error}") from error
-    use_reference_aggregation(module)
     return module.eval()
-
-
-def use_reference_aggregation(module: nn.Module) -> None:
-    """Switch every NeXtVLAD/NetVLAD layer to the plain PyTorch aggregation (exportable)."""
-    for layer in module.modules():
-        if isinstance(layer, (NeXtVLAD, NetVLAD)):
-            layer.backend = "reference"
 
 
 def training_eigenvalues(checkpoint: dict[str, Any], config_path: str | Path | None) -> str | None:
@@ -147,10 +138,15 @@ def example_inputs(module: ExportableClassifier, batch: int = 2, frames: int = 6
 
 
 def export_program(module: ExportableClassifier) -> torch.export.ExportedProgram:
-    """``torch.export`` program with dynamic batch and frame axes (frames shared by rgb and audio)."""
+    """``torch.export`` program with dynamic batch and frame axes (frames shared by rgb and audio).
+
+    The model is traced as it runs (the registered aggregation op included); the op is then
+    replaced by its PyTorch reference, so the program holds ATen ops only and runs without
+    nextvlad and without Triton (ONNX, a .pt2 served elsewhere)."""
     batch, frames = torch.export.Dim("batch"), torch.export.Dim("frames")
     shapes = {"rgb": {0: batch, 1: frames}, "audio": {0: batch, 1: frames}, "lengths": {0: batch}}
-    return torch.export.export(module, example_inputs(module), dynamic_shapes=shapes)
+    program = torch.export.export(module, example_inputs(module), dynamic_shapes=shapes)
+    return program.run_decompositions(reference_decompositions())
 
 
 def export_onnx(module: ExportableClassifier, path: str | Path, opset: int | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import pathlib
 import sys
 from dataclasses import dataclass
 
@@ -17,13 +18,14 @@ from nextvlad.kernels import (
     residual_aggregation_einsum,
     residual_aggregation_reference,
 )
-from nextvlad.kernels.residual_aggregation import ResidualAggregationFunction, triton_interpreter_enabled
+from nextvlad.kernels import triton_interpreter_enabled
 
-# The package re-exports the function under the module's name, so fetch the module itself.
+# The package re-exports the function under the module's name, so fetch the modules themselves.
 residual_aggregation_module = importlib.import_module("nextvlad.kernels.residual_aggregation")
+triton_module = residual_aggregation_module.triton_implementation  # None without Triton
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-requires_triton = pytest.mark.skipif(residual_aggregation_module.triton is None, reason="needs triton")
+requires_triton = pytest.mark.skipif(triton_module is None, reason="needs triton")
 
 
 @dataclass(frozen=True)
@@ -225,7 +227,7 @@ def test_triton_interpreter_normalize_and_half_precision(interpreter) -> None:
 def test_triton_interpreter_frame_splits_match_reference(interpreter, monkeypatch: pytest.MonkeyPatch) -> None:
     # Small batches split each video's frames over several programs (on a GPU, to fill the SMs);
     # force that path: 2 x 150 rows in 128-row splits, one split past the short video's end.
-    monkeypatch.setattr(residual_aggregation_module, "_forward_splits", lambda *args: 3)
+    monkeypatch.setattr(triton_module, "_forward_splits", lambda *args: 3)
     shape = Shape(2, 75, 2, 9, 16, (75, 50))
     for name, got, expected in zip(NAMES, *triton_and_reference(shape, torch.float32)):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
@@ -235,14 +237,14 @@ def _all_tiles(*tables) -> list[tuple[int, int, int]]:
     return sorted({tile for table in tables for family in table.values() for tiles in family.values() for tile in tiles})
 
 
-ALL_TILES = _all_tiles(residual_aggregation_module._FORWARD_TILES, residual_aggregation_module._BACKWARD_TILES)
+ALL_TILES = _all_tiles(triton_module._FORWARD_TILES, triton_module._BACKWARD_TILES) if triton_module else []
 
 
 @pytest.mark.parametrize("block_r,block_d", sorted({(rows, block_d) for rows, block_d, _ in ALL_TILES}))
 def test_triton_interpreter_every_tile_shape(interpreter, monkeypatch: pytest.MonkeyPatch, block_r: int,
                                              block_d: int) -> None:
     """Every (BLOCK_R, BLOCK_D) the tables hold, on rows and D that are not multiples of it."""
-    monkeypatch.setattr(residual_aggregation_module, "_tiles", lambda *args: [(block_r, block_d, 4)])
+    monkeypatch.setattr(triton_module, "_tiles", lambda *args: [(block_r, block_d, 4)])
     shape = Shape(2, 37, 3, 20, 40, (37, 11))
     for name, got, expected in zip(NAMES, *triton_and_reference(shape, torch.float32)):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
@@ -258,16 +260,16 @@ def test_triton_interpreter_autotuned_launch_path(interpreter, monkeypatch: pyte
         timed.append(1)
         return [float(100 - len(timed))] * 3
 
-    monkeypatch.setattr(residual_aggregation_module, "_autotune_enabled", lambda interpret: True)
-    monkeypatch.setattr(residual_aggregation_module, "_AUTOTUNE_TIMER", fake_timer)
-    residual_aggregation_module._autotuned.cache_clear()
+    monkeypatch.setattr(triton_module, "_autotune_enabled", lambda interpret: True)
+    monkeypatch.setattr(triton_module, "_AUTOTUNE_TIMER", fake_timer)
+    triton_module._autotuned.cache_clear()
     try:
         shape = Shape(2, 40, 2, 100, 64, (40, 9))
         for name, got, expected in zip(NAMES, *triton_and_reference(shape, torch.float32)):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
     finally:
-        residual_aggregation_module._autotuned.cache_clear()
-    tiles = residual_aggregation_module._FORWARD_TILES["ieee"][128] + residual_aggregation_module._BACKWARD_TILES["ieee"][128]
+        triton_module._autotuned.cache_clear()
+    tiles = triton_module._FORWARD_TILES["ieee"][128] + triton_module._BACKWARD_TILES["ieee"][128]
     assert len(timed) == len(tiles)
 
 
@@ -276,7 +278,8 @@ def test_triton_interpreter_clamps_unvalidated_lengths(interpreter) -> None:
     # (memory stays in bounds) exactly as the reference's frame mask does.
     x, logits, attention, _, centroids = make_inputs(Shape(2, 6, 2, 5, 16, (6, 6)))
     for lengths in (torch.tensor([-2, 11]), torch.tensor([-(2**32) + 3, 2**32 + 1])):  # int32 wraps to 3, 1
-        y = ResidualAggregationFunction.apply(x, logits, attention, lengths, centroids, "ieee")
+        y, _ = torch.ops.nextvlad.residual_aggregation(x, logits, attention, lengths, centroids, "ieee",
+                                                       torch.float32, "triton")
         expected = residual_aggregation_reference(x, logits, attention, lengths, centroids)
         torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"lengths {lengths}: {m}")
 
@@ -327,13 +330,14 @@ def test_triton_interpreter_output_can_be_modified_in_place(interpreter) -> None
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-def test_triton_interpreter_refuses_double_backward(interpreter) -> None:
-    # The backward kernels are not differentiable; second derivatives (e.g. a gradient penalty)
-    # must raise instead of silently dropping the terms through the saved a_sum and the kernels.
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_registered_op_refuses_double_backward(interpreter, backend: str) -> None:
+    # The backward op (Triton kernels, or the hand-written reference on CPU) is not differentiable;
+    # second derivatives (e.g. a gradient penalty) must raise instead of silently dropping terms.
     x, logits, attention, lengths, centroids = with_grad(*make_inputs(INTERPRETER_SHAPES[0]))
-    y = residual_aggregation(x, logits, attention, lengths, centroids, backend="triton", precision="ieee")
+    y = residual_aggregation(x, logits, attention, lengths, centroids, backend=backend, precision="ieee")
     (grad_centroids,) = torch.autograd.grad(y.pow(2).sum(), centroids, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
+    with pytest.raises(RuntimeError, match="residual_aggregation_backward.*no autograd formula"):
         grad_centroids.sum().backward()
 
 
@@ -343,16 +347,16 @@ def test_launch_grids_fit_cuda_limits_for_large_batches(monkeypatch: pytest.Monk
     # must not have an axis of its own (a launch with B > 65535 would fail on a GPU; the
     # interpreter has no such limit, hence the grids are checked here without running them).
     grids = []
-    monkeypatch.setattr(residual_aggregation_module, "_launch",
+    monkeypatch.setattr(triton_module, "_launch",
                         lambda kind, family, tiles, grid, *args, **kwargs: grids.append(
                             grid({"BLOCK_R": tiles[0][0], "BLOCK_D": tiles[0][1]})))
     batch = 70_000
     x, logits, attention, lengths, centroids = make_inputs(Shape(1, 2, 1, 1, 16, (2,)))
     x, logits, attention = (t.expand(batch, *t.shape[1:]) for t in (x, logits, attention))
     lengths = lengths.expand(batch)
-    residual_aggregation_module._launch_forward(x, logits, attention, lengths, centroids, torch.float32, "ieee")
+    triton_module.launch_forward(x, logits, attention, lengths, centroids, torch.float32, "ieee")
     grad_y_dot_centroids = torch.zeros(batch, 1)
-    residual_aggregation_module._launch_backward(x, logits, attention, lengths, torch.zeros(batch, 1, 16),
+    triton_module.launch_backward(x, logits, attention, lengths, torch.zeros(batch, 1, 16),
                                                  grad_y_dot_centroids, "ieee")
     assert len(grids) == 2
     for grid in grids:
@@ -362,14 +366,14 @@ def test_launch_grids_fit_cuda_limits_for_large_batches(monkeypatch: pytest.Monk
 @requires_triton
 def test_empty_batch_needs_no_frame_splits() -> None:
     # B = 0 on a GPU divided by the number of programs (zero); answered before any device query.
-    assert residual_aggregation_module._forward_splits(0, 2400, 2, torch.device("cuda")) == 1
+    assert triton_module._forward_splits(0, 2400, 2, torch.device("cuda")) == 1
 
 
 def test_triton_interpreter_gradcheck_float64(interpreter) -> None:
     x, logits, attention, lengths, centroids = with_grad(*make_inputs(Shape(2, 3, 2, 3, 4, (3, 1)), torch.float64))
 
     def op(x, logits, attention, centroids):
-        return ResidualAggregationFunction.apply(x, logits, attention, lengths, centroids, "ieee")
+        return residual_aggregation(x, logits, attention, lengths, centroids, backend="triton", precision="ieee")
 
     assert torch.autograd.gradcheck(op, (x, logits, attention, centroids), fast_mode=True)
 
@@ -407,7 +411,7 @@ def test_kernels_compile_for_h100_without_register_spills() -> None:
 
     script = textwrap.dedent("""
         import torch
-        from nextvlad.kernels.residual_aggregation import compile_for_gpu, resource_usage
+        from kernel_compile import compile_for_gpu, resource_usage
         cases = [("forward", torch.bfloat16, 128, 256, "ieee"), ("backward", torch.bfloat16, 128, 256, "ieee"),
                  ("forward", torch.float32, 7, 24, "ieee"), ("backward", torch.float32, 7, 24, "ieee"),
                  # many clusters, small D: the tile's BLOCK_D is clamped towards D
@@ -426,6 +430,7 @@ def test_kernels_compile_for_h100_without_register_spills() -> None:
             assert usage["shared_memory_bytes"] <= 227 * 1024, usage
     """)
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    environment["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks")
     environment["TRITON_DEFAULT_FP_FUSION"] = "1"
     result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
                             timeout=300)
@@ -567,10 +572,10 @@ def test_compiled_triton_every_candidate_tile_matches_reference(monkeypatch: pyt
                                                               dtype: torch.dtype) -> None:
     """Autotuning may pick any candidate tile, so each must be right on the real compiler: run the
     i-th candidate of both kernels, for every i, at the final recipe's video and audio shapes."""
-    tiles = residual_aggregation_module._tiles
+    tiles = triton_module._tiles
     for shape in (Shape(3, 300, 8, 112, 256, (300, 41, 0)), Shape(3, 300, 4, 56, 64, (300, 41, 0))):
         for index in range(5):
-            monkeypatch.setattr(residual_aggregation_module, "_tiles",
+            monkeypatch.setattr(triton_module, "_tiles",
                                 lambda *args, index=index: [tiles(*args)[index % len(tiles(*args))]])
             triton_results, reference_results = triton_and_reference(shape, dtype, device="cuda")
             for name, got, expected in zip(NAMES, triton_results, reference_results):
@@ -613,9 +618,8 @@ def test_compiled_triton_runs_on_the_tensors_device_not_the_current_one() -> Non
 @requires_cuda
 def test_auto_backend_on_cuda_is_triton(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    original = residual_aggregation_module._residual_aggregation_triton
-    monkeypatch.setattr(residual_aggregation_module, "_residual_aggregation_triton",
-                        lambda *args: calls.append(args) or original(*args))
+    original = triton_module.launch_forward
+    monkeypatch.setattr(triton_module, "launch_forward", lambda *args: calls.append(args) or original(*args))
     residual_aggregation(*make_inputs(GPU_SHAPES[1], torch.bfloat16, "cuda"))
     assert len(calls) == 1
     residual_aggregation(*make_inputs(Shape(2, 3, 1, 513, 16, (3, 1)), torch.bfloat16, "cuda"))

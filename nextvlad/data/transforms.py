@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from nextvlad.data.parsing import RGB_SIZE
-from nextvlad.kernels.residual_aggregation import frame_mask  # one definition of "real frame"
+from nextvlad.kernels import frame_mask  # one definition of "real frame"
 
 # Dequantize(max=2, min=-2): scalar = 4/255, bias = 4/512 + (-2), both taken to float32 as TF does.
 DEQUANTIZE_SCALE = np.float32(4.0 / 255.0)

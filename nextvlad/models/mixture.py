@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from nextvlad._validation import check_choice, check_positive
-from nextvlad.kernels.residual_aggregation import frame_mask
+from nextvlad.kernels import frame_mask
 from nextvlad.models.initialization import tf_linear
 from nextvlad.models.nextvlad import NeXtVLAD
 from nextvlad.models.video_model import VideoModel

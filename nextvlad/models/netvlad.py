@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from nextvlad._validation import check_choice, check_positive
 from nextvlad.kernels import residual_aggregation
-from nextvlad.kernels.residual_aggregation import frame_mask
+from nextvlad.kernels import frame_mask
 from nextvlad.models.initialization import MaskedBatchNorm1d, tf_linear, variance_scaling_
 from nextvlad.models.nextvlad import ClusterBNStatistics, flatten_like_tf
 

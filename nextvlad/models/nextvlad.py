@@ -9,7 +9,7 @@ from torch import nn
 
 from nextvlad._validation import check_choice, check_positive
 from nextvlad.kernels import residual_aggregation
-from nextvlad.kernels.residual_aggregation import frame_mask
+from nextvlad.kernels import frame_mask
 from nextvlad.models.initialization import (
     MaskedBatchNorm1d,
     tf_batch_norm,

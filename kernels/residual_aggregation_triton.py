@@ -1,0 +1,498 @@
+"""Triton kernels of the residual aggregation and their launchers: the CUDA implementation of the
+registered op ``nextvlad::residual_aggregation`` (CPU tensors run here only through Triton's
+interpreter, ``TRITON_INTERPRET=1`` set before Triton is first imported: tests only, slow).
+
+* forward: one program per (video, D block[, frame split]) loops over the video's real
+  (frame, group) rows only, computes the soft assignment in registers and accumulates
+  ``a^T x`` with ``tl.dot`` into fp32; it never writes the (B, M, G, K) assignment. It also
+  returns ``a_sum`` (B, K), the only tensor saved besides the inputs.
+* backward: one program per (video, row block) recomputes the assignment (flash-attention style)
+  and writes the row-local gradients of x, logits and attention. No atomics, so the result is
+  deterministic for a given tile.
+* tiles come from tables checked by compiling for sm_90 without a GPU
+  (``benchmarks/kernel_compile.py``); autotuning only with ``NEXTVLAD_AUTOTUNE=1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
+
+from .residual_aggregation_reference import compute_dtype
+
+
+def triton_interpreter_enabled() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (then CPU tensors work, slowly).
+
+    Triton fixes the mode when ``triton.language`` is first imported (its own library functions
+    are wrapped then), so ``TRITON_INTERPRET=1`` must be in the environment before anything imports
+    Triton (Lightning does). The mode is read off Triton itself, not off today's environment.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.sum, InterpretedFunction)
+
+
+# Triton kernels
+#
+# Per video b the (frame, group) pairs are the rows r = i*G + g of X_b (M*G, D), of the logits
+# (M*G, K) and of the attention (M*G,); the real frames are exactly the first lengths[b]*G rows, so
+# every loop below runs over real rows only.
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def residual_aggregation_forward_kernel(
+    x_ptr, logits_ptr, attention_ptr, lengths_ptr, centroids_ptr, y_ptr, assignment_sum_ptr,
+    max_frames, groups, clusters, dim, rows_per_split, x_stride_video, x_stride_frame, x_stride_group,
+    K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UNIFORM_X_ROWS: tl.constexpr,
+):
+    """One program per (D block, video; frame split): y[split, b, :, d-block] and, from the first
+    D block, a_sum[split, b, :]. The launcher sums the splits (there is one unless the batch is too
+    small to fill the GPU); the result is linear in the rows, so each split subtracts its own share
+    of the centroid term.
+
+    acc (K_PAD, BLOCK_D) += a^T (K_PAD, BLOCK_R) @ x (BLOCK_R, BLOCK_D) over the split's real rows;
+    the soft assignment lives only in registers.
+
+    Arguments (r = i*G + g indexes a video's (frame, group) rows):
+      x_ptr: (B, M, G, D) features, any strides with a contiguous D axis (x_stride_*).
+      logits_ptr: (B, M, G, K) contiguous cluster logits; attention_ptr: (B, M, G) contiguous
+        attention logits (before the sigmoid); both in x's dtype.
+      lengths_ptr: (B,) int64 real frames, clamped to [0, M] here.
+      centroids_ptr: (K, D) contiguous centroids in the accumulator type.
+      y_ptr: (splits, B, K, D) fp32 partial sums, or (B, K, D) in the output dtype when there is
+        one split; assignment_sum_ptr: (splits, B, K) a_sum, written by the first D block.
+      max_frames, groups, clusters, dim: M, G, K, D; rows_per_split: rows of a video per program
+        along axis 1 (a multiple of BLOCK_R).
+      K_PAD: K rounded up to a power of two >= 16; BLOCK_R x BLOCK_D: the row and feature tile.
+      ACC_DTYPE: accumulator (fp32, fp64 for fp64 inputs); DOT_DTYPE: tl.dot operand type;
+      INPUT_PRECISION: fp32 dot precision ("ieee"/"tf32", None for half types);
+      UNIFORM_X_ROWS: x's rows have one stride (see _uniform_x_rows).
+    """
+    # Axis 0 enumerates (video, D block), D blocks fastest: a video's D blocks run side by side and
+    # share its logits in L2, and the batch is not limited to 65535 (CUDA's limit on axes 1 and 2).
+    d_blocks = tl.cdiv(dim, BLOCK_D)
+    pid_d = tl.program_id(0) % d_blocks
+    video = (tl.program_id(0) // d_blocks).to(tl.int64)
+    output_index = tl.program_id(1).to(tl.int64) * (tl.num_programs(0) // d_blocks) + video
+    rows_per_video = max_frames * groups
+    # Clamped to [0, M] so memory stays in bounds even where validation was skipped (tracing).
+    real_rows = tl.minimum(tl.maximum(tl.load(lengths_ptr + video), 0), max_frames).to(tl.int32) * groups
+    row_begin = tl.program_id(1) * rows_per_split
+    row_end = tl.minimum(real_rows, row_begin + rows_per_split)
+
+    offs_k = tl.arange(0, K_PAD)
+    k_valid = offs_k < clusters
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_valid = offs_d < dim
+    offs_r = tl.arange(0, BLOCK_R)
+
+    x_video = x_ptr + video * x_stride_video
+    logits_video = logits_ptr + video * rows_per_video * clusters
+    attention_video = attention_ptr + video * rows_per_video
+
+    acc = tl.zeros((K_PAD, BLOCK_D), dtype=ACC_DTYPE)
+    assignment_sum = tl.zeros((K_PAD,), dtype=ACC_DTYPE)
+    for row_start in range(row_begin, row_end, BLOCK_R):
+        rows = row_start + offs_r
+        row_valid = rows < row_end
+        # Soft assignment a = sigmoid(attention) * softmax_K(logits); padded K columns get -inf
+        # (probability 0), rows past the video's end get gate 0.
+        logits = tl.load(
+            logits_video + rows[:, None] * clusters + offs_k[None, :],
+            mask=row_valid[:, None] & k_valid[None, :], other=0.0,
+        ).to(ACC_DTYPE)
+        logits = tl.where(k_valid[None, :], logits, float("-inf"))
+        unnormalised = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        gate = tl.sigmoid(tl.load(attention_video + rows, mask=row_valid, other=0.0).to(ACC_DTYPE))
+        gate = tl.where(row_valid, gate, 0.0)
+        # One per-row scale folds the softmax normalisation and the gate.
+        assignment = unnormalised * (gate / tl.sum(unnormalised, axis=1))[:, None]
+
+        if UNIFORM_X_ROWS:  # see _uniform_x_rows
+            x_rows = rows * x_stride_group
+        else:
+            x_rows = (rows // groups) * x_stride_frame + (rows % groups) * x_stride_group
+        features = tl.load(
+            x_video + x_rows[:, None] + offs_d[None, :],
+            mask=row_valid[:, None] & d_valid[None, :], other=0.0,
+        )
+        acc = tl.dot(tl.trans(assignment.to(DOT_DTYPE)), features.to(DOT_DTYPE), acc,
+                     input_precision=INPUT_PRECISION)
+        assignment_sum += tl.sum(assignment, axis=0)
+
+    centroids = tl.load(
+        centroids_ptr + offs_k[:, None] * dim + offs_d[None, :],
+        mask=k_valid[:, None] & d_valid[None, :], other=0.0,
+    ).to(ACC_DTYPE)
+    y = acc - assignment_sum[:, None] * centroids
+    tl.store(
+        y_ptr + output_index * clusters * dim + offs_k[:, None] * dim + offs_d[None, :],
+        y.to(y_ptr.dtype.element_ty), mask=k_valid[:, None] & d_valid[None, :],
+    )
+    if pid_d == 0:
+        tl.store(assignment_sum_ptr + output_index * clusters + offs_k, assignment_sum, mask=k_valid)
+
+
+@triton.jit
+def residual_aggregation_backward_kernel(
+    x_ptr, logits_ptr, attention_ptr, lengths_ptr, grad_y_ptr, grad_y_dot_centroids_ptr,
+    grad_x_ptr, grad_logits_ptr, grad_attention_ptr,
+    max_frames, groups, clusters, dim, x_stride_video, x_stride_frame, x_stride_group,
+    K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UNIFORM_X_ROWS: tl.constexpr,
+):
+    """One program per (row block, video), both on axis 0 (row blocks fastest, so a video's blocks
+    share its dL/dy in L2; any batch fits CUDA's grid); every gradient here is local to a
+    (frame, group) row.
+
+    With s = sigmoid(attention), p = softmax(logits), a = s p and gy = dL/dy[b]:
+      grad_x = a @ gy
+      grad_a[r,k] = (x @ gy^T)[r,k] - sum_d gy[k,d] c[k,d]      (the last term is precomputed)
+      q = sum_k p grad_a;  grad_attention = q s (1 - s);  grad_logits = s p (grad_a - q)
+    The assignment is recomputed from the logits (flash-attention style), never stored.
+    Row blocks wholly past the video's end only write zeros.
+
+    Arguments as in the forward kernel, plus:
+      grad_y_ptr: (B, K, D) contiguous dL/dy in x's dtype.
+      grad_y_dot_centroids_ptr: (B, K) in the accumulator type, subtracted from every row's
+        grad_a: sum_d gy[k,d] c[k,d] minus dL/da_sum[b,k] (zero unless a_sum itself has a gradient).
+      grad_x_ptr (B, M, G, D) contiguous, grad_logits_ptr (B, M, G, K), grad_attention_ptr
+        (B, M, G): outputs in x's dtype, every row written (zeros past the video's end).
+    """
+    rows_per_video = max_frames * groups
+    row_blocks = tl.cdiv(rows_per_video, BLOCK_R)
+    pid_r = tl.program_id(0) % row_blocks
+    video = (tl.program_id(0) // row_blocks).to(tl.int64)
+    # Clamped to [0, M] so memory stays in bounds even where validation was skipped (tracing).
+    real_rows = tl.minimum(tl.maximum(tl.load(lengths_ptr + video), 0), max_frames).to(tl.int32) * groups
+
+    offs_k = tl.arange(0, K_PAD)
+    k_valid = offs_k < clusters
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_in_video = rows < rows_per_video
+    row_valid = rows < real_rows
+
+    x_video = x_ptr + video * x_stride_video
+    if UNIFORM_X_ROWS:  # see _uniform_x_rows
+        x_rows = rows * x_stride_group
+    else:
+        x_rows = (rows // groups) * x_stride_frame + (rows % groups) * x_stride_group
+    grad_x_video = grad_x_ptr + video * rows_per_video * dim
+    logits_offsets = video * rows_per_video * clusters + rows[:, None] * clusters + offs_k[None, :]
+    logits_store_mask = row_in_video[:, None] & k_valid[None, :]
+    attention_offsets = video * rows_per_video + rows
+    grad_y_video = grad_y_ptr + video * clusters * dim
+
+    if pid_r * BLOCK_R >= real_rows:
+        for d_start in range(0, dim, BLOCK_D):
+            offs_d = d_start + tl.arange(0, BLOCK_D)
+            tl.store(grad_x_video + rows[:, None] * dim + offs_d[None, :],
+                     tl.zeros((BLOCK_R, BLOCK_D), dtype=grad_x_ptr.dtype.element_ty),
+                     mask=row_in_video[:, None] & (offs_d < dim)[None, :])
+        tl.store(grad_logits_ptr + logits_offsets,
+                 tl.zeros((BLOCK_R, K_PAD), dtype=grad_logits_ptr.dtype.element_ty),
+                 mask=logits_store_mask)
+        tl.store(grad_attention_ptr + attention_offsets,
+                 tl.zeros((BLOCK_R,), dtype=grad_attention_ptr.dtype.element_ty),
+                 mask=row_in_video)
+    else:
+        logits = tl.load(logits_ptr + logits_offsets, mask=row_valid[:, None] & k_valid[None, :],
+                         other=0.0).to(ACC_DTYPE)
+        logits = tl.where(k_valid[None, :], logits, float("-inf"))
+        unnormalised = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        probabilities = unnormalised * (1.0 / tl.sum(unnormalised, axis=1))[:, None]
+        sigmoid = tl.sigmoid(tl.load(attention_ptr + attention_offsets, mask=row_valid,
+                                     other=0.0).to(ACC_DTYPE))
+        gate = tl.where(row_valid, sigmoid, 0.0)
+        assignment = probabilities * gate[:, None]
+
+        grad_assignment = tl.zeros((BLOCK_R, K_PAD), dtype=ACC_DTYPE)
+        for d_start in range(0, dim, BLOCK_D):
+            offs_d = d_start + tl.arange(0, BLOCK_D)
+            d_valid = offs_d < dim
+            features = tl.load(x_video + x_rows[:, None] + offs_d[None, :],
+                               mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+            grad_y = tl.load(grad_y_video + offs_k[:, None] * dim + offs_d[None, :],
+                             mask=k_valid[:, None] & d_valid[None, :], other=0.0)
+            features = features.to(DOT_DTYPE)
+            grad_y = grad_y.to(DOT_DTYPE)
+            grad_assignment = tl.dot(features, tl.trans(grad_y), grad_assignment,
+                                     input_precision=INPUT_PRECISION)
+            grad_features = tl.dot(assignment.to(DOT_DTYPE), grad_y,
+                                   input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            tl.store(grad_x_video + rows[:, None] * dim + offs_d[None, :],
+                     grad_features.to(grad_x_ptr.dtype.element_ty),
+                     mask=row_in_video[:, None] & d_valid[None, :])
+
+        grad_y_dot_centroids = tl.load(grad_y_dot_centroids_ptr + video * clusters + offs_k,
+                                       mask=k_valid, other=0.0).to(ACC_DTYPE)
+        grad_assignment -= grad_y_dot_centroids[None, :]
+        weighted = tl.sum(probabilities * grad_assignment, axis=1)
+        grad_attention = tl.where(row_valid, weighted * sigmoid * (1.0 - sigmoid), 0.0)
+        grad_logits = gate[:, None] * probabilities * (grad_assignment - weighted[:, None])
+        tl.store(grad_logits_ptr + logits_offsets, grad_logits.to(grad_logits_ptr.dtype.element_ty),
+                 mask=logits_store_mask)
+        tl.store(grad_attention_ptr + attention_offsets,
+                 grad_attention.to(grad_attention_ptr.dtype.element_ty), mask=row_in_video)
+
+
+
+
+# (BLOCK_R, BLOCK_D, num_warps) candidates by K_PAD and operand family. Every one compiles for
+# sm_90 without register spills (checked offline: triton.compile for GPUTarget("cuda", 90, 32) with
+# 16-divisible strides, then `cuobjdump --dump-resource-usage`: benchmarks/kernel_compile.py). The
+# first is the default; with NEXTVLAD_AUTOTUNE=1 all of them are autotuned once per (K, D, dtype).
+# Every tl.dot dimension is at least 16.
+_Tile = tuple[int, int, int]
+_FORWARD_TILES: dict[str, dict[int, list[_Tile]]] = {
+    "half": {
+        16: [(64, 128, 4), (128, 128, 8), (64, 64, 4), (128, 64, 4)],
+        64: [(64, 128, 8), (64, 64, 4), (128, 64, 8), (32, 128, 8), (128, 128, 8)],
+        128: [(64, 128, 8), (64, 64, 8), (32, 128, 8), (128, 64, 8), (128, 128, 8)],
+        256: [(32, 64, 8), (64, 32, 8), (64, 64, 8), (32, 32, 8)],
+        512: [(16, 32, 16), (16, 32, 8), (16, 16, 16)],
+    },
+    "tf32": {
+        16: [(64, 64, 4), (64, 128, 4)],
+        64: [(64, 64, 8), (64, 64, 4), (64, 128, 8)],
+        128: [(64, 64, 8), (32, 64, 8), (32, 128, 8)],
+        256: [(32, 32, 8), (32, 64, 8)],
+        512: [(16, 32, 8), (16, 16, 8)],
+    },
+    "ieee": {  # exact fp32 (FMA, no tensor cores): mostly for tests
+        16: [(64, 64, 4), (32, 64, 4), (64, 128, 8)],
+        64: [(64, 64, 8), (128, 32, 8), (64, 128, 8)],
+        128: [(32, 64, 8), (64, 32, 8)],  # (64, 64, 8) spills 16 bytes
+        256: [(16, 32, 8), (16, 64, 8), (32, 32, 4)],
+        512: [(16, 32, 8), (16, 16, 16)],
+    },
+}
+_BACKWARD_TILES: dict[str, dict[int, list[_Tile]]] = {
+    "half": {
+        16: [(64, 64, 8), (128, 64, 8), (64, 128, 8), (64, 32, 8)],
+        64: [(64, 64, 8), (32, 64, 8), (128, 32, 8), (64, 128, 8), (128, 64, 8)],
+        128: [(64, 64, 8), (32, 64, 8), (64, 32, 8), (64, 128, 8)],
+        256: [(16, 64, 8), (32, 64, 8)],
+        512: [(16, 32, 16), (16, 32, 8)],
+    },
+    "tf32": {
+        16: [(64, 64, 4), (32, 64, 8)],
+        64: [(64, 64, 8), (32, 64, 8)],
+        128: [(32, 64, 8), (64, 64, 8)],
+        256: [(16, 64, 8), (16, 32, 8)],
+        512: [(16, 32, 8)],  # spills 8 bytes on sm_90, the least of the tiles tried
+    },
+    "ieee": {
+        16: [(32, 64, 8), (64, 32, 8)],
+        64: [(32, 64, 8), (64, 32, 8), (32, 32, 8)],
+        128: [(32, 32, 8), (32, 64, 8)],
+        256: [(16, 16, 8), (16, 32, 8)],
+        512: [(16, 16, 8), (16, 32, 8)],  # spill 16 / 24 bytes on sm_90, the least of the tiles tried
+    },
+}
+# For K_PAD = 1024 no backward tile tried compiled for sm_90 without spills (the best bf16 one
+# spills 240 bytes; BLOCK_R is already tl.dot's minimum of 16), so beyond 512 clusters "auto" runs
+# the reference.
+MAX_TRITON_CLUSTERS = 512
+# Frame splits start at multiples of every BLOCK_R above.
+_SPLIT_ROW_ALIGNMENT = 128
+
+
+def _next_power_of_two(value: int) -> int:
+    return 1 << max(0, value - 1).bit_length()
+
+
+def _padded_clusters(clusters: int) -> int:
+    return max(16, _next_power_of_two(clusters))
+
+
+def _tile_family(dtype: torch.dtype, precision: str) -> str:
+    if dtype in (torch.float16, torch.bfloat16):
+        return "half"
+    return "ieee" if dtype == torch.float64 else precision
+
+
+def _tiles(table: dict[str, dict[int, list[_Tile]]], family: str, k_pad: int, dim: int) -> list[_Tile]:
+    """The candidate tiles for this K_PAD (the next listed size up), BLOCK_D clamped to D.
+
+    With K_PAD >= 128 the backward kernel's BLOCK_D is clamped no lower than 64: for sm_90 its
+    tensor-core tiles with BLOCK_D 16 or 32 there spill hundreds of bytes of registers (e.g. bf16
+    K=256, D=16 with (16, 16, 8): 808 bytes), while the masked (BLOCK_R, 64) tiles compile
+    spill-free. (With fewer clusters it is the other way round, e.g. K=7, D=24.)
+    """
+    by_k_pad = table[family]
+    candidates = by_k_pad[min(size for size in by_k_pad if size >= k_pad)]
+    d_cap = max(64 if table is _BACKWARD_TILES and k_pad >= 128 else 16, _next_power_of_two(dim))
+    return list(dict.fromkeys((rows, min(block_d, d_cap), warps) for rows, block_d, warps in candidates))
+
+
+def _autotune_enabled(interpret: bool) -> bool:
+    """Autotuning only on request (NEXTVLAD_AUTOTUNE=1): by default the first tile of each table
+    runs, so every DDP rank and every rerun executes the same kernel and gets bitwise the same
+    result. The interpreter has no timer, so it never autotunes."""
+    return not interpret and os.environ.get("NEXTVLAD_AUTOTUNE", "0") == "1"
+
+
+# Timer for the autotuner; None means Triton's own (CUDA events). Tests swap in a fake one.
+_AUTOTUNE_TIMER: Any = None
+
+
+_KERNELS = {"forward": residual_aggregation_forward_kernel, "backward": residual_aggregation_backward_kernel}
+
+
+@functools.cache
+def _autotuned(kind: str, family: str, tiles: tuple[_Tile, ...]) -> Any:
+    """One autotuner per kernel, operand family and candidate list (its cache is keyed on K, D and
+    the tensors' dtypes)."""
+    configs = [triton.Config({"BLOCK_R": rows, "BLOCK_D": block_d}, num_warps=warps) for rows, block_d, warps in tiles]
+    timer = {} if _AUTOTUNE_TIMER is None else {"do_bench": _AUTOTUNE_TIMER}
+    return triton.autotune(configs=configs, key=["clusters", "dim"], **timer)(_KERNELS[kind])
+
+
+def _launch(kind: str, family: str, tiles: list[_Tile], grid: Any, *args: Any, **constexprs: Any) -> None:
+    """Run ``kind`` ("forward"/"backward") with the default tile, or autotuned on request.
+
+    ``grid`` maps the tile's meta-parameters (BLOCK_R, BLOCK_D) to the launch grid. The kernels go
+    through ``torch.library.wrap_triton``, so that torch.compile (inside the registered op) traces
+    the launch into its graph instead of breaking it.
+    """
+    interpret = triton_interpreter_enabled()
+    # Triton launches on the *current* CUDA device and stream, not on the tensors' device: without
+    # this, x on cuda:1 while cuda:0 is current (no torch.cuda.set_device) reads foreign addresses.
+    device = args[0].device
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        if _autotune_enabled(interpret) and len(tiles) > 1:
+            wrap_triton(_autotuned(kind, family, tuple(tiles)))[grid](*args, **constexprs)
+        else:
+            rows, block_d, warps = tiles[0]
+            meta = {"BLOCK_R": rows, "BLOCK_D": block_d}
+            wrap_triton(_KERNELS[kind])[grid(meta)](*args, **constexprs, **meta, num_warps=warps)
+
+
+def _forward_splits(batch: int, rows_per_video: int, d_blocks: int, device: torch.device) -> int:
+    """Frame splits per video so that small batches (inference) still fill the GPU's SMs."""
+    if device.type != "cuda" or batch == 0:  # B = 0: no programs to divide by
+        return 1
+    programs = batch * d_blocks
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= target:
+        return 1
+    return max(1, min(triton.cdiv(target, programs), triton.cdiv(rows_per_video, _SPLIT_ROW_ALIGNMENT)))
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> Any:
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _dot_dtype(dtype: torch.dtype, interpret: bool) -> Any:
+    """Operand dtype of the tl.dot calls: the input dtype (tensor cores for fp16/bf16), except that
+    the interpreter multiplies bf16 as raw uint16 bit patterns, so there bf16 is widened to fp32."""
+    if interpret and dtype == torch.bfloat16:
+        return tl.float32
+    return getattr(tl, str(dtype).removeprefix("torch."))
+
+
+def _dot_precision(dtype: torch.dtype, precision: str) -> str | None:
+    """input_precision only means something for fp32 operands; fp64 dots are exact, and fp16/bf16
+    keep Triton's default (tensor cores)."""
+    if dtype == torch.float32:
+        return precision
+    return "ieee" if dtype == torch.float64 else None
+
+
+def _x_strides(x: Tensor) -> tuple[int, int, int]:
+    """x's (video, frame, group) strides, the group stride made the row stride when G = 1 (a size-1
+    dimension's stride is arbitrary)."""
+    stride_video, stride_frame, stride_group, _ = x.stride()
+    return stride_video, stride_frame, stride_frame if x.shape[2] == 1 else stride_group
+
+
+def _uniform_x_rows(x: Tensor) -> bool:
+    """Whether x[b] viewed as (M*G, D) rows r = i*G + g has one row stride (x's frames hold their
+    G*D features back to back, as in any contiguous x). Then the kernels address row r at
+    r * stride without the division by G that the general case (a split of a wider GEMM output)
+    needs, and compile exactly as for a contiguous x (the division costs registers: spills in a
+    few tiles)."""
+    _, stride_frame, stride_group = _x_strides(x)
+    return stride_frame == x.shape[2] * stride_group
+
+
+def _kernel_constants(x: Tensor, clusters: int, precision: str) -> dict[str, Any]:
+    return {
+        "UNIFORM_X_ROWS": _uniform_x_rows(x),
+        "K_PAD": _padded_clusters(clusters),
+        "ACC_DTYPE": _accumulator_dtype(x.dtype),
+        "DOT_DTYPE": _dot_dtype(x.dtype, triton_interpreter_enabled()),
+        "INPUT_PRECISION": _dot_precision(x.dtype, precision),
+    }
+
+
+def launch_forward(
+    x: Tensor, logits: Tensor, attention: Tensor, lengths: Tensor, centroids: Tensor,
+    out_dtype: torch.dtype, precision: str,
+) -> tuple[Tensor, Tensor]:
+    """y (B, K, D) in ``out_dtype`` and a_sum (B, K) in the compute dtype. x needs a contiguous
+    feature axis; the other tensors must be contiguous, the centroids in the compute dtype."""
+    batch, max_frames, groups, dim = x.shape
+    clusters = logits.shape[3]
+    compute = compute_dtype(x.dtype)
+    family = _tile_family(x.dtype, precision)
+    tiles = _tiles(_FORWARD_TILES, family, _padded_clusters(clusters), dim)
+    rows_per_video = max_frames * groups
+    splits = _forward_splits(batch, rows_per_video, triton.cdiv(dim, tiles[0][1]), x.device)
+    rows_per_split = _SPLIT_ROW_ALIGNMENT * triton.cdiv(triton.cdiv(rows_per_video, splits), _SPLIT_ROW_ALIGNMENT)
+    splits = triton.cdiv(rows_per_video, rows_per_split)
+    # With several splits each writes fp32 partial sums; with one, y is written directly. y is then
+    # allocated as (B, K, D) itself, not as a view y[0] of a (1, B, K, D) buffer: autograd forbids
+    # in-place ops on a custom Function's output that is a view.
+    if splits == 1:
+        y = torch.empty((batch, clusters, dim), dtype=out_dtype, device=x.device)
+        assignment_sum = torch.empty((batch, clusters), dtype=compute, device=x.device)
+    else:
+        y = torch.empty((splits, batch, clusters, dim), dtype=compute, device=x.device)
+        assignment_sum = torch.empty((splits, batch, clusters), dtype=compute, device=x.device)
+    if batch > 0:
+        _launch(
+            "forward", family, tiles, lambda meta: (triton.cdiv(dim, meta["BLOCK_D"]) * batch, splits),
+            x, logits, attention, lengths, centroids, y, assignment_sum,
+            max_frames, groups, clusters, dim, rows_per_split, *_x_strides(x),
+            **_kernel_constants(x, clusters, precision),
+        )
+    if splits == 1:
+        return y, assignment_sum
+    return y.sum(dim=0).to(out_dtype), assignment_sum.sum(dim=0)
+
+
+def launch_backward(
+    x: Tensor, logits: Tensor, attention: Tensor, lengths: Tensor, grad_y: Tensor,
+    grad_y_dot_centroids: Tensor, precision: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """grad_x, grad_logits, grad_attention in x's dtype (see the backward kernel's arguments)."""
+    batch, max_frames, groups, dim = x.shape
+    clusters = logits.shape[3]
+    # Every row is written by the kernel (zeros past each video's end), so no memset is needed.
+    # grad_x is contiguous whatever x's strides (empty_like would copy a dense x's permutation).
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    grad_logits = torch.empty_like(logits)
+    grad_attention = torch.empty_like(attention)
+    if batch > 0:
+        family = _tile_family(x.dtype, precision)
+        tiles = _tiles(_BACKWARD_TILES, family, _padded_clusters(clusters), dim)
+        _launch(
+            "backward", family, tiles, lambda meta: (triton.cdiv(max_frames * groups, meta["BLOCK_R"]) * batch,),
+            x, logits, attention, lengths, grad_y, grad_y_dot_centroids,
+            grad_x, grad_logits, grad_attention,
+            max_frames, groups, clusters, dim, *_x_strides(x),
+            **_kernel_constants(x, clusters, precision),
+        )
+    return grad_x, grad_logits, grad_attention
