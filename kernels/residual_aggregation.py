@@ -136,22 +136,27 @@ def validate_inputs(
 # A model calls the op several times per step with one lengths tensor (video and audio streams,
 # every mixture branch): the values are checked, with a host sync, only the first time. The entry
 # is the tensor object itself (a weak reference, so a new tensor at a recycled address never
-# matches) and its version counter (an in-place change invalidates it).
-_checked_lengths: tuple[weakref.ref, int, int] | None = None
+# matches) and its version counter (an in-place change invalidates it). Inference tensors
+# (torch.inference_mode, i.e. predict) have no version counter: for them the object alone decides,
+# so an in-place change between two calls goes unchecked; the kernels and the reference mask clamp
+# lengths to [0, M] anyway, so memory stays in bounds.
+_checked_lengths: tuple[weakref.ref, int | None, int] | None = None
+
+
+def _version(lengths: Tensor) -> int | None:
+    return None if lengths.is_inference() else lengths._version
 
 
 def _lengths_checked(lengths: Tensor, max_frames: int) -> bool:
-    if _checked_lengths is None or lengths.is_inference():  # inference tensors have no version
+    if _checked_lengths is None:
         return False
     reference, version, frames = _checked_lengths
-    return reference() is lengths and version == lengths._version and frames == max_frames
+    return reference() is lengths and version == _version(lengths) and frames == max_frames
 
 
 def _remember_checked_lengths(lengths: Tensor, max_frames: int) -> None:
     global _checked_lengths
-    if lengths.is_inference():
-        return
-    _checked_lengths = (weakref.ref(lengths), lengths._version, max_frames)
+    _checked_lengths = (weakref.ref(lengths), _version(lengths), max_frames)
 
 
 def _capturing_cuda_graph(tensor: Tensor) -> bool:

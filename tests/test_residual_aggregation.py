@@ -675,3 +675,19 @@ def test_lengths_values_are_checked_once_per_tensor_and_again_after_an_in_place_
         residual_aggregation(x, logits, attention, lengths, centroids, backend="reference")
     with pytest.raises(ValueError, match="lengths must lie"):  # a new tensor with bad values
         residual_aggregation(x, logits, attention, torch.tensor([4, -1]), centroids, backend="reference")
+
+
+def test_lengths_values_of_an_inference_tensor_are_checked_once(monkeypatch):
+    """predict runs under torch.inference_mode, whose tensors have no version counter: one host
+    sync per lengths tensor there too, not one per op call."""
+    checks = []
+    original_any = torch.Tensor.any
+    monkeypatch.setattr(torch.Tensor, "any", lambda self, *a, **k: checks.append(1) or original_any(self, *a, **k))
+    with torch.inference_mode():
+        x, logits, attention = torch.randn(2, 4, 1, 16), torch.randn(2, 4, 1, 3), torch.randn(2, 4, 1)
+        centroids, lengths = torch.randn(3, 16), torch.tensor([4, 2])
+        for _ in range(3):
+            residual_aggregation(x, logits, attention, lengths, centroids)
+        assert len(checks) == 1
+        with pytest.raises(ValueError, match="lengths must lie"):
+            residual_aggregation(x, logits, attention, torch.tensor([4, 7]), centroids)

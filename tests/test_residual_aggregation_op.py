@@ -229,3 +229,48 @@ def test_inductor_compiles_the_model_on_cpu_without_the_interpreter() -> None:
     result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0 and "ok" in result.stdout, result.stdout + result.stderr[-4000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU only: what Inductor and CUDA graphs make of the op
+# ----------------------------------------------------------------------------------------------
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_inductor_on_cuda_launches_the_triton_kernels_inside_its_graph() -> None:
+    """On a GPU the triton_op decomposes under torch.compile: Inductor's generated code calls our
+    kernels itself (no graph break, no opaque op), forward and backward, and matches eager."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    model = video_model().cuda()
+    compiled = torch.compile(copy.deepcopy(model), fullgraph=True, dynamic=True)
+    inputs = [t.cuda() for t in batch(9)]
+
+    def step(module):
+        module.zero_grad()
+        return forward_backward(module, inputs)
+
+    got, code = run_and_get_code(step, compiled)
+    expected = step(model)
+    source = "\n".join(code)
+    assert "residual_aggregation_forward_kernel" in source and "residual_aggregation_backward_kernel" in source
+    for index, (a, b) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"tensor {index}: {m}")
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_compile_reduce_overhead_captures_the_op_into_cuda_graphs() -> None:
+    """mode="reduce-overhead" (CUDA graphs) must capture the op: no host sync inside it."""
+    torch._dynamo.reset()
+    model = video_model().cuda().eval()
+    compiled = torch.compile(copy.deepcopy(model), mode="reduce-overhead", fullgraph=True)
+    inputs = [t.cuda() for t in batch(9)]
+    with torch.no_grad():
+        for _ in range(3):  # warm-up, record, replay
+            got = compiled(*inputs).clone()
+        torch.testing.assert_close(got, model(*inputs), rtol=1e-4, atol=1e-4)
