@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import gzip
 import logging
+import pathlib
 import pickle
 import struct
 
 import numpy as np
 import pytest
 
-from nextvlad.data import DataError, FramingError, YT8MFrameDataset, iter_videos, write_records
+from nextvlad.data import (DataError, FramingError, YT8MFrameDataset, iter_videos, read_records,
+                           write_records)
 from nextvlad.data.dataset import YT8MDataLoader
 from nextvlad.data.parsing import encode_frame_record
 from nextvlad.data.records import MAX_GZIP_RECORD_BYTES, frame_record
@@ -121,6 +123,11 @@ def test_gzip_length_at_the_maximum_is_read_up_to_the_end_of_the_stream(tmp_path
                               + b"x" * 99))
     ids, error = read_until_error(path)
     assert ids == good_ids([0]) and error.index == 1 and "truncated file" in str(error)
+
+
+def test_readme_states_the_gzip_record_cap():
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    assert f"nor {MAX_GZIP_RECORD_BYTES >> 20} MiB in a GZIP file" in readme
 
 
 # -- GZIP stream errors: keep every intact record before the damage ------------------------------
@@ -239,3 +246,52 @@ def test_an_empty_file_is_an_error_for_iter_videos_too(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="nextvlad.data"):
         assert ids_read([empty, good], on_error="skip") == ["good0"]
     assert f"{empty}: empty file" in caplog.text
+
+
+# -- many random corruptions: never wrong data, never a foreign exception ------------------------
+def damaged_variants(raw: bytes, rng: np.random.Generator, count: int):
+    """(kind, bytes) pairs: a bit flip, a byte set to a random value, a cut, appended garbage."""
+    for _ in range(count):
+        kind = rng.choice(["flip", "byte", "cut", "garbage"])
+        damaged = bytearray(raw)
+        position = int(rng.integers(len(raw)))
+        if kind == "flip":
+            damaged[position] ^= 1 << int(rng.integers(8))
+        elif kind == "byte":
+            damaged[position] = (damaged[position] + int(rng.integers(1, 256))) % 256
+        elif kind == "cut":
+            del damaged[position:]
+        else:
+            damaged += rng.integers(0, 256, int(rng.integers(1, 40)), dtype=np.uint8).tobytes()
+        yield f"{kind} at {position}", bytes(damaged)
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+def test_random_damage_yields_only_true_records_and_names_the_first_unreadable(tmp_path,
+                                                                              compression):
+    """Raise mode yields records 0..k-1 exactly as written, then a DataError naming record k (or
+    all records); skip mode yields each record as written or a DataError in its place, up to a
+    FramingError naming the first record it cannot locate."""
+    records = [good_record(i) for i in range(8)]
+    path = str(tmp_path / "damaged.tfrecord")
+    framed = b"".join(frame_record(r) for r in records)
+    raw = gzip.compress(framed, mtime=0) if compression == "gzip" else framed
+    for where, damaged in damaged_variants(raw, np.random.default_rng(13), 150):
+        open(path, "wb").write(damaged)
+        read = []
+        try:
+            for data in read_records(path, compression):
+                read.append(data)
+        except DataError as error:
+            assert (error.path, error.index) == (path, len(read)), where
+        assert read == records[:len(read)], where
+        items, end = [], None
+        try:
+            for item in read_records(path, compression, yield_errors=True):
+                items.append(item)
+        except FramingError as error:
+            end = error
+        for index, item in enumerate(items):
+            assert item == records[index] or (isinstance(item, DataError)
+                                              and (item.path, item.index) == (path, index)), where
+        assert end is None or (end.path, end.index) == (path, len(items)), where
