@@ -1,14 +1,15 @@
 """`YT8MFrameDataset`: a sharded, shuffled, batching IterableDataset over frame-level TFRecords.
 
-It yields whole batches (use it with ``DataLoader(batch_size=None)``; `YT8MDataLoader` does that),
+It yields whole batches (use it with `YT8MDataLoader`, a ``DataLoader(batch_size=None)``),
 because only the dataset knows which batch sizes keep the DDP ranks in step (see `sharding`).
 A yielded batch is *quantized*: ``rgb`` uint8 (B, M, 1024), ``audio`` uint8 (B, M, 128) padded at
 the end, ``lengths`` int64, ``labels`` uint8 multi-hot, ``has_labels`` bool, ``id`` list[str], and
 ``read_stats`` int64 (3,) counters (skipped records, rgb/audio frame-count mismatches, videos
 truncated to max_frames) accumulated since the previous batch, and from DataLoader workers a
-``buffer_lease`` (see `shm_pool`). DataLoader workers also send `ReaderMessage`s (a DataError, or
-the counts of a worker left without a batch), which `YT8MDataLoader` takes out of the stream. `transforms.finalize_batch` turns it into the float contract;
-`YT8MDataModule` does so in ``on_after_batch_transfer``.
+``buffer_lease`` (see `shm_pool`). `transforms.finalize_batch` turns it into the float contract;
+`YT8MDataModule` does so in ``on_after_batch_transfer``. DataLoader workers also send
+`ReaderMessage`s (a DataError, or the counts of a worker left without a batch), which
+`YT8MDataLoader` takes out of the stream.
 """
 
 from __future__ import annotations
@@ -226,7 +227,6 @@ class YT8MFrameDataset(IterableDataset):
                 raise
             # torch rebuilds a worker's exception from its message alone (a RuntimeError for
             # DataError): send the error itself for YT8MDataLoader to raise in the main process.
-            error.add_note(f"(in DataLoader worker {worker} of rank {self.rank})")
             yield ReaderMessage(error=error)
             return
         self._report(stats, plan, worker, num_workers)
