@@ -288,7 +288,8 @@ def read_records(path: str, compression: Compression = "auto", start: int = 0,
             else:
                 data, crc = records.read(length)
                 if check_crc and masked_crc32c(data) != crc:
-                    error = DataError(path, records.index, "corrupted record data (CRC32C mismatch)")
+                    error = DataError(path, records.index,
+                                      "corrupted record data (CRC32C mismatch)")
                     if not yield_errors:
                         raise error
                     yield error
