@@ -317,3 +317,27 @@ def test_random_damage_yields_every_intact_record_and_names_the_first_unreadable
             assert item == records[index] or (isinstance(item, DataError)
                                               and (item.path, item.index) == (path, index)), where
         assert end is None or (end.path, end.index) == (path, len(items)), where
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's CPU/worker hints
+def test_through_lightning_with_workers(tmp_path):
+    """What a user of YT8MDataModule sees: the DataError itself, or every skip in read_stats."""
+    from nextvlad.data import YT8MDataModule
+    from test_data_datamodule import Recorder, trainer
+
+    bad_at = {3, 6, 7, 8, 9, 10, 11}  # worker 1's share (records 6-11) is all bad
+    path = str(tmp_path / "bad.tfrecord")
+    write_records(path, [b"\xff\xff" if i in bad_at else good_record(i) for i in range(12)])
+    for on_error in ("raise", "skip"):
+        datamodule = YT8MDataModule(val_pattern=path, batch_size=2, num_workers=2,
+                                    num_classes=NUM_CLASSES, on_error=on_error)
+        model = Recorder(NUM_CLASSES)
+        if on_error == "raise":
+            with pytest.raises(DataError) as error:
+                trainer().validate(model, datamodule)
+            # the first bad record in the batch order: workers read their shares side by side
+            assert error.value.path == path and error.value.index in bad_at
+        else:
+            trainer().validate(model, datamodule)
+            assert [i for b in model.received["val"] for i in b["id"]] == good_ids([0, 1, 2, 4, 5])
+            assert datamodule.read_stats["skipped_records"] == len(bad_at)
