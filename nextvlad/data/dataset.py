@@ -1,13 +1,15 @@
 """`YT8MFrameDataset`: a sharded, shuffled, batching IterableDataset over frame-level TFRecords.
 
-It yields whole batches (use it with ``DataLoader(batch_size=None)``; `YT8MDataLoader` does that),
+It yields whole batches (use it with `YT8MDataLoader`, a ``DataLoader(batch_size=None)``),
 because only the dataset knows which batch sizes keep the DDP ranks in step (see `sharding`).
 A yielded batch is *quantized*: ``rgb`` uint8 (B, M, 1024), ``audio`` uint8 (B, M, 128) padded at
 the end, ``lengths`` int64, ``labels`` uint8 multi-hot, ``has_labels`` bool, ``id`` list[str], and
 ``read_stats`` int64 (3,) counters (skipped records, rgb/audio frame-count mismatches, videos
 truncated to max_frames) accumulated since the previous batch, and from DataLoader workers a
 ``buffer_lease`` (see `shm_pool`). `transforms.finalize_batch` turns it into the float contract;
-`YT8MDataModule` does so in ``on_after_batch_transfer``.
+`YT8MDataModule` does so in ``on_after_batch_transfer``. DataLoader workers also send
+`ReaderMessage`s (a DataError, or the counts of a worker left without a batch), which
+`YT8MDataLoader` takes out of the stream.
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ class YT8MFrameDataset(IterableDataset):
         shuffle_buffer: records held per reader for shuffling (training only).
         on_error: "raise" (default) stops at the first bad record with a DataError naming the file
             and record index; "skip" skips it, counts it and logs the count when a reader ends.
+            A break in the framing (truncation, corrupted length, broken GZIP stream) gives up the
+            rest of that file, counted as one skipped record.
         compression: "auto" (detect GZIP by its magic bytes), "none" or "gzip".
         dequantize_in_workers: emit float32 (dequantized, zero-padded) frames instead of uint8.
     """
@@ -153,12 +157,14 @@ class YT8MFrameDataset(IterableDataset):
     # -- set-up, in the main process ------------------------------------------------------------
     def _count_records(self) -> list[int]:
         counts = []
+        self.scan_errors: list[FramingError] = []  # counted as skips every epoch (see __iter__)
         for scan in scan_files(self.files, self.compression):
             if scan.error is not None:
                 if self.on_error == "raise":
                     raise scan.error
                 logger.warning("on_error=skip: %s; using the %d records before it",
                                scan.error, scan.num_records)
+                self.scan_errors.append(scan.error)
             counts.append(scan.num_records)
         if sum(counts) == 0:
             raise DataError(",".join(self.files), None, "no readable records in these files")
@@ -199,6 +205,11 @@ class YT8MFrameDataset(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         plan = self.plan(worker, num_workers)
         stats = ReadStats()
+        if self.rank == 0 and worker == 0:
+            # The rest of a file given up by the scan is read by no reader: the first reader of
+            # the epoch counts each such break, so that read_stats sum to every skip once.
+            for error in self.scan_errors:
+                stats.skip(error)
         videos = self._videos(plan, stats)
         if self.training and self.shuffle_buffer > 1:
             rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
@@ -209,7 +220,15 @@ class YT8MFrameDataset(IterableDataset):
             pool = SharedBufferPool(((self.batch_size, self.max_frames, RGB_SIZE),
                                      (self.batch_size, self.max_frames, AUDIO_SIZE)), dtype,
                                     max_slots=0 if self.dequantize_in_workers else 4)
-        yield from self._batches(videos, plan, stats, pool)
+        try:
+            yield from self._batches(videos, plan, stats, pool)
+        except DataError as error:
+            if info is None:
+                raise
+            # torch rebuilds a worker's exception from its message alone (a RuntimeError for
+            # DataError): send the error itself for YT8MDataLoader to raise in the main process.
+            yield ReaderMessage(error=error)
+            return
         self._report(stats, plan, worker, num_workers)
 
     def _videos(self, plan: sharding.ReaderPlan, stats: ReadStats) -> Iterator[QuantizedVideo]:
@@ -266,9 +285,12 @@ class YT8MFrameDataset(IterableDataset):
         if pending:  # records were skipped, so the planned batches could not all be filled
             held = self._make_batch(pending, stats, reported, pool)  # (nothing was held)
             emitted += 1
+        unreported = stats.as_tensor() - reported.as_tensor()
         if held is not None:
-            held["read_stats"] += stats.as_tensor() - reported.as_tensor()
+            held["read_stats"] += unreported
             yield held
+        elif pool is not None and unreported.any():  # a worker with no batch to carry them
+            yield ReaderMessage(read_stats=unreported)
         if emitted < len(sizes) and self.training and self.world_size > 1:
             raise RuntimeError(
                 f"rank {self.rank}: {stats.skipped_records} bad records were skipped, leaving "
@@ -300,6 +322,16 @@ class YT8MFrameDataset(IterableDataset):
                 stats.frame_count_mismatches)
         else:
             logger.debug("%s epoch %d: read %d records", where, self.epoch, stats.records)
+
+
+@dataclass
+class ReaderMessage:
+    """What a DataLoader worker sends besides batches: the read_stats of a reader that had no
+    batch to carry them (every record of its share was bad), or the DataError that stopped it.
+    `YT8MDataLoader` takes these out of the batch stream."""
+
+    read_stats: torch.Tensor | None = None
+    error: DataError | None = None
 
 
 def shuffled(items: Iterable, buffer_size: int, rng: np.random.Generator) -> Iterator:
@@ -343,7 +375,32 @@ class YT8MDataLoader(DataLoader):
         self.dataset.set_distributed(rank, world_size)
         self.dataset.set_epoch(epoch)
         self._iterations += 1
-        return super().__iter__()
+        batches = super().__iter__()
+        return batches if self.num_workers == 0 else _without_reader_messages(batches)
+
+
+def _without_reader_messages(items: Iterator) -> Iterator[dict]:
+    """Workers' batches with their `ReaderMessage`s applied: an error is raised as itself, and
+    read_stats are added to a batch. The latest batch is held back until the next one (or the
+    end) arrives, since a worker's message can come after every other worker's last batch."""
+    held, unreported = None, torch.zeros(len(STAT_NAMES), dtype=torch.int64)
+    for item in items:
+        if isinstance(item, ReaderMessage):
+            if item.error is not None:
+                raise item.error
+            unreported += item.read_stats
+            continue
+        if held is not None:
+            yield held
+        held = item
+        held["read_stats"] += unreported
+        unreported.zero_()
+    if held is not None:
+        held["read_stats"] += unreported
+        yield held
+    elif unreported.any():
+        logger.warning("no batch to carry the read_stats %s of this epoch: every record read was "
+                       "bad (see the workers' warnings)", unreported.tolist())
 
 
 def _torch_distributed() -> tuple[int, int]:

@@ -28,6 +28,10 @@ _HEADER = struct.Struct("<QI")  # length, masked crc of the length
 _FOOTER = struct.Struct("<I")  # masked crc of the data
 _GZIP_MAGIC = b"\x1f\x8b"
 _MASK_DELTA = 0xA282EAD8
+# The longest record read from a GZIP file (whose decompressed size is unknown until the end):
+# a YouTube-8M frame-level record (300 frames x 1152 bytes + protobuf framing) is under 0.5 MiB,
+# so a longer length means a corrupted header, reported before anything is allocated for it.
+MAX_GZIP_RECORD_BYTES = 64 << 20
 
 
 class DataError(ValueError):
@@ -39,6 +43,11 @@ class DataError(ValueError):
         self.reason = reason
         where = f"{path}" if index is None else f"{path}, record {index}"
         super().__init__(f"{where}: {reason}")
+
+    def __reduce__(self):
+        # Exceptions pickle as type(*args), args being the message: rebuild from the fields
+        # instead, so that the error crosses from a DataLoader worker as itself (see dataset.py).
+        return type(self), (self.path, self.index, self.reason), self.__dict__
 
 
 class FramingError(DataError):
@@ -79,29 +88,179 @@ def is_gzip(path: str) -> bool:
 
 
 def open_records_file(path: str, compression: Compression = "auto") -> BinaryIO:
-    """Open a TFRecord file for reading; `auto` detects GZIP from the magic bytes."""
+    """Open a TFRecord file for reading; `auto` detects GZIP from the magic bytes.
+
+    A GZIP file's stream ends where it breaks: read its `.raw.error` to tell that from a clean end.
+    """
     if compression == "auto":
         compression = "gzip" if is_gzip(path) else "none"
     if compression == "gzip":
-        # gzip's own buffering is small; a BufferedReader on top keeps small header reads cheap.
-        return io.BufferedReader(gzip.GzipFile(path, "rb"), buffer_size=1 << 20)
+        return io.BufferedReader(GzipStream(path), buffer_size=1 << 20)
     if compression == "none":
         return open(path, "rb", buffering=1 << 20)
     raise ValueError(f"compression must be 'auto', 'none' or 'gzip', got {compression!r}")
 
 
-def _read_header(f: BinaryIO, path: str, index: int) -> int | None:
-    """Read and check one record header; None at a clean end of file."""
-    header = f.read(_HEADER.size)
-    if not header:
-        return None
-    if len(header) < _HEADER.size:
-        raise FramingError(path, index, f"truncated file: record header has {len(header)} of "
-                                        f"{_HEADER.size} bytes")
-    length, length_crc = _HEADER.unpack(header)
-    if masked_crc32c(header[:8]) != length_crc:
-        raise FramingError(path, index, "corrupted record header (length CRC32C mismatch)")
-    return length
+class GzipStream(io.RawIOBase):
+    """The decompressed bytes of a GZIP file (one or more members), ending where the stream breaks.
+
+    gzip.GzipFile raises in the middle of a buffered read and so loses every byte that read had
+    already decompressed (up to a buffer of intact records) and the position of the damage. Here
+    a broken stream (bad deflate data, trailer CRC or size mismatch, truncation) first hands out
+    everything decoded before the damage, then reads as the end of the file, with the reason kept
+    in `error` for the record reader to report at the record that cannot be completed.
+    """
+
+    _CHUNK = 1 << 16  # compressed bytes per file read
+
+    def __init__(self, path: str):
+        super().__init__()
+        self._file = open(path, "rb")
+        self._decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)  # GZIP header and trailer
+        self._input = b""  # compressed bytes not yet given to the decompressor
+        self._output = bytearray()  # decompressed bytes not yet read
+        self._ended = False
+        self.error: str | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._output and not self._ended:
+            self._decompress(len(buffer))
+        size = min(len(buffer), len(self._output))
+        buffer[:size] = self._output[:size]
+        del self._output[:size]
+        return size
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+    def _decompress(self, max_length: int) -> None:
+        decompressor = self._decompressor
+        if decompressor.eof:
+            self._next_member(decompressor.unused_data)
+            return
+        if not self._input:
+            self._input = self._file.read(self._CHUNK)
+            if not self._input:
+                self._end("compressed file ended before the end-of-stream marker was reached")
+                return
+        before = decompressor.copy()
+        try:
+            self._output += decompressor.decompress(self._input, max_length)
+            self._input = decompressor.unconsumed_tail
+        except zlib.error as error:
+            self._output += _decoded_before_error(before, self._input)
+            self._end(str(error))
+
+    def _next_member(self, rest: bytes) -> None:
+        """Start the next member; like gzip.GzipFile, zero bytes between members are padding."""
+        while not rest.lstrip(b"\0"):
+            rest = self._file.read(self._CHUNK)
+            if not rest:
+                self._end(None)
+                return
+        self._decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._input = rest.lstrip(b"\0")
+
+    def _end(self, error: str | None) -> None:
+        self._ended, self.error = True, error
+
+
+def _decoded_before_error(decompressor, data: bytes) -> bytes:
+    """What `decompressor` makes of `data` before failing on it: fed one byte at a time, only the
+    output of the byte where zlib detects the damage is lost (it belongs to the damaged record)."""
+    output = bytearray()
+    for i in range(len(data)):
+        try:
+            output += decompressor.decompress(data[i:i + 1])
+        except zlib.error:
+            break
+    return bytes(output)
+
+
+def _empty_file_error(path: str) -> FramingError | None:
+    """A YouTube-8M shard is never empty: a 0-byte file means a failed download or copy."""
+    if os.path.getsize(path) == 0:
+        return FramingError(path, None, "empty file (0 bytes, no records)")
+    return None
+
+
+def _runs_past_end(path: str, index: int, length: int, left: int) -> FramingError:
+    return FramingError(path, index, f"truncated file: record of {length} bytes runs past the end "
+                                     f"of the file ({left} bytes left)")
+
+
+class _RecordReader:
+    """Reads the frames of one open TFRecord file in order. Every length is bounded before a byte
+    is allocated for it: by the bytes left in a plain file, by MAX_GZIP_RECORD_BYTES in a GZIP one
+    (its decompressed size is unknown up front); a corrupted length could otherwise claim 2**64."""
+
+    def __init__(self, path: str, compression: Compression):
+        self.path = path
+        self.file = open_records_file(path, compression)
+        self.stream = self.file.raw
+        self.size = None if isinstance(self.stream, GzipStream) else os.fstat(
+            self.stream.fileno()).st_size
+        self.offset = 0  # in a plain file
+        self.index = 0  # of the next record
+
+    def __enter__(self) -> _RecordReader:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.file.close()
+
+    def next_length(self) -> int | None:
+        """The next record's checked length; None at a clean end of file."""
+        header = self.file.read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            self._check_stream()
+            if not header:
+                return None
+            raise self._error(f"truncated file: record header has {len(header)} of "
+                              f"{_HEADER.size} bytes")
+        length, length_crc = _HEADER.unpack(header)
+        if masked_crc32c(header[:8]) != length_crc:
+            raise self._error("corrupted record header (length CRC32C mismatch)")
+        if self.size is None and length > MAX_GZIP_RECORD_BYTES:
+            raise self._error(f"corrupted record header: length {length} is over the maximum "
+                              f"record size of a GZIP file ({MAX_GZIP_RECORD_BYTES} bytes, "
+                              "nextvlad.data.records.MAX_GZIP_RECORD_BYTES)")
+        if self.size is not None:
+            self.offset += _HEADER.size
+            left = self.size - self.offset
+            if length + _FOOTER.size > left:
+                raise _runs_past_end(self.path, self.index, length, left)
+            self.offset += length + _FOOTER.size
+        return length
+
+    def read(self, length: int) -> tuple[bytes, int]:
+        """The record's data and its stored masked CRC."""
+        data = self.file.read(length)
+        footer = self.file.read(_FOOTER.size)
+        if len(data) < length or len(footer) < _FOOTER.size:
+            self._check_stream()
+            raise self._error(f"truncated file: record needs {length} data + 4 CRC bytes, only "
+                              f"{len(data) + len(footer)} left")
+        return data, _FOOTER.unpack(footer)[0]
+
+    def skip(self, length: int) -> None:
+        if self.size is not None:  # plain: the length was checked against the file size
+            self.file.seek(length + _FOOTER.size, io.SEEK_CUR)
+        else:
+            self.read(length)
+
+    def _check_stream(self) -> None:
+        """Data ran out early: say so if it is because the GZIP stream broke there."""
+        error = getattr(self.stream, "error", None)
+        if error is not None:
+            raise self._error(f"broken GZIP stream: {error}")
+
+    def _error(self, reason: str) -> FramingError:
+        return FramingError(self.path, self.index, reason)
 
 
 def read_records(path: str, compression: Compression = "auto", start: int = 0,
@@ -109,56 +268,34 @@ def read_records(path: str, compression: Compression = "auto", start: int = 0,
                  yield_errors: bool = False) -> Iterator[bytes | DataError]:
     """Yield the data of records [start, start+count) of one TFRecord file.
 
-    Records before `start` are skipped by seeking past them (their length CRC is still checked).
-    A data CRC mismatch raises DataError naming the file and record index (or, with
-    `yield_errors`, yields that DataError in the record's place and goes on). A truncated file, a
-    corrupted length or a broken GZIP stream always raises FramingError: nothing after that point
-    can be located.
+    Records before `start` are skipped (by seeking in a plain file; their length CRC is still
+    checked). A data CRC mismatch raises DataError naming the file and record index (or, with
+    `yield_errors`, yields that DataError in the record's place and goes on). An empty file, a
+    truncated file, a corrupted or impossible length or a broken GZIP stream raises FramingError
+    naming the first record that cannot be read, after every intact record before it: nothing
+    after that point can be located.
     """
-    index = 0
-    try:
-        with open_records_file(path, compression) as f:
-            while count is None or index < start + count:
-                length = _read_header(f, path, index)
-                if length is None:
-                    return
-                if index < start:
-                    _skip(f, length + _FOOTER.size, path, index)
-                    index += 1
-                    continue
-                data = f.read(length)
-                footer = f.read(_FOOTER.size)
-                if len(data) < length or len(footer) < _FOOTER.size:
-                    raise FramingError(path, index, f"truncated file: record needs {length} data "
-                                                    f"+ 4 CRC bytes, only "
-                                                    f"{len(data) + len(footer)} left")
-                if check_crc and masked_crc32c(data) != _FOOTER.unpack(footer)[0]:
-                    error = DataError(path, index, "corrupted record data (CRC32C mismatch)")
+    empty = _empty_file_error(path)
+    if empty is not None:
+        raise empty
+    with _RecordReader(path, compression) as records:
+        while count is None or records.index < start + count:
+            length = records.next_length()
+            if length is None:
+                return
+            if records.index < start:
+                records.skip(length)
+            else:
+                data, crc = records.read(length)
+                if check_crc and masked_crc32c(data) != crc:
+                    error = DataError(path, records.index,
+                                      "corrupted record data (CRC32C mismatch)")
                     if not yield_errors:
                         raise error
                     yield error
                 else:
                     yield data
-                index += 1
-    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
-        raise FramingError(path, index, f"broken GZIP stream: {error}") from error
-
-
-def _skip(f: BinaryIO, num_bytes: int, path: str, index: int) -> None:
-    """Seek forward over one record's data, failing if the file ends first."""
-    target = f.tell() + num_bytes
-    reached = f.seek(num_bytes, io.SEEK_CUR)
-    # A GZIP stream stops seeking at its end; a plain file seeks past its end without complaint.
-    if reached < target or reached > _plain_file_size(f):
-        raise FramingError(path, index, f"truncated file: record of {num_bytes - 4} bytes runs "
-                                        "past the end of the file")
-
-
-def _plain_file_size(f: BinaryIO) -> float:
-    raw = getattr(f, "raw", f)
-    if isinstance(raw, io.FileIO):
-        return os.fstat(raw.fileno()).st_size
-    return float("inf")
+            records.index += 1
 
 
 @dataclass(frozen=True)
@@ -177,24 +314,19 @@ def scan_records(path: str, compression: Compression = "auto") -> FileScan:
     An empty (0-byte) file is reported as an error: a YouTube-8M shard is never empty, so an empty
     file means a failed download or copy.
     """
-    if os.path.getsize(path) == 0:
-        return FileScan(path, 0, FramingError(path, None, "empty file (0 bytes, no records)"))
+    empty = _empty_file_error(path)
+    if empty is not None:
+        return FileScan(path, 0, empty)
     if compression == "none" or (compression == "auto" and not is_gzip(path)):
         return _scan_plain(path)
-    num_records = 0
-    try:
-        with open_records_file(path, compression) as f:
-            while True:
-                length = _read_header(f, path, num_records)
-                if length is None:
-                    return FileScan(path, num_records, None)
-                _skip(f, length + _FOOTER.size, path, num_records)
-                num_records += 1
-    except FramingError as error:
-        return FileScan(path, num_records, error)
-    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
-        return FileScan(path, num_records,
-                        FramingError(path, num_records, f"broken GZIP stream: {error}"))
+    with _RecordReader(path, compression) as records:
+        try:
+            while (length := records.next_length()) is not None:
+                records.skip(length)
+                records.index += 1
+        except FramingError as error:
+            return FileScan(path, records.index, error)
+        return FileScan(path, records.index, None)
 
 
 def _scan_plain(path: str) -> FileScan:
@@ -216,11 +348,11 @@ def _scan_plain(path: str) -> FileScan:
             if masked_crc32c(header[:8]) != length_crc:
                 return FileScan(path, num_records, FramingError(
                     path, num_records, "corrupted record header (length CRC32C mismatch)"))
-            offset += _HEADER.size + length + _FOOTER.size
-            if offset > size:
-                return FileScan(path, num_records, FramingError(
-                    path, num_records, f"truncated file: record of {length} bytes runs past the "
-                                       "end of the file"))
+            offset += _HEADER.size
+            if length + _FOOTER.size > size - offset:
+                return FileScan(path, num_records,
+                                _runs_past_end(path, num_records, length, size - offset))
+            offset += length + _FOOTER.size
             num_records += 1
         return FileScan(path, num_records, None)
     finally:
