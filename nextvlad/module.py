@@ -27,8 +27,10 @@ from nextvlad.metrics import (
 from nextvlad.models.mixture import GateInput, MixtureOfNeXtVLAD, distillation_kl
 from nextvlad.models.nextvlad import ClusterBNStatistics
 from nextvlad.models.video_model import Architecture, HiddenActivation, build_video_model
+from nextvlad.optim import TF1Adam
 
 GradientClip = Literal["per_tensor", "global", "off"]
+AdamEpsilon = Literal["tf1", "torch"]
 
 #: Hyper-parameters passed to ``build_video_model`` under the same name.
 BUILD_ARGS = (
@@ -64,7 +66,9 @@ class VideoClassifier(pl.LightningModule):
     Optimisation args (SPEC 4): ``learning_rate``, ``lr_decay`` every ``lr_decay_examples`` examples
     (counted over all ranks and accumulated batches), ``l2_penalty`` (on classifier weights and
     biases, as ``l2 * 0.5 * sum w^2``), ``gradient_clip`` ("per_tensor" as TF's clip_by_norm per
-    variable, "global", "off") at ``gradient_clip_norm``. ``bn_momentum`` is the running-statistics
+    variable, "global", "off") at ``gradient_clip_norm``. ``adam_epsilon`` places Adam's epsilon as
+    TF1's AdamOptimizer does ("tf1", the authors' optimizer, ``nextvlad.optim.TF1Adam``) or as
+    torch.optim.Adam does ("torch"; they differ for tiny gradients, SPEC 4). ``bn_momentum`` is the running-statistics
     update of every batch norm (default 1e-3, slim's decay 0.999, which takes thousands of steps to
     settle: short runs such as the demo use a larger value). ``top_k`` is the k of GAP/MAP and of
     predictions.
@@ -103,12 +107,14 @@ class VideoClassifier(pl.LightningModule):
         l2_penalty: float = 1e-5,
         gradient_clip: GradientClip = "per_tensor",
         gradient_clip_norm: float = 1.0,
+        adam_epsilon: AdamEpsilon = "tf1",
         top_k: int = 20,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         check_positive(num_branches=num_branches, top_k=top_k, lr_decay_examples=lr_decay_examples)
         check_choice("gradient_clip", gradient_clip, ("per_tensor", "global", "off"))
+        check_choice("adam_epsilon", adam_epsilon, ("tf1", "torch"))
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 disables distillation), got {temperature}")
         if predict_branch is not None and not 0 <= predict_branch < num_branches:
@@ -291,7 +297,8 @@ class VideoClassifier(pl.LightningModule):
     # ----------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # Adam with TF's defaults; no weight decay (only the classifier carries an L2 term).
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+        adam = TF1Adam if self.hparams.adam_epsilon == "tf1" else torch.optim.Adam
+        return adam(self.parameters(), lr=self.hparams.learning_rate, betas=(0.9, 0.999), eps=1e-8)
 
     def current_learning_rate(self) -> float:
         """Staircase decay by examples seen before this step (TF exponential_decay, staircase=True)."""

@@ -10,6 +10,7 @@ import torch
 from toy_data import NUM_CLASSES, SMALL, collate, loader, toy_videos, trainer
 
 from nextvlad.module import VideoClassifier, clip_per_tensor_, summed_bce
+from nextvlad.optim import TF1Adam
 
 
 def test_summed_bce_matches_float64_formula():
@@ -115,6 +116,7 @@ def test_zero_temperature_is_sum_of_cross_entropies_plus_l2():
         (dict(gradient_clip="sometimes"), "gradient_clip"),
         (dict(groups=3), "groups=3 must divide"),
         (dict(bn_momentum=0.0), "bn_momentum"),
+        (dict(adam_epsilon="keras"), "adam_epsilon must be one of"),
     ],
 )
 def test_bad_hyper_parameters_raise(kwargs, message):
@@ -161,6 +163,34 @@ def test_resume_continues_step_lr_and_optimizer_state(tmp_path):
     assert observed["lr"] == pytest.approx(1e-2 * 0.5)
     assert torch.equal(observed["exp_avg"], saved["optimizer_states"][0]["state"][0]["exp_avg"])
     assert resumed.global_step == 6 and resumed_module.examples_seen == 48
+
+
+@pytest.mark.parametrize("adam_epsilon, optimizer_class", [(None, TF1Adam), ("torch", torch.optim.Adam)])
+def test_adam_epsilon_rule_defaults_to_tf1(adam_epsilon, optimizer_class):
+    kwargs = {} if adam_epsilon is None else {"adam_epsilon": adam_epsilon}
+    optimizer = VideoClassifier(**SMALL, **kwargs).configure_optimizers()
+    assert type(optimizer) is optimizer_class
+    assert {k: optimizer.defaults[k] for k in ("lr", "betas", "eps")} == {"lr": 2e-4, "betas": (0.9, 0.999), "eps": 1e-8}
+
+
+def test_checkpoint_from_before_tf1_adam_resumes_with_it(tmp_path):
+    """Checkpoints written before ``adam_epsilon`` existed hold torch.optim.Adam's state and no such
+    hyper-parameter: they resume under the TF1 rule, continuing the moments and step counts."""
+    first = trainer(max_steps=2, default_root_dir=tmp_path)
+    first.fit(VideoClassifier(**SMALL, adam_epsilon="torch"), loader(32))
+    ckpt = tmp_path / "before.ckpt"
+    first.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)
+    del saved["hyper_parameters"]["adam_epsilon"]
+    torch.save(saved, ckpt)
+    assert VideoClassifier.load_from_checkpoint(ckpt).hparams.adam_epsilon == "tf1"
+    module = VideoClassifier(**SMALL)
+    resumed = trainer(max_steps=3, default_root_dir=tmp_path)
+    resumed.fit(module, loader(32), ckpt_path=ckpt)
+    optimizer = resumed.optimizers[0]
+    assert isinstance(optimizer, TF1Adam)
+    assert {int(state["step"]) for state in optimizer.state.values()} == {3}
+    assert module.examples_seen == 24
 
 
 def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
