@@ -14,7 +14,7 @@ from torch import nn
 
 from nextvlad._validation import check_choice, check_positive
 from nextvlad.kernels.residual_aggregation import frame_mask
-from nextvlad.models.initialization import tf_linear
+from nextvlad.models.initialization import tf_batch_norm, tf_linear
 from nextvlad.models.nextvlad import NeXtVLAD
 from nextvlad.models.video_model import VideoModel
 
@@ -49,7 +49,7 @@ class MixtureOfNeXtVLAD(nn.Module):
         check_choice("gate_input", gate_input, ("all", "masked", "per_frame"))
         self.branches = nn.ModuleList(branches)
         self.gate_input = gate_input
-        self.gate_bn = nn.BatchNorm1d(input_size, eps=1e-3, momentum=1e-3)
+        self.gate_bn = tf_batch_norm(input_size, fused=True)  # the authors' mix_weights_bn
         self.gate_fc = tf_linear(input_size, len(branches))
 
     @property
@@ -57,7 +57,15 @@ class MixtureOfNeXtVLAD(nn.Module):
         return len(self.branches)
 
     def gate(self, rgb: torch.Tensor, audio: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        frames = torch.cat([rgb, audio], dim=-1).float()
+        """Softmax weights (B, num_branches) in the inputs' dtype; in fp32 under autocast, because
+        they scale every logit (autocast would run the gate FC in bf16/fp16)."""
+        frames = torch.cat([rgb, audio], dim=-1)
+        if torch.is_autocast_enabled(frames.device.type):
+            with torch.autocast(frames.device.type, enabled=False):
+                return self._gate(frames.float(), lengths)
+        return self._gate(frames, lengths)
+
+    def _gate(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if self.gate_input == "all":
             mean = frames.mean(dim=1)
         elif self.gate_input == "per_frame":
