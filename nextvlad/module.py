@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
 
+from nextvlad._dtypes import at_least_float32
 from nextvlad._validation import check_choice, check_positive
 from nextvlad.metrics import (
     GlobalAveragePrecision,
@@ -188,7 +189,7 @@ class VideoClassifier(pl.LightningModule):
             )
 
     def compute_losses(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Every loss term of SPEC 4 in fp32 (``total`` is what is optimised), and the logits."""
+        """Every loss term of SPEC 4 at least in fp32 (``total`` is what is optimised), and the logits."""
         self._check_batch(batch)
         labels = batch["labels"].float()
         if not self.is_mixture:
@@ -211,7 +212,8 @@ class VideoClassifier(pl.LightningModule):
 
     def l2_loss(self) -> torch.Tensor:
         """``l2_penalty * 0.5 * (|W|^2 + |b|^2)`` summed over the classifier(s) (slim.l2_regularizer)."""
-        squares = sum(p.float().pow(2).sum() for layer in self.model.classifiers() for p in layer.parameters())
+        parameters = [p for layer in self.model.classifiers() for p in layer.parameters()]
+        squares = sum(at_least_float32(p).pow(2).sum() for p in parameters)
         return self.hparams.l2_penalty * 0.5 * squares
 
     # ----------------------------------------------------------------------------- steps
@@ -341,8 +343,9 @@ class VideoClassifier(pl.LightningModule):
 
 
 def summed_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy summed over classes, mean over the batch (SPEC 4), from logits in fp32."""
-    per_class = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+    """Binary cross-entropy summed over classes, mean over the batch (SPEC 4), from logits, at least fp32."""
+    logits = at_least_float32(logits)
+    per_class = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
     return per_class.sum(dim=-1).mean()
 
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nextvlad._dtypes import at_least_float32
+
 #: slim.batch_norm defaults: decay 0.999 -> PyTorch momentum 0.001; epsilon 0.001.
 BN_EPS = 1e-3
 BN_MOMENTUM = 1e-3
@@ -97,7 +99,7 @@ class MaskedBatchNorm1d(TFBatchNorm1d):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if mask is None or not self.training:
             return super().forward(x)
-        x = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 statistics under bf16 autocast too
+        x = at_least_float32(x)  # fp32 statistics under bf16 autocast too
         real = x[mask]
         rows = real.shape[0]
         if rows < 2:

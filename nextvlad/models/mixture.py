@@ -12,6 +12,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
+from nextvlad._dtypes import at_least_float32
 from nextvlad._validation import check_choice, check_positive
 from nextvlad.kernels.residual_aggregation import frame_mask
 from nextvlad.models.initialization import tf_batch_norm, tf_linear
@@ -119,15 +120,15 @@ def _shared_linear(inputs: torch.Tensor, layers: list[nn.Linear]) -> tuple[torch
 def distillation_kl(
     mixture_logits: torch.Tensor, branch_logits: torch.Tensor, temperature: float, detach_teacher: bool = False
 ) -> torch.Tensor:
-    """Mean over the batch of sum over branches of KL(softmax(z_e/T) || softmax(z_m/T)), in fp32.
+    """Mean over the batch of sum over branches of KL(softmax(z_e/T) || softmax(z_m/T)), at least fp32.
 
     Written as the authors do, with 1e-8 inside the logarithms, so the numbers match theirs.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for the KL term, got {temperature}")
     teacher = mixture_logits.detach() if detach_teacher else mixture_logits
-    p_teacher = torch.softmax(teacher.float() / temperature, dim=-1)
-    p_students = torch.softmax(branch_logits.float() / temperature, dim=-1)
+    p_teacher = torch.softmax(at_least_float32(teacher) / temperature, dim=-1)
+    p_students = torch.softmax(at_least_float32(branch_logits) / temperature, dim=-1)
     log_ratio = torch.log(p_teacher + KL_EPSILON).unsqueeze(0) - torch.log(p_students + KL_EPSILON)
     kl = (p_teacher.unsqueeze(0) * log_ratio).sum(dim=-1)  # (num_branches, B)
     return kl.sum(dim=0).mean()

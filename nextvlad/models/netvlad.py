@@ -13,6 +13,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from nextvlad._dtypes import at_least_float32
 from nextvlad._validation import check_choice, check_positive
 from nextvlad.kernels import residual_aggregation
 from nextvlad.kernels.residual_aggregation import frame_mask
@@ -83,5 +84,4 @@ class NetVLAD(nn.Module):
             backend=self.backend,
             normalize=True,  # intra-normalisation over D per cluster
         )
-        flat = flatten_like_tf(vlad)
-        return F.normalize(flat.to(torch.promote_types(flat.dtype, torch.float32)), p=2.0, dim=-1, eps=1e-6)
+        return F.normalize(at_least_float32(flatten_like_tf(vlad)), p=2.0, dim=-1, eps=1e-6)
