@@ -207,7 +207,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     data = config_init_args(args.config, "data")
     args.frames = args.frames or data.get("max_frames", 300)
     if args.workers is None:
-        args.workers = min(data.get("num_workers", 0), len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        args.workers = min(data.get("num_workers", 0), cores)
     if args.eigenvalues and not Path(args.eigenvalues).is_file():
         args.eigenvalues = ""
     return args

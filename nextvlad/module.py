@@ -2,8 +2,8 @@
 
 One flat, typed constructor so that LightningCLI configs (configs/*.yaml) and checkpoints
 (``save_hyperparameters``) describe a run completely. Defaults reproduce the authors' recipe
-(SPEC 4 and 9): summed BCE, L2 on the classifier(s) only, Adam 2e-4, staircase decay 0.8 every
-2,000,000 examples, per-tensor gradient clipping at 1.0.
+(SPEC 4 and 9): summed BCE, L2 on the classifier(s) only, Adam 2e-4 with TF1's epsilon placement,
+staircase decay 0.8 every 2,000,000 examples, per-tensor gradient clipping at 1.0.
 """
 
 from __future__ import annotations
