@@ -63,7 +63,7 @@ class MixtureOfNeXtVLAD(nn.Module):
         frames = torch.cat([rgb, audio], dim=-1)
         if torch.is_autocast_enabled(frames.device.type):
             with torch.autocast(frames.device.type, enabled=False):
-                return self._gate(frames.float(), lengths)
+                return self._gate(at_least_float32(frames), lengths)
         return self._gate(frames, lengths)
 
     def _gate(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
