@@ -1,9 +1,11 @@
 """Shared helpers for the benchmark scripts: environment metadata, Markdown tables, result files.
 
-Every script ends with ``write_results(name, rows, meta)``, which writes
-``benchmarks/results/<name>.json`` (rows plus the environment they were measured in) and
-``<name>.md`` (the same as a Markdown table), so a number never travels without the device,
-torch and triton versions that produced it.
+Every script ends with ``write_results(name, rows, meta)``, which writes ``<name>.json`` (rows plus
+the environment they were measured in) and ``<name>.md`` (the same as a Markdown table), so a number
+never travels without the device, torch and triton versions that produced it. They go to a scratch
+folder (``SCRATCH_DIR``) unless ``--output-dir`` says otherwise: the committed results in
+``benchmarks/results/`` (``RESULTS_DIR``) change only when asked to, e.g. ``--output-dir
+benchmarks/results`` or ``gpu_session.sh``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import math
 import os
 import platform
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from typing import Any
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SCRATCH_DIR = Path(tempfile.gettempdir()) / "nextvlad_bench_results"
 
 
 def device_name(device: torch.device | str) -> str:
@@ -94,12 +98,12 @@ def write_results(
     columns: Sequence[str] | None = None,
     output_dir: Path | str | None = None,
 ) -> dict[str, Path]:
-    """Write ``<name>.json`` and ``<name>.md`` under ``output_dir`` (default benchmarks/results/).
+    """Write ``<name>.json`` and ``<name>.md`` under ``output_dir`` (default ``SCRATCH_DIR``).
 
     ``meta`` should hold at least what ``environment()`` returns (device, torch, triton) plus the
     benchmark's own settings. Returns the written paths by suffix ("json", "md").
     """
-    directory = Path(output_dir) if output_dir is not None else RESULTS_DIR
+    directory = Path(output_dir) if output_dir is not None else SCRATCH_DIR
     directory.mkdir(parents=True, exist_ok=True)
     meta = dict(meta or {})
     json_path = directory / f"{name}.json"

@@ -4,7 +4,8 @@ torch.compile(matmul reference) and the fused Triton kernel, forward and forward
 On a CUDA GPU it times with ``triton.testing.do_bench`` at the paper's shapes (B=160, M=300) and
 reports milliseconds, achieved GB/s over the minimal bytes the op must move, percent of the GPU's
 peak bandwidth and peak extra memory. On a CPU it still runs (reference providers, a smaller batch,
-a plain timer) so that CI exercises it. Writes ``benchmarks/results/aggregation_<device>.{json,md,png}``.
+a plain timer) so that CI exercises it. Writes ``aggregation_<device>.{json,md,png}`` to a scratch
+folder, or to ``--output-dir benchmarks/results`` to update the committed results.
 
     python benchmarks/bench_aggregation.py            # full run on the available device
     python benchmarks/bench_aggregation.py --quick    # tiny shapes, seconds (CI)
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, environment, markdown_table, write_results  # noqa: E402
+from _common import SCRATCH_DIR, environment, markdown_table, write_results  # noqa: E402
 
 from nextvlad.kernels import (  # noqa: E402
     residual_aggregation,
@@ -313,7 +314,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup-ms", type=int, default=25)
     parser.add_argument("--rep-ms", type=int, default=100)
     parser.add_argument("--peak-gbps", type=float, default=None, help="peak memory bandwidth of the device")
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--output-dir", type=Path, default=SCRATCH_DIR,
+                        help=f"results directory (default {SCRATCH_DIR}; benchmarks/results is the committed one)")
     parser.add_argument("--name", default=None, help="result file stem (default aggregation_<device type>)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (on a loaded shared machine 1 is far steadier)")

@@ -17,6 +17,7 @@ frames of random bytes (decode cost does not depend on the values).
     python benchmarks/bench_data.py --tiny         # seconds (CI smoke run)
 
 The numbers depend on the machine and on whatever else runs on it: compare rows of one run.
+Results go to a scratch folder unless ``--output-dir`` (``benchmarks/results`` is the committed one).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, markdown_table, write_results  # noqa: E402
+from _common import SCRATCH_DIR, environment, markdown_table, write_results  # noqa: E402
 
 from nextvlad.data import YT8MDataLoader, YT8MFrameDataset, finalize_batch, write_records  # noqa: E402
 from nextvlad.data.parsing import encode_frame_record  # noqa: E402
@@ -208,7 +209,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="DataLoader worker counts to measure (0: in-process)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "nextvlad_bench_data"))
-    parser.add_argument("--output-dir", default=None, help="results directory (default benchmarks/results)")
+    parser.add_argument("--output-dir", default=None,
+                        help=f"results directory (default {SCRATCH_DIR}; benchmarks/results is the committed one)")
     args = parser.parse_args(argv)
     if args.tiny:
         args.videos, args.files, args.repeats, args.batch_size = 48, 2, 1, 16

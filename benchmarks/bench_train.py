@@ -2,7 +2,7 @@
 
 * model only: random batches already on the device; forward, backward, per-tensor clipping and the
   Adam step, exactly what ``VideoClassifier`` does in ``training_step``;
-* end to end: ``Trainer.fit`` reading synthetic frame-level TFRecords (120-300 frames per video)
+* end to end: ``Trainer.fit`` reading synthetic frame-level TFRecords (40-100% of --frames per video)
   through ``YT8MDataModule`` with the config's data settings;
 * mixture cost: the step time of the config's model with ``num_branches`` 3 against 3 x the step
   time of the same model with one branch (issue: the branches must not cost more than three models).
@@ -11,16 +11,22 @@
     python benchmarks/bench_train.py --config configs/nextvlad_mix3.yaml --mixture
     python benchmarks/bench_train.py --tiny                                         # CPU smoke run
 
-Compare rows of one run only: numbers depend on the machine and whatever else runs on it.
+Frames per video and DataLoader workers default to the config's (workers at most the CPU cores).
+Each model-only number is the median of per-step times after untimed warm-up steps. Compare rows
+of one run only: numbers depend on the machine and whatever else runs on it. Results go to a
+scratch folder unless ``--output-dir`` (``benchmarks/results`` is the committed one).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +35,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, markdown_table, write_results  # noqa: E402
+from _common import SCRATCH_DIR, environment, markdown_table, write_results  # noqa: E402
 
 from nextvlad.data import write_synthetic_dataset  # noqa: E402
 from nextvlad.module import VideoClassifier, clip_per_tensor_  # noqa: E402
@@ -39,9 +45,13 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"num_classes": 100, "clusters": 8, "groups": 4, "hidden_size": 64, "gating_reduction": 4}
 
 
+def config_init_args(config: Path, section: str) -> dict[str, Any]:
+    """The ``init_args`` of a LightningCLI config's ``model`` or ``data`` section."""
+    return (yaml.safe_load(config.read_text()).get(section) or {}).get("init_args") or {}
+
+
 def model_hparams(config: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    section = yaml.safe_load(config.read_text())["model"]
-    return {**(section.get("init_args") or {}), **overrides}
+    return {**config_init_args(config, "model"), **overrides}
 
 
 def random_batch(hp: dict[str, Any], batch: int, frames: int, device: torch.device) -> dict[str, Any]:
@@ -81,14 +91,27 @@ def time_model_steps(hp: dict[str, Any], batch: dict[str, Any], device: torch.de
         losses["total"].backward()
         clip_per_tensor_([p for p in module.parameters() if p.grad is not None], hp.get("gradient_clip_norm", 1.0))
         optimizer.step()
+    return median_step_seconds(step, warmup, steps, lambda: synchronize(device))
+
+
+def median_step_seconds(step: Callable[[], None], warmup: int, steps: int, synchronize: Callable[[], None],
+                        clock: Callable[[], float] = time.perf_counter) -> float:
+    """Median seconds of ``steps`` timed calls after ``warmup`` untimed ones.
+
+    Each step is timed on its own (synchronised), and the median is reported, so that first-call
+    costs that outlast the warm-up (allocator growth, lazy initialisation) or a burst of load from
+    other processes do not end up in the number, as they would in a mean over the whole run.
+    """
     for _ in range(warmup):
         step()
-    synchronize(device)
-    start = time.perf_counter()
+    synchronize()
+    seconds = []
     for _ in range(steps):
+        start = clock()
         step()
-    synchronize(device)
-    return (time.perf_counter() - start) / steps
+        synchronize()
+        seconds.append(clock() - start)
+    return statistics.median(seconds)
 
 
 class StepTimer(pl.Callback):
@@ -112,11 +135,12 @@ class StepTimer(pl.Callback):
 
 
 def end_to_end(hp: dict[str, Any], config: Path, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    data_args = yaml.safe_load(config.read_text())["data"].get("init_args", {})
+    data_args = config_init_args(config, "data")
     num_videos = args.batch * (args.warmup + args.steps + 1)
     with tempfile.TemporaryDirectory() as directory:
         write_synthetic_dataset(directory, num_train=num_videos, num_validate=0, num_test=0,
-                                num_classes=hp.get("num_classes", 3862), min_frames=120, max_frames=300,
+                                num_classes=hp.get("num_classes", 3862), min_frames=max(1, args.frames * 2 // 5),
+                                max_frames=args.frames,
                                 files_per_split=max(2, args.workers))
         from nextvlad.data import YT8MDataModule
 
@@ -135,6 +159,24 @@ def end_to_end(hp: dict[str, Any], config: Path, args: argparse.Namespace, devic
             "ms_per_step": 1000 * args.batch / timer.videos_per_second()}
 
 
+def model_only_rows(hp: dict[str, Any], batch: dict[str, Any], device: torch.device, args: argparse.Namespace,
+                    common: dict[str, Any]) -> list[dict[str, Any]]:
+    """The config's model, and with ``--mixture`` also 1 and 3 branches: each measured once."""
+    branch_counts = [hp.get("num_branches", 1)]
+    if args.mixture:
+        branch_counts += [count for count in (1, 3) if count not in branch_counts]
+    seconds = {count: time_model_steps({**hp, "num_branches": count}, batch, device, args.precision,
+                                       args.warmup, args.steps) for count in branch_counts}
+    rows = []
+    for count in branch_counts:
+        row = {"workload": f"model only ({count} branch{'es' if count > 1 else ''})", **common,
+               "ms_per_step": 1000 * seconds[count], "videos_per_s": args.batch / seconds[count]}
+        if args.mixture and count == 3:
+            row["mix3 / (3 x single)"] = seconds[3] / (3 * seconds[1])
+        rows.append(row)
+    return rows
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "nextvlad.yaml")
@@ -142,16 +184,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", default=None, choices=["bf16-mixed", "32-true"],
                         help="default: bf16-mixed on GPU, 32-true on CPU")
     parser.add_argument("--batch", type=int, default=None, help="default: 160 on GPU, 8 on CPU")
-    parser.add_argument("--frames", type=int, default=300)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--frames", type=int, default=None, help="default: the config's max_frames")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="DataLoader workers of the end-to-end run (default: the config's num_workers, "
+                             "at most the CPU cores available)")
     parser.add_argument("--eigenvalues", default=str(REPO.parent / "shared" / "yt8m_pca" / "eigenvals.npy"),
                         help="eigenvals.npy for reverse whitening in the end-to-end run ('' for none)")
     parser.add_argument("--mixture", action="store_true", help="also time num_branches 3 against 1")
     parser.add_argument("--no-end-to-end", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="tiny model, batch 4, 20 frames (CI smoke run)")
-    parser.add_argument("--output-dir", type=Path, default=None)
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help=f"results directory (default {SCRATCH_DIR}; benchmarks/results is the committed one)")
     parser.add_argument("--name", default=None, help="result file stem (default train_<config>_<device>)")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -159,6 +204,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.tiny:
         args.batch, args.frames, args.warmup, args.steps, args.workers = 4, 20, 1, 2, 1
     args.batch = args.batch or (160 if cuda else 8)
+    data = config_init_args(args.config, "data")
+    args.frames = args.frames or data.get("max_frames", 300)
+    if args.workers is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        args.workers = min(data.get("num_workers", 0), cores)
     if args.eigenvalues and not Path(args.eigenvalues).is_file():
         args.eigenvalues = ""
     return args
@@ -170,17 +220,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     hp = model_hparams(args.config, {**(TINY_MODEL if args.tiny else {}), "aggregation_backend": "auto"})
     batch = random_batch(hp, args.batch, args.frames, device)
     common = {"config": args.config.name, "precision": args.precision, "batch": args.batch, "frames": args.frames}
-    rows = []
-    seconds = time_model_steps(hp, batch, device, args.precision, args.warmup, args.steps)
-    rows.append({"workload": f"model only ({hp.get('num_branches', 1)} branch(es))", **common,
-                 "ms_per_step": 1000 * seconds, "videos_per_s": args.batch / seconds})
-    if args.mixture:
-        single = time_model_steps({**hp, "num_branches": 1}, batch, device, args.precision, args.warmup, args.steps)
-        mixture = time_model_steps({**hp, "num_branches": 3}, batch, device, args.precision, args.warmup, args.steps)
-        rows.append({"workload": "model only, 1 branch", **common, "ms_per_step": 1000 * single,
-                     "videos_per_s": args.batch / single})
-        rows.append({"workload": "model only, 3 branches", **common, "ms_per_step": 1000 * mixture,
-                     "videos_per_s": args.batch / mixture, "mix3 / (3 x single)": mixture / (3 * single)})
+    rows = model_only_rows(hp, batch, device, args, common)
     if not args.no_end_to_end:
         rows.append({**end_to_end(hp, args.config, args, device), **common})
     meta = {**environment(device), "config": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO)
@@ -190,7 +230,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                "mix3 / (3 x single)"]
     print(markdown_table(rows, columns))
     name = args.name or f"train_{args.config.stem}_{device.type}{'_tiny' if args.tiny else ''}"
-    write_results(name, rows, meta, columns=columns, output_dir=args.output_dir)
+    paths = write_results(name, rows, meta, columns=columns, output_dir=args.output_dir)
+    print(f"wrote {paths['json']} and {paths['md']}")
     return rows
 
 

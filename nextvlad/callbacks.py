@@ -17,7 +17,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, TYPE_CHECKING, Any, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
@@ -27,6 +27,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from nextvlad.metrics import MeanAveragePrecision
+
+if TYPE_CHECKING:  # matplotlib is imported only when a plot is drawn
+    from matplotlib.figure import Figure
 
 __all__ = ["SubmissionWriter", "EvaluationReport", "read_vocabulary", "submission_rows"]
 
@@ -367,15 +370,16 @@ def format_table(stage: str, checkpoint: str | None, values: dict[str, float]) -
 
 def plot_class_average_precision(
     average_precision: np.ndarray, positives: np.ndarray, path: str | os.PathLike, title: str = ""
-) -> None:
+) -> Figure:
     """Scatter of per-class AP against the class's positive videos (log x), with binned means.
 
     Classes without positives have no defined AP and are left out (their count is in the legend).
+    Returns the saved figure.
     """
     # Figure + Agg canvas directly: no pyplot global state, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     present = positives > 0
     counts, values = positives[present], average_precision[present]
@@ -396,9 +400,17 @@ def plot_class_average_precision(
             means.append(values[in_bin].mean())
         axes.plot(centers, means, color="C3", marker="o", markersize=3, label="mean AP per frequency bin")
     axes.set_xscale("log")
-    plain_numbers = FuncFormatter(lambda value, _: f"{value:g}")
-    axes.xaxis.set_major_formatter(plain_numbers)
-    axes.xaxis.set_minor_formatter(plain_numbers if counts.size and counts.max() < 10 * counts.min() else NullFormatter())
+    # Counts are whole numbers: fractional ticks stay unlabelled.
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}" if value == round(value) else ""))
+    axes.xaxis.set_minor_formatter(NullFormatter())
+    # Powers of ten alone label a range of under three decades with one or two ticks (a 2-45
+    # range showed only "10"): label 1-2-5 steps there, every integer step under one decade.
+    span = counts.max() / counts.min() if counts.size else 1.0
+    if span < 1000:
+        subs = np.arange(1.0, 10.0) if span < 10 else (1.0, 2.0, 5.0)
+        axes.xaxis.set_major_locator(LogLocator(base=10, subs=subs, numticks=30))
+    if counts.size and span == 1:  # one count: matplotlib would widen the axis to two decades
+        axes.set_xlim(counts.min() / 2, counts.max() * 2)
     axes.set_ylim(-0.02, 1.02)
     axes.set_xlabel("positive videos of the class in the evaluated set")
     axes.set_ylabel("average precision")
@@ -408,3 +420,4 @@ def plot_class_average_precision(
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path)
+    return figure

@@ -2,8 +2,8 @@
 
 One flat, typed constructor so that LightningCLI configs (configs/*.yaml) and checkpoints
 (``save_hyperparameters``) describe a run completely. Defaults reproduce the authors' recipe
-(SPEC 4 and 9): summed BCE, L2 on the classifier(s) only, Adam 2e-4, staircase decay 0.8 every
-2,000,000 examples, per-tensor gradient clipping at 1.0.
+(SPEC 4 and 9): summed BCE, L2 on the classifier(s) only, Adam 2e-4 with TF1's epsilon placement,
+staircase decay 0.8 every 2,000,000 examples, per-tensor gradient clipping at 1.0.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
 
+from nextvlad._dtypes import at_least_float32
 from nextvlad._validation import check_choice, check_positive
 from nextvlad.metrics import (
     GlobalAveragePrecision,
@@ -27,8 +28,10 @@ from nextvlad.metrics import (
 from nextvlad.models.mixture import GateInput, MixtureOfNeXtVLAD, distillation_kl
 from nextvlad.models.nextvlad import ClusterBNStatistics
 from nextvlad.models.video_model import Architecture, HiddenActivation, build_video_model
+from nextvlad.optim import TF1Adam
 
 GradientClip = Literal["per_tensor", "global", "off"]
+AdamEpsilon = Literal["tf1", "torch"]
 
 #: Hyper-parameters passed to ``build_video_model`` under the same name.
 BUILD_ARGS = (
@@ -64,7 +67,9 @@ class VideoClassifier(pl.LightningModule):
     Optimisation args (SPEC 4): ``learning_rate``, ``lr_decay`` every ``lr_decay_examples`` examples
     (counted over all ranks and accumulated batches), ``l2_penalty`` (on classifier weights and
     biases, as ``l2 * 0.5 * sum w^2``), ``gradient_clip`` ("per_tensor" as TF's clip_by_norm per
-    variable, "global", "off") at ``gradient_clip_norm``. ``bn_momentum`` is the running-statistics
+    variable, "global", "off") at ``gradient_clip_norm``. ``adam_epsilon`` places Adam's epsilon as
+    TF1's AdamOptimizer does ("tf1", the authors' optimizer, ``nextvlad.optim.TF1Adam``) or as
+    torch.optim.Adam does ("torch"; they differ for tiny gradients, SPEC 4). ``bn_momentum`` is the running-statistics
     update of every batch norm (default 1e-3, slim's decay 0.999, which takes thousands of steps to
     settle: short runs such as the demo use a larger value). ``top_k`` is the k of GAP/MAP and of
     predictions.
@@ -103,12 +108,14 @@ class VideoClassifier(pl.LightningModule):
         l2_penalty: float = 1e-5,
         gradient_clip: GradientClip = "per_tensor",
         gradient_clip_norm: float = 1.0,
+        adam_epsilon: AdamEpsilon = "tf1",
         top_k: int = 20,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         check_positive(num_branches=num_branches, top_k=top_k, lr_decay_examples=lr_decay_examples)
         check_choice("gradient_clip", gradient_clip, ("per_tensor", "global", "off"))
+        check_choice("adam_epsilon", adam_epsilon, ("tf1", "torch"))
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 disables distillation), got {temperature}")
         if predict_branch is not None and not 0 <= predict_branch < num_branches:
@@ -182,7 +189,7 @@ class VideoClassifier(pl.LightningModule):
             )
 
     def compute_losses(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Every loss term of SPEC 4 in fp32 (``total`` is what is optimised), and the logits."""
+        """Every loss term of SPEC 4 at least in fp32 (``total`` is what is optimised), and the logits."""
         self._check_batch(batch)
         labels = batch["labels"].float()
         if not self.is_mixture:
@@ -205,7 +212,8 @@ class VideoClassifier(pl.LightningModule):
 
     def l2_loss(self) -> torch.Tensor:
         """``l2_penalty * 0.5 * (|W|^2 + |b|^2)`` summed over the classifier(s) (slim.l2_regularizer)."""
-        squares = sum(p.float().pow(2).sum() for layer in self.model.classifiers() for p in layer.parameters())
+        parameters = [p for layer in self.model.classifiers() for p in layer.parameters()]
+        squares = sum(at_least_float32(p).pow(2).sum() for p in parameters)
         return self.hparams.l2_penalty * 0.5 * squares
 
     # ----------------------------------------------------------------------------- steps
@@ -291,7 +299,8 @@ class VideoClassifier(pl.LightningModule):
     # ----------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # Adam with TF's defaults; no weight decay (only the classifier carries an L2 term).
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+        adam = TF1Adam if self.hparams.adam_epsilon == "tf1" else torch.optim.Adam
+        return adam(self.parameters(), lr=self.hparams.learning_rate, betas=(0.9, 0.999), eps=1e-8)
 
     def current_learning_rate(self) -> float:
         """Staircase decay by examples seen before this step (TF exponential_decay, staircase=True)."""
@@ -334,8 +343,9 @@ class VideoClassifier(pl.LightningModule):
 
 
 def summed_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy summed over classes, mean over the batch (SPEC 4), from logits in fp32."""
-    per_class = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+    """Binary cross-entropy summed over classes, mean over the batch (SPEC 4), from logits, at least fp32."""
+    logits = at_least_float32(logits)
+    per_class = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
     return per_class.sum(dim=-1).mean()
 
 

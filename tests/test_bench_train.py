@@ -1,15 +1,26 @@
-"""The training benchmark runs end to end in its tiny CPU mode and writes its table."""
+"""The training benchmark: tiny CPU run end to end, its defaults from the config, its step timer."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARK = BENCHMARKS / "bench_train.py"
+CONFIGS = BENCHMARKS.parent / "configs"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("bench_train", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.timeout(300)
@@ -21,9 +32,36 @@ def test_bench_train_tiny_with_mixture_comparison(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     written = json.loads((tmp_path / "tiny.json").read_text())
     workloads = [row["workload"] for row in written["rows"]]
-    assert workloads == ["model only (1 branch(es))", "model only, 1 branch", "model only, 3 branches",
-                         "end to end (1 workers)"]
+    # the config's model (1 branch) is measured once and serves as the single-model reference
+    assert workloads == ["model only (1 branch)", "model only (3 branches)", "end to end (1 workers)"]
     assert all(row["videos_per_s"] > 0 for row in written["rows"])
-    assert written["rows"][2]["mix3 / (3 x single)"] > 0
+    mixture, single = written["rows"][1], written["rows"][0]
+    assert mixture["mix3 / (3 x single)"] == pytest.approx(mixture["ms_per_step"] / (3 * single["ms_per_step"]))
     assert written["meta"]["torch"] and "device" in written["meta"]
-    assert "| model only, 3 branches |" in result.stdout
+    assert "| model only (3 branches) |" in result.stdout
+
+
+def test_frames_and_workers_default_to_the_config():
+    bench = load_benchmark()
+    demo = bench.parse_args(["--config", str(CONFIGS / "demo.yaml")])
+    assert (demo.frames, demo.workers) == (60, 1)
+    paper = bench.parse_args(["--config", str(CONFIGS / "nextvlad.yaml")])
+    assert paper.frames == 300
+    assert paper.workers == min(8, len(os.sched_getaffinity(0)))  # the config's 8, never more than the cores
+    explicit = bench.parse_args(["--config", str(CONFIGS / "demo.yaml"), "--frames", "30", "--workers", "0"])
+    assert (explicit.frames, explicit.workers) == (30, 0)
+
+
+def test_step_timer_leaves_out_warm_up_and_reports_the_median():
+    bench = load_benchmark()
+    durations = iter([9.0, 7.0, 1.0, 1.5, 8.0, 1.25, 1.0])  # 2 slow warm-up steps, then one slow outlier
+    now = [0.0]
+
+    def step():
+        now[0] += next(durations)
+
+    synchronized = []
+    seconds = bench.median_step_seconds(step, warmup=2, steps=5, synchronize=lambda: synchronized.append(now[0]),
+                                        clock=lambda: now[0])
+    assert seconds == 1.25
+    assert len(synchronized) == 1 + 5  # after the warm-up and after every timed step

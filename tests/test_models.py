@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 
 from nextvlad.models import NetVLAD, NeXtVLAD, SEContextGating, build_video_model, count_parameters
-from nextvlad.models.initialization import MaskedBatchNorm1d
+from nextvlad.models.initialization import MaskedBatchNorm1d, TFBatchNorm1d
 from nextvlad.models.mixture import MixtureOfNeXtVLAD, distillation_kl
 
 
@@ -97,16 +98,87 @@ def test_cluster_bn_statistics_all_rows_vs_masked(frames_and_lengths):
     assert torch.allclose(masked_again(frames, lengths), masked_again(garbage, lengths), atol=1e-5)
 
 
-def test_masked_batch_norm_matches_batch_norm_on_real_rows():
+@pytest.mark.parametrize("fused", [False, True])
+def test_masked_batch_norm_matches_batch_norm_on_real_rows(fused):
     torch.manual_seed(0)
     x = torch.randn(12, 6)
     mask = torch.tensor([True] * 8 + [False] * 4)
-    masked, plain = MaskedBatchNorm1d(6).train(), MaskedBatchNorm1d(6).train()
+    masked, plain = MaskedBatchNorm1d(6, fused).train(), MaskedBatchNorm1d(6, fused).train()
     out = masked(x, mask)
     reference = plain(x[mask])
     assert torch.allclose(out[mask], reference, atol=1e-6)
     assert torch.allclose(masked.running_mean, plain.running_mean)
     assert torch.allclose(masked.running_var, plain.running_var)
+
+
+def moving_variance_oracle(batches: list[torch.Tensor], momentum: float, biased: bool) -> torch.Tensor:
+    """slim's moving variance in float64: r <- r - (1 - decay) (r - var), var biased (non-fused
+    kernel) or Bessel-corrected (fused kernel), starting from 1."""
+    running = torch.ones(batches[0].shape[1], dtype=torch.float64)
+    for x in batches:
+        running = running - momentum * (running - x.double().var(0, unbiased=not biased))
+    return running
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_moving_variance_is_biased_unless_fused(fused, masked):
+    torch.manual_seed(0)
+    layer = MaskedBatchNorm1d(5, fused).double().train() if masked else TFBatchNorm1d(5, fused).double().train()
+    layer.momentum = 0.3
+    batches = [torch.randn(6, 5, dtype=torch.float64) * (i + 1) + i for i in range(4)]
+    for x in batches:
+        layer(x, torch.ones(6, dtype=torch.bool)) if masked else layer(x)
+    expected = moving_variance_oracle(batches, 0.3, biased=not fused)
+    torch.testing.assert_close(layer.running_var, expected, rtol=1e-12, atol=0)
+    other_rule = moving_variance_oracle(batches, 0.3, biased=fused)
+    assert (layer.running_var - other_rule).abs().min() > 1e-3  # 6 rows: the rules are far apart
+    assert int(layer.num_batches_tracked) == 4
+    # eval normalises with the moving statistics, as slim's is_training=False
+    x = batches[0]
+    expected_eval = (x - layer.running_mean) / torch.sqrt(layer.running_var + 1e-3) * layer.weight + layer.bias
+    torch.testing.assert_close(layer.eval()(x), expected_eval)
+
+
+def test_moving_variance_rule_per_layer_as_the_authors_kernels():
+    """cluster_bn, vlad_bn, hidden1_bn ran slim's non-fused kernel (biased); gating_bn and
+    mix_weights_bn the fused one (Bessel-corrected): SPEC 3.4. Checked on every BN of a mixture
+    against the float64 variance of the input each BN saw."""
+    torch.manual_seed(0)
+    branches = [build_video_model(num_classes=7, rgb_size=16, audio_size=8, clusters=4, groups=2, hidden_size=8,
+                                  gating_reduction=2, hidden_activation="none") for _ in range(2)]
+    mixture = MixtureOfNeXtVLAD(branches, input_size=24).double().train()
+    seen = {}
+    for name, layer in mixture.named_modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+            layer.momentum = 0.5
+            layer.register_forward_hook(lambda module, inputs, output, name=name: seen.__setitem__(name, inputs[0]))
+    rgb, audio = torch.randn(3, 5, 16, dtype=torch.float64), torch.randn(3, 5, 8, dtype=torch.float64)
+    mixture(rgb, audio, torch.tensor([5, 3, 1]))
+    fused_layers = {"gate_bn"} | {f"branches.{m}.context_gating.squeeze_bn" for m in range(2)}
+    assert len(seen) == 2 * 6 + 1
+    for name, layer in mixture.named_modules():
+        if name in seen:
+            expected = moving_variance_oracle([seen[name]], 0.5, biased=name not in fused_layers)
+            torch.testing.assert_close(layer.running_var, expected, rtol=1e-12, atol=0, msg=name)
+
+
+def test_mixture_works_in_float64_and_gates_in_fp32_under_autocast():
+    torch.manual_seed(0)
+    branches = [build_video_model(num_classes=7, rgb_size=16, audio_size=8, clusters=4, groups=2, hidden_size=8,
+                                  gating_reduction=2) for _ in range(2)]
+    mixture = MixtureOfNeXtVLAD(branches, input_size=24)
+    rgb, audio, lengths = torch.randn(3, 5, 16), torch.randn(3, 5, 8), torch.tensor([5, 3, 1])
+    double = copy.deepcopy(mixture).double()
+    out = double.forward_all(rgb.double(), audio.double(), lengths)
+    assert out.logits.dtype == out.gate.dtype == torch.float64
+    out.logits.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float64 for p in double.parameters())
+    mixture.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gate = mixture.gate(rgb, audio, lengths)
+    assert gate.dtype == torch.float32
+    assert torch.equal(gate, mixture.gate(rgb, audio, lengths))  # the fp32 computation, not a bf16 one
 
 
 def test_se_context_gating_formula():
@@ -276,3 +348,12 @@ def test_competition_era_mixture_parameter_count():
                     for _ in range(3)]
         mixture = MixtureOfNeXtVLAD(branches, input_size=300, gate_input="per_frame")
     assert count_parameters(mixture) == 235_931_013
+
+
+def test_netvlad_works_in_float64(frames_and_lengths):
+    frames, lengths = frames_and_lengths
+    layer = NetVLAD(frames.shape[-1], clusters=3).double().train()
+    out = layer(frames.double(), lengths)
+    assert out.dtype == torch.float64
+    out.sum().backward()
+    assert layer.cluster_logits.weight.grad.dtype == torch.float64

@@ -10,7 +10,7 @@ import pytest
 import torch
 from toy_data import NUM_CLASSES, SMALL, collate, loader, toy_videos, trainer
 
-from nextvlad.callbacks import EvaluationReport
+from nextvlad.callbacks import EvaluationReport, plot_class_average_precision
 from nextvlad.metrics import MeanAveragePrecision
 from nextvlad.module import VideoClassifier
 
@@ -151,3 +151,29 @@ def test_ddp_report_gathers_per_class_values_from_every_rank(trained, tmp_path):
     assert two["per_class"]["positives"] == one["per_class"]["positives"]
     np.testing.assert_allclose(two["per_class"]["average_precision"], one["per_class"]["average_precision"], atol=1e-12)
     assert two["metrics"] == pytest.approx(one["metrics"], abs=1e-6)
+
+
+def visible_tick_labels(axis, limits) -> list[float]:
+    """The numbers the drawn axis labels, within its limits, minor ticks included."""
+    ticks = list(zip(axis.get_majorticklocs(), axis.get_majorticklabels()))
+    ticks += list(zip(axis.get_minorticklocs(), axis.get_minorticklabels()))
+    return sorted(float(label.get_text()) for location, label in ticks
+                  if label.get_text() and limits[0] <= location <= limits[1])
+
+
+@pytest.mark.parametrize("low, high, expected", [
+    (2, 45, [2, 5, 10, 20]),                     # under two decades: 1-2-5 steps
+    (3, 8, [3, 4, 5, 6, 7, 8]),                  # under one decade: every integer step
+    (1, 3000, [1, 10, 100, 1000]),               # many decades: powers of ten
+    (7, 7, [5, 6, 7, 8, 9, 10]),                 # one count
+])
+def test_class_ap_plot_labels_its_log_axis_across_the_range(tmp_path, low, high, expected):
+    positives = np.geomspace(low, high, num=60).round()
+    ap = np.linspace(0, 1, positives.size)
+    figure = plot_class_average_precision(ap, positives, tmp_path / "ap.png")
+    figure.canvas.draw()  # tick labels are set when drawn
+    axes = figure.axes[0]
+    labels = visible_tick_labels(axes.xaxis, axes.get_xlim())
+    assert set(expected) <= set(labels)
+    assert len(labels) <= 12  # still readable
+    assert (tmp_path / "ap.png").stat().st_size > 0

@@ -22,7 +22,7 @@ class SEContextGating(nn.Module):
             raise ValueError(f"gating_reduction={reduction} must divide hidden_size={hidden_size}")
         squeezed = hidden_size // reduction
         self.squeeze = tf_linear(hidden_size, squeezed, bias=False)
-        self.squeeze_bn = tf_batch_norm(squeezed)
+        self.squeeze_bn = tf_batch_norm(squeezed, fused=True)  # the authors' gating_bn
         self.excite = tf_linear(squeezed, hidden_size, bias=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

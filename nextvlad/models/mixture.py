@@ -12,9 +12,10 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
+from nextvlad._dtypes import at_least_float32
 from nextvlad._validation import check_choice, check_positive
 from nextvlad.kernels import frame_mask
-from nextvlad.models.initialization import tf_linear
+from nextvlad.models.initialization import tf_batch_norm, tf_linear
 from nextvlad.models.nextvlad import NeXtVLAD
 from nextvlad.models.video_model import VideoModel
 
@@ -49,7 +50,7 @@ class MixtureOfNeXtVLAD(nn.Module):
         check_choice("gate_input", gate_input, ("all", "masked", "per_frame"))
         self.branches = nn.ModuleList(branches)
         self.gate_input = gate_input
-        self.gate_bn = nn.BatchNorm1d(input_size, eps=1e-3, momentum=1e-3)
+        self.gate_bn = tf_batch_norm(input_size, fused=True)  # the authors' mix_weights_bn
         self.gate_fc = tf_linear(input_size, len(branches))
 
     @property
@@ -57,7 +58,15 @@ class MixtureOfNeXtVLAD(nn.Module):
         return len(self.branches)
 
     def gate(self, rgb: torch.Tensor, audio: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        frames = torch.cat([rgb, audio], dim=-1).float()
+        """Softmax weights (B, num_branches) in the inputs' dtype; in fp32 under autocast, because
+        they scale every logit (autocast would run the gate FC in bf16/fp16)."""
+        frames = torch.cat([rgb, audio], dim=-1)
+        if torch.is_autocast_enabled(frames.device.type):
+            with torch.autocast(frames.device.type, enabled=False):
+                return self._gate(at_least_float32(frames), lengths)
+        return self._gate(frames, lengths)
+
+    def _gate(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if self.gate_input == "all":
             mean = frames.mean(dim=1)
         elif self.gate_input == "per_frame":
@@ -111,15 +120,15 @@ def _shared_linear(inputs: torch.Tensor, layers: list[nn.Linear]) -> tuple[torch
 def distillation_kl(
     mixture_logits: torch.Tensor, branch_logits: torch.Tensor, temperature: float, detach_teacher: bool = False
 ) -> torch.Tensor:
-    """Mean over the batch of sum over branches of KL(softmax(z_e/T) || softmax(z_m/T)), in fp32.
+    """Mean over the batch of sum over branches of KL(softmax(z_e/T) || softmax(z_m/T)), at least fp32.
 
     Written as the authors do, with 1e-8 inside the logarithms, so the numbers match theirs.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for the KL term, got {temperature}")
     teacher = mixture_logits.detach() if detach_teacher else mixture_logits
-    p_teacher = torch.softmax(teacher.float() / temperature, dim=-1)
-    p_students = torch.softmax(branch_logits.float() / temperature, dim=-1)
+    p_teacher = torch.softmax(at_least_float32(teacher) / temperature, dim=-1)
+    p_students = torch.softmax(at_least_float32(branch_logits) / temperature, dim=-1)
     log_ratio = torch.log(p_teacher + KL_EPSILON).unsqueeze(0) - torch.log(p_students + KL_EPSILON)
     kl = (p_teacher.unsqueeze(0) * log_ratio).sum(dim=-1)  # (num_branches, B)
     return kl.sum(dim=0).mean()

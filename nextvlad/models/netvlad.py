@@ -13,6 +13,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from nextvlad._dtypes import at_least_float32
 from nextvlad._validation import check_choice, check_positive
 from nextvlad.kernels import residual_aggregation
 from nextvlad.kernels import frame_mask
@@ -54,7 +55,9 @@ class NetVLAD(nn.Module):
         self.backend = backend
         self.reduction = tf_linear(feature_size, self.descriptor_size) if input_reduction > 1 else nn.Identity()
         self.cluster_logits = tf_linear(self.descriptor_size, clusters, bias=False)
-        self.cluster_bn = MaskedBatchNorm1d(clusters)
+        # The Willow baseline's cluster_bn is slim.batch_norm on a rank-2 input with the default
+        # fused=None, i.e. the fused kernel: Bessel-corrected moving variance.
+        self.cluster_bn = MaskedBatchNorm1d(clusters, fused=True)
         self.centroids = nn.Parameter(
             variance_scaling_(torch.empty(clusters, self.descriptor_size), self.descriptor_size)
         )
@@ -81,4 +84,4 @@ class NetVLAD(nn.Module):
             backend=self.backend,
             normalize=True,  # intra-normalisation over D per cluster
         )
-        return F.normalize(flatten_like_tf(vlad).float(), p=2.0, dim=-1, eps=1e-6)
+        return F.normalize(at_least_float32(flatten_like_tf(vlad)), p=2.0, dim=-1, eps=1e-6)

@@ -63,10 +63,10 @@ class NeXtVLAD(nn.Module):
         self.expansion_fc = tf_linear(feature_size, expanded)
         self.group_attention = tf_linear(expanded, groups)
         self.cluster_logits = tf_linear(expanded, groups * clusters, bias=False)
-        self.cluster_bn = MaskedBatchNorm1d(groups * clusters)
+        self.cluster_bn = MaskedBatchNorm1d(groups * clusters, fused=False)
         # (K, D) for the aggregation op; TF stores it as [1, D, K] with fan_in D.
         self.centroids = nn.Parameter(variance_scaling_(torch.empty(clusters, self.group_size), self.group_size))
-        self.vlad_bn = tf_batch_norm(self.output_size)
+        self.vlad_bn = tf_batch_norm(self.output_size, fused=False)
 
     @property
     def output_size(self) -> int:

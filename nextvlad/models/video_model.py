@@ -57,7 +57,7 @@ class VideoModel(nn.Module):
         self.dropout = nn.Dropout(dropout)
         descriptor_size = video_aggregator.output_size + audio_aggregator.output_size
         self.hidden = tf_linear(descriptor_size, hidden_size, bias=False)
-        self.hidden_bn = tf_batch_norm(hidden_size)
+        self.hidden_bn = tf_batch_norm(hidden_size, fused=False)
         self.hidden_activation = nn.ReLU() if hidden_activation == "relu" else nn.Identity()
         self.context_gating = SEContextGating(hidden_size, gating_reduction)
         self.classifier = tf_linear(hidden_size, num_classes)
