@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -472,7 +473,9 @@ class YT8MDataLoader(StatefulDataLoader):
         # that dropout uses: one extra draw per epoch or validation would make a resumed run's
         # dropout differ from the uninterrupted one. The dataset seeds its own shuffling.
         kwargs.setdefault("generator", torch.Generator().manual_seed(dataset.seed))
-        super().__init__(dataset, batch_size=None, **kwargs)
+        with warnings.catch_warnings():  # torchdata 0.11 calls an API that torch now deprecates
+            warnings.filterwarnings("ignore", "'set_vital' is deprecated", UserWarning)
+            super().__init__(dataset, batch_size=None, **kwargs)
         self._context = context
         self._iterations = 0
         self._position: dict = {}
