@@ -70,7 +70,8 @@ SCRIPT = textwrap.dedent('''
         pl.seed_everything(0)
         data = YT8MDataModule(train_pattern=data_dir + "/train*.tfrecord",
                               val_pattern=data_dir + "/validate*.tfrecord", batch_size=6,
-                              num_workers=workers, max_frames=30, num_classes=10, shuffle_buffer=16)
+                              num_workers=workers, max_frames=30, num_classes=10, shuffle_buffer=16,
+                              sample_frames=12)  # frame sampling continues exactly, too
         model = VideoClassifier(num_classes=10, clusters=4, groups=2, expansion=1, hidden_size=16,
                                 gating_reduction=4, learning_rate=1e-2, lr_decay=0.5,
                                 lr_decay_examples=50)

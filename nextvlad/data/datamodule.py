@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from nextvlad._distributed import gather_per_rank, rank_and_world_size
 from nextvlad._validation import check_choice, check_positive
 from nextvlad.data.dataset import STAT_NAMES, OnError, YT8MDataLoader, YT8MFrameDataset
 from nextvlad.data.records import Compression
@@ -87,6 +88,7 @@ class YT8MDataModule(L.LightningDataModule):
         self.datasets: dict[str, YT8MFrameDataset] = {}
         self.read_stats = dict.fromkeys(STAT_NAMES, 0)
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._saved_generators: dict[str, torch.Tensor] = {}  # from a checkpoint, by device
         self._iterations: dict[str, int] = {}
 
     # -- datasets -----------------------------------------------------------------------------
@@ -126,9 +128,7 @@ class YT8MDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is not None:
             return trainer.global_rank, trainer.world_size
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
+        return rank_and_world_size()
 
     def _loader(self, split: Stage) -> YT8MDataLoader:
         dataset = self._dataset(split)
@@ -179,9 +179,24 @@ class YT8MDataModule(L.LightningDataModule):
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
             rank, _ = self._rank_world()
-            self._generators[device] = torch.Generator(device=device).manual_seed(
-                self.seed * 1000003 + rank)
+            generator = torch.Generator(device=device).manual_seed(self.seed * 1000003 + rank)
+            if str(device) in self._saved_generators:
+                generator.set_state(self._saved_generators.pop(str(device)))
+            self._generators[device] = generator
         return self._generators[device]
+
+    # -- in checkpoints: the frame sampling continues exactly after a resume ----------------------
+    def state_dict(self) -> dict:
+        """Every rank's frame-sampling generator states (call on all ranks together)."""
+        local = {str(device): g.get_state() for device, g in self._generators.items()}
+        return {"frame_sampling": gather_per_rank(local)}
+
+    def load_state_dict(self, state: dict) -> None:
+        states = state.get("frame_sampling") or []
+        rank, world_size = self._rank_world()
+        if len(states) == world_size:
+            self._saved_generators = dict(states[rank])
+            self._generators.clear()
 
     def transform(self, batch: dict) -> dict:
         """Apply what the batch transfer hooks do, without a Trainer (e.g. on the CPU)."""
