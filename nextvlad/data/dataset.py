@@ -29,7 +29,7 @@ from nextvlad._validation import check_choice, check_positive
 from nextvlad.data import sharding
 from nextvlad.data.parsing import AUDIO_SIZE, RGB_SIZE, QuantizedVideo, parse_frame_record
 from nextvlad.data.records import (Compression, DataError, FileScan, FramingError, expand_paths,
-                                   read_records, scan_records)
+                                   file_size, is_url, read_records, scan_records)
 from nextvlad.data.shm_pool import SharedBufferPool
 from nextvlad.data.transforms import dequantize_rows_into
 
@@ -45,8 +45,11 @@ def scan_files(paths: Sequence[str], compression: Compression = "auto") -> list[
     """Record counts per file (header scan), cached per (path, size, mtime) within the process."""
     scans = []
     for path in paths:
-        stat = os.stat(path)
-        key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, compression)
+        if is_url(path):  # listing metadata differs per store; the size is what all of them have
+            key = (path, file_size(path), 0, compression)
+        else:
+            stat = os.stat(path)
+            key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, compression)
         if key not in _SCAN_CACHE:
             _SCAN_CACHE[key] = scan_records(path, compression)
         scans.append(_SCAN_CACHE[key])

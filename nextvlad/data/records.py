@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO, Literal
 
+import fsspec
 import google_crc32c
 
 Compression = Literal["auto", "none", "gzip"]
@@ -54,7 +55,9 @@ def masked_crc32c(data: bytes | memoryview) -> int:
 def expand_paths(pattern_or_files: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
     """Glob patterns / paths (a string, possibly comma-separated, or a list) -> sorted unique files.
 
-    Raises FileNotFoundError naming the pattern when a pattern matches nothing.
+    A pattern with a scheme (``gs://``, ``s3://``, ``file://``, ``memory://``...) is listed through
+    fsspec and its files keep the scheme. Raises FileNotFoundError naming the pattern when a
+    pattern matches nothing.
     """
     if isinstance(pattern_or_files, (str, os.PathLike)):
         patterns = [p for p in str(pattern_or_files).split(",") if p.strip()]
@@ -65,16 +68,47 @@ def expand_paths(pattern_or_files: str | os.PathLike | Iterable[str | os.PathLik
     files: set[str] = set()
     for pattern in patterns:
         pattern = os.path.expanduser(pattern.strip())
-        matches = [m for m in glob.glob(pattern) if os.path.isfile(m)]
+        matches = _glob_url(pattern) if is_url(pattern) else [
+            m for m in glob.glob(pattern) if os.path.isfile(m)]
         if not matches:
             raise FileNotFoundError(f"no files match {pattern!r}")
         files.update(matches)
     return sorted(files)
 
 
+def is_url(path: str | os.PathLike) -> bool:
+    """Whether `path` names a file through fsspec (has a scheme such as gs:// or memory://)."""
+    return "://" in str(path)
+
+
+def _glob_url(pattern: str) -> list[str]:
+    fs, path = fsspec.core.url_to_fs(pattern)
+    return [fs.unstrip_protocol(info["name"])
+            for info in fs.glob(path, detail=True).values() if info["type"] == "file"]
+
+
+#: Remote files are read in blocks this large, one ahead (fsspec's "readahead" cache): a few large
+#: ranged reads per file instead of one request per record.
+READ_AHEAD_BYTES = 16 << 20
+
+
+def open_binary(path: str) -> BinaryIO:
+    """A local file (1 MiB buffer) or an fsspec URL (read-ahead blocks) opened for reading."""
+    if not is_url(path):
+        return open(path, "rb", buffering=1 << 20)
+    return fsspec.open(path, "rb", block_size=READ_AHEAD_BYTES, cache_type="readahead").open()
+
+
+def file_size(path: str) -> int:
+    if not is_url(path):
+        return os.path.getsize(path)
+    fs, stripped = fsspec.core.url_to_fs(path)
+    return fs.size(stripped)
+
+
 def is_gzip(path: str) -> bool:
     """Whether the file starts with the GZIP magic bytes."""
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         return f.read(2) == _GZIP_MAGIC
 
 
@@ -84,9 +118,14 @@ def open_records_file(path: str, compression: Compression = "auto") -> BinaryIO:
         compression = "gzip" if is_gzip(path) else "none"
     if compression == "gzip":
         # gzip's own buffering is small; a BufferedReader on top keeps small header reads cheap.
+        if is_url(path):  # fsspec's OpenFile closes the decompressor and the file together
+            return io.BufferedReader(fsspec.open(path, "rb", compression="gzip",
+                                                 block_size=READ_AHEAD_BYTES,
+                                                 cache_type="readahead").open(),
+                                     buffer_size=1 << 20)
         return io.BufferedReader(gzip.GzipFile(path, "rb"), buffer_size=1 << 20)
     if compression == "none":
-        return open(path, "rb", buffering=1 << 20)
+        return open_binary(path)
     raise ValueError(f"compression must be 'auto', 'none' or 'gzip', got {compression!r}")
 
 
@@ -158,6 +197,8 @@ def _plain_file_size(f: BinaryIO) -> float:
     raw = getattr(f, "raw", f)
     if isinstance(raw, io.FileIO):
         return os.fstat(raw.fileno()).st_size
+    if isinstance(getattr(raw, "size", None), int):  # an fsspec file (seeks past its end, too)
+        return raw.size
     return float("inf")
 
 
@@ -177,9 +218,9 @@ def scan_records(path: str, compression: Compression = "auto") -> FileScan:
     An empty (0-byte) file is reported as an error: a YouTube-8M shard is never empty, so an empty
     file means a failed download or copy.
     """
-    if os.path.getsize(path) == 0:
+    if file_size(path) == 0:
         return FileScan(path, 0, FramingError(path, None, "empty file (0 bytes, no records)"))
-    if compression == "none" or (compression == "auto" and not is_gzip(path)):
+    if not is_url(path) and (compression == "none" or (compression == "auto" and not is_gzip(path))):
         return _scan_plain(path)
     num_records = 0
     try:
