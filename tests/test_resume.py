@@ -75,7 +75,8 @@ SCRIPT = textwrap.dedent('''
         model = VideoClassifier(num_classes=10, clusters=4, groups=2, expansion=1, hidden_size=16,
                                 gating_reduction=4, learning_rate=1e-2, lr_decay=0.5,
                                 lr_decay_examples=50)
-        checkpoints = ModelCheckpoint(dirpath=os.path.join(out, "checkpoints"), every_n_train_steps=3,
+        # every 4 steps: with 20 steps per epoch on one rank, some resumes start at an epoch's end
+        checkpoints = ModelCheckpoint(dirpath=os.path.join(out, "checkpoints"), every_n_train_steps=4,
                                       save_top_k=0, save_last=True)
         trainer = pl.Trainer(accelerator="cpu", devices=devices,
                              strategy="ddp" if devices > 1 else "auto", max_epochs=2,
@@ -143,10 +144,10 @@ def test_killed_and_resumed_runs_equal_one_uninterrupted_run(synthetic_data, tmp
         reference, _ = _steps(tmp_path / "reference", rank)
         resumed, firsts = _steps(interrupted, rank)
         assert sorted(reference) == list(range(1, total_steps + 1))
-        # each resumed run started after the last checkpoint (every 3 steps) before its kill,
-        # mid-epoch, not from the start of the epoch
+        # each resumed run started right after the last checkpoint (every 4 steps) before its
+        # kill, not from the start of the epoch
         assert firsts[0] == 1 and len(firsts) == len(kills) + 1
-        assert all(first - 1 == 3 * ((first - 1) // 3) for first in firsts)
+        assert all((first - 1) % 4 == 0 for first in firsts)
         assert all(first > 1 for first in firsts[1:]), (firsts, kills)
         assert resumed == reference  # videos in order, LR, examples count, epoch: every step
         epoch_ids = [i for r in reference.values() if r["epoch"] == 0 for i in r["ids"]]
@@ -189,6 +190,19 @@ def test_loader_resumes_exactly_from_every_batch_of_an_epoch(synthetic_data, tmp
         assert taken + [batch["id"] for batch in resumed] == full, batches
 
 
+def test_resumed_loader_resumes_again(synthetic_data, tmp_path):
+    files = synthetic_data["train"]
+    full = [batch["id"] for batch in _loader(files, 2)]
+    first, state = _saved(_loader(files, 2), 5, tmp_path)
+    again = _loader(files, 2)
+    again.load_state_dict(state)
+    second, state = _saved(again, 12, tmp_path)  # to the epoch's end: 17 of 17 batches
+    assert [(r["batches"], r["total"]) for r in state["ranks"]] == [(17, 17)]
+    last = _loader(files, 2)
+    last.load_state_dict(state)
+    assert first + second + [batch["id"] for batch in last] == full
+
+
 def test_a_finished_epoch_resumes_into_the_next_one_afresh(synthetic_data, tmp_path):
     files = synthetic_data["train"]
     _, state = _saved(_loader(files, 0, epoch=1), 17, tmp_path)
@@ -206,7 +220,7 @@ def test_mid_epoch_resume_with_other_ranks_or_workers_is_refused(synthetic_data,
         loader = _loader(files, workers, world_size=world_size)
         loader.load_state_dict(two_ranks)
         with pytest.raises(ValueError, match="cannot resume mid-epoch") as error:
-            iter(loader)
+            next(iter(loader))
         assert "epoch 1, 3 of 8 batches, 2 ranks x 0 DataLoader workers" in str(error.value)
     # the same ranks continue, each with its own share
     for rank in range(2):

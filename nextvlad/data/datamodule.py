@@ -89,6 +89,8 @@ class YT8MDataModule(L.LightningDataModule):
         self.read_stats = dict.fromkeys(STAT_NAMES, 0)
         self._generators: dict[torch.device, torch.Generator] = {}
         self._saved_generators: dict[str, torch.Tensor] = {}  # from a checkpoint, by device
+        self._train_loader: YT8MDataLoader | None = None
+        self._train_position: dict | None = None  # from a checkpoint, for the next train loader
         self._iterations: dict[str, int] = {}
 
     # -- datasets -----------------------------------------------------------------------------
@@ -144,7 +146,13 @@ class YT8MDataModule(L.LightningDataModule):
             epoch = trainer.current_epoch if trainer is not None else iteration
             return (epoch, *self._rank_world())
 
-        return YT8MDataLoader(dataset, context=context, num_workers=self.num_workers)
+        loader = YT8MDataLoader(dataset, context=context, num_workers=self.num_workers)
+        if split == "fit":
+            self._train_loader = loader
+            if self._train_position is not None:
+                loader.load_state_dict(self._train_position)
+                self._train_position = None
+        return loader
 
     def train_dataloader(self) -> YT8MDataLoader:
         return self._loader("fit")
@@ -185,13 +193,24 @@ class YT8MDataModule(L.LightningDataModule):
             self._generators[device] = generator
         return self._generators[device]
 
-    # -- in checkpoints: the frame sampling continues exactly after a resume ----------------------
+    # -- in checkpoints: the epoch's data and frame sampling continue exactly after a resume ------
     def state_dict(self) -> dict:
-        """Every rank's frame-sampling generator states (call on all ranks together)."""
+        """Every rank's training-data position and frame-sampling generators (call on all ranks
+        together, as Lightning's checkpointing does).
+
+        Lightning also keeps the loader's state in its fit loop's state, but restores it only when
+        it counts the epoch as unfinished, and after a resume from a checkpoint taken at an
+        epoch's last batch (lightning 2.6) it counts the next epoch as finished: a second resume
+        in that epoch would start it again. The datamodule's state is restored on every resume.
+        """
         local = {str(device): g.get_state() for device, g in self._generators.items()}
-        return {"frame_sampling": gather_per_rank(local)}
+        state = {"frame_sampling": gather_per_rank(local)}
+        if self._train_loader is not None:
+            state["train_position"] = self._train_loader.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        self._train_position = state.get("train_position")
         states = state.get("frame_sampling") or []
         rank, world_size = self._rank_world()
         if len(states) == world_size:

@@ -463,7 +463,8 @@ class YT8MDataLoader(StatefulDataLoader):
     producing worker's `YT8MFrameDataset.state_dict()` and keeps, per worker, the snapshot of the
     last batch handed out, so batches prefetched by the workers are not counted as consumed.
     `state_dict` adds every rank's state (Lightning saves rank 0's hooks only); resuming mid-epoch
-    needs the same ranks and workers and is refused with a clear error otherwise.
+    needs the same ranks and workers and is refused with a clear error otherwise. Lightning keeps
+    the state in its fit loop's state; `YT8MDataModule` keeps it too (see its `state_dict`).
     """
 
     def __init__(self, dataset: YT8MFrameDataset, context=None, **kwargs):
@@ -485,36 +486,45 @@ class YT8MDataLoader(StatefulDataLoader):
         self._to_load: dict | None = None
 
     def __iter__(self):
+        return self._batches()
+
+    def _batches(self):
+        # A generator: the epoch is read at the first batch, not by iter(). Resuming from a
+        # checkpoint saved at an epoch's last batch, Lightning calls iter() before it moves on to
+        # the next epoch.
         if self._context is not None:
             epoch, rank, world_size = self._context()
         else:
             epoch, (rank, world_size) = self._iterations, rank_and_world_size()
+        self._iterations += 1
         self.dataset.set_distributed(rank, world_size)
         self.dataset.set_epoch(epoch)
-        self._iterations += 1
+        done = 0  # batches of this epoch already handed out (before a resume)
         if self._to_load is not None:
             saved, self._to_load = self._to_load, None
-            super().load_state_dict(self._saved_rank_state(saved, epoch, rank, world_size))
+            rank_state = self._saved_rank_state(saved, epoch, rank, world_size)
+            super().load_state_dict(rank_state.get("loader", {}))
+            done = rank_state.get("batches", 0)
         self._position = {"epoch": epoch, "rank": rank, "world_size": world_size,
-                          "num_workers": self.num_workers, "batches": 0, "total": len(self.dataset)}
-        return self._counted(super().__iter__())
-
-    def _counted(self, batches):
-        for batch in batches:
+                          "num_workers": self.num_workers, "batches": done, "total": len(self.dataset)}
+        for batch in super().__iter__():
             self._position["batches"] += 1
             yield batch
 
     def state_dict(self) -> dict:
         """Every rank's position (call on all ranks together, as Lightning's checkpointing does)."""
-        return {"ranks": gather_per_rank({**self._position, "loader": super().state_dict()})}
+        local = {**self._position, "loader": super().state_dict()} if self._position else {}
+        return {"ranks": gather_per_rank(local)}  # {} per rank: no epoch started yet
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state` at the next iteration (checked against its epoch and ranks)."""
         self._to_load = state
 
     def _saved_rank_state(self, saved: dict, epoch: int, rank: int, world_size: int) -> dict:
-        """This rank's saved loader state, {} (start afresh) if that epoch was complete."""
+        """This rank's saved position, {} (start afresh) if that epoch was complete."""
         ranks = saved["ranks"]
+        if not all(ranks):  # saved before an epoch started
+            return {}
         first = ranks[0]
         if all(r["batches"] >= r["total"] for r in ranks) and first["epoch"] < epoch:
             return {}
@@ -530,4 +540,4 @@ class YT8MDataLoader(StatefulDataLoader):
                 "own share of the epoch's records (re-sharding them would repeat or skip videos). "
                 f"Resume with {len(ranks)} ranks (--trainer.devices/--trainer.num_nodes) and "
                 f"num_workers {first['num_workers']}, or from a checkpoint saved at an epoch's end.")
-        return ranks[rank]["loader"]
+        return ranks[rank]
