@@ -74,3 +74,28 @@ def test_truncated_checkpoint_is_refused_naming_the_previous(tmp_path, keep):
 def test_missing_checkpoint_is_still_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError):
         AtomicCheckpointIO().load_checkpoint(tmp_path / "nothing.ckpt")
+
+
+@pytest.mark.timeout(120)
+def test_trainer_refuses_a_truncated_checkpoint_and_resumes_from_the_previous(tmp_path):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    def trainer(max_steps):
+        return pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False,
+                          enable_progress_bar=False, enable_model_summary=False,
+                          default_root_dir=tmp_path, plugins=[AtomicCheckpointIO()],
+                          callbacks=[ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2,
+                                                     save_top_k=-1, filename="{step}")])
+
+    trainer(4).fit(BoringModel())
+    previous, newest = tmp_path / "step=2.ckpt", tmp_path / "step=4.ckpt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(IncompleteCheckpointError, match="step=4.ckpt is not a complete") as error:
+        trainer(6).fit(BoringModel(), ckpt_path=newest)
+    assert str(previous) in str(error.value)  # the newest other one, named
+    resumed = trainer(6)
+    resumed.fit(BoringModel(), ckpt_path=str(previous))
+    assert resumed.global_step == 6
