@@ -47,7 +47,7 @@ def _free_port() -> int:
 
 def _config(synthetic_data, tmp_path) -> Path:
     config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    config["trainer"].update(max_epochs=2, logger=False,
+    config["trainer"].update(max_epochs=2, logger=False, default_root_dir=str(tmp_path),
                              enable_progress_bar=False, enable_checkpointing=False,
                              num_sanity_val_steps=0, callbacks=[{"class_path": "recorder.RecordIds"}])
     config["model"]["init_args"].update(num_classes=10, clusters=4, groups=2, hidden_size=16)
