@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
 
+from nextvlad._distributed import gather_per_rank, rank_and_world_size, rng_states, set_rng_states
 from nextvlad._dtypes import at_least_float32
 from nextvlad._validation import check_choice, check_positive
 from nextvlad.metrics import (
@@ -328,6 +329,9 @@ class VideoClassifier(pl.LightningModule):
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["examples_seen"] = self.examples_seen
+        # Dropout draws from the global generators: a resumed run continues them (Lightning saves
+        # none of them), so that it takes the same steps as the uninterrupted run.
+        checkpoint["rng_states"] = gather_per_rank(rng_states())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("hyper_parameters", {})
@@ -340,6 +344,11 @@ class VideoClassifier(pl.LightningModule):
             details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in mismatched.items())
             raise ValueError(f"checkpoint is of another architecture ({details})")
         self.examples_seen = int(checkpoint.get("examples_seen", 0))
+        rng_states = checkpoint.get("rng_states")
+        if rng_states and self._trainer is not None and self.trainer.state.fn == "fit":
+            rank, world_size = rank_and_world_size()
+            if len(rng_states) == world_size:
+                set_rng_states(rng_states[rank])
 
 
 def summed_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

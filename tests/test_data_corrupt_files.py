@@ -48,10 +48,11 @@ def loader_ids(path, on_error="skip", num_workers=0, batch_size=2):
     dataset = YT8MFrameDataset(path, batch_size=batch_size, num_classes=NUM_CLASSES,
                                on_error=on_error)
     ids, skipped = [], 0
-    for batch in YT8MDataLoader(dataset, num_workers=num_workers):
+    loader = YT8MDataLoader(dataset, num_workers=num_workers)
+    for batch in loader:
         ids += batch["id"]
         skipped += int(batch["read_stats"][0])
-    return ids, skipped
+    return ids, skipped + int(loader.unreported_read_stats[0])  # counts after the last batch
 
 
 def good_ids(indices):

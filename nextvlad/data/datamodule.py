@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from nextvlad._distributed import gather_per_rank, rank_and_world_size
 from nextvlad._validation import check_choice, check_positive
 from nextvlad.data.dataset import STAT_NAMES, OnError, YT8MDataLoader, YT8MFrameDataset
 from nextvlad.data.records import Compression
@@ -87,6 +88,9 @@ class YT8MDataModule(L.LightningDataModule):
         self.datasets: dict[str, YT8MFrameDataset] = {}
         self.read_stats = dict.fromkeys(STAT_NAMES, 0)
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._saved_generators: dict[str, torch.Tensor] = {}  # from a checkpoint, by device
+        self._train_loader: YT8MDataLoader | None = None
+        self._train_position: dict | None = None  # from a checkpoint, for the next train loader
         self._iterations: dict[str, int] = {}
 
     # -- datasets -----------------------------------------------------------------------------
@@ -126,9 +130,7 @@ class YT8MDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is not None:
             return trainer.global_rank, trainer.world_size
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
+        return rank_and_world_size()
 
     def _loader(self, split: Stage) -> YT8MDataLoader:
         dataset = self._dataset(split)
@@ -144,7 +146,14 @@ class YT8MDataModule(L.LightningDataModule):
             epoch = trainer.current_epoch if trainer is not None else iteration
             return (epoch, *self._rank_world())
 
-        return YT8MDataLoader(dataset, context=context, num_workers=self.num_workers)
+        loader = YT8MDataLoader(dataset, context=context, num_workers=self.num_workers,
+                                on_unreported_read_stats=self._add_read_stats)
+        if split == "fit":
+            self._train_loader = loader
+            if self._train_position is not None:
+                loader.load_state_dict(self._train_position)
+                self._train_position = None
+        return loader
 
     def train_dataloader(self) -> YT8MDataLoader:
         return self._loader("fit")
@@ -165,9 +174,12 @@ class YT8MDataModule(L.LightningDataModule):
         batch = dict(batch)
         stats = batch.pop("read_stats", None)
         if stats is not None:
-            for name, value in zip(STAT_NAMES, stats.tolist()):
-                self.read_stats[name] += value
+            self._add_read_stats(stats)
         return batch
+
+    def _add_read_stats(self, stats: torch.Tensor) -> None:
+        for name, value in zip(STAT_NAMES, stats.tolist()):
+            self.read_stats[name] += value
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """Quantized batch on the device -> the float batch contract (see class docstring)."""
@@ -179,9 +191,35 @@ class YT8MDataModule(L.LightningDataModule):
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
             rank, _ = self._rank_world()
-            self._generators[device] = torch.Generator(device=device).manual_seed(
-                self.seed * 1000003 + rank)
+            generator = torch.Generator(device=device).manual_seed(self.seed * 1000003 + rank)
+            if str(device) in self._saved_generators:
+                generator.set_state(self._saved_generators.pop(str(device)))
+            self._generators[device] = generator
         return self._generators[device]
+
+    # -- in checkpoints: the epoch's data and frame sampling continue exactly after a resume ------
+    def state_dict(self) -> dict:
+        """Every rank's training-data position and frame-sampling generators (call on all ranks
+        together, as Lightning's checkpointing does).
+
+        Lightning also keeps the loader's state in its fit loop's state, but restores it only when
+        it counts the epoch as unfinished, and after a resume from a checkpoint taken at an
+        epoch's last batch (lightning 2.6) it counts the next epoch as finished: a second resume
+        in that epoch would start it again. The datamodule's state is restored on every resume.
+        """
+        local = {str(device): g.get_state() for device, g in self._generators.items()}
+        state = {"frame_sampling": gather_per_rank(local)}
+        if self._train_loader is not None:
+            state["train_position"] = self._train_loader.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self._train_position = state.get("train_position")
+        states = state.get("frame_sampling") or []
+        rank, world_size = self._rank_world()
+        if len(states) == world_size:
+            self._saved_generators = dict(states[rank])
+            self._generators.clear()
 
     def transform(self, batch: dict) -> dict:
         """Apply what the batch transfer hooks do, without a Trainer (e.g. on the CPU)."""

@@ -16,19 +16,22 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
 
+from nextvlad._distributed import gather_per_rank, rank_and_world_size
 from nextvlad._validation import check_choice, check_positive
 from nextvlad.data import sharding
 from nextvlad.data.parsing import AUDIO_SIZE, RGB_SIZE, QuantizedVideo, parse_frame_record
 from nextvlad.data.records import (Compression, DataError, FileScan, FramingError, expand_paths,
-                                   read_records, scan_records)
+                                   file_size, is_url, read_records, scan_records)
 from nextvlad.data.shm_pool import SharedBufferPool
 from nextvlad.data.transforms import dequantize_rows_into
 
@@ -44,8 +47,11 @@ def scan_files(paths: Sequence[str], compression: Compression = "auto") -> list[
     """Record counts per file (header scan), cached per (path, size, mtime) within the process."""
     scans = []
     for path in paths:
-        stat = os.stat(path)
-        key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, compression)
+        if is_url(path):  # listing metadata differs per store; the size is what all of them have
+            key = (path, file_size(path), 0, compression)
+        else:
+            stat = os.stat(path)
+            key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, compression)
         if key not in _SCAN_CACHE:
             _SCAN_CACHE[key] = scan_records(path, compression)
         scans.append(_SCAN_CACHE[key])
@@ -152,12 +158,14 @@ class YT8MFrameDataset(IterableDataset):
         self.dequantize_in_workers = dequantize_in_workers
         self.epoch = 0
         self.rank, self.world_size = 0, 1
+        self.scan_errors: list[FramingError] = []  # counted as skips every epoch (see _Reader)
         self.counts = self._count_records()
+        self._reader: _Reader | None = None  # the epoch being read (in this process)
+        self._resume_from: dict | None = None  # a position to continue from (load_state_dict)
 
     # -- set-up, in the main process ------------------------------------------------------------
     def _count_records(self) -> list[int]:
         counts = []
-        self.scan_errors: list[FramingError] = []  # counted as skips every epoch (see __iter__)
         for scan in scan_files(self.files, self.compression):
             if scan.error is not None:
                 if self.on_error == "raise":
@@ -203,49 +211,50 @@ class YT8MFrameDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        plan = self.plan(worker, num_workers)
-        stats = ReadStats()
-        if self.rank == 0 and worker == 0:
-            # The rest of a file given up by the scan is read by no reader: the first reader of
-            # the epoch counts each such break, so that read_stats sum to every skip once.
-            for error in self.scan_errors:
-                stats.skip(error)
-        videos = self._videos(plan, stats)
-        if self.training and self.shuffle_buffer > 1:
-            rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-            videos = shuffled(videos, self.shuffle_buffer, rng)
+        position = ReaderPosition(self.epoch, self.rank, self.world_size, worker, num_workers)
+        if self._resume_from:
+            position = self._checked_resume(position, self._resume_from)
+        self._resume_from = None
         pool = None
         if info is not None:  # a worker: batches go to shared memory, reuse it (see shm_pool)
             dtype = torch.float32 if self.dequantize_in_workers else torch.uint8
             pool = SharedBufferPool(((self.batch_size, self.max_frames, RGB_SIZE),
                                      (self.batch_size, self.max_frames, AUDIO_SIZE)), dtype,
                                     max_slots=0 if self.dequantize_in_workers else 4)
+        self._reader = _Reader(self, self.plan(worker, num_workers), position, pool)
         try:
-            yield from self._batches(videos, plan, stats, pool)
+            yield from self._reader
         except DataError as error:
             if info is None:
                 raise
             # torch rebuilds a worker's exception from its message alone (a RuntimeError for
             # DataError): send the error itself for YT8MDataLoader to raise in the main process.
             yield ReaderMessage(error=error)
-            return
-        self._report(stats, plan, worker, num_workers)
 
-    def _videos(self, plan: sharding.ReaderPlan, stats: ReadStats) -> Iterator[QuantizedVideo]:
-        for segment in plan.segments:
-            path = self.files[segment.file_index]
-            index = segment.start
-            try:
-                for data in read_records(path, self.compression, segment.start, segment.count,
-                                         yield_errors=self.on_error == "skip"):
-                    video = self._parse(data, path, index, stats)
-                    index += 1
-                    if video is not None:
-                        yield video
-            except FramingError as error:
-                if self.on_error == "raise":
-                    raise
-                stats.skip(error)  # the rest of this segment cannot be located
+    # -- the position in the epoch: torchdata's StatefulDataLoader calls these in each worker after
+    #    every batch, and Lightning keeps what they return in the checkpoint (see YT8MDataLoader) --
+    def state_dict(self) -> dict:
+        """Where this reader stands (plain types); {} when it has not started an epoch."""
+        if self._reader is not None:
+            return self._reader.snapshot()
+        return dict(self._resume_from or {})
+
+    def load_state_dict(self, state: dict) -> None:
+        """Make the next iteration continue exactly where `state` (from `state_dict`) stood."""
+        self._resume_from = dict(state) or None
+        self._reader = None
+
+    def _checked_resume(self, expected: ReaderPosition, state: dict) -> ReaderPosition:
+        saved = ReaderPosition(**state)
+        for name in ("epoch", "rank", "world_size", "worker", "num_workers"):
+            if getattr(saved, name) != getattr(expected, name):
+                raise ValueError(
+                    f"cannot continue the saved data position: it was saved with {name}="
+                    f"{getattr(saved, name)}, this reader has {name}={getattr(expected, name)} "
+                    f"(saved: epoch {saved.epoch}, rank {saved.rank} of {saved.world_size}, worker "
+                    f"{saved.worker} of {saved.num_workers}). Resume with the same number of ranks "
+                    "and workers, or from a checkpoint saved at the end of an epoch.")
+        return saved
 
     def _parse(self, data: bytes | DataError, path: str, index: int,
                stats: ReadStats) -> QuantizedVideo | None:
@@ -264,38 +273,6 @@ class YT8MFrameDataset(IterableDataset):
         if video.num_frames > self.max_frames:
             stats.truncated_videos += 1
         return video
-
-    def _batches(self, videos: Iterable[QuantizedVideo], plan: sharding.ReaderPlan,
-                 stats: ReadStats, pool: SharedBufferPool | None) -> Iterator[dict]:
-        sizes = list(plan.batch_sizes)
-        reported = ReadStats()
-        pending: list[QuantizedVideo] = []
-        emitted = 0
-        # A finished batch is held until the next good record arrives: if the reader ends first,
-        # records skipped after its last video are added to its read_stats instead of being lost.
-        held: dict | None = None
-        for video in videos:
-            if held is not None:
-                yield held
-                held = None
-            pending.append(video)
-            if emitted < len(sizes) and len(pending) == sizes[emitted]:
-                held = self._make_batch(pending, stats, reported, pool)
-                pending, emitted = [], emitted + 1
-        if pending:  # records were skipped, so the planned batches could not all be filled
-            held = self._make_batch(pending, stats, reported, pool)  # (nothing was held)
-            emitted += 1
-        unreported = stats.as_tensor() - reported.as_tensor()
-        if held is not None:
-            held["read_stats"] += unreported
-            yield held
-        elif pool is not None and unreported.any():  # a worker with no batch to carry them
-            yield ReaderMessage(read_stats=unreported)
-        if emitted < len(sizes) and self.training and self.world_size > 1:
-            raise RuntimeError(
-                f"rank {self.rank}: {stats.skipped_records} bad records were skipped, leaving "
-                f"{emitted} of the {len(sizes)} planned batches; DDP ranks would fall out of step "
-                f"and hang. Fix or remove the bad files: {stats.skip_reasons[:5]}")
 
     def _make_batch(self, videos: list[QuantizedVideo], stats: ReadStats, reported: ReadStats,
                     pool: SharedBufferPool | None) -> dict:
@@ -334,76 +311,284 @@ class ReaderMessage:
     error: DataError | None = None
 
 
-def shuffled(items: Iterable, buffer_size: int, rng: np.random.Generator) -> Iterator:
-    """Shuffle-buffer sampling (as tf.data / shuffle_batch): hold `buffer_size` items, emit a
-    random one as each new item arrives, then the rest in random order."""
-    buffer: list = []
-    for item in items:
-        if len(buffer) < buffer_size:
-            buffer.append(item)
-            continue
-        j = int(rng.integers(buffer_size))
-        buffer[j], item = item, buffer[j]
-        yield item
-    rng.shuffle(buffer)
-    yield from buffer
+@dataclass
+class ReaderPosition:
+    """Where one reader (rank, worker) stands in its epoch: all it takes to continue exactly.
+
+    Records are named by their position in the reader's plan (its segments read in order), so the
+    shuffle buffer and a partly filled batch are saved as a few integers and read again on resume.
+    """
+
+    epoch: int
+    rank: int
+    world_size: int
+    worker: int
+    num_workers: int
+    next_record: int = 0  # plan records read so far (bad ones included)
+    shuffle_buffer: list[int] = field(default_factory=list)  # plan positions, in buffer order
+    draining: bool = False  # the plan is read; the buffer is being emitted in its final order
+    pending: list[int] = field(default_factory=list)  # plan positions of the partly filled batch
+    batches: int = 0  # batches emitted
+    rng: dict | None = None  # the shuffle generator's bit_generator.state
+    stats: dict = field(default_factory=dict)  # ReadStats fields so far
+    reported: dict = field(default_factory=dict)  # ReadStats fields already sent with batches
 
 
-class YT8MDataLoader(DataLoader):
+class _Reader:
+    """One epoch of one reader: plan records -> shuffle buffer -> batches, resumable from a
+    `ReaderPosition` that it keeps current (torchdata snapshots it after each yielded batch)."""
+
+    def __init__(self, dataset: YT8MFrameDataset, plan: sharding.ReaderPlan,
+                 position: ReaderPosition, pool: SharedBufferPool | None):
+        self.dataset, self.plan, self.position, self.pool = dataset, plan, position, pool
+        self.stats, self.reported = ReadStats(**position.stats), ReadStats(**position.reported)
+        self.shuffle = dataset.training and dataset.shuffle_buffer > 1
+        self.rng = np.random.default_rng([dataset.seed, position.epoch, position.rank,
+                                          position.worker])
+        if position.rng is not None:
+            self.rng.bit_generator.state = position.rng
+        # Records held when the position was saved are read again (without counting them twice).
+        held = self._read_positions(position.shuffle_buffer + position.pending)
+        self.buffer = [(p, held[p]) for p in position.shuffle_buffer]
+        self.pending = [held[p] for p in position.pending]
+        fresh = position.next_record == 0 and position.batches == 0
+        if fresh and position.rank == 0 and position.worker == 0:
+            # The rest of a file given up by the scan is read by no reader: the first reader of
+            # the epoch counts each such break, so that read_stats sum to every skip once.
+            for error in dataset.scan_errors:
+                self.stats.skip(error)
+
+    def __iter__(self) -> Iterator[dict]:
+        position, sizes = self.position, self.plan.batch_sizes
+        # A finished batch is held until the next good record arrives: if the reader ends first,
+        # records skipped after its last video are added to its read_stats instead of being lost.
+        held: dict | None = None
+        for index, video in self._shuffled():
+            self.pending.append(video)
+            position.pending.append(index)
+            if held is not None:
+                yield held
+                held = None
+            if position.batches < len(sizes) and len(self.pending) == sizes[position.batches]:
+                held = self._make_batch()
+        if self.pending:  # records were skipped, so the planned batches could not all be filled
+            held = self._make_batch()  # (nothing was held)
+        unreported = self.stats.as_tensor() - self.reported.as_tensor()
+        self.reported = ReadStats(**asdict(self.stats))
+        if held is not None:
+            held["read_stats"] += unreported
+            yield held
+        elif self.pool is not None and unreported.any():  # a worker with no batch to carry them
+            yield ReaderMessage(read_stats=unreported)
+        dataset = self.dataset
+        if position.batches < len(sizes) and dataset.training and dataset.world_size > 1:
+            raise RuntimeError(
+                f"rank {dataset.rank}: {self.stats.skipped_records} bad records were skipped, "
+                f"leaving {position.batches} of the {len(sizes)} planned batches; DDP ranks would "
+                f"fall out of step and hang. Fix or remove the bad files: "
+                f"{self.stats.skip_reasons[:5]}")
+        dataset._report(self.stats, self.plan, position.worker, position.num_workers)
+
+    def _make_batch(self) -> dict:
+        batch = self.dataset._make_batch(self.pending, self.stats, self.reported, self.pool)
+        self.pending = []
+        self.position.pending = []
+        self.position.batches += 1
+        return batch
+
+    def snapshot(self) -> dict:
+        """The current position as plain types (for a checkpoint)."""
+        state = asdict(self.position)
+        state.update(rng=self.rng.bit_generator.state if self.shuffle else None,
+                     stats=asdict(self.stats), reported=asdict(self.reported))
+        return state
+
+    def _shuffled(self) -> Iterator[tuple[int, QuantizedVideo]]:
+        """Shuffle-buffer sampling (as tf.data / shuffle_batch): hold `shuffle_buffer` records,
+        emit a random one as each new record arrives, then the rest in random order."""
+        position, size = self.position, self.dataset.shuffle_buffer
+        if not self.shuffle:
+            yield from self._records()
+            return
+        if not position.draining:
+            for item in self._records():
+                if len(self.buffer) < size:
+                    self.buffer.append(item)
+                    position.shuffle_buffer.append(item[0])
+                    continue
+                j = int(self.rng.integers(size))
+                self.buffer[j], item = item, self.buffer[j]
+                position.shuffle_buffer[j] = self.buffer[j][0]
+                yield item
+            self.rng.shuffle(self.buffer)
+            position.draining = True
+            position.shuffle_buffer = [index for index, _ in self.buffer]
+        while self.buffer:
+            item = self.buffer.pop(0)
+            position.shuffle_buffer.pop(0)
+            yield item
+
+    def _records(self) -> Iterator[tuple[int, QuantizedVideo]]:
+        """(plan position, video) of the plan's good records from position.next_record on."""
+        position = self.position
+        for segment, first in self._segments_from(position.next_record):
+            path = self.dataset.files[segment.file_index]
+            index = segment.start + first
+            records = read_records(path, self.dataset.compression, index, segment.count - first,
+                                   yield_errors=self.dataset.on_error == "skip")
+            try:
+                for data in records:
+                    video = self.dataset._parse(data, path, index, self.stats)
+                    at = position.next_record
+                    position.next_record += 1
+                    index += 1
+                    if video is not None:
+                        yield at, video
+            except FramingError as error:
+                if self.dataset.on_error == "raise":
+                    raise
+                self.stats.skip(error)  # the rest of this segment cannot be located
+                position.next_record += segment.start + segment.count - index
+
+    def _segments_from(self, record: int) -> Iterator[tuple[sharding.Segment, int]]:
+        """The plan's segments from plan position `record` on, each with its first record."""
+        offset = 0
+        for segment in self.plan.segments:
+            if record < offset + segment.count:
+                yield segment, max(0, record - offset)
+            offset += segment.count
+
+    def _read_positions(self, positions: list[int]) -> dict[int, QuantizedVideo]:
+        """Read the records at these plan positions again (one pass over each file's range)."""
+        wanted: dict[int, list[tuple[int, int]]] = {}  # segment index -> (position, record)
+        offset = 0
+        bounds = []
+        for segment in self.plan.segments:
+            bounds.append(offset)
+            offset += segment.count
+        for p in positions:
+            s = int(np.searchsorted(bounds, p, side="right")) - 1
+            wanted.setdefault(s, []).append((p, self.plan.segments[s].start + p - bounds[s]))
+        videos = {}
+        for s, items in wanted.items():
+            path = self.dataset.files[self.plan.segments[s].file_index]
+            first = min(record for _, record in items)
+            last = max(record for _, record in items)
+            by_record = {record: p for p, record in items}
+            for record, data in enumerate(read_records(path, self.dataset.compression, first,
+                                                       last - first + 1), first):
+                if record in by_record:
+                    videos[by_record[record]] = parse_frame_record(
+                        data, self.dataset.num_classes, path, record)
+        return videos
+
+
+class YT8MDataLoader(StatefulDataLoader):
     """DataLoader over a `YT8MFrameDataset` (batch_size=None: the dataset batches) that tells the
-    dataset its epoch and DDP rank each time an epoch's iteration starts.
+    dataset its epoch and DDP rank each time an epoch's iteration starts, and whose position in
+    the epoch can be saved and restored exactly (Lightning keeps it in every checkpoint).
 
     `context` returns (epoch, rank, world_size); by default the epoch counts iterations and rank
     and world size come from torch.distributed when it is initialized.
+
+    The position is torchdata's StatefulDataLoader state: after each batch it snapshots the
+    producing worker's `YT8MFrameDataset.state_dict()` and keeps, per worker, the snapshot of the
+    last batch handed out, so batches prefetched by the workers are not counted as consumed.
+    `state_dict` adds every rank's state (Lightning saves rank 0's hooks only); resuming mid-epoch
+    needs the same ranks and workers and is refused with a clear error otherwise. Lightning keeps
+    the state in its fit loop's state; `YT8MDataModule` keeps it too (see its `state_dict`).
     """
 
-    def __init__(self, dataset: YT8MFrameDataset, context=None, **kwargs):
+    def __init__(self, dataset: YT8MFrameDataset, context=None, on_unreported_read_stats=None, **kwargs):
         kwargs.setdefault("pin_memory", torch.cuda.is_available())
         if kwargs.get("num_workers", 0) == 0:
             kwargs.pop("persistent_workers", None)
         elif kwargs.get("persistent_workers"):
             raise ValueError("persistent_workers would freeze the epoch seen by the workers")
-        super().__init__(dataset, batch_size=None, **kwargs)
+        # A DataLoader draws its workers' base seed from `generator`, by default the global RNG
+        # that dropout uses: one extra draw per epoch or validation would make a resumed run's
+        # dropout differ from the uninterrupted one. The dataset seeds its own shuffling.
+        kwargs.setdefault("generator", torch.Generator().manual_seed(dataset.seed))
+        with warnings.catch_warnings():  # torchdata 0.11 calls an API that torch now deprecates
+            warnings.filterwarnings("ignore", "'set_vital' is deprecated", UserWarning)
+            super().__init__(dataset, batch_size=None, **kwargs)
         self._context = context
         self._iterations = 0
+        # Counts that no batch could carry (see _batches); YT8MDataModule passes its counter here.
+        self.unreported_read_stats = torch.zeros(len(STAT_NAMES), dtype=torch.int64)
+        self.on_unreported_read_stats = on_unreported_read_stats
+        self._position: dict = {}
+        self._to_load: dict | None = None
 
     def __iter__(self):
+        return self._batches()
+
+    def _batches(self):
+        # A generator: the epoch is read at the first batch, not by iter(). Resuming from a
+        # checkpoint saved at an epoch's last batch, Lightning calls iter() before it moves on to
+        # the next epoch.
         if self._context is not None:
             epoch, rank, world_size = self._context()
         else:
-            epoch, (rank, world_size) = self._iterations, _torch_distributed()
+            epoch, (rank, world_size) = self._iterations, rank_and_world_size()
+        self._iterations += 1
         self.dataset.set_distributed(rank, world_size)
         self.dataset.set_epoch(epoch)
-        self._iterations += 1
-        batches = super().__iter__()
-        return batches if self.num_workers == 0 else _without_reader_messages(batches)
+        done = 0  # batches of this epoch already handed out (before a resume)
+        if self._to_load is not None:
+            saved, self._to_load = self._to_load, None
+            rank_state = self._saved_rank_state(saved, epoch, rank, world_size)
+            super().load_state_dict(rank_state.get("loader", {}))
+            done = rank_state.get("batches", 0)
+        self._position = {"epoch": epoch, "rank": rank, "world_size": world_size,
+                          "num_workers": self.num_workers, "batches": done, "total": len(self.dataset)}
+        self.unreported_read_stats = torch.zeros(len(STAT_NAMES), dtype=torch.int64)
+        for item in super().__iter__():
+            if isinstance(item, ReaderMessage):
+                if item.error is not None:
+                    raise item.error
+                self.unreported_read_stats += item.read_stats  # carried by the next batch
+                continue
+            item["read_stats"] += self.unreported_read_stats
+            self.unreported_read_stats.zero_()
+            self._position["batches"] += 1
+            yield item
+        if self.unreported_read_stats.any():
+            # A worker's counts came after every batch: nothing carries them to the training loop,
+            # so they stay here (YT8MDataModule adds them to its read_stats). Holding a batch back
+            # until the end instead would put the saved data position one batch ahead.
+            logger.warning("read_stats %s of this epoch arrived after its last batch (see the "
+                           "workers' warnings)", self.unreported_read_stats.tolist())
+            if self.on_unreported_read_stats is not None:
+                self.on_unreported_read_stats(self.unreported_read_stats.clone())
 
+    def state_dict(self) -> dict:
+        """Every rank's position (call on all ranks together, as Lightning's checkpointing does)."""
+        local = {**self._position, "loader": super().state_dict()} if self._position else {}
+        return {"ranks": gather_per_rank(local)}  # {} per rank: no epoch started yet
 
-def _without_reader_messages(items: Iterator) -> Iterator[dict]:
-    """Workers' batches with their `ReaderMessage`s applied: an error is raised as itself, and
-    read_stats are added to a batch. The latest batch is held back until the next one (or the
-    end) arrives, since a worker's message can come after every other worker's last batch."""
-    held, unreported = None, torch.zeros(len(STAT_NAMES), dtype=torch.int64)
-    for item in items:
-        if isinstance(item, ReaderMessage):
-            if item.error is not None:
-                raise item.error
-            unreported += item.read_stats
-            continue
-        if held is not None:
-            yield held
-        held = item
-        held["read_stats"] += unreported
-        unreported.zero_()
-    if held is not None:
-        held["read_stats"] += unreported
-        yield held
-    elif unreported.any():
-        logger.warning("no batch to carry the read_stats %s of this epoch: every record read was "
-                       "bad (see the workers' warnings)", unreported.tolist())
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` at the next iteration (checked against its epoch and ranks)."""
+        self._to_load = state
 
-
-def _torch_distributed() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    def _saved_rank_state(self, saved: dict, epoch: int, rank: int, world_size: int) -> dict:
+        """This rank's saved position, {} (start afresh) if that epoch was complete."""
+        ranks = saved["ranks"]
+        if not all(ranks):  # saved before an epoch started
+            return {}
+        first = ranks[0]
+        if all(r["batches"] >= r["total"] for r in ranks) and first["epoch"] < epoch:
+            return {}
+        where = (f"epoch {first['epoch']}, {first['batches']} of {first['total']} batches, "
+                 f"{len(ranks)} ranks x {first['num_workers']} DataLoader workers")
+        if first["epoch"] != epoch:
+            raise ValueError(f"the checkpoint's data position ({where}) is not in the epoch being "
+                             f"resumed ({epoch})")
+        if len(ranks) != world_size or first["num_workers"] != self.num_workers:
+            raise ValueError(
+                f"cannot resume mid-epoch with {world_size} ranks x {self.num_workers} DataLoader "
+                f"workers: the checkpoint was saved at {where}, and each rank and worker reads its "
+                "own share of the epoch's records (re-sharding them would repeat or skip videos). "
+                f"Resume with {len(ranks)} ranks (--trainer.devices/--trainer.num_nodes) and "
+                f"num_workers {first['num_workers']}, or from a checkpoint saved at an epoch's end.")
+        return ranks[rank]

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO, Literal
 
+import fsspec
 import google_crc32c
 
 Compression = Literal["auto", "none", "gzip"]
@@ -63,7 +64,9 @@ def masked_crc32c(data: bytes | memoryview) -> int:
 def expand_paths(pattern_or_files: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
     """Glob patterns / paths (a string, possibly comma-separated, or a list) -> sorted unique files.
 
-    Raises FileNotFoundError naming the pattern when a pattern matches nothing.
+    A pattern with a scheme (``gs://``, ``s3://``, ``file://``, ``memory://``...) is listed through
+    fsspec and its files keep the scheme. Raises FileNotFoundError naming the pattern when a
+    pattern matches nothing.
     """
     if isinstance(pattern_or_files, (str, os.PathLike)):
         patterns = [p for p in str(pattern_or_files).split(",") if p.strip()]
@@ -74,16 +77,47 @@ def expand_paths(pattern_or_files: str | os.PathLike | Iterable[str | os.PathLik
     files: set[str] = set()
     for pattern in patterns:
         pattern = os.path.expanduser(pattern.strip())
-        matches = [m for m in glob.glob(pattern) if os.path.isfile(m)]
+        matches = _glob_url(pattern) if is_url(pattern) else [
+            m for m in glob.glob(pattern) if os.path.isfile(m)]
         if not matches:
             raise FileNotFoundError(f"no files match {pattern!r}")
         files.update(matches)
     return sorted(files)
 
 
+def is_url(path: str | os.PathLike) -> bool:
+    """Whether `path` names a file through fsspec (has a scheme such as gs:// or memory://)."""
+    return "://" in str(path)
+
+
+def _glob_url(pattern: str) -> list[str]:
+    fs, path = fsspec.core.url_to_fs(pattern)
+    return [fs.unstrip_protocol(info["name"])
+            for info in fs.glob(path, detail=True).values() if info["type"] == "file"]
+
+
+#: Remote files are read in blocks this large, one ahead (fsspec's "readahead" cache): a few large
+#: ranged reads per file instead of one request per record.
+READ_AHEAD_BYTES = 16 << 20
+
+
+def open_binary(path: str) -> BinaryIO:
+    """A local file (1 MiB buffer) or an fsspec URL (read-ahead blocks) opened for reading."""
+    if not is_url(path):
+        return open(path, "rb", buffering=1 << 20)
+    return fsspec.open(path, "rb", block_size=READ_AHEAD_BYTES, cache_type="readahead").open()
+
+
+def file_size(path: str) -> int:
+    if not is_url(path):
+        return os.path.getsize(path)
+    fs, stripped = fsspec.core.url_to_fs(path)
+    return fs.size(stripped)
+
+
 def is_gzip(path: str) -> bool:
     """Whether the file starts with the GZIP magic bytes."""
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         return f.read(2) == _GZIP_MAGIC
 
 
@@ -97,7 +131,7 @@ def open_records_file(path: str, compression: Compression = "auto") -> BinaryIO:
     if compression == "gzip":
         return io.BufferedReader(GzipStream(path), buffer_size=1 << 20)
     if compression == "none":
-        return open(path, "rb", buffering=1 << 20)
+        return open_binary(path)
     raise ValueError(f"compression must be 'auto', 'none' or 'gzip', got {compression!r}")
 
 
@@ -115,7 +149,7 @@ class GzipStream(io.RawIOBase):
 
     def __init__(self, path: str):
         super().__init__()
-        self._file = open(path, "rb")
+        self._file = open_binary(path)
         self._decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)  # GZIP header and trailer
         self._input = b""  # compressed bytes not yet given to the decompressor
         self._output = bytearray()  # decompressed bytes not yet read
@@ -183,7 +217,7 @@ def _decoded_before_error(decompressor, data: bytes) -> bytes:
 
 def _empty_file_error(path: str) -> FramingError | None:
     """A YouTube-8M shard is never empty: a 0-byte file means a failed download or copy."""
-    if os.path.getsize(path) == 0:
+    if file_size(path) == 0:
         return FramingError(path, None, "empty file (0 bytes, no records)")
     return None
 
@@ -201,9 +235,8 @@ class _RecordReader:
     def __init__(self, path: str, compression: Compression):
         self.path = path
         self.file = open_records_file(path, compression)
-        self.stream = self.file.raw
-        self.size = None if isinstance(self.stream, GzipStream) else os.fstat(
-            self.stream.fileno()).st_size
+        self.stream = getattr(self.file, "raw", self.file)  # an fsspec file has no raw layer
+        self.size = None if isinstance(self.stream, GzipStream) else file_size(path)
         self.offset = 0  # in a plain file
         self.index = 0  # of the next record
 
@@ -317,7 +350,7 @@ def scan_records(path: str, compression: Compression = "auto") -> FileScan:
     empty = _empty_file_error(path)
     if empty is not None:
         return FileScan(path, 0, empty)
-    if compression == "none" or (compression == "auto" and not is_gzip(path)):
+    if not is_url(path) and (compression == "none" or (compression == "auto" and not is_gzip(path))):
         return _scan_plain(path)
     with _RecordReader(path, compression) as records:
         try:

@@ -1,0 +1,50 @@
+"""Per-rank state in a checkpoint that only rank 0 writes."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed when it is initialized, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def gather_per_rank(state: Any) -> list[Any]:
+    """Every rank's `state`, indexed by rank (a collective: call it on all ranks together).
+
+    Lightning writes the checkpoint on rank 0 only, from rank 0's hooks; what differs per rank
+    (data position, random generators) has to travel to rank 0 first.
+    """
+    _, world_size = rank_and_world_size()
+    if world_size == 1:
+        return [state]
+    states: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def rng_states() -> dict[str, Any]:
+    """This process's global random generators, as types a weights-only torch.load accepts
+    (Lightning's `_collect_rng_states` keeps numpy's key array, which it refuses)."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [name, keys.tolist(), position, has_gauss, cached],
+            "python": random.getstate()}
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what `rng_states` returned."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    name, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    random.setstate(states["python"])

@@ -1,0 +1,106 @@
+"""`AtomicCheckpointIO`: checkpoints that a crash cannot leave half-written.
+
+Lightning's `TorchCheckpointIO` saves through an fsspec transaction whose temporary file lives in
+the system temp folder: the final move is then a copy across file systems (not atomic), nothing is
+fsynced, and the whole checkpoint is first held in memory. No library offers the POSIX recipe, so
+it is written here: serialise into a temporary file *in the checkpoint's folder*, flush and fsync
+it, ``os.replace`` it over the target (atomic on POSIX) and fsync the folder, so that a process
+killed at any point leaves either the previous file or the new one, never a mix. The temporary
+name (``.last.ckpt.partial-<pid>``) does not end in ``.ckpt``, so ``--ckpt_path last`` and
+``ModelCheckpoint`` never pick up a leftover; one left by a killed writer is removed by the next
+save of the same checkpoint. Object stores (``gs://``, ``s3://``) make an upload visible only
+when it is complete, so remote paths keep Lightning's own upload.
+
+Loading refuses a file that is not a complete checkpoint (truncated by a writer without this
+plugin, or by a full disk) with an error naming it and the newest other checkpoint beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+PARTIAL_MARK = ".partial-"
+
+
+class IncompleteCheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read back whole."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """TorchCheckpointIO whose local writes are atomic (see the module docstring)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        if not _is_local(path):
+            super().save_checkpoint(checkpoint, path)
+            return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in target.parent.glob(f".{target.name}{PARTIAL_MARK}*"):
+            leftover.unlink(missing_ok=True)  # from a writer that was killed
+        partial = target.parent / f".{target.name}{PARTIAL_MARK}{os.getpid()}"
+        try:
+            self._write(checkpoint, partial)
+            os.replace(partial, target)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        _fsync_folder(target.parent)
+
+    def _write(self, checkpoint: dict[str, Any], partial: Path) -> None:
+        """Serialise into `partial` and make it durable before it is renamed."""
+        with open(partial, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except FileNotFoundError:
+            raise
+        except (RuntimeError, OSError, EOFError) as error:
+            if not _is_local(path) or _is_whole_zip(Path(path)):
+                raise
+            raise IncompleteCheckpointError(
+                f"{path} is not a complete checkpoint ({type(error).__name__}: {error}); it was cut short while being "
+                f"written or copied. {_newest_other(Path(path))}") from error
+
+
+def _is_local(path) -> bool:
+    return type(get_filesystem(str(path))).__name__ == "LocalFileSystem"
+
+
+def _is_whole_zip(path: Path) -> bool:
+    """torch.save writes a zip archive: a cut-short one lacks its directory or fails a CRC."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False
+
+
+def _newest_other(path: Path) -> str:
+    others = sorted((p for p in path.parent.glob("*.ckpt") if p != path),
+                    key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    if not others:
+        return "No other checkpoint is in its folder."
+    return f"Resume from the newest other checkpoint in its folder instead: {others[0]}"
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable (POSIX: the directory entry lives in the folder)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

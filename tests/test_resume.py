@@ -1,0 +1,244 @@
+"""Exact mid-epoch resume: runs killed with SIGKILL at seeded random points (during a step, while a
+checkpoint is written, during validation) and resumed from last.ckpt take exactly the steps of one
+uninterrupted run: same videos per rank in the same order, same learning rate and examples count,
+bitwise equal final weights (CPU, deterministic algorithms, one thread per process)."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = textwrap.dedent('''
+    import json, os, signal, sys
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from nextvlad import VideoClassifier
+    from nextvlad.checkpoint_io import AtomicCheckpointIO
+    from nextvlad.data import YT8MDataModule
+
+    data_dir, out, devices, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    kill = json.loads(sys.argv[5])  # {"at": "step" | "checkpoint" | "validation", "step": s} or {}
+    run = sys.argv[6]
+
+    def die():
+        os.killpg(os.getpgid(0), signal.SIGKILL)  # every rank and DataLoader worker at once
+
+    class KillableCheckpointIO(AtomicCheckpointIO):
+        def _write(self, checkpoint, partial):
+            if kill.get("at") == "checkpoint" and checkpoint["global_step"] >= kill["step"]:
+                data = __import__("io").BytesIO()
+                torch.save(checkpoint, data)
+                with open(partial, "wb") as f:  # half of it is on disk when the process dies
+                    f.write(data.getvalue()[: len(data.getvalue()) // 2])
+                die()
+            super()._write(checkpoint, partial)
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.ids = list(batch["id"])
+
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            if kill.get("at") == "step" and trainer.global_step == kill["step"]:
+                die()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            line = {"step": trainer.global_step, "epoch": trainer.current_epoch, "ids": self.ids,
+                    "lr": trainer.optimizers[0].param_groups[0]["lr"],
+                    "examples": module.examples_seen}
+            with open(os.path.join(out, f"rank{trainer.global_rank}-run{run}.jsonl"), "a") as f:
+                f.write(json.dumps(line) + "\\n")
+
+        def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, *args):
+            if kill.get("at") == "validation" and trainer.global_step >= kill["step"] and batch_idx == 1:
+                die()
+
+        def on_train_end(self, trainer, module):
+            if trainer.global_rank == 0:
+                torch.save(module.state_dict(), os.path.join(out, "final.pt"))
+
+    if __name__ == "__main__":
+        torch.set_num_threads(1)
+        pl.seed_everything(0)
+        data = YT8MDataModule(train_pattern=data_dir + "/train*.tfrecord",
+                              val_pattern=data_dir + "/validate*.tfrecord", batch_size=6,
+                              num_workers=workers, max_frames=30, num_classes=10, shuffle_buffer=16,
+                              sample_frames=12)  # frame sampling continues exactly, too
+        model = VideoClassifier(num_classes=10, clusters=4, groups=2, expansion=1, hidden_size=16,
+                                gating_reduction=4, learning_rate=1e-2, lr_decay=0.5,
+                                lr_decay_examples=50)
+        # every 4 steps: with 20 steps per epoch on one rank, some resumes start at an epoch's end
+        checkpoints = ModelCheckpoint(dirpath=os.path.join(out, "checkpoints"), every_n_train_steps=4,
+                                      save_top_k=0, save_last=True)
+        trainer = pl.Trainer(accelerator="cpu", devices=devices,
+                             strategy="ddp" if devices > 1 else "auto", max_epochs=2,
+                             val_check_interval=7, check_val_every_n_epoch=None, limit_val_batches=3,
+                             deterministic=True, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, num_sanity_val_steps=0,
+                             callbacks=[Record(), checkpoints], plugins=[KillableCheckpointIO()])
+        last = os.path.join(out, "checkpoints", "last.ckpt")
+        trainer.fit(model, data, ckpt_path=last if os.path.exists(last) else None)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+''')
+
+
+def _run(script: Path, data_dir: str, out: Path, devices: int, workers: int, kill: dict,
+         run: int = 0) -> int:
+    out.mkdir(exist_ok=True)
+    result = subprocess.run([sys.executable, str(script), data_dir, str(out), str(devices),
+                             str(workers), json.dumps(kill), str(run)], capture_output=True, text=True,
+                            timeout=120, start_new_session=True)
+    if kill:
+        assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    else:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result.returncode
+
+
+def _steps(out: Path, rank: int) -> tuple[dict[int, dict], list[int]]:
+    """Step -> record, the last run's where steps were repeated; and each run's first step."""
+    by_step, firsts = {}, []
+    for run in range(len(list(out.glob(f"rank{rank}-run*.jsonl")))):
+        records = [json.loads(line) for line in
+                   (out / f"rank{rank}-run{run}.jsonl").read_text().splitlines()]
+        firsts.append(records[0]["step"])
+        by_step.update((record["step"], record) for record in records)
+    return by_step, firsts
+
+
+def _kill_points(seed: int, kinds: list[str], total_steps: int) -> list[dict]:
+    """Increasing steps drawn at random (seeded), one per kind, each after a checkpoint."""
+    rng = random.Random(seed)
+    bounds = [4 + (total_steps - 8) * i // len(kinds) for i in range(len(kinds) + 1)]
+    return [{"at": kind, "step": rng.randrange(bounds[i], bounds[i + 1])}
+            for i, kind in enumerate(kinds)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("devices, kinds", [(1, ["step", "checkpoint", "validation"]),
+                                            (2, ["step"])], ids=["1rank", "ddp2"])
+def test_killed_and_resumed_runs_equal_one_uninterrupted_run(synthetic_data, tmp_path, devices,
+                                                             kinds):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    data_dir, workers = synthetic_data["dir"], 2
+    total_steps = 2 * 120 // (6 * devices)  # 2 epochs of 120 videos in batches of 6 per rank
+    _run(script, data_dir, tmp_path / "reference", devices, workers, {})
+    interrupted = tmp_path / "interrupted"
+    kills = _kill_points(15 + devices, kinds, total_steps)
+    for run, kill in enumerate(kills):
+        _run(script, data_dir, interrupted, devices, workers, kill, run)
+    _run(script, data_dir, interrupted, devices, workers, {}, len(kills))
+
+    for rank in range(devices):
+        reference, _ = _steps(tmp_path / "reference", rank)
+        resumed, firsts = _steps(interrupted, rank)
+        assert sorted(reference) == list(range(1, total_steps + 1))
+        # each resumed run started right after the last checkpoint (every 4 steps) before its
+        # kill, not from the start of the epoch
+        assert firsts[0] == 1 and len(firsts) == len(kills) + 1
+        assert all((first - 1) % 4 == 0 for first in firsts)
+        assert all(first > 1 for first in firsts[1:]), (firsts, kills)
+        assert resumed == reference  # videos in order, LR, examples count, epoch: every step
+        epoch_ids = [i for r in reference.values() if r["epoch"] == 0 for i in r["ids"]]
+        assert len(epoch_ids) == len(set(epoch_ids))  # no video twice within an epoch
+    final = torch.load(tmp_path / "reference" / "final.pt")
+    resumed_final = torch.load(interrupted / "final.pt")
+    assert final.keys() == resumed_final.keys()
+    for name, value in final.items():
+        assert torch.equal(value, resumed_final[name]), name  # bitwise
+    names = sorted(p.name for p in (interrupted / "checkpoints").iterdir())
+    assert names[0] == "last.ckpt" and all(".partial-" not in n for n in names[1:]), names
+
+
+# -- the loader alone: every position of an epoch, changed ranks or workers ----------------------
+def _loader(files, workers, epoch=1, rank=0, world_size=1):
+    from nextvlad.data import YT8MDataLoader, YT8MFrameDataset
+
+    dataset = YT8MFrameDataset(files, batch_size=7, max_frames=20, num_classes=10, training=True,
+                               shuffle_buffer=16, seed=3)
+    return YT8MDataLoader(dataset, context=lambda: (epoch, rank, world_size), num_workers=workers)
+
+
+def _saved(loader, batches: int, tmp_path) -> tuple[list, dict]:
+    iterator = iter(loader)
+    taken = [next(iterator)["id"] for _ in range(batches)]
+    torch.save(loader.state_dict(), tmp_path / "state.pt")  # as Lightning would, weights-only
+    return taken, torch.load(tmp_path / "state.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_resumes_exactly_from_every_batch_of_an_epoch(synthetic_data, tmp_path, workers):
+    files = synthetic_data["train"]
+    full = [batch["id"] for batch in _loader(files, workers)]
+    # 120 videos / batch 7 = 17 batches; the shuffle buffer (16) drains over the last 2-3
+    positions = range(len(full) + 1) if workers == 0 else (1, 8, 16, 17)
+    for batches in positions:
+        taken, state = _saved(_loader(files, workers), batches, tmp_path)
+        resumed = _loader(files, workers)
+        resumed.load_state_dict(state)
+        assert taken + [batch["id"] for batch in resumed] == full, batches
+
+
+def test_resumed_loader_resumes_again(synthetic_data, tmp_path):
+    files = synthetic_data["train"]
+    full = [batch["id"] for batch in _loader(files, 2)]
+    first, state = _saved(_loader(files, 2), 5, tmp_path)
+    again = _loader(files, 2)
+    again.load_state_dict(state)
+    second, state = _saved(again, 12, tmp_path)  # to the epoch's end: 17 of 17 batches
+    assert [(r["batches"], r["total"]) for r in state["ranks"]] == [(17, 17)]
+    last = _loader(files, 2)
+    last.load_state_dict(state)
+    assert first + second + [batch["id"] for batch in last] == full
+
+
+def test_a_finished_epoch_resumes_into_the_next_one_afresh(synthetic_data, tmp_path):
+    files = synthetic_data["train"]
+    _, state = _saved(_loader(files, 0, epoch=1), 17, tmp_path)
+    resumed = _loader(files, 0, epoch=2)
+    resumed.load_state_dict(state)
+    assert [b["id"] for b in resumed] == [b["id"] for b in _loader(files, 0, epoch=2)]
+
+
+def test_mid_epoch_resume_with_other_ranks_or_workers_is_refused(synthetic_data, tmp_path):
+    files = synthetic_data["train"]
+    ranks = [_saved(_loader(files, 0, rank=r, world_size=2), 3, tmp_path)[1]["ranks"][0]
+             for r in range(2)]
+    two_ranks = {"ranks": ranks}  # what rank 0 writes after gathering both
+    for workers, world_size in ((0, 1), (2, 2)):
+        loader = _loader(files, workers, world_size=world_size)
+        loader.load_state_dict(two_ranks)
+        with pytest.raises(ValueError, match="cannot resume mid-epoch") as error:
+            next(iter(loader))
+        assert "epoch 1, 3 of 8 batches, 2 ranks x 0 DataLoader workers" in str(error.value)
+    # the same ranks continue, each with its own share
+    for rank in range(2):
+        loader = _loader(files, 0, rank=rank, world_size=2)
+        loader.load_state_dict(two_ranks)
+        assert len(list(loader)) == 8 - 3
+
+
+def test_dataset_refuses_a_position_saved_by_another_reader(synthetic_data):
+    from nextvlad.data import YT8MFrameDataset
+
+    dataset = YT8MFrameDataset(synthetic_data["train"], batch_size=7, max_frames=20,
+                               num_classes=10, training=True)
+    batches = iter(dataset)
+    next(batches)
+    state = dataset.state_dict()
+    assert state["batches"] == 1 and state["worker"] == 0
+    dataset.set_epoch(1)
+    dataset.load_state_dict(state)
+    with pytest.raises(ValueError, match="saved with epoch=0, this reader has epoch=1"):
+        next(iter(dataset))
