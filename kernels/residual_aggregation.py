@@ -348,16 +348,6 @@ def residual_aggregation(
 def _triton_supports(x: Tensor, clusters: int) -> bool:
     """Whether ``backend="auto"`` picks Triton: CUDA tensors of a dtype and K the kernels are tuned for."""
     return (
-        triton is not None
-        and x.is_cuda
-        and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        and clusters <= MAX_TRITON_CLUSTERS
-    )
-
-
-def _triton_supports(x: Tensor, clusters: int) -> bool:
-    """Whether ``backend="auto"`` picks Triton: CUDA tensors of a dtype and K the kernels are tuned for."""
-    return (
         triton_implementation is not None
         and x.is_cuda
         and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
