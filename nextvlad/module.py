@@ -9,7 +9,7 @@ One flat, typed constructor so that LightningCLI configs (configs/*.yaml) and ch
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import lightning.pytorch as pl
 import torch
@@ -37,11 +37,17 @@ BUILD_ARGS = (
     "cluster_bn_statistics",
 )
 
-#: Hyper-parameters that fix the shapes of the parameters: a checkpoint must agree on all of them.
+#: Hyper-parameters that fix what the weights compute (their shapes, the activations and the mixture
+#: gate's input): a checkpoint and the model it is loaded into must agree on all of them.
 ARCHITECTURE_HPARAMS = (
     "architecture", "num_classes", "rgb_size", "audio_size", "clusters", "groups", "expansion",
     "audio_clusters", "audio_groups", "input_reduction", "hidden_size", "gating_reduction", "num_branches",
+    "hidden_activation", "branch_hidden_activation", "gate_input", "gate_frames",
 )
+#: Hyper-parameters that only choose how a trained model is run: the config and the command line
+#: apply, whatever the checkpoint was trained with. The rest (dropout, optimisation, distillation,
+#: batch-norm momentum and statistics) only act in training and also come from the config.
+INFERENCE_HPARAMS = ("predict_branch", "top_k", "aggregation_backend")
 
 
 class VideoClassifier(pl.LightningModule):
@@ -273,11 +279,26 @@ class VideoClassifier(pl.LightningModule):
 
     def _log_metrics(self, stage: str) -> None:
         metrics = self._stage_metrics(stage)
+        self._check_labelled_videos_seen(stage, metrics["hit_at_one"].videos)
         self.log_dict(metrics.compute(), prog_bar=True)
         metrics.reset()
         for m, gap in enumerate(self.branch_gaps[stage]):
             self.log(f"{stage}/branch_{m}/gap", gap.compute())
             gap.reset()
+
+    def _check_labelled_videos_seen(self, stage: str, labelled_videos: torch.Tensor) -> None:
+        """Metrics of data without labels would read 0.000000 as if measured: stop instead.
+
+        Counted over all ranks (a collective, so every rank raises alike under DDP)."""
+        labelled = int(self.trainer.strategy.reduce(labelled_videos.clone(), reduce_op="sum"))
+        if labelled == 0:
+            option = "val_pattern" if stage == "val" else "test_pattern"
+            pattern = getattr(self.trainer.datamodule, "hparams", {}).get(option)
+            where = f"data.init_args.{option} = {pattern!r}" if pattern is not None else "the evaluated data"
+            raise ValueError(
+                f"no video of the {stage} data has labels ({where}); metrics need labelled videos "
+                "(YouTube-8M's test partition has none: evaluate the validate files, or use predict)"
+            )
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Top-k classes and probabilities per video (never the full (videos x C) matrix)."""
@@ -321,16 +342,23 @@ class VideoClassifier(pl.LightningModule):
         checkpoint["examples_seen"] = self.examples_seen
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("hyper_parameters", {})
-        mismatched = {
-            name: (saved[name], self.hparams[name])
-            for name in ARCHITECTURE_HPARAMS
-            if name in saved and saved[name] != self.hparams[name]
-        }
-        if mismatched:
-            details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in mismatched.items())
-            raise ValueError(f"checkpoint is of another architecture ({details})")
+        mismatch = architecture_mismatch(checkpoint.get("hyper_parameters") or {}, self.hparams)
+        if mismatch:
+            raise ValueError(mismatch)
         self.examples_seen = int(checkpoint.get("examples_seen", 0))
+
+
+def architecture_mismatch(saved: Mapping[str, Any], configured: Mapping[str, Any]) -> str | None:
+    """What a checkpoint's hyper-parameters (``saved``) and the configured model disagree on
+    (:data:`ARCHITECTURE_HPARAMS` only), naming both values; None when they agree."""
+    mismatched = [
+        f"{name}: checkpoint {saved[name]!r} vs config {configured[name]!r}"
+        for name in ARCHITECTURE_HPARAMS
+        if name in saved and name in configured and saved[name] != configured[name]
+    ]
+    if not mismatched:
+        return None
+    return f"the checkpoint is of another architecture ({', '.join(mismatched)})"
 
 
 def summed_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
