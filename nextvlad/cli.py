@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -120,6 +122,9 @@ def _import_object(dotted_path: str) -> Any:
 
 #: Exceptions that are user errors (files, values, records, checkpoints): one line, no traceback.
 USER_ERRORS = (OSError, ValueError)
+#: torch re-raises an error of a DataLoader worker as RuntimeError("Caught <class> in DataLoader worker
+#: ...") when the class cannot be rebuilt from that text (DataError takes path, index, reason).
+_WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker")
 
 
 def main(argv: Sequence[str] | None = None) -> LightningCLI | None:
@@ -147,16 +152,32 @@ def console_main() -> None:
     sys.argv[1:] = argv
     try:
         main()
-    except USER_ERRORS as error:
-        if debug:
+    except Exception as error:
+        if debug or not is_user_error(error):
             raise
         command = " ".join([Path(sys.argv[0]).name] + argv[:1])
         sys.exit(f"{command}: error: {error_message(error)} (--debug shows the traceback)")
 
 
+def is_user_error(error: BaseException) -> bool:
+    """A :data:`USER_ERRORS` exception, also when a DataLoader worker raised it."""
+    if isinstance(error, USER_ERRORS):
+        return True
+    worker_error = _WORKER_ERROR.match(str(error)) if isinstance(error, RuntimeError) else None
+    if worker_error is None:
+        return False
+    from nextvlad.data.records import DataError
+
+    return worker_error.group(1) in {DataError.__name__, *(cls.__name__ for cls in (*USER_ERRORS, FileNotFoundError))}
+
+
 def error_message(error: BaseException) -> str:
-    """The message of ``error``; for an error re-raised from a DataLoader worker, the original one
-    (torch puts the worker's whole traceback into the message)."""
+    """The message that explains ``error``. From a DataLoader worker, the original message (torch
+    puts the worker's traceback into it); from jsonargparse, which reports a constructor's error as
+    "Does not validate against any of the Union subtypes ...", the constructor's own message."""
+    if isinstance(error.__cause__, USER_ERRORS) and error.__traceback__ is not None:
+        if "jsonargparse" in traceback.extract_tb(error.__traceback__)[-1].filename:
+            return error_message(error.__cause__)
     message = str(error)
     if "Original Traceback" in message:
         message = message.strip().splitlines()[-1].split(": ", 1)[-1]
