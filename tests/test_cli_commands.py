@@ -283,3 +283,24 @@ def test_params_takes_several_configs_and_overrides_like_the_other_commands(tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     assert printed_total(result.stdout) == nextvlad_model_parameters(groups=16, clusters=64)
     assert "Seed set" not in result.stdout + result.stderr
+
+
+def readme_parameter_table() -> dict[str, int]:
+    """config file name -> count, from the README's table under "Training"."""
+    counts = {}
+    for line in (REPO / "README.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) == 3 and cells[2].replace(",", "").isdigit():
+            for name in cells[0].replace("`", "").split(", "):
+                counts[name] = int(cells[2].replace(",", ""))
+    return counts
+
+
+def test_readme_parameter_table_is_what_params_prints(capsys):
+    from nextvlad.cli import main
+
+    table = readme_parameter_table()
+    assert {"nextvlad_16g.yaml", "nextvlad_32g.yaml", "netvlad.yaml", "netvlad_small.yaml", "netvlad_random.yaml"} <= set(table)
+    for config, count in table.items():
+        main(["params", "--config", str(REPO / "configs" / config)])
+        assert printed_total(capsys.readouterr().out) == count, config
