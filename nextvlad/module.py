@@ -296,7 +296,8 @@ class VideoClassifier(pl.LightningModule):
             pattern = getattr(self.trainer.datamodule, "hparams", {}).get(option)
             where = f"data.init_args.{option} = {pattern!r}" if pattern is not None else "the evaluated data"
             raise ValueError(
-                f"no video of the {stage} data has labels ({where}); metrics need labelled videos "
+                f"no video of the {'validation' if stage == 'val' else 'test'} data has labels ({where}); "
+                "metrics need labelled videos "
                 "(YouTube-8M's test partition has none: evaluate the validate files, or use predict)"
             )
 
