@@ -296,6 +296,8 @@ class ModelCheckpointWithBest(ModelCheckpoint):
         if not self.best_model_path or self.dirpath is None or self.best_model_path == getattr(self, "_linked", None):
             return
         link = os.path.join(self.dirpath, self.BEST_NAME + self.FILE_EXTENSION)
+        if trainer.is_global_zero:  # after a resume the best checkpoint may be in the previous run's directory
+            self._fs.makedirs(self.dirpath, exist_ok=True)
         self._link_checkpoint(trainer, self.best_model_path, link)  # every rank: it ends in a barrier
         self._linked = self.best_model_path
 

@@ -72,6 +72,19 @@ def test_training_writes_best_ckpt_pointing_at_the_best_checkpoint(clone):
     assert all(torch.equal(saved[k], v) for k, v in torch.load(scored[max(scored)], weights_only=True)["state_dict"].items())
 
 
+def test_readme_resume_keeps_a_best_ckpt_in_the_new_run(clone, tmp_path):
+    """`lightning fit --config ... --ckpt_path .../last.ckpt` (the README's resume) in a copy of the
+    clone: the new version directory has a best.ckpt that resolves to the best checkpoint so far."""
+    copy = tmp_path / "clone"
+    shutil.copytree(clone, copy, symlinks=True)
+    result = run("lightning", "fit", "--config", DEMO, "--trainer.max_steps", "4", "--trainer.enable_progress_bar", "false",
+                 "--ckpt_path", "runs/demo/version_0/checkpoints/last.ckpt", cwd=copy)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = sorted((copy / "runs" / "demo").glob("version_*"))[-1]
+    assert resumed.name != "version_0"
+    assert torch.load(resumed / "checkpoints" / "best.ckpt", weights_only=True)["global_step"] in (2, 4)
+
+
 def test_readme_validate_test_predict_and_export_on_best_ckpt(clone):
     best = checkpoints(clone) / "best.ckpt"
     recorded_gap = float(best.resolve().stem.split("gap")[1])  # fit's validation of the same weights
@@ -133,20 +146,20 @@ def write_model_config(path: Path, **init_args) -> Path:
     return path
 
 
-def test_predict_branch_on_the_command_line_applies_to_a_mixture_checkpoint(clone, tmp_path):
+def test_predict_branch_and_top_k_on_the_command_line_apply_to_a_mixture_checkpoint(clone, tmp_path):
     torch.manual_seed(0)
     mixture = VideoClassifier(**TINY, num_branches=2).eval()
     torch.save(checkpoint_from_module(mixture), tmp_path / "mixture.ckpt")
     config = write_model_config(tmp_path / "mixture.yaml", **TINY, num_branches=2)
     result = run("nextvlad", "predict", "--config", DEMO, "--config", str(config), "--config", PREDICT,
                  "--ckpt_path", str(tmp_path / "mixture.ckpt"), "--model.init_args.predict_branch", "0",
-                 f"--trainer.callbacks.output_path={tmp_path / 'branch0.csv'}", cwd=clone)
+                 "--model.init_args.top_k", "5", f"--trainer.callbacks.output_path={tmp_path / 'branch0.csv'}", cwd=clone)
     assert result.returncode == 0, result.stderr[-3000:]
 
     ids, rgb, audio, lengths = padded_videos(str(clone / "data/synthetic/test*.tfrecord"))
     with torch.no_grad():
-        branch = top_classes(torch.sigmoid(mixture.model.branches[0](rgb, audio, lengths)))
-        mixed = top_classes(torch.sigmoid(mixture.model(rgb, audio, lengths)))
+        branch = top_classes(torch.sigmoid(mixture.model.branches[0](rgb, audio, lengths)), k=5)
+        mixed = top_classes(torch.sigmoid(mixture.model(rgb, audio, lengths)), k=5)
     assert branch != mixed  # otherwise this test could not tell the two apart
     assert submission_classes(tmp_path / "branch0.csv") == dict(zip(ids, branch))
 
