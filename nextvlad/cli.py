@@ -10,7 +10,6 @@ another model) end with one ``nextvlad <command>: error: ...`` line and exit sta
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import re
@@ -56,8 +55,8 @@ class NextVLADCLI(LightningCLI):
         LightningCLI re-applies the checkpoint's hyper-parameters over the config and the command
         line without a word: ``--model.init_args.predict_branch 0`` would be ignored and a
         contradicting ``--model.init_args.clusters`` replaced. Here the config and the command line
-        build the model, so inference options (``INFERENCE_HPARAMS``) and training options apply as
-        given, and an architecture hyper-parameter that contradicts the checkpoint is an error that
+        build the model, so inference options (predict_branch, top_k, aggregation_backend) and
+        training options apply as given, and an architecture hyper-parameter that contradicts the checkpoint is an error that
         names both values. The checkpoint is loaded weights-only with errors that name the file.
         """
         self._checkpoint = None

@@ -44,10 +44,10 @@ ARCHITECTURE_HPARAMS = (
     "audio_clusters", "audio_groups", "input_reduction", "hidden_size", "gating_reduction", "num_branches",
     "hidden_activation", "branch_hidden_activation", "gate_input", "gate_frames",
 )
-#: Hyper-parameters that only choose how a trained model is run: the config and the command line
-#: apply, whatever the checkpoint was trained with. The rest (dropout, optimisation, distillation,
-#: batch-norm momentum and statistics) only act in training and also come from the config.
-INFERENCE_HPARAMS = ("predict_branch", "top_k", "aggregation_backend")
+#: The others either only choose how a trained model runs (predict_branch, top_k,
+#: aggregation_backend) or only act in training (dropout, optimisation, distillation, batch-norm
+#: momentum and statistics): for those the config and the command line apply, whatever the
+#: checkpoint was trained with (see NextVLADCLI._parse_ckpt_path).
 
 
 class VideoClassifier(pl.LightningModule):
