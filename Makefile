@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	# CPU build of torch from the local wheel cache; GPU users: see README "Installing on a GPU".
+	# torch from pip's index (plain PyPI on Linux: the CUDA build); README "make demo" says how to get the CPU build.
 	$(PY) -m pip install "torch==2.13.0"
 	$(PY) -m pip install -e ".[test]"
 	touch $(STAMP)

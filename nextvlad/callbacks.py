@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -31,9 +33,11 @@ from nextvlad.metrics import MeanAveragePrecision
 if TYPE_CHECKING:  # matplotlib is imported only when a plot is drawn
     from matplotlib.figure import Figure
 
-__all__ = ["SubmissionWriter", "EvaluationReport", "read_vocabulary", "submission_rows"]
+__all__ = ["SubmissionWriter", "EvaluationReport", "ModelCheckpointWithBest", "read_vocabulary", "submission_rows"]
 
 SUBMISSION_HEADER = "VideoId,LabelConfidencePairs\n"
+#: What follows ``.<output name>`` in the hidden parts of :meth:`SubmissionWriter._part_path`.
+_PART_SUFFIX = re.compile(r"\.tmp|\.rank\d+-of-\d+\.part")
 NAMES_HEADER = ("VideoId", "Labels")
 
 
@@ -119,7 +123,7 @@ class SubmissionWriter(BasePredictionWriter):
         self.output_path = Path(output_path)
         self.vocabulary_path = vocabulary_path
         if names_path is None and vocabulary_path is not None:
-            names_path = str(self.output_path.with_name(f"{self.output_path.stem}_names{self.output_path.suffix or '.csv'}"))
+            names_path = str(self._default_names_path())
         self.names_path = Path(names_path) if names_path is not None else None
         self.vocabulary: dict[int, str] | None = None
         self._parts: dict[Path, IO[str]] = {}  # target -> this rank's open part file
@@ -143,6 +147,8 @@ class SubmissionWriter(BasePredictionWriter):
             self._check_vocabulary_covers(pl_module)
         if self.names_path is not None and self.names_path.resolve() == self.output_path.resolve():
             raise ValueError(f"SubmissionWriter: names_path and output_path are the same file ({self.output_path})")
+        if trainer.global_rank == 0:
+            self._remove_stale_parts(trainer.world_size)
         for target in self._targets():
             self._parts[target] = self._open_part(target, trainer.global_rank, trainer.world_size)
         if trainer.world_size == 1:
@@ -160,6 +166,20 @@ class SubmissionWriter(BasePredictionWriter):
                 f"{self.vocabulary_path}: no Name for {len(unnamed)} of the model's {num_classes} "
                 f"class indices (first: {unnamed[:5]})"
             )
+
+    def _remove_stale_parts(self, world_size: int) -> None:
+        """Delete the hidden parts a killed run left beside the outputs (any world size, with or
+        without label names). This run's own parts are not touched: each rank truncates its own,
+        so rank 0 never races another rank."""
+        own = {self._part_path(target, rank, world_size) for target in self._targets() for rank in range(world_size)}
+        names = self.names_path or self._default_names_path()
+        for target in {self.output_path, names}:
+            for stale in target.parent.glob(f".{glob.escape(target.name)}.*"):
+                if stale not in own and _PART_SUFFIX.fullmatch(stale.name[len(target.name) + 1:]):
+                    stale.unlink(missing_ok=True)
+
+    def _default_names_path(self) -> Path:
+        return self.output_path.with_name(f"{self.output_path.stem}_names{self.output_path.suffix or '.csv'}")
 
     def _open_part(self, target: Path, rank: int, world_size: int) -> IO[str]:
         if target.is_dir():
@@ -259,6 +279,30 @@ class SubmissionWriter(BasePredictionWriter):
 
 def _names_writer(handle: IO[str]) -> Any:
     return csv.writer(handle, lineterminator="\n")
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+class ModelCheckpointWithBest(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` that also keeps ``best.ckpt`` in its directory: a link to the
+    best checkpoint so far (a copy where links are not allowed), so that validate / predict / export
+    can name it without looking up scores.
+
+    Lightning links ``last.ckpt`` (``save_last="link"``) but has no such option for the best one, and
+    a second ModelCheckpoint with ``filename: best`` is refused (two callbacks with the same monitor
+    and mode share a state key), hence this subclass. Needs ``monitor``; all arguments are Lightning's.
+    """
+
+    BEST_NAME = "best"
+
+    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+        if not self.best_model_path or self.dirpath is None or self.best_model_path == getattr(self, "_linked", None):
+            return
+        link = os.path.join(self.dirpath, self.BEST_NAME + self.FILE_EXTENSION)
+        if trainer.is_global_zero:  # after a resume the best checkpoint may be in the previous run's directory
+            self._fs.makedirs(self.dirpath, exist_ok=True)
+        self._link_checkpoint(trainer, self.best_model_path, link)  # every rank: it ends in a barrier
+        self._linked = self.best_model_path
 
 
 # ------------------------------------------------------------------------------------ reports

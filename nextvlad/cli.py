@@ -2,19 +2,26 @@
 
 fit/validate/test/predict are LightningCLI (configs/*.yaml name the model and data classes by
 ``class_path``); ``params`` prints the exact trainable parameter count of a config's model.
+
+Known user errors (a missing file, a bad value, a record that does not parse, a checkpoint of
+another model) end with one ``nextvlad <command>: error: ...`` line and exit status 1; ``--debug``
+(anywhere on the command line) or ``NEXTVLAD_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
+import os
+import re
 import sys
+import traceback
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import yaml
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, instantiate_class
 from lightning.pytorch import LightningDataModule, LightningModule
 
 from nextvlad.models.video_model import count_parameters
@@ -42,6 +49,82 @@ class NextVLADCLI(LightningCLI):
             **kwargs,
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` against the configured model, in place of LightningCLI's own step.
+
+        LightningCLI re-applies the checkpoint's hyper-parameters over the config and the command
+        line without a word: ``--model.init_args.predict_branch 0`` would be ignored and a
+        contradicting ``--model.init_args.clusters`` replaced. Here the config and the command line
+        build the model, so inference options (predict_branch, top_k, aggregation_backend) and
+        training options apply as given, and an architecture hyper-parameter that contradicts the checkpoint is an error that
+        names both values. The checkpoint is loaded weights-only with errors that name the file.
+        """
+        self._checkpoint = None
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not _is_local_checkpoint(str(ckpt_path)):
+            return  # Lightning's "best"/"last"/"hpc"/"registry" and remote paths: Lightning resolves them
+        from nextvlad.export import load_checkpoint
+        from nextvlad.module import architecture_mismatch
+
+        checkpoint = load_checkpoint(ckpt_path)
+        model = self.config[subcommand].get("model")
+        if model is None:  # no model configured: build the checkpoint's own (LightningCLI's way)
+            return super()._parse_ckpt_path()
+        saved = checkpoint.get("hyper_parameters") or {}
+        saved_class = saved.get("_class_path")
+        if saved_class and _import_object(saved_class) is not _import_object(model.class_path):
+            raise ValueError(f"{ckpt_path}: a checkpoint of {saved_class}, but the config's model is {model.class_path}")
+        mismatch = architecture_mismatch(saved, model.init_args.as_dict() if model.init_args else {})
+        if mismatch:
+            raise ValueError(f"{ckpt_path}: {mismatch}")
+        self._checkpoint = checkpoint
+
+    def after_instantiate_classes(self) -> None:
+        """A checkpoint whose weights do not fit the model (e.g. saved without hyper-parameters by
+        another LightningModule) is a clear error here, before the data is scanned."""
+        checkpoint, self._checkpoint = getattr(self, "_checkpoint", None), None
+        if checkpoint is None:
+            return
+        ckpt_path = self.config[self.subcommand].ckpt_path
+        expected = {key: tuple(value.shape) for key, value in self.model.state_dict().items()}
+        given = {key: tuple(getattr(value, "shape", ())) for key, value in checkpoint["state_dict"].items()}
+        problems = [f"missing {key}" for key in expected if key not in given]
+        problems += [f"unexpected {key}" for key in given if key not in expected]
+        problems += [f"{key} has shape {given[key]}, the model {shape}"
+                     for key, shape in expected.items() if key in given and given[key] != shape]
+        if problems:
+            raise ValueError(f"{ckpt_path}: its weights do not fit {type(self.model).__name__} "
+                             f"({len(problems)} differences, first: {'; '.join(problems[:3])})")
+
+
+class ParamsCLI(NextVLADCLI):
+    """LightningCLI's parsing for ``nextvlad params`` (several ``--config``, dotted overrides, as the
+    other commands), building only the model, on the meta device: shapes are all a count needs."""
+
+    def _set_seed(self) -> None:
+        """Nothing is random here: no seed (and no "Seed set to" line)."""
+
+    def instantiate_classes(self) -> None:
+        with torch.device("meta"):
+            self.model = instantiate_class((), self.config["model"].as_dict())
+
+
+def _is_local_checkpoint(ckpt_path: str) -> bool:
+    return ckpt_path not in ("best", "last", "hpc") and not ckpt_path.startswith("registry") and "://" not in ckpt_path
+
+
+def _import_object(dotted_path: str) -> Any:
+    module_name, _, name = dotted_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), name)
+
+
+#: Exceptions that are user errors (files, values, records, checkpoints): one line, no traceback.
+USER_ERRORS = (OSError, ValueError)
+#: torch re-raises an error of a DataLoader worker as RuntimeError("Caught <class> in DataLoader worker
+#: ...") when the class cannot be rebuilt from that text (DataError takes path, index, reason).
+_WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker")
+
 
 def main(argv: Sequence[str] | None = None) -> LightningCLI | None:
     """Entry point of the ``nextvlad`` and ``lightning`` commands; returns the LightningCLI."""
@@ -63,17 +146,50 @@ def console_main() -> None:
     """The ``nextvlad`` and ``lightning`` console scripts (current Lightning ships no ``lightning``
     command, so ``lightning fit --config configs/nextvlad.yaml`` is ours). Returns None: a returned
     object would become exit status 1."""
-    main()
+    argv = [arg for arg in sys.argv[1:] if arg != "--debug"]
+    debug = len(argv) < len(sys.argv) - 1 or os.environ.get("NEXTVLAD_DEBUG", "0") not in ("", "0")
+    sys.argv[1:] = argv
+    try:
+        main()
+    except Exception as error:
+        if debug or not is_user_error(error):
+            raise
+        command = " ".join([Path(sys.argv[0]).name] + argv[:1])
+        sys.exit(f"{command}: error: {error_message(error)} (--debug shows the traceback)")
+
+
+def is_user_error(error: BaseException) -> bool:
+    """A :data:`USER_ERRORS` exception, also when a DataLoader worker raised it."""
+    if isinstance(error, USER_ERRORS):
+        return True
+    worker_error = _WORKER_ERROR.match(str(error)) if isinstance(error, RuntimeError) else None
+    if worker_error is None:
+        return False
+    from nextvlad.data.records import DataError
+
+    return worker_error.group(1) in {DataError.__name__, *(cls.__name__ for cls in (*USER_ERRORS, FileNotFoundError))}
+
+
+def error_message(error: BaseException) -> str:
+    """The message that explains ``error``. From a DataLoader worker, the original message (torch
+    puts the worker's traceback into it); from jsonargparse, which reports a constructor's error as
+    "Does not validate against any of the Union subtypes ...", the constructor's own message."""
+    if isinstance(error.__cause__, USER_ERRORS) and error.__traceback__ is not None:
+        if "jsonargparse" in traceback.extract_tb(error.__traceback__)[-1].filename:
+            return error_message(error.__cause__)
+    message = str(error)
+    if "Original Traceback" in message:
+        message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+    return message
 
 
 def params_main(argv: Sequence[str]) -> None:
-    """``nextvlad params --config configs/nextvlad.yaml``."""
-    parser = argparse.ArgumentParser(prog="nextvlad params", description=TOOLS["params"][1])
-    parser.add_argument("--config", required=True, help="a LightningCLI YAML config (configs/*.yaml)")
-    args = parser.parse_args(argv)
-    with torch.device("meta"):  # shapes are all a count needs: no initialisation
-        module = model_from_config(args.config)
-    print(parameter_table(module))
+    """``nextvlad params --config configs/nextvlad.yaml [--config more.yaml] [--model.init_args.X Y]``."""
+    with warnings.catch_warnings():  # LightningCLI warns when args= is given beside sys.argv: intended here
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = ParamsCLI(args=list(argv), run=False, parser_kwargs={"prog": "nextvlad params",
+                                                                   "description": TOOLS["params"][1]})
+    print(parameter_table(cli.model))
 
 
 def model_from_config(config_path: str | Path) -> LightningModule:

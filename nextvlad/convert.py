@@ -346,12 +346,16 @@ def checkpoint_from_module(module: LightningModule, source: str = "") -> dict:
     read; it has no optimizer state, so ``fit`` starts from it with ``load_from_checkpoint`` weights
     rather than resuming with ``--ckpt_path``.
     """
+    module_class = type(module)
+    # `_class_path` as LightningCLI saves it in training checkpoints: the CLI (and load_from_checkpoint)
+    # read it to know which LightningModule the hyper-parameters belong to.
+    hyper_parameters = {"_class_path": f"{module_class.__module__}.{module_class.__qualname__}", **module.hparams}
     checkpoint = {
         "epoch": 0,
         "global_step": 0,
         "pytorch-lightning_version": pl.__version__,
         "state_dict": module.state_dict(),
-        module.CHECKPOINT_HYPER_PARAMS_KEY: dict(module.hparams),
+        module.CHECKPOINT_HYPER_PARAMS_KEY: hyper_parameters,
         "nextvlad_converted_from": source,
     }
     if getattr(module, "_hparams_name", None):

@@ -17,7 +17,8 @@ config's ``data.init_args.eigenvalues_path``, or without ``--config`` the data m
 hyper-parameters LightningCLI saved in the checkpoint) or ``--eigenvalues_path`` is given,
 so the exported model takes the dequantized features exactly as the authors' inference graph does
 (``input_batch_raw``); ``--no_reverse_whitening`` exports the bare model, which then expects
-already reverse-whitened rgb, as the LightningModule does. The ONNX metadata records which.
+already reverse-whitened rgb, as the LightningModule does. The ONNX metadata
+(``nextvlad.reverse_whitening``) records which, and whether training used reverse whitening at all.
 
 The aggregation runs the PyTorch reference (matmul) path, which every exporter and runtime
 understands; the result equals the Triton kernel's up to float rounding.
@@ -26,6 +27,7 @@ understands; the result equals the Triton kernel's up to float rounding.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -77,10 +79,21 @@ def load_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors have many types; all mean "not our checkpoint"
-        raise ValueError(f"{path}: not a loadable checkpoint ({type(error).__name__}: {error})") from error
+        raise ValueError(f"{path}: not a loadable checkpoint, corrupt or not written by torch.save "
+                         f"({_load_error_detail(error)})") from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
     return checkpoint
+
+
+def _load_error_detail(error: Exception) -> str:
+    """torch.load's reason without its advice to retry with weights_only=False: these checkpoints
+    hold only tensors and plain containers, so that advice would only open the door to pickled code."""
+    text = str(error)
+    reason = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\n\n|$)", text, re.S)
+    if reason:
+        return f"{type(error).__name__}: {reason.group(1).strip()}"
+    return f"{type(error).__name__}: {text.strip().splitlines()[0] if text.strip() else 'no message'}"
 
 
 def load_classifier(ckpt_path: str | Path, config_path: str | Path | None = None) -> nn.Module:
@@ -126,6 +139,19 @@ def training_eigenvalues(checkpoint: dict[str, Any], config_path: str | Path | N
     return (checkpoint.get("datamodule_hyper_parameters") or {}).get("eigenvalues_path")
 
 
+def whitening_note(in_graph: str | None, trained_with: str | None, recorded: bool) -> str:
+    """What the exported model's rgb input is, for its metadata: ``in_graph`` is the eigenvalues file
+    baked into the graph, ``trained_with`` the one training used, ``recorded`` whether the config or
+    the checkpoint says what training used (a converted checkpoint without --config does not)."""
+    if in_graph:
+        return f"in graph ({in_graph}): the rgb input is the dequantized features"
+    if trained_with:
+        return f"not in graph: the rgb input must be reverse-whitened as in training ({trained_with})"
+    if recorded:
+        return "none: the model was trained without reverse whitening; the rgb input is the dequantized features"
+    return "not in graph; unknown whether training used it (the checkpoint does not record it: export with --config)"
+
+
 # ---------------------------------------------------------------------------------- export
 def example_inputs(module: ExportableClassifier, batch: int = 2, frames: int = 6) -> tuple[torch.Tensor, ...]:
     """Inputs to trace with; sizes > 1 so the exporter keeps both axes symbolic."""
@@ -149,8 +175,13 @@ def export_program(module: ExportableClassifier) -> torch.export.ExportedProgram
     return program.run_decompositions(reference_decompositions())
 
 
-def export_onnx(module: ExportableClassifier, path: str | Path, opset: int | None = None) -> None:
-    """Write an ONNX model: inputs rgb/audio/lengths, output probabilities, axes batch/frames."""
+def export_onnx(
+    module: ExportableClassifier, path: str | Path, opset: int | None = None, whitening: str | None = None
+) -> None:
+    """Write an ONNX model: inputs rgb/audio/lengths, output probabilities, axes batch/frames.
+
+    ``whitening`` is the metadata's account of reverse whitening (:func:`whitening_note`); by
+    default it says only whether the graph holds it."""
     # torch.onnx takes the program as it is (no example inputs, no second trace).
     onnx_program = torch.onnx.export(
         export_program(module), input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
@@ -163,7 +194,7 @@ def export_onnx(module: ExportableClassifier, path: str | Path, opset: int | Non
     onnx_program.model.metadata_props.update({
         "nextvlad.inputs": "rgb float32 (batch, frames, rgb_size), audio float32 (batch, frames, audio_size): "
                            "dequantized, zero-padded; lengths int64 (batch,)",
-        "nextvlad.reverse_whitening": "in graph" if module.reverse_whitening else "expected in the rgb input",
+        "nextvlad.reverse_whitening": whitening or ("in graph" if module.reverse_whitening else "not in graph"),
         "nextvlad.num_classes": str(hparams.num_classes),
         "nextvlad.architecture": str(hparams.architecture),
     })
@@ -194,14 +225,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.config is not None and not Path(args.config).is_file():
         parser.error(f"config file not found: {args.config}")
     checkpoint = load_checkpoint(args.ckpt_path)
-    eigenvalues = args.eigenvalues_path or training_eigenvalues(checkpoint, args.config)
-    if args.no_reverse_whitening:
-        eigenvalues = None
+    trained_with = training_eigenvalues(checkpoint, args.config)
+    recorded = args.config is not None or "datamodule_hyper_parameters" in checkpoint
+    eigenvalues = None if args.no_reverse_whitening else args.eigenvalues_path or trained_with
     module = ExportableClassifier(classifier_from_checkpoint(checkpoint, args.ckpt_path, args.config), eigenvalues)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     if args.format == "onnx":
-        export_onnx(module, output, args.opset)
+        export_onnx(module, output, args.opset, whitening_note(eigenvalues, trained_with, recorded))
     else:
         torch.export.save(export_program(module), str(output))
     whitening = f"reverse whitening in graph ({eigenvalues})" if eigenvalues else "no reverse whitening in graph"

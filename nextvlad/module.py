@@ -9,7 +9,7 @@ staircase decay 0.8 every 2,000,000 examples, per-tensor gradient clipping at 1.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import lightning.pytorch as pl
 import torch
@@ -41,11 +41,17 @@ BUILD_ARGS = (
     "cluster_bn_statistics",
 )
 
-#: Hyper-parameters that fix the shapes of the parameters: a checkpoint must agree on all of them.
+#: Hyper-parameters that fix what the weights compute (their shapes, the activations and the mixture
+#: gate's input): a checkpoint and the model it is loaded into must agree on all of them.
 ARCHITECTURE_HPARAMS = (
     "architecture", "num_classes", "rgb_size", "audio_size", "clusters", "groups", "expansion",
     "audio_clusters", "audio_groups", "input_reduction", "hidden_size", "gating_reduction", "num_branches",
+    "hidden_activation", "branch_hidden_activation", "gate_input", "gate_frames",
 )
+#: The others either only choose how a trained model runs (predict_branch, top_k,
+#: aggregation_backend) or only act in training (dropout, optimisation, distillation, batch-norm
+#: momentum and statistics): for those the config and the command line apply, whatever the
+#: checkpoint was trained with (see NextVLADCLI._parse_ckpt_path).
 
 
 class VideoClassifier(pl.LightningModule):
@@ -282,11 +288,27 @@ class VideoClassifier(pl.LightningModule):
 
     def _log_metrics(self, stage: str) -> None:
         metrics = self._stage_metrics(stage)
+        self._check_labelled_videos_seen(stage, metrics["hit_at_one"].videos)
         self.log_dict(metrics.compute(), prog_bar=True)
         metrics.reset()
         for m, gap in enumerate(self.branch_gaps[stage]):
             self.log(f"{stage}/branch_{m}/gap", gap.compute())
             gap.reset()
+
+    def _check_labelled_videos_seen(self, stage: str, labelled_videos: torch.Tensor) -> None:
+        """Metrics of data without labels would read 0.000000 as if measured: stop instead.
+
+        Counted over all ranks (a collective, so every rank raises alike under DDP)."""
+        labelled = int(self.trainer.strategy.reduce(labelled_videos.clone(), reduce_op="sum"))
+        if labelled == 0:
+            option = "val_pattern" if stage == "val" else "test_pattern"
+            pattern = getattr(self.trainer.datamodule, "hparams", {}).get(option)
+            where = f"data.init_args.{option} = {pattern!r}" if pattern is not None else "the evaluated data"
+            raise ValueError(
+                f"no video of the {'validation' if stage == 'val' else 'test'} data has labels ({where}); "
+                "metrics need labelled videos "
+                "(YouTube-8M's test partition has none: evaluate the validate files, or use predict)"
+            )
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Top-k classes and probabilities per video (never the full (videos x C) matrix)."""
@@ -334,21 +356,28 @@ class VideoClassifier(pl.LightningModule):
         checkpoint["rng_states"] = gather_per_rank(rng_states())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("hyper_parameters", {})
-        mismatched = {
-            name: (saved[name], self.hparams[name])
-            for name in ARCHITECTURE_HPARAMS
-            if name in saved and saved[name] != self.hparams[name]
-        }
-        if mismatched:
-            details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in mismatched.items())
-            raise ValueError(f"checkpoint is of another architecture ({details})")
+        mismatch = architecture_mismatch(checkpoint.get("hyper_parameters") or {}, self.hparams)
+        if mismatch:
+            raise ValueError(mismatch)
         self.examples_seen = int(checkpoint.get("examples_seen", 0))
         rng_states = checkpoint.get("rng_states")
         if rng_states and self._trainer is not None and self.trainer.state.fn == "fit":
             rank, world_size = rank_and_world_size()
             if len(rng_states) == world_size:
                 set_rng_states(rng_states[rank])
+
+
+def architecture_mismatch(saved: Mapping[str, Any], configured: Mapping[str, Any]) -> str | None:
+    """What a checkpoint's hyper-parameters (``saved``) and the configured model disagree on
+    (:data:`ARCHITECTURE_HPARAMS` only), naming both values; None when they agree."""
+    mismatched = [
+        f"{name}: checkpoint {saved[name]!r} vs config {configured[name]!r}"
+        for name in ARCHITECTURE_HPARAMS
+        if name in saved and name in configured and saved[name] != configured[name]
+    ]
+    if not mismatched:
+        return None
+    return f"the checkpoint is of another architecture ({', '.join(mismatched)})"
 
 
 def summed_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

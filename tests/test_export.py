@@ -169,3 +169,26 @@ def test_whitening_defaults_to_what_training_used(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("data:\n  init_args:\n    eigenvalues_path: null\n")
     assert training_eigenvalues(saved_by_cli, config) is None  # the config given wins
+
+
+def test_metadata_says_what_training_used_for_reverse_whitening(tmp_path):
+    """The ONNX metadata states the whitening of the rgb input as training had it, also when the
+    graph holds none; a checkpoint that does not record it (no --config) says so."""
+    from nextvlad.export import whitening_note
+
+    assert whitening_note("e.npy", "e.npy", True).startswith("in graph (e.npy)")
+    assert whitening_note(None, "e.npy", True).startswith("not in graph: the rgb input must be reverse-whitened")
+    assert whitening_note(None, None, True).startswith("none: the model was trained without reverse whitening")
+    assert "unknown" in whitening_note(None, None, False)
+
+    onnx = pytest.importorskip("onnx")
+    ckpt = trained_checkpoint(tmp_path)
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  class_path: nextvlad.VideoClassifier\n  init_args:\n"
+                      + "".join(f"    {k}: {v}\n" for k, v in SMALL.items())
+                      + "data:\n  init_args:\n    eigenvalues_path: data/eigenvals.npy\n")
+    output = tmp_path / "bare.onnx"
+    cli_main(["export", "--config", str(config), "--ckpt_path", ckpt, "--output", str(output), "--no_reverse_whitening"])
+    metadata = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
+    assert metadata["nextvlad.reverse_whitening"] == (
+        "not in graph: the rgb input must be reverse-whitened as in training (data/eigenvals.npy)")

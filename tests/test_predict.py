@@ -295,3 +295,16 @@ def test_onnx_export_of_a_cli_checkpoint_reproduces_the_submission(trained_run):
         classes = [c for c, _, _ in rows[video["id"]]]
         np.testing.assert_allclose(row[classes], [s for _, s, _ in rows[video["id"]]], atol=1e-4, rtol=0)
         assert np.sort(row)[::-1][19] <= min(s for _, s, _ in rows[video["id"]]) + 1e-4  # nothing better left out
+
+
+def test_parts_left_by_a_killed_run_are_removed_by_the_next(tmp_path):
+    """A killed run (SIGKILL: no exception hook runs) leaves hidden parts; the next run, whatever its
+    world size or names file, removes them, and leaves other hidden files alone."""
+    output = tmp_path / "submission.csv"
+    stale = [".submission.csv.tmp", ".submission.csv.rank1-of-2.part", ".submission_names.csv.tmp"]
+    for name in stale + [".submission.csv.notes"]:
+        (tmp_path / name).write_text("half a line")
+    trainer(callbacks=[SubmissionWriter(str(output))]).predict(small_model(), loader(8, labelled=False),
+                                                               return_predictions=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".submission.csv.notes", "submission.csv"]
+    assert len(parse_submission(output)) == 8

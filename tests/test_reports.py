@@ -129,13 +129,12 @@ def test_validation_inside_fit_writes_no_report(tmp_path):
     assert not out.exists()
 
 
-def test_unlabelled_evaluation_set_reports_without_a_plot(tmp_path):
+def test_unlabelled_evaluation_set_is_an_error_not_a_report_of_zeros(tmp_path):
     module = VideoClassifier(**SMALL)
     run = trainer(default_root_dir=tmp_path, callbacks=[EvaluationReport(output_dir=str(tmp_path / "r"))])
-    run.validate(module, loader(16, labelled=False), verbose=False)
-    report = json.loads((tmp_path / "r" / "validate_metrics.json").read_text())
-    assert report["per_class"]["positives"] == [0.0] * NUM_CLASSES
-    assert not (tmp_path / "r" / "validate_class_ap.png").exists()
+    with pytest.raises(ValueError, match=r"no video of the validation data has labels \(the evaluated data\)"):
+        run.validate(module, loader(16, labelled=False), verbose=False)
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.slow

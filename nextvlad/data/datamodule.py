@@ -97,16 +97,19 @@ class YT8MDataModule(L.LightningDataModule):
     def _dataset(self, split: Stage) -> YT8MFrameDataset:
         if split not in self.datasets:
             pattern = self.patterns[split]
+            name = {"fit": "train_pattern", "validate": "val_pattern"}.get(split, f"{split}_pattern")
             if not pattern:
-                name = {"fit": "train_pattern", "validate": "val_pattern"}.get(split, f"{split}_pattern")
                 raise ValueError(f"YT8MDataModule: {name} is not set, needed for {split}")
             training = split == "fit"
-            dataset = YT8MFrameDataset(
-                pattern, batch_size=self.batch_size if training else self.eval_batch_size,
-                max_frames=self.max_frames, num_classes=self.num_classes, training=training,
-                drop_last=self.drop_last, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
-                on_error=self.on_error, compression=self.compression,
-                dequantize_in_workers=self.dequantize_in_workers)
+            try:
+                dataset = YT8MFrameDataset(
+                    pattern, batch_size=self.batch_size if training else self.eval_batch_size,
+                    max_frames=self.max_frames, num_classes=self.num_classes, training=training,
+                    drop_last=self.drop_last, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
+                    on_error=self.on_error, compression=self.compression,
+                    dequantize_in_workers=self.dequantize_in_workers)
+            except FileNotFoundError as error:  # name the option the user has to fix
+                raise FileNotFoundError(f"YT8MDataModule {name}: {error}") from error
             rank, world_size = self._rank_world()
             dataset.set_distributed(rank, world_size)
             self.datasets[split] = dataset

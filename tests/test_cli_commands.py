@@ -1,0 +1,319 @@
+"""The README's commands as written, run through the console scripts on a small synthetic dataset.
+
+``lightning fit --config configs/demo.yaml`` trains for two steps in a scratch directory laid out as
+a clone (``data/synthetic/``); validate / test / predict / export / convert-tf / params then run on
+what it wrote. Oracles: the validation GAP that training recorded in the checkpoint's file name,
+the videos read back from the TFRecords, and the source model evaluated in this process.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from nextvlad.cli import console_main
+from nextvlad.convert import checkpoint_from_module, export_tf_variables
+from nextvlad.data import iter_videos, write_synthetic_dataset
+from nextvlad.module import VideoClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DEMO, EVALUATE, PREDICT = (str(REPO / "configs" / f"{name}.yaml") for name in ("demo", "evaluate", "predict"))
+CLASSES, MAX_FRAMES = 100, 60  # configs/demo.yaml
+#: A model small enough to build and run in a blink, on the demo's data (1024 + 128 features, 100 classes).
+TINY = dict(num_classes=CLASSES, clusters=4, groups=4, hidden_size=16, gating_reduction=4)
+
+pytestmark = pytest.mark.slow
+
+
+def run(command: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """A console script of this package, as a user runs it."""
+    return subprocess.run([str(BIN / command), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The last stderr line of a failed command, which must be its only error output."""
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory) -> Path:
+    """A scratch directory with data/synthetic/ (labelled train/validate, unlabelled test) in which
+    ``lightning fit --config configs/demo.yaml`` has run for two steps."""
+    root = tmp_path_factory.mktemp("clone")
+    write_synthetic_dataset(root / "data" / "synthetic", num_train=64, num_validate=32, num_test=20,
+                            num_classes=CLASSES, files_per_split=2, min_frames=5, max_frames=MAX_FRAMES, seed=1)
+    result = run("lightning", "fit", "--config", DEMO, "--trainer.max_steps", "2",
+                 "--trainer.enable_progress_bar", "false", cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+def checkpoints(clone: Path) -> Path:
+    return clone / "runs" / "demo" / "version_0" / "checkpoints"
+
+
+def test_training_writes_best_ckpt_pointing_at_the_best_checkpoint(clone):
+    directory = checkpoints(clone)
+    scored = {float(path.stem.split("gap")[1]): path for path in directory.glob("epoch*-gap*.ckpt")}
+    assert scored, sorted(directory.iterdir())
+    best = directory / "best.ckpt"
+    assert best.resolve() == scored[max(scored)].resolve()
+    saved = torch.load(best, weights_only=True)["state_dict"]
+    assert all(torch.equal(saved[k], v) for k, v in torch.load(scored[max(scored)], weights_only=True)["state_dict"].items())
+
+
+def test_readme_resume_keeps_a_best_ckpt_in_the_new_run(clone, tmp_path):
+    """`lightning fit --config ... --ckpt_path .../last.ckpt` (the README's resume) in a copy of the
+    clone: the new version directory has a best.ckpt that resolves to the best checkpoint so far."""
+    copy = tmp_path / "clone"
+    shutil.copytree(clone, copy, symlinks=True)
+    result = run("lightning", "fit", "--config", DEMO, "--trainer.max_steps", "4", "--trainer.enable_progress_bar", "false",
+                 "--ckpt_path", "runs/demo/version_0/checkpoints/last.ckpt", cwd=copy)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = sorted((copy / "runs" / "demo").glob("version_*"))[-1]
+    assert resumed.name != "version_0"
+    assert torch.load(resumed / "checkpoints" / "best.ckpt", weights_only=True)["global_step"] in (2, 4)
+
+
+def test_readme_validate_test_predict_and_export_on_best_ckpt(clone):
+    best = checkpoints(clone) / "best.ckpt"
+    recorded_gap = float(best.resolve().stem.split("gap")[1])  # fit's validation of the same weights
+
+    assert run("nextvlad", "validate", "--config", DEMO, "--config", EVALUATE, "--ckpt_path", str(best),
+               cwd=clone).returncode == 0
+    validated = yaml.safe_load((best.parent / "best.validate.json").read_text())["metrics"]
+    assert validated["gap"] == pytest.approx(recorded_gap, abs=5e-5)
+
+    # configs/demo.yaml points `test` at labelled data: the same metrics, not zeros.
+    tested = run("nextvlad", "test", "--config", DEMO, "--config", EVALUATE, "--ckpt_path", str(best), cwd=clone)
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    test_metrics = yaml.safe_load((best.parent / "best.test.json").read_text())["metrics"]
+    assert test_metrics["gap"] == pytest.approx(validated["gap"], rel=1e-6) and test_metrics["gap"] > 0
+
+    predicted = run("nextvlad", "predict", "--config", DEMO, "--config", PREDICT, "--ckpt_path", str(best),
+                    "--trainer.callbacks.output_path=submission.csv", cwd=clone)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    rows = (clone / "submission.csv").read_text().splitlines()
+    test_ids = [video["id"] for video in iter_videos(str(clone / "data/synthetic/test*.tfrecord"), num_classes=CLASSES)]
+    assert rows[0] == "VideoId,LabelConfidencePairs" and [row.split(",")[0] for row in rows[1:]] == test_ids
+
+    exported = run("nextvlad", "export", "--ckpt_path", str(best), "--format", "onnx", "--output", "nextvlad.onnx",
+                   cwd=clone)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    onnx = pytest.importorskip("onnx")
+    metadata = {p.key: p.value for p in onnx.load(str(clone / "nextvlad.onnx")).metadata_props}
+    assert metadata["nextvlad.reverse_whitening"].startswith("none: the model was trained without reverse whitening")
+
+
+def test_an_architecture_argument_that_contradicts_the_checkpoint_is_an_error(clone):
+    result = run("nextvlad", "validate", "--config", DEMO, "--ckpt_path", str(checkpoints(clone) / "best.ckpt"),
+                 "--model.init_args.clusters", "32", cwd=clone)
+    assert "another architecture (clusters: checkpoint 16 vs config 32)" in error_line(result)
+
+
+def padded_videos(pattern: str) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
+    videos = list(iter_videos(pattern, max_frames=MAX_FRAMES, num_classes=CLASSES))
+    rgb, audio = torch.zeros(len(videos), MAX_FRAMES, 1024), torch.zeros(len(videos), MAX_FRAMES, 128)
+    for b, video in enumerate(videos):
+        rgb[b, :video["num_frames"]] = torch.from_numpy(video["rgb"])
+        audio[b, :video["num_frames"]] = torch.from_numpy(video["audio"])
+    return [v["id"] for v in videos], rgb, audio, torch.tensor([v["num_frames"] for v in videos])
+
+
+def top_classes(probabilities: torch.Tensor, k: int = 20) -> list[list[int]]:
+    """Oracle ranking: float64 sort by (-probability, class)."""
+    rows = probabilities.double().tolist()
+    return [sorted(range(len(row)), key=lambda c: (-row[c], c))[:k] for row in rows]
+
+
+def submission_classes(path: Path) -> dict[str, list[int]]:
+    rows = path.read_text().splitlines()[1:]
+    return {row.split(",")[0]: [int(c) for c in row.split(",")[1].split(" ")[::2]] for row in rows}
+
+
+def write_model_config(path: Path, **init_args) -> Path:
+    path.write_text(yaml.safe_dump({"model": {"class_path": "nextvlad.VideoClassifier", "init_args": init_args}}))
+    return path
+
+
+def test_predict_branch_and_top_k_on_the_command_line_apply_to_a_mixture_checkpoint(clone, tmp_path):
+    torch.manual_seed(0)
+    mixture = VideoClassifier(**TINY, num_branches=2).eval()
+    torch.save(checkpoint_from_module(mixture), tmp_path / "mixture.ckpt")
+    config = write_model_config(tmp_path / "mixture.yaml", **TINY, num_branches=2)
+    result = run("nextvlad", "predict", "--config", DEMO, "--config", str(config), "--config", PREDICT,
+                 "--ckpt_path", str(tmp_path / "mixture.ckpt"), "--model.init_args.predict_branch", "0",
+                 "--model.init_args.top_k", "5", f"--trainer.callbacks.output_path={tmp_path / 'branch0.csv'}", cwd=clone)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    ids, rgb, audio, lengths = padded_videos(str(clone / "data/synthetic/test*.tfrecord"))
+    with torch.no_grad():
+        branch = top_classes(torch.sigmoid(mixture.model.branches[0](rgb, audio, lengths)), k=5)
+        mixed = top_classes(torch.sigmoid(mixture.model(rgb, audio, lengths)), k=5)
+    assert branch != mixed  # otherwise this test could not tell the two apart
+    assert submission_classes(tmp_path / "branch0.csv") == dict(zip(ids, branch))
+
+
+def test_readme_convert_tf_then_validate_and_predict(clone, tmp_path):
+    """`nextvlad convert-tf ... --out nextvlad_tf.ckpt --ignore-extra`, then validate and predict with
+    the same config: the metrics and the submission are those of the model the weights came from."""
+    torch.manual_seed(1)
+    source = VideoClassifier(**TINY, hidden_activation="none").eval()
+    variables = export_tf_variables(source)
+    variables["global_step"] = np.int64(460000)  # training state that --ignore-extra skips
+    np.savez(tmp_path / "nextvlad_tf.npz", **variables)
+    config = yaml.safe_load(Path(DEMO).read_text())
+    config["model"]["init_args"] = {**TINY, "hidden_activation": "none"}
+    (tmp_path / "tf.yaml").write_text(yaml.safe_dump(config))
+
+    converted = run("nextvlad", "convert-tf", "--variables", str(tmp_path / "nextvlad_tf.npz"), "--config",
+                    str(tmp_path / "tf.yaml"), "--out", str(tmp_path / "nextvlad_tf.ckpt"), "--ignore-extra", cwd=clone)
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    validated = run("nextvlad", "validate", "--config", str(tmp_path / "tf.yaml"), "--config", EVALUATE,
+                    "--ckpt_path", str(tmp_path / "nextvlad_tf.ckpt"), cwd=clone)
+    assert validated.returncode == 0, validated.stderr[-3000:]
+    predicted = run("nextvlad", "predict", "--config", str(tmp_path / "tf.yaml"), "--config", PREDICT,
+                    "--ckpt_path", str(tmp_path / "nextvlad_tf.ckpt"),
+                    f"--trainer.callbacks.output_path={tmp_path / 'submission.csv'}", cwd=clone)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+
+    ids, rgb, audio, lengths = padded_videos(str(clone / "data/synthetic/validate*.tfrecord"))
+    labels = torch.stack([torch.from_numpy(v["labels"]) for v in iter_videos(
+        str(clone / "data/synthetic/validate*.tfrecord"), max_frames=MAX_FRAMES, num_classes=CLASSES)]).double()
+    with torch.no_grad():
+        logits = source(rgb, audio, lengths).double()
+    expected_loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(1).mean()
+    report = yaml.safe_load((tmp_path / "nextvlad_tf.validate.json").read_text())["metrics"]
+    assert report["loss"] == pytest.approx(float(expected_loss), rel=1e-5)
+
+    ids, rgb, audio, lengths = padded_videos(str(clone / "data/synthetic/test*.tfrecord"))
+    with torch.no_grad():
+        expected = top_classes(torch.sigmoid(source(rgb, audio, lengths)))
+    assert submission_classes(tmp_path / "submission.csv") == dict(zip(ids, expected))
+
+
+# ------------------------------------------------------------------ known user errors: one line
+def cli_error(monkeypatch, capsys, *argv: str) -> str:
+    """What ``nextvlad <argv>`` (the console script's function) exits with; it must be one line."""
+    monkeypatch.setattr(sys, "argv", ["nextvlad", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        console_main()
+    message = str(exit_info.value.code)
+    assert "\n" not in message and "Traceback" not in capsys.readouterr().err
+    assert message.endswith("(--debug shows the traceback)")
+    return message
+
+
+@pytest.mark.parametrize("override, expected", [
+    (["--data.init_args.val_pattern", "nowhere/*.tfrecord"],
+     "YT8MDataModule val_pattern: no files match 'nowhere/*.tfrecord'"),
+    (["--data.init_args.eigenvalues_path", "missing/eigenvals.npy"], "eigenvalues_path: missing/eigenvals.npy does not exist"),
+    (["--data.init_args.max_frames", "0"], "max_frames must be >= 1, got 0"),
+    (["--data.init_args.num_classes", "5", "--model.init_args.num_classes", "5"],
+     "data/synthetic/validate0000.tfrecord, record 0: label"),  # "... is outside [0, num_classes=5)"
+])
+def test_known_data_errors_are_one_line(clone, monkeypatch, capsys, override, expected):
+    monkeypatch.chdir(clone)
+    message = cli_error(monkeypatch, capsys, "validate", "--config", DEMO, *override)
+    assert message.startswith(f"nextvlad validate: error: {expected}")
+
+
+def test_testing_data_without_labels_is_an_error(clone, monkeypatch, capsys):
+    monkeypatch.chdir(clone)
+    message = cli_error(monkeypatch, capsys, "test", "--config", DEMO, "--config", EVALUATE, "--ckpt_path",
+                        str(checkpoints(clone) / "best.ckpt"), "--data.init_args.test_pattern", "data/synthetic/test*.tfrecord")
+    assert message.startswith("nextvlad test: error: no video of the test data has labels "
+                              "(data.init_args.test_pattern = 'data/synthetic/test*.tfrecord')")
+
+
+def test_corrupt_and_foreign_checkpoints_are_one_line_without_torch_advice(clone, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(clone)
+    best = checkpoints(clone) / "best.ckpt"
+    (tmp_path / "truncated.ckpt").write_bytes(best.read_bytes()[: 100_000])
+    (tmp_path / "garbage.ckpt").write_bytes(bytes(range(256)) * 8)
+    torch.save({"state_dict": {"layer.weight": torch.zeros(3)}, "hyper_parameters": {}}, tmp_path / "other.ckpt")
+    for name in ("truncated", "garbage"):
+        message = cli_error(monkeypatch, capsys, "validate", "--config", DEMO, "--ckpt_path", str(tmp_path / f"{name}.ckpt"))
+        assert f"{name}.ckpt: not a loadable checkpoint" in message and "weights_only" not in message
+    message = cli_error(monkeypatch, capsys, "predict", "--config", DEMO, "--ckpt_path", str(tmp_path / "other.ckpt"))
+    assert message.startswith(f"nextvlad predict: error: {tmp_path / 'other.ckpt'}: its weights do not fit VideoClassifier")
+
+
+def test_debug_shows_the_original_exception(clone, monkeypatch):
+    monkeypatch.chdir(clone)
+    monkeypatch.setattr(sys, "argv", ["nextvlad", "validate", "--config", DEMO, "--debug",
+                                      "--data.init_args.val_pattern", "nowhere/*.tfrecord"])
+    with pytest.raises(FileNotFoundError, match="val_pattern: no files match"):
+        console_main()
+
+
+# ------------------------------------------------------------------ params
+def nextvlad_layer_parameters(n: int, groups: int, clusters: int, expansion: int = 2) -> int:
+    """SPEC 3.5: P_layer(N, G, K)."""
+    expanded = expansion * n
+    d = expanded // groups
+    return (n * expanded + expanded + expanded * groups + groups + expanded * groups * clusters
+            + 2 * groups * clusters + d * clusters + 2 * d * clusters)
+
+
+def nextvlad_model_parameters(groups: int, clusters: int, hidden: int = 2048, reduction: int = 8, classes: int = 3862) -> int:
+    """SPEC 3.5: P = P_layer(1024, G, K) + P_layer(128, G/2, K/2) + V*H + 2H + 2*H*(H/r) + 2*(H/r) + H*C + C."""
+    vlad = 2304 * clusters // groups
+    return (nextvlad_layer_parameters(1024, groups, clusters) + nextvlad_layer_parameters(128, groups // 2, clusters // 2)
+            + vlad * hidden + 2 * hidden + 2 * hidden * (hidden // reduction) + 2 * (hidden // reduction)
+            + hidden * classes + classes)
+
+
+def printed_total(output: str) -> int:
+    [total] = [line for line in output.splitlines() if line.startswith("total")]
+    return int(total.split()[-1].replace(",", ""))
+
+
+@pytest.mark.parametrize("config, groups, spec_millions", [("nextvlad_16g", 16, 53.3), ("nextvlad_32g", 32, 38.7)])
+def test_params_of_the_group_configs_match_spec(capsys, config, groups, spec_millions):
+    from nextvlad.cli import main
+
+    main(["params", "--config", str(REPO / "configs" / f"{config}.yaml")])
+    total = printed_total(capsys.readouterr().out)
+    assert total == nextvlad_model_parameters(groups=groups, clusters=128)
+    assert round(total / 1e6, 1) == spec_millions  # SPEC 3.5's "38.7M and 53.3M"
+
+
+def test_params_takes_several_configs_and_overrides_like_the_other_commands(tmp_path):
+    extra = write_model_config(tmp_path / "extra.yaml", clusters=64)
+    result = run("nextvlad", "params", "--config", str(REPO / "configs" / "nextvlad.yaml"), "--config", str(extra),
+                 "--model.init_args.groups", "16", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert printed_total(result.stdout) == nextvlad_model_parameters(groups=16, clusters=64)
+    assert "Seed set" not in result.stdout + result.stderr
+
+
+def readme_parameter_table() -> dict[str, int]:
+    """config file name -> count, from the README's table under "Training"."""
+    counts = {}
+    for line in (REPO / "README.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) == 3 and cells[2].replace(",", "").isdigit():
+            for name in cells[0].replace("`", "").split(", "):
+                counts[name] = int(cells[2].replace(",", ""))
+    return counts
+
+
+def test_readme_parameter_table_is_what_params_prints(capsys):
+    from nextvlad.cli import main
+
+    table = readme_parameter_table()
+    assert {"nextvlad_16g.yaml", "nextvlad_32g.yaml", "netvlad.yaml", "netvlad_small.yaml", "netvlad_random.yaml"} <= set(table)
+    for config, count in table.items():
+        main(["params", "--config", str(REPO / "configs" / config)])
+        assert printed_total(capsys.readouterr().out) == count, config
