@@ -108,3 +108,13 @@ def write_results(
     markdown_path = directory / f"{name}.md"
     markdown_path.write_text("\n".join(header) + markdown_table(rows, columns))
     return {"json": json_path, "md": markdown_path}
+
+
+def print_targets(targets: Sequence[Mapping[str, Any]], context: str = "") -> None:
+    """One ``TARGET PASS|FAIL|N/A`` line per target dict (target, value, relation, bound, passed),
+    the lines gpu_session.sh collects into its summary."""
+    for target in targets:
+        verdict = {True: "PASS", False: "FAIL", None: "N/A "}[target["passed"]]
+        value = "not measured" if target["value"] is None else f"{target['value']:.4g}"
+        where = f" ({context})" if context else ""
+        print(f"TARGET {verdict} {target['target']}{where}: {value} {target['relation']} {target['bound']}")
