@@ -14,6 +14,7 @@ a plain timer) so that CI exercises it. Writes ``benchmarks/results/aggregation_
     python benchmarks/bench_aggregation.py            # full run on the available device
     python benchmarks/bench_aggregation.py --quick    # tiny shapes, seconds (CI)
     python benchmarks/bench_aggregation.py --compile-report  # sm_90 registers/spills, no GPU needed
+    python benchmarks/bench_aggregation.py --roofline        # minimal bytes/FLOPs, H200 roofline times
     python benchmarks/bench_aggregation.py --ceilings benchmarks/results/ceilings_cuda.json  # targets
 """
 
@@ -64,6 +65,9 @@ PEAK_BANDWIDTH_GBPS = {
 # mode costs minutes of a short GPU lease); --compiled-shapes all compiles every workload.
 COMPILED_SHAPES = ("video K128 (paper)",)
 
+#: Dense bf16 tensor-core peak of an H200 (data sheet, without sparsity); TF32 is half of it.
+H200_BF16_TFLOPS = 990.0
+
 # The einsum materialises (B, M, G, K, D) fp32 residuals; skip it where that would not fit.
 EINSUM_MEMORY_LIMIT_BYTES = {"cuda": 40 * 2**30, "cpu": 2 * 2**30}
 
@@ -104,12 +108,43 @@ def make_inputs(workload: Workload, dtype: torch.dtype, device: torch.device, re
     def randn(*size: int) -> torch.Tensor:
         return torch.randn(*size, generator=generator).to(device=device, dtype=dtype).requires_grad_(requires_grad)
 
-    if workload.lengths == "full":
-        lengths = torch.full((b,), m, dtype=torch.int64)
-    else:  # the paper's videos are 120-300 s long: lengths uniform in [0.4 M, M]
-        lengths = torch.randint(int(0.4 * m), m + 1, (b,), generator=generator)
     centroids = (0.1 * torch.randn(k, d, generator=generator)).to(device).requires_grad_(requires_grad)
-    return randn(b, m, g, d), randn(b, m, g, k), randn(b, m, g), lengths.to(device), centroids
+    return randn(b, m, g, d), randn(b, m, g, k), randn(b, m, g), frame_lengths(workload).to(device), centroids
+
+
+def frame_lengths(workload: Workload) -> torch.Tensor:
+    """(B,) real frames per video, from a generator of their own (the roofline needs them alone)."""
+    b, m = workload.batch, workload.frames
+    if workload.lengths == "full":
+        return torch.full((b,), m, dtype=torch.int64)
+    # the paper's videos are 120-300 s long: lengths uniform in [0.4 M, M]
+    return torch.randint(int(0.4 * m), m + 1, (b,), generator=torch.Generator().manual_seed(1))
+
+
+def minimal_flops(workload: Workload, real_frames: int, mode: str) -> int:
+    """Matmul FLOPs on real frames: A^T X forward (2 R G K D); the backward adds A gy (grad x) and
+    X gy^T (grad assignment), recomputing A elementwise, so forward+backward is 3 times that."""
+    forward = 2 * real_frames * workload.groups * workload.clusters * workload.dim
+    return forward if mode == "forward" else 3 * forward
+
+
+def roofline(batch: int, frames: int, copy_gbps: float, bf16_tflops: float) -> list[dict[str, Any]]:
+    """Per workload, dtype and mode: minimal bytes and FLOPs and the time a kernel moving exactly
+    those bytes at ``copy_gbps`` and computing at ``bf16_tflops`` (TF32: half) could not beat."""
+    rows = []
+    for workload in workloads(batch, frames, quick=False):
+        real_frames = int(frame_lengths(workload).sum())
+        for dtype_name, dtype in DTYPES.items():
+            tflops = bf16_tflops if dtype_name == "bf16" else bf16_tflops / 2  # TF32 tensor cores
+            for mode in MODES:
+                moved, flops = minimal_bytes(workload, dtype, real_frames, mode), minimal_flops(workload, real_frames, mode)
+                memory_us, compute_us = moved / copy_gbps / 1e3, flops / tflops / 1e6
+                rows.append({"shape": workload.name, "lengths": workload.lengths,
+                             "real_frames": real_frames / (workload.batch * workload.frames), "dtype": dtype_name,
+                             "mode": mode, "MB": moved / 1e6, "GFLOP": flops / 1e9, "memory_us": memory_us,
+                             "compute_us": compute_us, "roofline_us": max(memory_us, compute_us),
+                             "bound": "memory" if memory_us >= compute_us else "compute"})
+    return rows
 
 
 def minimal_bytes(workload: Workload, dtype: torch.dtype, real_frames: int, mode: str) -> int:
@@ -374,6 +409,22 @@ def compile_report(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def roofline_report(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """No GPU needed: the roofline table of every workload for the given (or measured) ceilings."""
+    ceilings = read_ceilings(args.ceilings)
+    copy_gbps = args.peak_gbps or ceilings.get("copy_GBps") or PEAK_BANDWIDTH_GBPS["H200"]
+    bf16_tflops = ceilings.get("bf16_TFLOPs") or H200_BF16_TFLOPS
+    rows = roofline(args.batch or 160, args.frames, copy_gbps, bf16_tflops)
+    print(markdown_table(rows))
+    meta = {"copy_GBps": copy_gbps, "bf16_TFLOPs": bf16_tflops, "tf32_TFLOPs": bf16_tflops / 2,
+            "source": "measured (--ceilings)" if ceilings else "H200 data sheet",
+            "bytes": "minimal_bytes", "flops": "minimal_flops (matmuls on real frames)"}
+    name = args.name or "aggregation_roofline"
+    paths = write_results(name, rows, meta, output_dir=args.output_dir)
+    print(f"wrote {paths['json']} and {paths['md']}")
+    return rows
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes and short timings (CI smoke run)")
@@ -400,6 +451,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (on a loaded shared machine 1 is far steadier)")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--roofline", action="store_true",
+                        help="instead of timing: minimal bytes, FLOPs and roofline time of every workload "
+                             "(H200 data sheet, or the measured --ceilings)")
     parser.add_argument("--compile-report", action="store_true",
                         help="instead of timing: compile the default tiles for sm_90 and report registers/"
                              "spills/shared memory (needs Triton in compiled mode, no GPU)")
@@ -410,6 +464,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     if args.compile_report:
         return compile_report(args)
+    if args.roofline:
+        return roofline_report(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision(args.matmul_precision)

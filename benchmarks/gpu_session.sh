@@ -9,7 +9,8 @@
 #   ceilings  measured copy GB/s and bf16 GEMM TFLOP/s (benchmarks/ceilings.py), first
 #   tests     the GPU tests (pytest -m gpu)
 #   kernel    kernel benchmark vs the eager / torch.compile reference, TARGET lines
-#   model     the static kernel model's predictions (benchmarks/kernel_model.py, if present)
+#   model     roofline times over the measured ceilings, and the static kernel model's
+#             predictions (benchmarks/kernel_model.py, if present)
 #   train     training throughput, paper model: model only, cost split, end to end (8 workers), MFU
 #   mix3      training throughput, final-recipe mixture: model only, 1 vs 3 branches, MFU
 #
@@ -101,7 +102,13 @@ print(f"float32 matmul precision (benchmarks set their own): {torch.get_float32_
 PY
 }
 
+# The predictions beside the measurements: roofline times over the measured ceilings, and the
+# static kernel model (benchmarks/kernel_model.py, another issue's) where it has landed.
 kernel_model() {
+  local ceilings_args=()
+  [ -f "$ceilings" ] && ceilings_args=(--ceilings "$ceilings")
+  "$python" benchmarks/bench_aggregation.py --roofline "${ceilings_args[@]}" --name aggregation_roofline_measured \
+    --output-dir "$results" || return 1
   if [ -f benchmarks/kernel_model.py ]; then
     "$python" benchmarks/kernel_model.py
   else
@@ -110,7 +117,7 @@ kernel_model() {
 }
 
 export -f setup versions kernel_model
-export python dry_run
+export python dry_run results
 
 if [ $dry_run = 1 ]; then
   echo "DRY RUN on the CPU: every stage's fallback, tiny shapes; no number here is a GPU number"

@@ -42,11 +42,13 @@ def test_gpu_session_dry_run_runs_every_stage_and_returns_at_most_8_files(tmp_pa
     with tarfile.open(out / "results.tar.gz") as archive:
         names = {Path(name).name for name in archive.getnames()}
         assert {"ceilings_cpu.json", "aggregation_cpu_quick.json", "train_nextvlad_cpu_tiny.json",
-                "train_nextvlad_mix3_cpu_tiny.json"} <= names
+                "train_nextvlad_mix3_cpu_tiny.json", "aggregation_roofline_measured.json"} <= names
         ceilings = json.load(archive.extractfile("./ceilings_cpu.json"))["meta"]["ceilings"]
         train = json.load(archive.extractfile("./train_nextvlad_cpu_tiny.json"))
         kernel = json.load(archive.extractfile("./aggregation_cpu_quick.json"))
+        roofline = json.load(archive.extractfile("./aggregation_roofline_measured.json"))
     assert ceilings["copy_GBps"] > 0 and ceilings["bf16_TFLOPs"] > 0
+    assert roofline["meta"]["copy_GBps"] == pytest.approx(ceilings["copy_GBps"])
     # MFU is judged against the measured ceiling the earlier stage wrote
     assert train["meta"]["MFU_peak_TFLOPs"] == pytest.approx(ceilings["bf16_TFLOPs"])
     workloads = [row["workload"] for row in train["rows"]]

@@ -713,3 +713,27 @@ def test_lengths_values_are_checked_once_per_tensor_and_again_after_an_in_place_
         residual_aggregation(x, logits, attention, lengths, centroids, backend="reference")
     with pytest.raises(ValueError, match="lengths must lie"):  # a new tensor with bad values
         residual_aggregation(x, logits, attention, torch.tensor([4, -1]), centroids, backend="reference")
+
+
+def test_roofline_of_the_paper_video_stream_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_aggregation.py"
+    spec = importlib.util.spec_from_file_location("bench_aggregation", script)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_aggregation", bench)
+    spec.loader.exec_module(bench)
+    rows = bench.roofline(160, 300, copy_gbps=4800.0, bf16_tflops=990.0)
+    row = next(r for r in rows if (r["shape"], r["lengths"], r["dtype"], r["mode"])
+               == ("video K128 (paper)", "full", "bf16", "forward"))
+    # bf16 x, logits, attention of 160*300*8 rows (256 + 128 + 1 values), int64 lengths, fp32
+    # centroids (128 x 256) in; bf16 y (160 x 128 x 256) out.
+    moved = 2 * 160 * 300 * 8 * 385 + 8 * 160 + 4 * 128 * 256 + 2 * 160 * 128 * 256
+    flops = 2 * 160 * 300 * 8 * 128 * 256
+    assert row["MB"] == pytest.approx(moved / 1e6) and row["GFLOP"] == pytest.approx(flops / 1e9)
+    assert row["roofline_us"] == pytest.approx(moved / 4800e9 * 1e6) and row["bound"] == "memory"
+    backward = next(r for r in rows if (r["shape"], r["lengths"], r["dtype"], r["mode"])
+                    == ("video K128 (paper)", "full", "fp32", "forward+backward"))
+    assert backward["GFLOP"] == pytest.approx(3 * flops / 1e9)
+    assert backward["compute_us"] == pytest.approx(3 * flops / 495e12 * 1e6)  # TF32: half the bf16 peak
