@@ -102,13 +102,14 @@ def workloads(batch: int, frames: int, quick: bool) -> list[Workload]:
 
 
 def make_inputs(workload: Workload, dtype: torch.dtype, device: torch.device, requires_grad: bool):
-    generator = torch.Generator(device="cpu").manual_seed(0)
+    # drawn on the device: on a CPU, 100M normals for x take seconds per case of a short GPU lease
+    generator = torch.Generator(device=device).manual_seed(0)
     b, m, g, k, d = workload.batch, workload.frames, workload.groups, workload.clusters, workload.dim
 
     def randn(*size: int) -> torch.Tensor:
-        return torch.randn(*size, generator=generator).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+        return torch.randn(*size, generator=generator, device=device).to(dtype).requires_grad_(requires_grad)
 
-    centroids = (0.1 * torch.randn(k, d, generator=generator)).to(device).requires_grad_(requires_grad)
+    centroids = (0.1 * torch.randn(k, d, generator=generator, device=device)).requires_grad_(requires_grad)
     return randn(b, m, g, d), randn(b, m, g, k), randn(b, m, g), frame_lengths(workload).to(device), centroids
 
 
@@ -479,21 +480,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ceilings = read_ceilings(args.ceilings)
     peak_gbps = peak_bandwidth(device, args.peak_gbps or ceilings.get("copy_GBps"))
 
-    rows = []
-    for workload in workloads(batch, args.frames, args.quick):
-        for dtype_name in dtypes:
-            for mode in args.modes:
-                for provider in providers:
-                    rows.append(run_case(workload, dtype_name, mode, provider, device, args, peak_gbps))
-                    gc.collect()
-                    if on_gpu:
-                        torch.cuda.empty_cache()
-    add_speedups(rows)
-
-    targets = evaluate_targets(rows, ceilings.get("copy_GBps"))
     columns = ["shape", "lengths", "real_frames", "dtype", "mode", "provider", "regime", "ms", "x_ref", "GB/s", "%peak",
                "extra_MiB", "note"]
-    print(markdown_table(rows, columns))
     meta = {
         **environment(device),
         "timer": "triton.testing.do_bench (median)" if on_gpu else "time.perf_counter (median)",
@@ -504,19 +492,33 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "bf16_regime": "bf16 inputs under torch.autocast(bfloat16)",
         "compiled_shapes": args.compiled_shapes,
         "ceilings": ceilings or None,
-        "targets": targets,
         "quick": args.quick,
         "workloads": [asdict(w) for w in workloads(batch, args.frames, args.quick)],
         "bytes": "minimal bytes: real-frame inputs read once, outputs written once (see minimal_bytes)",
     }
     name = args.name or f"aggregation_{device.type}{'_quick' if args.quick else ''}"
-    paths = write_results(name, rows, meta, columns=columns, output_dir=args.output_dir)
+    rows: list[dict[str, Any]] = []
+    for workload in workloads(batch, args.frames, args.quick):
+        for dtype_name in dtypes:
+            for mode in args.modes:
+                for provider in providers:
+                    rows.append(run_case(workload, dtype_name, mode, provider, device, args, peak_gbps))
+                    gc.collect()
+                    if on_gpu:
+                        torch.cuda.empty_cache()
+        add_speedups(rows)
+        print(markdown_table([row for row in rows if row["shape"] == workload.name
+                              and row["lengths"] == workload.lengths], columns), flush=True)
+        # after every workload, so that a run stopped by its time budget keeps what it measured
+        meta["targets"] = evaluate_targets(rows, ceilings.get("copy_GBps"))
+        paths = write_results(name, rows, {**meta, "complete": False}, columns=columns, output_dir=args.output_dir)
+    paths = write_results(name, rows, {**meta, "complete": True}, columns=columns, output_dir=args.output_dir)
     if not args.no_plot:
         threads = "" if on_gpu else f", {torch.get_num_threads()} CPU thread(s)"
         plot(rows, args.output_dir / f"{name}.png", f"residual aggregation on {meta['device']}, B={batch}{threads}")
     print(f"wrote {paths['json']} and {paths['md']}")
     if on_gpu or args.quick:  # the quick run prints them (N/A) so that CI exercises the path
-        print_targets(targets, ", ".join(f"{key}={value}" for key, value in TARGET_CASE.items()))
+        print_targets(meta["targets"], ", ".join(f"{key}={value}" for key, value in TARGET_CASE.items()))
     return rows
 
 

@@ -238,6 +238,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-dir", type=Path, default=None)
     parser.add_argument("--ceilings", type=Path, default=None,
                         help="ceilings JSON from benchmarks/ceilings.py: MFU over its measured bf16 TFLOP/s")
+    parser.add_argument("--flops", action="store_true",
+                        help="only print the training FLOPs per video of the config's model (no timing)")
     parser.add_argument("--cost-split", action="store_true",
                         help="also time the model with the reference aggregation and the stream FCs alone")
     parser.add_argument("--name", default=None, help="result file stem (default train_<config>_<device>)")
@@ -256,6 +258,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     device = torch.device(args.device)
     hp = model_hparams(args.config, {**(TINY_MODEL if args.tiny else {}), "aggregation_backend": "auto"})
+    if args.flops:
+        flops = training_flops_per_video(hp, args.frames, device)
+        print(f"{args.config.name}: {flops / 1e9:.3f} GFLOP per video (forward + backward, matmuls, {args.frames} frames)")
+        return [{"config": args.config.name, "GFLOP_per_video": flops / 1e9}]
     batch = random_batch(hp, args.batch, args.frames, device)
     common = {"config": args.config.name, "precision": args.precision, "batch": args.batch, "frames": args.frames}
     rows = []
@@ -277,27 +283,31 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         fcs = time_stream_fcs(hp, batch, device, args.precision, args.warmup, args.steps)
         rows.append({"workload": "stream FCs alone (expansion, attention, cluster)", **common,
                      "ms_per_step": 1000 * fcs, "videos_per_s": args.batch / fcs})
-    if not args.no_end_to_end:
-        rows.append({**end_to_end(hp, args.config, args, device), **common})
     ceilings = json.loads(args.ceilings.read_text())["meta"]["ceilings"] if args.ceilings else {}
     peak_tflops = ceilings.get("bf16_TFLOPs") or DATASHEET_BF16_TFLOPS
     flops_per_video = training_flops_per_video(hp, args.frames, device)
-    add_mfu(rows, flops_per_video, peak_tflops)
-    targets = training_targets(args.config.stem, rows, judged=device.type == "cuda" and not args.tiny)
     meta = {**environment(device), "config": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO)
                                                  else args.config), "tiny": args.tiny, "warmup": args.warmup,
             "steps": args.steps, "training_GFLOP_per_video": flops_per_video / 1e9,
             "MFU_peak_TFLOPs": peak_tflops,
-            "MFU_peak_source": "measured bf16 GEMM (--ceilings)" if ceilings else "H200 data sheet",
-            "targets": targets}
+            "MFU_peak_source": "measured bf16 GEMM (--ceilings)" if ceilings else "H200 data sheet"}
     columns = ["workload", "config", "precision", "batch", "frames", "ms_per_step", "videos_per_s",
                "TFLOP/s", "MFU", "mix3 / (3 x single)"]
-    print(markdown_table(rows, columns))
+    name = args.name or f"train_{args.config.stem}_{device.type}{'_tiny' if args.tiny else ''}"
+
+    def report(complete: bool) -> None:
+        add_mfu(rows, flops_per_video, peak_tflops)
+        meta["targets"] = training_targets(args.config.stem, rows, judged=device.type == "cuda" and not args.tiny)
+        print(markdown_table(rows, columns), flush=True)
+        write_results(name, rows, {**meta, "complete": complete}, columns=columns, output_dir=args.output_dir)
+
+    if not args.no_end_to_end:
+        report(complete=False)  # end to end is the slowest part: a run stopped there keeps the rest
+        rows.append({**end_to_end(hp, args.config, args, device), **common})
+    report(complete=True)
     print(f"training FLOPs per video (forward + backward, matmuls): {flops_per_video / 1e9:.3f} GFLOP; "
           f"MFU over {peak_tflops:.3g} TFLOP/s ({meta['MFU_peak_source']})")
-    print_targets(targets)
-    name = args.name or f"train_{args.config.stem}_{device.type}{'_tiny' if args.tiny else ''}"
-    write_results(name, rows, meta, columns=columns, output_dir=args.output_dir)
+    print_targets(meta["targets"])
     return rows
 
 

@@ -133,7 +133,7 @@ with_ceilings() { if [ -f "$ceilings" ]; then "$@" --ceilings "$ceilings"; else 
 export -f with_ceilings
 export ceilings
 
-stage setup 40 setup
+stage setup 30 setup
 stage versions 15 versions
 if [ $dry_run = 1 ]; then
   stage ceilings 20 "$python" benchmarks/ceilings.py "${device[@]}" --copy-mib 8 --gemm-size 128 --output-dir "$results"
@@ -147,12 +147,13 @@ if [ $dry_run = 1 ]; then
     --no-end-to-end "${device[@]}" --output-dir "$results"
 else
   stage ceilings 25 "$python" benchmarks/ceilings.py --output-dir "$results"
-  stage tests 75 "$python" -m pytest -q -m gpu tests/ -p no:cacheprovider
-  stage kernel 100 with_ceilings "$python" benchmarks/bench_aggregation.py --output-dir "$results"
-  stage model 10 kernel_model
-  stage train 60 with_ceilings "$python" benchmarks/bench_train.py --config configs/nextvlad.yaml --workers 8 \
+  stage tests 60 "$python" -m pytest -q -m gpu tests/ -p no:cacheprovider
+  stage kernel 130 with_ceilings "$python" benchmarks/bench_aggregation.py --output-dir "$results"
+  stage model 15 kernel_model
+  stage train 55 with_ceilings "$python" benchmarks/bench_train.py --config configs/nextvlad.yaml --workers 8 \
+    --warmup 2 --steps 8 \
     --cost-split --output-dir "$results"
-  stage mix3 35 with_ceilings "$python" benchmarks/bench_train.py --config configs/nextvlad_mix3.yaml --mixture \
+  stage mix3 30 with_ceilings "$python" benchmarks/bench_train.py --config configs/nextvlad_mix3.yaml --mixture \
     --no-end-to-end --output-dir "$results"
 fi
 
