@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,15 @@ def device_name(device: torch.device | str) -> str:
     return f"{cpu} ({os.cpu_count()} logical cores)"
 
 
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver's version as nvidia-smi reports it (torch does not expose it)."""
+    try:
+        query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+        return subprocess.run(query, capture_output=True, text=True, check=True, timeout=30).stdout.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
 def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
     """Where and with what a benchmark ran."""
     try:
@@ -54,6 +64,7 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "driver": nvidia_driver() if device.type == "cuda" else None,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),

@@ -27,6 +27,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,11 @@ def time_model_steps(hp: dict[str, Any], batch: dict[str, Any], device: torch.de
         losses["total"].backward()
         clip_per_tensor_([p for p in module.parameters() if p.grad is not None], hp.get("gradient_clip_norm", 1.0))
         optimizer.step()
+    return seconds_per_step(step, device, warmup, steps)
+
+
+def seconds_per_step(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> float:
+    """Mean seconds of ``steps`` calls after ``warmup`` untimed ones, the device synchronised."""
     for _ in range(warmup):
         step()
     synchronize(device)
@@ -141,14 +147,7 @@ def time_stream_fcs(hp: dict[str, Any], batch: dict[str, Any], device: torch.dev
                 total = total + stream.cluster_logits(expanded).float().sum()
         total.backward()
 
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return (time.perf_counter() - start) / steps
+    return seconds_per_step(step, device, warmup, steps)
 
 
 def add_mfu(rows: list[dict[str, Any]], flops_per_video: float, peak_tflops: float) -> None:
