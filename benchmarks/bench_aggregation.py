@@ -175,7 +175,9 @@ def provider_function(provider: str) -> Callable[..., torch.Tensor]:
     if provider == "compiled":
         # One compilation per shape, dtype and mode; lengths are values, so "uniform" reuses "full"'s
         # graph. The limit is raised so that Dynamo never silently falls back to eager.
-        torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
+        config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # older torch
+        setattr(config, limit, max(64, getattr(config, limit)))
         return torch.compile(residual_aggregation_reference, dynamic=False)
     if provider == "triton":
         return lambda *inputs: residual_aggregation(*inputs, backend="triton")
