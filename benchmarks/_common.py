@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,6 +44,15 @@ def device_name(device: torch.device | str) -> str:
     return f"{cpu} ({os.cpu_count()} logical cores)"
 
 
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver's version as nvidia-smi reports it (torch does not expose it)."""
+    try:
+        query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+        return subprocess.run(query, capture_output=True, text=True, check=True, timeout=30).stdout.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
 def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
     """Where and with what a benchmark ran."""
     try:
@@ -58,6 +68,7 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "driver": nvidia_driver() if device.type == "cuda" else None,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),
@@ -112,3 +123,13 @@ def write_results(
     markdown_path = directory / f"{name}.md"
     markdown_path.write_text("\n".join(header) + markdown_table(rows, columns))
     return {"json": json_path, "md": markdown_path}
+
+
+def print_targets(targets: Sequence[Mapping[str, Any]], context: str = "") -> None:
+    """One ``TARGET PASS|FAIL|N/A`` line per target dict (target, value, relation, bound, passed),
+    the lines gpu_session.sh collects into its summary."""
+    for target in targets:
+        verdict = {True: "PASS", False: "FAIL", None: "N/A "}[target["passed"]]
+        value = "not measured" if target["value"] is None else f"{target['value']:.4g}"
+        where = f" ({context})" if context else ""
+        print(f"TARGET {verdict} {target['target']}{where}: {value} {target['relation']} {target['bound']}")

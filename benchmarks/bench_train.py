@@ -10,6 +10,11 @@
     python benchmarks/bench_train.py --config configs/nextvlad.yaml                 # GPU, bf16
     python benchmarks/bench_train.py --config configs/nextvlad_mix3.yaml --mixture
     python benchmarks/bench_train.py --tiny                                         # CPU smoke run
+    python benchmarks/bench_train.py --ceilings benchmarks/results/ceilings_cuda.json --cost-split
+
+MFU: the matmul FLOPs of one video's forward and backward (counted by ``FlopCounterMode`` on the
+model with the reference aggregation, whose matmuls it can see) times videos/s, over the bf16
+GEMM throughput measured by benchmarks/ceilings.py (``--ceilings``; else the data sheet's 990).
 
 Frames per video and DataLoader workers default to the config's (workers at most the CPU cores).
 Each model-only number is the median of per-step times after untimed warm-up steps. Compare rows
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
 import sys
@@ -35,9 +41,10 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SCRATCH_DIR, environment, markdown_table, write_results  # noqa: E402
+from _common import SCRATCH_DIR, environment, markdown_table, print_targets, write_results  # noqa: E402
 
 from nextvlad.data import write_synthetic_dataset  # noqa: E402
+from nextvlad.models.nextvlad import NeXtVLAD  # noqa: E402
 from nextvlad.module import VideoClassifier, clip_per_tensor_  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,6 +119,76 @@ def median_step_seconds(step: Callable[[], None], warmup: int, steps: int, synch
         synchronize()
         seconds.append(clock() - start)
     return statistics.median(seconds)
+
+
+#: H200 data sheet, dense bf16 (used for MFU only when no measured ceiling is given).
+DATASHEET_BF16_TFLOPS = 990.0
+#: The issue's model-only targets (videos/s, bf16-mixed, B=160, one H200) by config stem; end to end
+#: must reach END_TO_END_FRACTION of model only.
+MODEL_ONLY_TARGETS = {"nextvlad": 40_000, "nextvlad_mix3": 12_000}
+END_TO_END_FRACTION = 0.9
+
+
+def training_flops_per_video(hp: dict[str, Any], frames: int, device: torch.device) -> float:
+    """Matmul FLOPs of one training step's forward and backward, per video.
+
+    Counted on the model with ``aggregation_backend="reference"``: the registered op is opaque to
+    ``FlopCounterMode``, its reference is made of matmuls it counts. Every frame is counted (padded
+    frames go through the FCs too)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    videos = 2
+    module = VideoClassifier(**{**hp, "aggregation_backend": "reference"}).to(device).train()
+    batch = random_batch(hp, videos, frames, device)
+    with FlopCounterMode(display=False) as counter:
+        losses, _ = module.compute_losses(batch)
+        losses["total"].backward()
+    return counter.get_total_flops() / videos
+
+
+def time_stream_fcs(hp: dict[str, Any], batch: dict[str, Any], device: torch.device, precision: str,
+                    warmup: int, steps: int) -> float:
+    """Seconds per forward+backward of the NeXtVLAD streams' expansion, attention and cluster FCs
+    alone (the GEMMs before the aggregation), on the batch's frames: the floor under the model."""
+    module = VideoClassifier(**hp).to(device).train()
+    streams = [m for m in module.modules() if isinstance(m, NeXtVLAD)]
+    frames = {m.feature_size: batch["rgb"] if m.feature_size == batch["rgb"].shape[-1] else batch["audio"]
+              for m in streams}
+
+    def step() -> None:
+        with autocast(device, precision):
+            total = 0
+            for stream in streams:
+                expanded = stream.expansion_fc(frames[stream.feature_size])
+                total = total + stream.group_attention(expanded).float().sum()
+                total = total + stream.cluster_logits(expanded).float().sum()
+        total.backward()
+
+    return median_step_seconds(step, warmup, steps, lambda: synchronize(device))
+
+
+def add_mfu(rows: list[dict[str, Any]], flops_per_video: float, peak_tflops: float) -> None:
+    for row in rows:
+        if row.get("videos_per_s") and "FCs alone" not in row["workload"]:
+            row["TFLOP/s"] = flops_per_video * row["videos_per_s"] / 1e12
+            row["MFU"] = row["TFLOP/s"] / peak_tflops
+
+
+def training_targets(config_stem: str, rows: list[dict[str, Any]], judged: bool) -> list[dict[str, Any]]:
+    """The issue's throughput targets that apply to this config's rows; ``passed`` is None (N/A)
+    unless ``judged`` (the targets are for the full model on a GPU)."""
+    model_only = next((r["videos_per_s"] for r in rows if r["workload"].startswith("model only (")), None)
+    end_to_end = next((r["videos_per_s"] for r in rows if r["workload"].startswith("end to end")), None)
+    targets = []
+    if config_stem in MODEL_ONLY_TARGETS:
+        bound = MODEL_ONLY_TARGETS[config_stem]
+        targets.append({"target": f"{config_stem} model only videos/s", "value": model_only, "relation": ">=",
+                        "bound": bound, "passed": model_only >= bound if model_only and judged else None})
+    fraction = end_to_end / model_only if end_to_end and model_only else None
+    targets.append({"target": f"{config_stem} end to end / model only", "value": fraction, "relation": ">=",
+                    "bound": END_TO_END_FRACTION,
+                    "passed": fraction >= END_TO_END_FRACTION if fraction and judged else None})
+    return targets
 
 
 class StepTimer(pl.Callback):
@@ -197,6 +274,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="tiny model, batch 4, 20 frames (CI smoke run)")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help=f"results directory (default {SCRATCH_DIR}; benchmarks/results is the committed one)")
+    parser.add_argument("--ceilings", type=Path, default=None,
+                        help="ceilings JSON from benchmarks/ceilings.py: MFU over its measured bf16 TFLOP/s")
+    parser.add_argument("--flops", action="store_true",
+                        help="only print the training FLOPs per video of the config's model (no timing)")
+    parser.add_argument("--cost-split", action="store_true",
+                        help="also time the model with the reference aggregation and the stream FCs alone")
     parser.add_argument("--name", default=None, help="result file stem (default train_<config>_<device>)")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -218,20 +301,46 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     device = torch.device(args.device)
     hp = model_hparams(args.config, {**(TINY_MODEL if args.tiny else {}), "aggregation_backend": "auto"})
+    if args.flops:
+        flops = training_flops_per_video(hp, args.frames, device)
+        print(f"{args.config.name}: {flops / 1e9:.3f} GFLOP per video (forward + backward, matmuls, {args.frames} frames)")
+        return [{"config": args.config.name, "GFLOP_per_video": flops / 1e9}]
     batch = random_batch(hp, args.batch, args.frames, device)
     common = {"config": args.config.name, "precision": args.precision, "batch": args.batch, "frames": args.frames}
     rows = model_only_rows(hp, batch, device, args, common)
-    if not args.no_end_to_end:
-        rows.append({**end_to_end(hp, args.config, args, device), **common})
+    if args.cost_split:
+        reference = time_model_steps({**hp, "aggregation_backend": "reference"}, batch, device, args.precision,
+                                     args.warmup, args.steps)
+        rows.append({"workload": "model only, reference aggregation", **common, "ms_per_step": 1000 * reference,
+                     "videos_per_s": args.batch / reference})
+        fcs = time_stream_fcs(hp, batch, device, args.precision, args.warmup, args.steps)
+        rows.append({"workload": "stream FCs alone (expansion, attention, cluster)", **common,
+                     "ms_per_step": 1000 * fcs, "videos_per_s": args.batch / fcs})
+    ceilings = json.loads(args.ceilings.read_text())["meta"]["ceilings"] if args.ceilings else {}
+    peak_tflops = ceilings.get("bf16_TFLOPs") or DATASHEET_BF16_TFLOPS
+    flops_per_video = training_flops_per_video(hp, args.frames, device)
     meta = {**environment(device), "config": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO)
                                                  else args.config), "tiny": args.tiny, "warmup": args.warmup,
-            "steps": args.steps}
+            "steps": args.steps, "training_GFLOP_per_video": flops_per_video / 1e9,
+            "MFU_peak_TFLOPs": peak_tflops,
+            "MFU_peak_source": "measured bf16 GEMM (--ceilings)" if ceilings else "H200 data sheet"}
     columns = ["workload", "config", "precision", "batch", "frames", "ms_per_step", "videos_per_s",
-               "mix3 / (3 x single)"]
-    print(markdown_table(rows, columns))
+               "TFLOP/s", "MFU", "mix3 / (3 x single)"]
     name = args.name or f"train_{args.config.stem}_{device.type}{'_tiny' if args.tiny else ''}"
-    paths = write_results(name, rows, meta, columns=columns, output_dir=args.output_dir)
-    print(f"wrote {paths['json']} and {paths['md']}")
+
+    def report(complete: bool) -> None:
+        add_mfu(rows, flops_per_video, peak_tflops)
+        meta["targets"] = training_targets(args.config.stem, rows, judged=device.type == "cuda" and not args.tiny)
+        print(markdown_table(rows, columns), flush=True)
+        write_results(name, rows, {**meta, "complete": complete}, columns=columns, output_dir=args.output_dir)
+
+    if not args.no_end_to_end:
+        report(complete=False)  # end to end is the slowest part: a run stopped there keeps the rest
+        rows.append({**end_to_end(hp, args.config, args, device), **common})
+    report(complete=True)
+    print(f"training FLOPs per video (forward + backward, matmuls): {flops_per_video / 1e9:.3f} GFLOP; "
+          f"MFU over {peak_tflops:.3g} TFLOP/s ({meta['MFU_peak_source']})")
+    print_targets(meta["targets"])
     return rows
 
 
