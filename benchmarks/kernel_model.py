@@ -82,9 +82,14 @@ ASSUMPTIONS = [
     "padded row blocks) are left out, while its straight-line stores are counted (small overestimate).",
     "Exposed latency: a program waits one DRAM round trip (1,000 cycles, loaded latency; a guess to "
     "be corrected by measurement) for its first loads, one per loop iteration whose body has a "
-    "synchronous load (LDG, not the asynchronous LDGSTS/UTMALDG), and one for the lengths; another "
-    "resident CTA hides it, so the sum is divided by the CTAs per SM. Added on top of the floors "
+    "synchronous load (LDG, not the asynchronous LDGSTS/UTMALDG), one for the lengths, and one more "
+    "when the dot operands' first asynchronous copy is issued after the first MUFU (the softmax: the "
+    "logits, then x, are waited for in turn); a backward program past its video's end waits only "
+    "for the lengths. Another resident CTA hides it, so the sum is divided by the CTAs per SM. Added on top of the floors "
     "(pessimistic: no overlap with the throughput floors).",
+    "Frame splits (forward, small batches: audio's 160 programs) as launch_forward chooses them; "
+    "their fp32 partial sums cost a write and a read at DRAM bandwidth plus 2 us per extra launch "
+    "(y.sum and a_sum.sum), added to the exposed time.",
     "Wave quantisation: the floors are multiplied by ceil(waves)/waves, waves = programs / "
     "(SMs x CTAs per SM), as for equal programs (pessimistic for variable lengths).",
     "CTAs per SM: limited by 65,536 registers (allocated per warp in units of 256), 233,472 bytes "
@@ -92,6 +97,7 @@ ASSUMPTIONS = [
 ]
 
 LATENCY_CYCLES = 1000
+LAUNCH_SECONDS = 2e-6
 SMEM_PER_SM = 233_472
 REGISTERS_PER_SM = 65_536
 
@@ -136,6 +142,7 @@ CLASSES = {
     "BAR": ("BAR", "SYNCS", "WARPSYNC", "WARPGROUP"),
 }
 _MMA = ("HGMMA", "HMMA")
+_ASYNC_COPY = ("LDGSTS", "UTMALDG")
 
 
 def sass(compiled: Any) -> str:
@@ -196,7 +203,9 @@ class KernelCode:
     loop_body: list[str]  # the loop holding the MMA (row blocks forward, D blocks backward)
     outside: list[str]  # instructions in no loop
     loop_has_sync_load: bool
-    other_loops: int
+    # the first asynchronous copy (LDGSTS/UTMALDG: the dot operands) comes after the first MUFU
+    # (the softmax's exp): the program waits for the logits, computes, then waits for x again
+    loads_after_softmax: bool
 
     @classmethod
     def from_sass(cls, text: str) -> KernelCode:
@@ -210,7 +219,10 @@ class KernelCode:
         first, last, body = max(mma_loops, key=lambda entry: entry[1] - entry[0])
         covered = [(f, l) for f, l in loops]
         outside = [op for address, op in instructions if not any(f <= address <= l for f, l in covered)]
-        return cls(body, outside, any(op == "LDG" for op in body), len(loops) - 1)
+        first_mufu = next((address for address, op in instructions if op == "MUFU"), None)
+        first_copy = next((address for address, op in instructions if op in _ASYNC_COPY), None)
+        loads_after_softmax = first_mufu is not None and (first_copy is None or first_mufu < first_copy)
+        return cls(body, outside, any(op == "LDG" for op in body), loads_after_softmax)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,21 +255,34 @@ def ctas_per_sm(registers: int, shared: int, warps: int) -> int:
     return max(0, min(by_registers, by_shared, 64 // warps, 32))
 
 
+def forward_splits(batch: int, rows_per_video: int, d_blocks: int, sms: int) -> tuple[int, int]:
+    """(splits, rows per split) as ``launch_forward`` chooses them on a GPU with ``sms`` SMs."""
+    programs = batch * d_blocks
+    target = 2 * sms
+    splits = 1
+    if programs < target:
+        splits = max(1, min(math.ceil(target / programs), math.ceil(rows_per_video / ops._SPLIT_ROW_ALIGNMENT)))
+    alignment = ops._SPLIT_ROW_ALIGNMENT
+    rows_per_split = alignment * math.ceil(math.ceil(rows_per_video / splits) / alignment)
+    return math.ceil(rows_per_video / rows_per_split), rows_per_split
+
+
 def programs_and_trips(kind: str, lengths: list[int], groups: int, dim: int, tile: tuple[int, int, int],
-                       frames: int = FRAMES) -> tuple[int, list[tuple[int, int]]]:
-    """(programs, [(loop trips, synchronous round trips outside the loop)] per program) of one
-    launch at these lengths (one frame split: B = 160 fills the GPU)."""
+                       sms: int, frames: int = FRAMES) -> tuple[int, list[int], int]:
+    """(programs, the main loop's trips per program, forward frame splits) of one launch."""
     block_r, block_d, _ = tile
     d_blocks = math.ceil(dim / block_d)
     if kind == "forward":
-        per_program = [(math.ceil(length * groups / block_r), 2) for length in lengths for _ in range(d_blocks)]
-        return len(per_program), per_program
+        splits, rows_per_split = forward_splits(len(lengths), frames * groups, d_blocks, sms)
+        trips = [math.ceil(max(0, min(length * groups - split * rows_per_split, rows_per_split)) / block_r)
+                 for length in lengths for split in range(splits) for _ in range(d_blocks)]
+        return len(trips), trips, splits
     row_blocks = math.ceil(frames * groups / block_r)
-    per_program = []
+    trips = []
     for length in lengths:
         real_blocks = math.ceil(length * groups / block_r)
-        per_program += [(d_blocks, 2)] * real_blocks + [(0, 1)] * (row_blocks - real_blocks)
-    return len(per_program), per_program
+        trips += [d_blocks] * real_blocks + [0] * (row_blocks - real_blocks)
+    return len(trips), trips, 1
 
 
 def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, lengths_kind: str,
@@ -267,18 +292,23 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
     block_r, block_d, warps = tile
     k_pad = ops._padded_clusters(clusters)
     lengths = paper_lengths(lengths_kind)
-    programs, per_program = programs_and_trips(kind, lengths, stream.groups, stream.dim, tile)
+    programs, per_program, splits = programs_and_trips(kind, lengths, stream.groups, stream.dim, tile, GPUS[0].sms)
     body, outside = classify(code.loop_body), classify(code.outside)
-    loop_trips = sum(trips for trips, _ in per_program)
+    loop_trips = sum(per_program)
     warp_instructions = warps * (programs * outside["total"] + loop_trips * body["total"])
     mufu_instructions = warps * (programs * outside["MUFU"] + loop_trips * body["MUFU"])
     # forward: one K_PAD x BLOCK_R x BLOCK_D dot per trip; backward: two BLOCK_R x K_PAD x BLOCK_D per trip
     mma_fma = loop_trips * k_pad * block_r * block_d * (1 if kind == "forward" else 2)
-    round_trips = sum(fixed + (trips if code.loop_has_sync_load else 0) for trips, fixed in per_program)
+    # lengths, then the first loads, [then x after the softmax], [then one per loop trip]; a
+    # backward program past its video's end only stores (one round trip: the lengths)
+    round_trips = sum(2 + code.loads_after_softmax + (trips if code.loop_has_sync_load else 0) if trips else 1
+                      for trips in per_program)
     resident = ctas_per_sm(usage["registers"], usage["shared_memory_bytes"], warps)
     waves = programs / (GPUS[0].sms * max(1, resident))  # both GPUs have 132 SMs
     quantisation = math.ceil(waves) / waves
     bytes_moved = minimal_bytes(kind, lengths, stream.groups, clusters, stream.dim, element)
+    # frame splits: fp32 partial y and a_sum written, then read by a separate sum launch
+    split_bytes = 2 * splits * len(lengths) * clusters * (stream.dim + 1) * 4 if splits > 1 else 0
     row = {
         "stream": stream.name, "K": clusters, "D": stream.dim, "G": stream.groups, "dtype": dtype_name,
         "lengths": lengths_kind, "kernel": kind, "tile": f"{block_r}x{block_d}x{warps}", **usage,
@@ -289,7 +319,8 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
         # forward: one loop trip is a row block; backward: a program is one, with D / BLOCK_D trips
         "instructions_per_row_block": body["total"] if kind == "forward"
         else outside["total"] + math.ceil(stream.dim / block_d) * body["total"],
-        "sync_load_in_loop": code.loop_has_sync_load,
+        "sync_load_in_loop": code.loop_has_sync_load, "loads_after_softmax": code.loads_after_softmax,
+        "splits": splits,
         "bytes_MB": bytes_moved / 1e6,
     }
     for gpu in GPUS:
@@ -300,6 +331,8 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
         tensor = mma_fma / (tensor_rate * sms * clock) if tensor_rate else 0.0
         dram = bytes_moved / gpu.dram_bytes_per_s
         exposed = round_trips * LATENCY_CYCLES / (sms * max(1, resident) * clock)
+        if splits > 1:
+            exposed += split_bytes / gpu.dram_bytes_per_s + 2 * LAUNCH_SECONDS  # the sums of y and a_sum
         floor = max(issue, mufu, tensor, dram)
         predicted = floor * quantisation + exposed
         prefix = gpu.name.lower()
@@ -317,7 +350,7 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
 
 SUMMARY_COLUMNS = [
     "stream", "K", "dtype", "lengths", "kernel", "tile", "registers", "spill_stack_bytes", "shared_memory_bytes",
-    "ctas_per_sm", "programs", "waves", "instructions_per_row_block", "loop_total", "loop_FFMA/FMUL/FADD", "loop_MUFU", "loop_HGMMA",
+    "ctas_per_sm", "splits", "programs", "waves", "instructions_per_row_block", "loop_total", "loop_FFMA/FMUL/FADD", "loop_MUFU", "loop_HGMMA",
     "loop_LDG/STG", "loop_SHFL", "loop_BAR", "bytes_MB", "h100_issue_us", "h100_dram_us", "h100_predicted_us",
     "h200_issue_us", "h200_dram_us", "h200_exposed_us", "h200_predicted_us", "h200_x_dram",
 ]
