@@ -82,7 +82,8 @@ ASSUMPTIONS = [
     "padded row blocks) are left out, while its straight-line stores are counted (small overestimate).",
     "Exposed latency: a program waits one DRAM round trip (1,000 cycles, loaded latency; a guess to "
     "be corrected by measurement) for its first loads, one per loop iteration whose body has a "
-    "synchronous load (LDG, not the asynchronous LDGSTS/UTMALDG), one for the lengths, and one more "
+    "synchronous load (LDG, not the asynchronous LDGSTS/UTMALDG) less the cycles the CTA issues before "
+    "the loaded register is first read (instructions in between x warps / 4), one for the lengths, and one more "
     "when the dot operands' first asynchronous copy is issued after the first MUFU (the softmax: the "
     "logits, then x, are waited for in turn); a backward program past its video's end waits only "
     "for the lengths. Another resident CTA hides it, so the sum is divided by the CTAs per SM. Added on top of the floors "
@@ -153,9 +154,9 @@ def sass(compiled: Any) -> str:
         return subprocess.run([tool, "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
 
 
-def parse_sass(text: str) -> tuple[list[tuple[int, str]], list[tuple[int, int]]]:
-    """(address, opcode) of every instruction, and the loops as (first, last) address ranges: the
-    targets of backward branches."""
+def parse_sass(text: str) -> tuple[list[tuple[int, str, str]], list[tuple[int, int]]]:
+    """(address, opcode, operands) of every instruction, and the loops as (first, last) address
+    ranges: the targets of backward branches."""
     instructions, labels, branches = [], {}, []
     pending_labels = []
     for line in text.splitlines():
@@ -166,7 +167,7 @@ def parse_sass(text: str) -> tuple[list[tuple[int, str]], list[tuple[int, int]]]
         match = _INSTRUCTION.search(line)
         if not match:
             continue
-        address, opcode = int(match.group(1), 16), match.group(3)
+        address, opcode, operands = int(match.group(1), 16), match.group(3), match.group(5).strip()
         for name in pending_labels:
             labels[name] = address
         pending_labels = []
@@ -175,7 +176,7 @@ def parse_sass(text: str) -> tuple[list[tuple[int, str]], list[tuple[int, int]]]
             if target.group(1) == f"{address:#x}":
                 continue  # ptxas' trap after the last EXIT (a branch to itself), never run
             branches.append((address, target.group(1)))
-        instructions.append((address, opcode))
+        instructions.append((address, opcode, operands))
     # cuobjdump prints a branch target as an address or as a label, depending on its version
     targets = [(int(target, 16) if target.startswith("0x") else labels.get(target), address)
                for address, target in branches]
@@ -202,27 +203,61 @@ class KernelCode:
 
     loop_body: list[str]  # the loop holding the MMA (row blocks forward, D blocks backward)
     outside: list[str]  # instructions in no loop
-    loop_has_sync_load: bool
+    # per synchronous load (LDG) in the loop: instructions issued before its value is first read,
+    # counted on through the loop's end into the next trip (a load for the next trip hides more)
+    sync_load_distances: list[int]
     # the first asynchronous copy (LDGSTS/UTMALDG: the dot operands) comes after the first MUFU
     # (the softmax's exp): the program waits for the logits, computes, then waits for x again
     loads_after_softmax: bool
 
+    @property
+    def loop_has_sync_load(self) -> bool:
+        return bool(self.sync_load_distances)
+
+    def exposed_cycles_per_trip(self, warps: int) -> float:
+        """Latency of the loop's nearest-used synchronous load not covered by the CTA's own issue:
+        each instruction between load and use is issued by every warp, warps / 4 cycles per SM."""
+        if not self.sync_load_distances:
+            return 0.0
+        return max(0.0, LATENCY_CYCLES - min(self.sync_load_distances) * warps / 4)
+
     @classmethod
     def from_sass(cls, text: str) -> KernelCode:
         instructions, loops = parse_sass(text)
-        in_loop = [(first, last, [op for address, op in instructions if first <= address <= last])
+        in_loop = [(first, last, [entry for entry in instructions if first <= entry[0] <= last])
                    for first, last in loops]
-        mma_loops = [entry for entry in in_loop if any(op in _MMA or op == "FFMA" for op in entry[2])]
+        mma_loops = [loop for loop in in_loop if any(op in _MMA or op == "FFMA" for _, op, _ in loop[2])]
         if not mma_loops:
             raise RuntimeError("no loop with a dot product found in the SASS")
         # the outermost of them (nested loops would be inside it)
-        first, last, body = max(mma_loops, key=lambda entry: entry[1] - entry[0])
-        covered = [(f, l) for f, l in loops]
-        outside = [op for address, op in instructions if not any(f <= address <= l for f, l in covered)]
-        first_mufu = next((address for address, op in instructions if op == "MUFU"), None)
-        first_copy = next((address for address, op in instructions if op in _ASYNC_COPY), None)
-        loads_after_softmax = first_mufu is not None and (first_copy is None or first_mufu < first_copy)
-        return cls(body, outside, any(op == "LDG" for op in body), loads_after_softmax)
+        _, _, body = max(mma_loops, key=lambda loop: loop[1] - loop[0])
+        outside = [op for address, op, _ in instructions if not any(f <= address <= l for f, l in loops)]
+        first_mufu = next((address for address, op, _ in instructions if op == "MUFU"), None)
+        first_copy = next((address for address, op, _ in instructions if op in _ASYNC_COPY), None)
+        loads_after_softmax = first_mufu is not None and first_copy is not None and first_mufu < first_copy
+        distances = [_use_distance(body, index) for index, (_, op, _) in enumerate(body) if op == "LDG"]
+        return cls([op for _, op, _ in body], outside, distances, loads_after_softmax)
+
+
+_REGISTER = re.compile(r"\bR(\d+)\b")
+
+
+def _use_distance(body: list[tuple[int, str, str]], load: int) -> int:
+    """Instructions after ``body[load]`` (an LDG) before one reads its destination register,
+    cyclically through the loop body; the body's length if none does (the value is dead)."""
+    destination = _REGISTER.match(body[load][2].split(",")[0].strip())
+    if destination is None:
+        return len(body)
+    register = destination.group(1)
+    for step in range(1, len(body)):
+        _, _, operands = body[(load + step) % len(body)]
+        first, _, rest = operands.partition(",")
+        sources = operands if first.strip().startswith("[") else rest  # a store's address is read
+        if register in _REGISTER.findall(sources):
+            return step - 1
+        if register in _REGISTER.findall(first) and not first.strip().startswith("["):
+            return len(body)  # overwritten before any read
+    return len(body)
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,8 +336,8 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
     mma_fma = loop_trips * k_pad * block_r * block_d * (1 if kind == "forward" else 2)
     # lengths, then the first loads, [then x after the softmax], [then one per loop trip]; a
     # backward program past its video's end only stores (one round trip: the lengths)
-    round_trips = sum(2 + code.loads_after_softmax + (trips if code.loop_has_sync_load else 0) if trips else 1
-                      for trips in per_program)
+    round_trips = sum(2 + code.loads_after_softmax + trips * code.exposed_cycles_per_trip(warps) / LATENCY_CYCLES
+                      if trips else 1 for trips in per_program)
     resident = ctas_per_sm(usage["registers"], usage["shared_memory_bytes"], warps)
     waves = programs / (GPUS[0].sms * max(1, resident))  # both GPUs have 132 SMs
     quantisation = math.ceil(waves) / waves
@@ -319,7 +354,7 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
         # forward: one loop trip is a row block; backward: a program is one, with D / BLOCK_D trips
         "instructions_per_row_block": body["total"] if kind == "forward"
         else outside["total"] + math.ceil(stream.dim / block_d) * body["total"],
-        "sync_load_in_loop": code.loop_has_sync_load, "loads_after_softmax": code.loads_after_softmax,
+        "sync_load_use_distance": min(code.sync_load_distances, default=None), "loads_after_softmax": code.loads_after_softmax,
         "splits": splits,
         "bytes_MB": bytes_moved / 1e6,
     }

@@ -42,7 +42,12 @@ def test_sass_reader_finds_the_loop_and_classifies_its_instructions() -> None:
     code = kernel_model.KernelCode.from_sass(LISTING)
     assert code.loop_body == ["MUFU", "LDG", "HGMMA", "FFMA", "BRA"]
     assert code.outside == ["LDC", "S2R", "LDG", "STG", "EXIT"]
-    assert code.loop_has_sync_load
+    # the loop's LDG (0x0040) writes R5, read by the FFMA two instructions later (HGMMA between)
+    assert code.sync_load_distances == [1]
+    assert code.exposed_cycles_per_trip(warps=8) == kernel_model.LATENCY_CYCLES - 1 * 8 / 4
+    assert not code.loads_after_softmax  # it has no asynchronous copy
+    later_copy = LISTING.replace("/*0090*/                   EXIT", "/*0090*/                   LDGSTS.E.BYPASS.128 [R186], desc[UR4][R4.64]")
+    assert kernel_model.KernelCode.from_sass(later_copy).loads_after_softmax
     counts = kernel_model.classify(code.loop_body)
     assert counts["MUFU"] == 1 and counts["HGMMA"] == 1 and counts["FFMA/FMUL/FADD"] == 1
     assert counts["LDG/STG"] == 1 and counts["other"] == 1 and counts["total"] == 5
