@@ -391,11 +391,13 @@ SUMMARY_COLUMNS = [
 ]
 
 
-def compile_case(kind: str, dtype_name: str, clusters: int, dim: int) -> tuple[KernelCode, dict, tuple, str]:
+def compile_case(kind: str, dtype_name: str, clusters: int, dim: int,
+                 tile: tuple[int, int, int] | None = None) -> tuple[KernelCode, dict, tuple, str]:
+    """Compile ``tile`` (default: the launcher's default tile) and read its SASS and resources."""
     dtype, precision = DTYPES[dtype_name]
     family = ops._tile_family(dtype, precision)
     table = ops._FORWARD_TILES if kind == "forward" else ops._BACKWARD_TILES
-    tile = ops._tiles(table, family, ops._padded_clusters(clusters), dim)[0]
+    tile = tile or ops._tiles(table, family, ops._padded_clusters(clusters), dim)[0]
     compiled = compile_for_gpu(kind, dtype, clusters, dim, tile=tile, precision=precision)
     return KernelCode.from_sass(sass(compiled)), resource_usage(compiled), tile, family
 

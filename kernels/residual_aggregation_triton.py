@@ -102,9 +102,15 @@ def residual_aggregation_forward_kernel(
 
     acc = tl.zeros((K_PAD, BLOCK_D), dtype=ACC_DTYPE)
     assignment_sum = tl.zeros((K_PAD,), dtype=ACC_DTYPE)
+    # The attention is loaded one row block ahead: Triton's pipeliner copies the logits and x
+    # asynchronously, but not this (BLOCK_R,) vector, whose synchronous load would otherwise stall
+    # every trip (benchmarks/NOTES.md).
+    next_attention = tl.load(attention_video + row_begin + offs_r, mask=row_begin + offs_r < row_end, other=0.0)
     for row_start in range(row_begin, row_end, BLOCK_R):
         rows = row_start + offs_r
         row_valid = rows < row_end
+        attention = next_attention
+        next_attention = tl.load(attention_video + rows + BLOCK_R, mask=rows + BLOCK_R < row_end, other=0.0)
         # Soft assignment a = sigmoid(attention) * softmax_K(logits); padded K columns get -inf
         # (probability 0), rows past the video's end get gate 0.
         logits = tl.load(
@@ -113,8 +119,7 @@ def residual_aggregation_forward_kernel(
         ).to(ACC_DTYPE)
         logits = tl.where(k_valid[None, :], logits, float("-inf"))
         unnormalised = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-        gate = tl.sigmoid(tl.load(attention_video + rows, mask=row_valid, other=0.0).to(ACC_DTYPE))
-        gate = tl.where(row_valid, gate, 0.0)
+        gate = tl.where(row_valid, tl.sigmoid(attention.to(ACC_DTYPE)), 0.0)
         # One per-row scale folds the softmax normalisation and the gate.
         assignment = unnormalised * (gate / tl.sum(unnormalised, axis=1))[:, None]
 
