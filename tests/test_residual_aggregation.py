@@ -224,6 +224,52 @@ def test_triton_interpreter_normalize_and_half_precision(interpreter) -> None:
                                        msg=lambda m: f"{dtype} {name}: {m}")
 
 
+def _large_mean_bfloat16_inputs(mean: float = 20.0):
+    """bf16 features of a large mean with centroids near it (x ~ c: y and dL/da are small
+    differences of large sums), the other inputs as usual; centroids stay fp32."""
+    x, logits, attention, lengths, centroids = make_inputs(Shape(2, 40, 2, 16, 32, (40, 25)))
+    return (x + mean).bfloat16(), logits.bfloat16(), attention.bfloat16(), lengths, centroids + mean
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def test_triton_interpreter_assignment_sum_matches_the_rounded_dot(interpreter) -> None:
+    """The kernel's dot sees the bf16-rounded assignment; a_sum must be summed from the same
+    rounded values, or y = a^T x - a_sum c keeps a rounding error times the features' mean: about
+    2e-2 relative (1e-3 from the rounding itself). fp32 output, so y's own rounding stays out."""
+    x, logits, attention, lengths, centroids = _large_mean_bfloat16_inputs()
+    y, _ = torch.ops.nextvlad.residual_aggregation(x, logits, attention, lengths, centroids, "ieee",
+                                                   torch.float32, "triton")
+    oracle = torch.from_numpy(numpy_oracle(x, logits, attention, lengths, centroids))
+    assert _relative_error(y, oracle) < 1.5e-3
+    # and it is the GPU's arithmetic: the assignment rounded to nearest bf16 in both terms, sums exact
+    frames = (torch.arange(40)[None, :] < lengths[:, None]).double()[:, :, None, None]
+    assignment = torch.softmax(logits.double(), -1) * torch.sigmoid(attention.double())[..., None] * frames
+    rounded = assignment.float().bfloat16().double()
+    emulated = (torch.einsum("bmgk,bmgd->bkd", rounded, x.double())
+                - rounded.sum((1, 2))[..., None] * centroids.double())
+    assert _relative_error(y, emulated) < 2e-5
+
+
+def test_triton_interpreter_grad_y_sums_use_the_rounded_grad_y(interpreter) -> None:
+    """dL/da = x gy^T - sum_d gy c: the kernel's dot takes gy rounded to x's dtype (bf16), so the
+    centroid term must too, or the features' large mean multiplies the rounding error (about
+    3e-2 relative in dL/dlogits). The oracle: float64 autograd of the reference."""
+    x, logits, attention, lengths, centroids = _large_mean_bfloat16_inputs()
+    upstream = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(3))  # fp32, as after normalize
+    leaves = with_grad(x, logits, attention, centroids)
+    y, _ = torch.ops.nextvlad.residual_aggregation(leaves[0], leaves[1], leaves[2], lengths, leaves[3], "ieee",
+                                                   torch.float32, "triton")
+    got = gradients(y, leaves, upstream)
+    exact = with_grad(x.double(), logits.double(), attention.double(), centroids.double())
+    y64 = residual_aggregation_reference(exact[0], exact[1], exact[2], lengths, exact[3])
+    expected = gradients(y64, exact, upstream.double())
+    for name, got_grad, expected_grad in zip(NAMES[1:], got, expected):
+        assert _relative_error(got_grad, expected_grad) < 1e-2, name
+
+
 def test_triton_interpreter_frame_splits_match_reference(interpreter, monkeypatch: pytest.MonkeyPatch) -> None:
     # Small batches split each video's frames over several programs (on a GPU, to fill the SMs);
     # force that path: 2 x 150 rows in 128-row splits, one split past the short video's end.
