@@ -76,17 +76,20 @@ ASSUMPTIONS = [
     "DRAM floor: the minimal bytes (each input element read once, real rows only; every output "
     "element written once, padded rows of the backward's row-wise outputs included) / bandwidth. L2 "
     "re-reads (logits per D block, grad_y per row block) are not modelled.",
-    "Instructions per program: SASS outside loops + each loop's body x its trip count. Forward: "
-    "the loop holding the MMA is the row-block loop (trips = real rows / BLOCK_R). Backward: the "
-    "loop holding the MMA is the D loop (trips = D / BLOCK_D); loops without MMA (the zero-fill of "
-    "padded row blocks) are left out, while its straight-line stores are counted (small overestimate).",
+    "Instructions per program: SASS outside loops + the main loop's body x its trip count. The main "
+    "loop is the outermost one holding the MMA: the row-block loop (trips = the program's real rows / "
+    "BLOCK_R) of the forward and of a backward that walks runs of row blocks, whose nested D loop "
+    "counts D / BLOCK_D times per trip; in a backward of one row block per program, the D loop. "
+    "Loops without MMA (the zero-fill of padded row blocks) are left out, while straight-line "
+    "stores of that path are counted (small overestimate).",
     "Exposed latency: a program waits one DRAM round trip (1,000 cycles, loaded latency; a guess to "
     "be corrected by measurement) for its first loads, one per loop iteration whose body has a "
     "synchronous load (LDG, not the asynchronous LDGSTS/UTMALDG) less the cycles the CTA issues before "
     "the loaded register is first read (instructions in between x warps / 4), one for the lengths, and one more "
     "when the dot operands' first asynchronous copy is issued after the first MUFU (the softmax: the "
-    "logits, then x, are waited for in turn); a backward program past its video's end waits only "
-    "for the lengths. Another resident CTA hides it, so the sum is divided by the CTAs per SM. Added on top of the floors "
+    "logits, then x, are waited for in turn); with a nested D loop, one per row-block trip instead "
+    "(its first copies are issued just before it); a backward program past its video's end waits "
+    "only for the lengths. Another resident CTA hides it, so the sum is divided by the CTAs per SM. Added on top of the floors "
     "(pessimistic: no overlap with the throughput floors).",
     "Frame splits (forward, small batches: audio's 160 programs) as launch_forward chooses them; "
     "their fp32 partial sums cost a write and a read at DRAM bandwidth plus 2 us per extra launch "
@@ -201,7 +204,8 @@ def classify(opcodes: list[str]) -> dict[str, int]:
 class KernelCode:
     """Static SASS of one compiled kernel split into the main loop's body and the rest."""
 
-    loop_body: list[str]  # the loop holding the MMA (row blocks forward, D blocks backward)
+    loop_body: list[str]  # the outermost loop holding the MMA: row blocks (forward; backward walking runs)
+    inner_body: list[str]  # a loop holding the MMA nested in it (the backward's D loop), or []
     outside: list[str]  # instructions in no loop
     # per synchronous load (LDG) in the loop: instructions issued before its value is first read,
     # counted on through the loop's end into the next trip (a load for the next trip hides more)
@@ -230,13 +234,15 @@ class KernelCode:
         if not mma_loops:
             raise RuntimeError("no loop with a dot product found in the SASS")
         # the outermost of them (nested loops would be inside it)
-        _, _, body = max(mma_loops, key=lambda loop: loop[1] - loop[0])
+        first, last, body = max(mma_loops, key=lambda loop: loop[1] - loop[0])
+        nested = [loop[2] for loop in mma_loops if first <= loop[0] and loop[1] <= last and loop[2] != body]
+        inner = [op for _, op, _ in max(nested, key=len)] if nested else []
         outside = [op for address, op, _ in instructions if not any(f <= address <= l for f, l in loops)]
         first_mufu = next((address for address, op, _ in instructions if op == "MUFU"), None)
         first_copy = next((address for address, op, _ in instructions if op in _ASYNC_COPY), None)
         loads_after_softmax = first_mufu is not None and first_copy is not None and first_mufu < first_copy
         distances = [_use_distance(body, index) for index, (_, op, _) in enumerate(body) if op == "LDG"]
-        return cls([op for _, op, _ in body], outside, distances, loads_after_softmax)
+        return cls([op for _, op, _ in body], inner, outside, distances, loads_after_softmax)
 
 
 _REGISTER = re.compile(r"\bR(\d+)\b")
@@ -303,8 +309,9 @@ def forward_splits(batch: int, rows_per_video: int, d_blocks: int, sms: int) -> 
 
 
 def programs_and_trips(kind: str, lengths: list[int], groups: int, dim: int, tile: tuple[int, int, int],
-                       sms: int, frames: int = FRAMES) -> tuple[int, list[int], int]:
-    """(programs, the main loop's trips per program, forward frame splits) of one launch."""
+                       sms: int, walks_row_blocks: bool, frames: int = FRAMES) -> tuple[int, list[int], int]:
+    """(programs, the main loop's trips per program, forward frame splits) of one launch;
+    ``walks_row_blocks``: the backward program loops over row blocks (its D loop nested inside)."""
     block_r, block_d, _ = tile
     d_blocks = math.ceil(dim / block_d)
     if kind == "forward":
@@ -313,10 +320,16 @@ def programs_and_trips(kind: str, lengths: list[int], groups: int, dim: int, til
                  for length in lengths for split in range(splits) for _ in range(d_blocks)]
         return len(trips), trips, splits
     row_blocks = math.ceil(frames * groups / block_r)
-    trips = []
-    for length in lengths:
-        real_blocks = math.ceil(length * groups / block_r)
-        trips += [d_blocks] * real_blocks + [0] * (row_blocks - real_blocks)
+    if not walks_row_blocks:  # one program per row block, looping over D blocks
+        trips = []
+        for length in lengths:
+            real_blocks = math.ceil(length * groups / block_r)
+            trips += [d_blocks] * real_blocks + [0] * (row_blocks - real_blocks)
+        return len(trips), trips, 1
+    # one program per run of row blocks (as launch_backward chooses them), looping over its real ones
+    run = ops._backward_blocks_per_program(len(lengths), row_blocks, sms)
+    trips = [max(0, min(math.ceil(length * groups / block_r), first + run) - first)
+             for length in lengths for first in range(0, row_blocks, run)]
     return len(trips), trips, 1
 
 
@@ -327,17 +340,29 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
     block_r, block_d, warps = tile
     k_pad = ops._padded_clusters(clusters)
     lengths = paper_lengths(lengths_kind)
-    programs, per_program, splits = programs_and_trips(kind, lengths, stream.groups, stream.dim, tile, GPUS[0].sms)
-    body, outside = classify(code.loop_body), classify(code.outside)
+    nested = bool(code.inner_body)
+    programs, per_program, splits = programs_and_trips(kind, lengths, stream.groups, stream.dim, tile, GPUS[0].sms,
+                                                       walks_row_blocks=nested)
+    d_blocks = math.ceil(stream.dim / block_d)
+    inner = classify(code.inner_body)
+    # a trip of the outer loop runs the nested D loop d_blocks times (its body is in the outer once)
+    body = {name: count + (d_blocks - 1) * inner[name] if nested else count
+            for name, count in classify(code.loop_body).items()}
+    outside = classify(code.outside)
     loop_trips = sum(per_program)
     warp_instructions = warps * (programs * outside["total"] + loop_trips * body["total"])
     mufu_instructions = warps * (programs * outside["MUFU"] + loop_trips * body["MUFU"])
-    # forward: one K_PAD x BLOCK_R x BLOCK_D dot per trip; backward: two BLOCK_R x K_PAD x BLOCK_D per trip
-    mma_fma = loop_trips * k_pad * block_r * block_d * (1 if kind == "forward" else 2)
+    # forward: one K_PAD x BLOCK_R x BLOCK_D dot per row block and D block; backward: two
+    # BLOCK_R x K_PAD x BLOCK_D per D block (trips are D blocks, or row blocks of d_blocks each)
+    dots = loop_trips * (d_blocks if nested else 1) * (1 if kind == "forward" else 2)
+    mma_fma = dots * k_pad * block_r * block_d
     # lengths, then the first loads, [then x after the softmax], [then one per loop trip]; a
     # backward program past its video's end only stores (one round trip: the lengths)
-    round_trips = sum(2 + code.loads_after_softmax + trips * code.exposed_cycles_per_trip(warps) / LATENCY_CYCLES
-                      if trips else 1 for trips in per_program)
+    # nested: every row-block trip waits once more, for the D loop's first asynchronous copies
+    # (issued right before it, nothing to do meanwhile)
+    per_trip = code.exposed_cycles_per_trip(warps) / LATENCY_CYCLES + nested
+    round_trips = sum(2 + (code.loads_after_softmax and not nested) + trips * per_trip if trips else 1
+                      for trips in per_program)
     resident = ctas_per_sm(usage["registers"], usage["shared_memory_bytes"], warps)
     waves = programs / (GPUS[0].sms * max(1, resident))  # both GPUs have 132 SMs
     quantisation = math.ceil(waves) / waves
@@ -348,12 +373,13 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
         "stream": stream.name, "K": clusters, "D": stream.dim, "G": stream.groups, "dtype": dtype_name,
         "lengths": lengths_kind, "kernel": kind, "tile": f"{block_r}x{block_d}x{warps}", **usage,
         "ctas_per_sm": resident, "programs": programs, "waves": round(waves, 2),
-        "loop": "rows" if kind == "forward" else "D blocks",
         **{f"loop_{name}": count for name, count in body.items()},
         "outside_total": outside["total"],
-        # forward: one loop trip is a row block; backward: a program is one, with D / BLOCK_D trips
-        "instructions_per_row_block": body["total"] if kind == "forward"
-        else outside["total"] + math.ceil(stream.dim / block_d) * body["total"],
+        # a trip of the row-block loop; or (backward, one block per program) the program
+        "instructions_per_row_block": body["total"] if kind == "forward" or nested
+        else outside["total"] + d_blocks * body["total"],
+        "loop": "row blocks" + (f" (D loop nested, {d_blocks} trips)" if nested else "")
+        if kind == "forward" or nested else "D blocks",
         "sync_load_use_distance": min(code.sync_load_distances, default=None), "loads_after_softmax": code.loads_after_softmax,
         "splits": splits,
         "bytes_MB": bytes_moved / 1e6,

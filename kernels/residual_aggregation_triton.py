@@ -178,13 +178,13 @@ def residual_aggregation_forward_kernel(
 def residual_aggregation_backward_kernel(
     x_ptr, logits_ptr, attention_ptr, lengths_ptr, grad_y_ptr, grad_y_dot_centroids_ptr,
     grad_x_ptr, grad_logits_ptr, grad_attention_ptr,
-    max_frames, groups, clusters, dim, x_stride_video, x_stride_frame, x_stride_group,
+    max_frames, groups, clusters, dim, blocks_per_program, x_stride_video, x_stride_frame, x_stride_group,
     K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UNIFORM_X_ROWS: tl.constexpr,
 ):
-    """One program per (row block, video), both on axis 0 (row blocks fastest, so a video's blocks
-    share its dL/dy in L2; any batch fits CUDA's grid); every gradient here is local to a
-    (frame, group) row.
+    """One program per (video, run of ``blocks_per_program`` row blocks), on axis 0 (a video's
+    programs side by side, so they share its dL/dy in L2; any batch fits CUDA's grid); the program
+    walks its row blocks in order. Every gradient here is local to a (frame, group) row.
 
     With s = sigmoid(attention), p = softmax(logits), a = s p and gy = dL/dy[b]:
       grad_x = a @ gy
@@ -194,6 +194,8 @@ def residual_aggregation_backward_kernel(
     Row blocks wholly past the video's end only write zeros.
 
     Arguments as in the forward kernel, plus:
+      blocks_per_program: BLOCK_R-row blocks of one video per program (the last program of a
+        video may have fewer); see _backward_blocks_per_program.
       grad_y_ptr: (B, K, D) contiguous dL/dy in x's dtype.
       grad_y_dot_centroids_ptr: (B, K) in the accumulator type, subtracted from every row's
         grad_a: sum_d gy[k,d] c[k,d] minus dL/da_sum[b,k] (zero unless a_sum itself has a gradient).
@@ -202,50 +204,52 @@ def residual_aggregation_backward_kernel(
     """
     rows_per_video = max_frames * groups
     row_blocks = tl.cdiv(rows_per_video, BLOCK_R)
-    pid_r = tl.program_id(0) % row_blocks
-    video = (tl.program_id(0) // row_blocks).to(tl.int64)
+    programs_per_video = tl.cdiv(row_blocks, blocks_per_program)
+    first_block = (tl.program_id(0) % programs_per_video) * blocks_per_program
+    end_block = tl.minimum(first_block + blocks_per_program, row_blocks)
+    video = (tl.program_id(0) // programs_per_video).to(tl.int64)
     # Clamped to [0, M] so memory stays in bounds even where validation was skipped (tracing).
     real_rows = tl.minimum(tl.maximum(tl.load(lengths_ptr + video), 0), max_frames).to(tl.int32) * groups
+    # this program's blocks holding real rows come first, then those wholly past the video's end
+    real_end_block = tl.maximum(first_block, tl.minimum(end_block, tl.cdiv(real_rows, BLOCK_R)))
 
     offs_k = tl.arange(0, K_PAD)
     k_valid = offs_k < clusters
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_in_video = rows < rows_per_video
-    row_valid = rows < real_rows
-
+    offs_r = tl.arange(0, BLOCK_R)
     x_video = x_ptr + video * x_stride_video
-    if UNIFORM_X_ROWS:  # see _uniform_x_rows
-        x_rows = rows * x_stride_group
-    else:
-        x_rows = (rows // groups) * x_stride_frame + (rows % groups) * x_stride_group
     grad_x_video = grad_x_ptr + video * rows_per_video * dim
-    logits_offsets = video * rows_per_video * clusters + rows[:, None] * clusters + offs_k[None, :]
-    logits_store_mask = row_in_video[:, None] & k_valid[None, :]
-    attention_offsets = video * rows_per_video + rows
+    logits_video = video * rows_per_video * clusters
+    attention_video = video * rows_per_video
     grad_y_video = grad_y_ptr + video * clusters * dim
+    grad_y_dot_centroids = tl.load(grad_y_dot_centroids_ptr + video * clusters + offs_k,
+                                   mask=k_valid, other=0.0).to(ACC_DTYPE)
 
-    if pid_r * BLOCK_R >= real_rows:
-        for d_start in range(0, dim, BLOCK_D):
-            offs_d = d_start + tl.arange(0, BLOCK_D)
-            tl.store(grad_x_video + rows[:, None] * dim + offs_d[None, :],
-                     tl.zeros((BLOCK_R, BLOCK_D), dtype=grad_x_ptr.dtype.element_ty),
-                     mask=row_in_video[:, None] & (offs_d < dim)[None, :])
-        tl.store(grad_logits_ptr + logits_offsets,
-                 tl.zeros((BLOCK_R, K_PAD), dtype=grad_logits_ptr.dtype.element_ty),
-                 mask=logits_store_mask)
-        tl.store(grad_attention_ptr + attention_offsets,
-                 tl.zeros((BLOCK_R,), dtype=grad_attention_ptr.dtype.element_ty),
-                 mask=row_in_video)
-    else:
-        logits = tl.load(logits_ptr + logits_offsets, mask=row_valid[:, None] & k_valid[None, :],
-                         other=0.0).to(ACC_DTYPE)
-        logits = tl.where(k_valid[None, :], logits, float("-inf"))
+    # The logits and attention of the next row block are loaded while this one is computed, so
+    # only the first block of a program waits for them (benchmarks/NOTES.md, change 4).
+    rows = first_block * BLOCK_R + offs_r
+    next_logits = tl.load(logits_ptr + logits_video + rows[:, None] * clusters + offs_k[None, :],
+                          mask=(rows < real_rows)[:, None] & k_valid[None, :], other=0.0)
+    next_attention = tl.load(attention_ptr + attention_video + rows, mask=rows < real_rows, other=0.0)
+    for block in range(first_block, real_end_block):
+        rows = block * BLOCK_R + offs_r
+        row_in_video = rows < rows_per_video
+        row_valid = rows < real_rows
+        logits = tl.where(k_valid[None, :], next_logits.to(ACC_DTYPE), float("-inf"))
+        sigmoid = tl.sigmoid(next_attention.to(ACC_DTYPE))
+        next_rows = rows + BLOCK_R
+        next_valid = next_rows < real_rows
+        next_logits = tl.load(logits_ptr + logits_video + next_rows[:, None] * clusters + offs_k[None, :],
+                              mask=next_valid[:, None] & k_valid[None, :], other=0.0)
+        next_attention = tl.load(attention_ptr + attention_video + next_rows, mask=next_valid, other=0.0)
+
         unnormalised = _exp_minus_row_max(logits)
         probabilities = unnormalised * (1.0 / tl.sum(unnormalised, axis=1))[:, None]
-        sigmoid = tl.sigmoid(tl.load(attention_ptr + attention_offsets, mask=row_valid,
-                                     other=0.0).to(ACC_DTYPE))
         gate = tl.where(row_valid, sigmoid, 0.0)
         assignment = probabilities * gate[:, None]
+        if UNIFORM_X_ROWS:  # see _uniform_x_rows
+            x_rows = rows * x_stride_group
+        else:
+            x_rows = (rows // groups) * x_stride_frame + (rows % groups) * x_stride_group
 
         grad_assignment = tl.zeros((BLOCK_R, K_PAD), dtype=ACC_DTYPE)
         for d_start in range(0, dim, BLOCK_D):
@@ -265,18 +269,28 @@ def residual_aggregation_backward_kernel(
                      grad_features.to(grad_x_ptr.dtype.element_ty),
                      mask=row_in_video[:, None] & d_valid[None, :])
 
-        grad_y_dot_centroids = tl.load(grad_y_dot_centroids_ptr + video * clusters + offs_k,
-                                       mask=k_valid, other=0.0).to(ACC_DTYPE)
         grad_assignment -= grad_y_dot_centroids[None, :]
         weighted = tl.sum(probabilities * grad_assignment, axis=1)
         grad_attention = tl.where(row_valid, weighted * sigmoid * (1.0 - sigmoid), 0.0)
         grad_logits = gate[:, None] * probabilities * (grad_assignment - weighted[:, None])
-        tl.store(grad_logits_ptr + logits_offsets, grad_logits.to(grad_logits_ptr.dtype.element_ty),
-                 mask=logits_store_mask)
-        tl.store(grad_attention_ptr + attention_offsets,
+        tl.store(grad_logits_ptr + logits_video + rows[:, None] * clusters + offs_k[None, :],
+                 grad_logits.to(grad_logits_ptr.dtype.element_ty), mask=row_in_video[:, None] & k_valid[None, :])
+        tl.store(grad_attention_ptr + attention_video + rows,
                  grad_attention.to(grad_attention_ptr.dtype.element_ty), mask=row_in_video)
 
-
+    for block in range(real_end_block, end_block):  # wholly past the video's end: zeros
+        rows = block * BLOCK_R + offs_r
+        row_in_video = rows < rows_per_video
+        for d_start in range(0, dim, BLOCK_D):
+            offs_d = d_start + tl.arange(0, BLOCK_D)
+            tl.store(grad_x_video + rows[:, None] * dim + offs_d[None, :],
+                     tl.zeros((BLOCK_R, BLOCK_D), dtype=grad_x_ptr.dtype.element_ty),
+                     mask=row_in_video[:, None] & (offs_d < dim)[None, :])
+        tl.store(grad_logits_ptr + logits_video + rows[:, None] * clusters + offs_k[None, :],
+                 tl.zeros((BLOCK_R, K_PAD), dtype=grad_logits_ptr.dtype.element_ty),
+                 mask=row_in_video[:, None] & k_valid[None, :])
+        tl.store(grad_attention_ptr + attention_video + rows,
+                 tl.zeros((BLOCK_R,), dtype=grad_attention_ptr.dtype.element_ty), mask=row_in_video)
 
 
 # (BLOCK_R, BLOCK_D, num_warps) candidates by K_PAD and operand family. Every one compiles for
@@ -421,6 +435,32 @@ def _forward_splits(batch: int, rows_per_video: int, d_blocks: int, device: torc
     return max(1, min(triton.cdiv(target, programs), triton.cdiv(rows_per_video, _SPLIT_ROW_ALIGNMENT)))
 
 
+# Programs of the backward per SM that _backward_blocks_per_program aims at: enough for whole-ish
+# waves and for the last wave's stragglers to be short, few enough that each program's first
+# (unprefetched) row block is a small share of its work.
+_BACKWARD_PROGRAMS_PER_SM = 4
+# Blocks per program in the interpreter (no SMs to count): more than one, so that the tests walk
+# the prefetching loop, a video's short last run and runs wholly past a video's end.
+_INTERPRETER_BLOCKS_PER_PROGRAM = 3
+
+
+def _multiprocessors(device: torch.device) -> int | None:
+    """The GPU's SM count; None off CUDA (the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
+def _backward_blocks_per_program(batch: int, row_blocks: int, multiprocessors: int | None) -> int:
+    """Row blocks each backward program walks: as many as keep about _BACKWARD_PROGRAMS_PER_SM
+    programs per SM (at least one, at most a whole video)."""
+    if multiprocessors is None:
+        return min(row_blocks, _INTERPRETER_BLOCKS_PER_PROGRAM)
+    if batch == 0:
+        return 1
+    target = _BACKWARD_PROGRAMS_PER_SM * multiprocessors
+    programs_per_video = max(1, min(row_blocks, triton.cdiv(target, batch)))
+    return triton.cdiv(row_blocks, programs_per_video)
+
+
 def _accumulator_dtype(dtype: torch.dtype) -> Any:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -519,11 +559,15 @@ def launch_backward(
     if batch > 0:
         family = _tile_family(x.dtype, precision)
         tiles = _tiles(_BACKWARD_TILES, family, _padded_clusters(clusters), dim)
+        # Chosen for the default tile; an autotuned tile walks as many of its own blocks.
+        blocks_per_program = _backward_blocks_per_program(batch, triton.cdiv(max_frames * groups, tiles[0][0]),
+                                                          _multiprocessors(x.device))
         _launch(
-            "backward", family, tiles, lambda meta: (triton.cdiv(max_frames * groups, meta["BLOCK_R"]) * batch,),
+            "backward", family, tiles,
+            lambda meta: (triton.cdiv(triton.cdiv(max_frames * groups, meta["BLOCK_R"]), blocks_per_program) * batch,),
             x, logits, attention, lengths, grad_y, grad_y_dot_centroids,
             grad_x, grad_logits, grad_attention,
-            max_frames, groups, clusters, dim, *_x_strides(x),
+            max_frames, groups, clusters, dim, blocks_per_program, *_x_strides(x),
             **_kernel_constants(x, clusters, precision),
         )
     return grad_x, grad_logits, grad_attention

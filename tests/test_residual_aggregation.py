@@ -279,6 +279,17 @@ def test_triton_interpreter_frame_splits_match_reference(interpreter, monkeypatc
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("blocks_per_program", [1, 2, 5])
+def test_triton_interpreter_backward_walks_runs_of_row_blocks(interpreter, monkeypatch: pytest.MonkeyPatch,
+                                                              blocks_per_program: int) -> None:
+    # 5 row blocks of 32 rows per video: runs of 1 (a program per block), 2 (a run straddling the
+    # 33-frame video's end, then one wholly past it) and 5 (a whole video, its prefetch past the end).
+    monkeypatch.setattr(triton_module, "_backward_blocks_per_program", lambda *args: blocks_per_program)
+    shape = Shape(3, 70, 2, 9, 16, (70, 33, 0))
+    for name, got, expected in zip(NAMES, *triton_and_reference(shape, torch.float32)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 def _all_tiles(*tables) -> list[tuple[int, int, int]]:
     return sorted({tile for table in tables for family in table.values() for tiles in family.values() for tile in tiles})
 
@@ -407,6 +418,17 @@ def test_launch_grids_fit_cuda_limits_for_large_batches(monkeypatch: pytest.Monk
     assert len(grids) == 2
     for grid in grids:
         assert grid[0] < 2**31 and all(size <= 65535 for size in grid[1:]), grid
+
+
+@requires_triton
+def test_backward_runs_of_row_blocks_aim_at_four_programs_per_sm() -> None:
+    runs = triton_module._backward_blocks_per_program
+    # 160 videos of 38 row blocks on 132 SMs: 4 x 132 / 160 -> 4 programs per video -> runs of 10
+    assert runs(160, 38, 132) == 10
+    assert runs(1, 38, 132) == 1  # one video: a program per row block (38 < 528)
+    assert runs(10_000, 38, 132) == 38  # a program per whole video once the videos fill the GPU
+    assert runs(0, 38, 132) == 1
+    assert runs(160, 38, None) == 3 and runs(160, 2, None) == 2  # the interpreter
 
 
 @requires_triton
