@@ -70,6 +70,8 @@ def compile_for_gpu(
         "ACC_DTYPE": ops._accumulator_dtype(dtype), "DOT_DTYPE": ops._dot_dtype(dtype, interpret=False),
         "INPUT_PRECISION": ops._dot_precision(dtype, precision), "UNIFORM_X_ROWS": not strided_x,
     }
+    if kind == "backward":
+        constants["ONE_D_BLOCK"] = dim <= block_d
     signature, attributes = {}, {}
     for index, name in enumerate(kernel.arg_names):
         if name in constants:

@@ -78,8 +78,8 @@ ASSUMPTIONS = [
     "re-reads (logits per D block, grad_y per row block) are not modelled.",
     "Instructions per program: SASS outside loops + the main loop's body x its trip count. The main "
     "loop is the outermost one holding the MMA: the row-block loop (trips = the program's real rows / "
-    "BLOCK_R) of the forward and of a backward that walks runs of row blocks, whose nested D loop "
-    "counts D / BLOCK_D times per trip; in a backward of one row block per program, the D loop. "
+    "BLOCK_R) of the forward and of the backward (which walks runs of row blocks); a nested D loop "
+    "counts D / BLOCK_D times per trip. "
     "Loops without MMA (the zero-fill of padded row blocks) are left out, while straight-line "
     "stores of that path are counted (small overestimate).",
     "Exposed latency: a program waits one DRAM round trip (1,000 cycles, loaded latency; a guess to "
@@ -309,24 +309,18 @@ def forward_splits(batch: int, rows_per_video: int, d_blocks: int, sms: int) -> 
 
 
 def programs_and_trips(kind: str, lengths: list[int], groups: int, dim: int, tile: tuple[int, int, int],
-                       sms: int, walks_row_blocks: bool, frames: int = FRAMES) -> tuple[int, list[int], int]:
-    """(programs, the main loop's trips per program, forward frame splits) of one launch;
-    ``walks_row_blocks``: the backward program loops over row blocks (its D loop nested inside)."""
+                       sms: int, frames: int = FRAMES) -> tuple[int, list[int], int]:
+    """(programs, the row-block loop's trips per program, forward frame splits) of one launch, as
+    launch_forward / launch_backward choose them on a GPU with ``sms`` SMs."""
     block_r, block_d, _ = tile
-    d_blocks = math.ceil(dim / block_d)
     if kind == "forward":
+        d_blocks = math.ceil(dim / block_d)
         splits, rows_per_split = forward_splits(len(lengths), frames * groups, d_blocks, sms)
         trips = [math.ceil(max(0, min(length * groups - split * rows_per_split, rows_per_split)) / block_r)
                  for length in lengths for split in range(splits) for _ in range(d_blocks)]
         return len(trips), trips, splits
+    # backward: one program per run of a video's row blocks, looping over its real ones
     row_blocks = math.ceil(frames * groups / block_r)
-    if not walks_row_blocks:  # one program per row block, looping over D blocks
-        trips = []
-        for length in lengths:
-            real_blocks = math.ceil(length * groups / block_r)
-            trips += [d_blocks] * real_blocks + [0] * (row_blocks - real_blocks)
-        return len(trips), trips, 1
-    # one program per run of row blocks (as launch_backward chooses them), looping over its real ones
     run = ops._backward_blocks_per_program(len(lengths), row_blocks, sms)
     trips = [max(0, min(math.ceil(length * groups / block_r), first + run) - first)
              for length in lengths for first in range(0, row_blocks, run)]
@@ -341,8 +335,10 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
     k_pad = ops._padded_clusters(clusters)
     lengths = paper_lengths(lengths_kind)
     nested = bool(code.inner_body)
-    programs, per_program, splits = programs_and_trips(kind, lengths, stream.groups, stream.dim, tile, GPUS[0].sms,
-                                                       walks_row_blocks=nested)
+    # the backward walks runs of row blocks (its D loop nested inside, or none when D fits one
+    # block); results/kernel_model_before.md was made by this script's first version, for the
+    # older one-block-per-program backward
+    programs, per_program, splits = programs_and_trips(kind, lengths, stream.groups, stream.dim, tile, GPUS[0].sms)
     d_blocks = math.ceil(stream.dim / block_d)
     inner = classify(code.inner_body)
     # a trip of the outer loop runs the nested D loop d_blocks times (its body is in the outer once)
@@ -354,7 +350,7 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
     mufu_instructions = warps * (programs * outside["MUFU"] + loop_trips * body["MUFU"])
     # forward: one K_PAD x BLOCK_R x BLOCK_D dot per row block and D block; backward: two
     # BLOCK_R x K_PAD x BLOCK_D per D block (trips are D blocks, or row blocks of d_blocks each)
-    dots = loop_trips * (d_blocks if nested else 1) * (1 if kind == "forward" else 2)
+    dots = loop_trips * (d_blocks if kind == "backward" else 1) * (1 if kind == "forward" else 2)
     mma_fma = dots * k_pad * block_r * block_d
     # lengths, then the first loads, [then x after the softmax], [then one per loop trip]; a
     # backward program past its video's end only stores (one round trip: the lengths)
@@ -376,10 +372,8 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
         **{f"loop_{name}": count for name, count in body.items()},
         "outside_total": outside["total"],
         # a trip of the row-block loop; or (backward, one block per program) the program
-        "instructions_per_row_block": body["total"] if kind == "forward" or nested
-        else outside["total"] + d_blocks * body["total"],
-        "loop": "row blocks" + (f" (D loop nested, {d_blocks} trips)" if nested else "")
-        if kind == "forward" or nested else "D blocks",
+        "instructions_per_row_block": body["total"],
+        "loop": "row blocks" + (f" (D loop nested, {d_blocks} trips)" if nested else ""),
         "sync_load_use_distance": min(code.sync_load_distances, default=None), "loads_after_softmax": code.loads_after_softmax,
         "splits": splits,
         "bytes_MB": bytes_moved / 1e6,

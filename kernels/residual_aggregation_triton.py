@@ -67,6 +67,26 @@ def _exp_minus_row_max(logits):
 
 
 @triton.jit
+def _x_row_offsets(rows, groups, x_stride_frame, x_stride_group, UNIFORM_X_ROWS: tl.constexpr):
+    """Offsets of x's rows r = i*G + g within a video (see _uniform_x_rows)."""
+    if UNIFORM_X_ROWS:
+        return rows * x_stride_group
+    return (rows // groups) * x_stride_frame + (rows % groups) * x_stride_group
+
+
+@triton.jit
+def _backward_d_block(features, grad_y, assignment, grad_assignment, grad_x_ptrs, grad_x_mask,
+                      DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """One D block of the backward: stores grad_x = a gy for it and returns grad_a += x gy^T."""
+    grad_y = grad_y.to(DOT_DTYPE)
+    grad_assignment = tl.dot(features.to(DOT_DTYPE), tl.trans(grad_y), grad_assignment,
+                             input_precision=INPUT_PRECISION)
+    grad_features = tl.dot(assignment.to(DOT_DTYPE), grad_y, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    tl.store(grad_x_ptrs, grad_features.to(grad_x_ptrs.dtype.element_ty), mask=grad_x_mask)
+    return grad_assignment
+
+
+@triton.jit
 def residual_aggregation_forward_kernel(
     x_ptr, logits_ptr, attention_ptr, lengths_ptr, centroids_ptr, y_ptr, assignment_sum_ptr,
     max_frames, groups, clusters, dim, rows_per_split, x_stride_video, x_stride_frame, x_stride_group,
@@ -141,10 +161,7 @@ def residual_aggregation_forward_kernel(
         # One per-row scale folds the softmax normalisation and the gate.
         assignment = unnormalised * (gate / tl.sum(unnormalised, axis=1))[:, None]
 
-        if UNIFORM_X_ROWS:  # see _uniform_x_rows
-            x_rows = rows * x_stride_group
-        else:
-            x_rows = (rows // groups) * x_stride_frame + (rows % groups) * x_stride_group
+        x_rows = _x_row_offsets(rows, groups, x_stride_frame, x_stride_group, UNIFORM_X_ROWS)
         features = tl.load(
             x_video + x_rows[:, None] + offs_d[None, :],
             mask=row_valid[:, None] & d_valid[None, :], other=0.0,
@@ -181,6 +198,7 @@ def residual_aggregation_backward_kernel(
     max_frames, groups, clusters, dim, blocks_per_program, x_stride_video, x_stride_frame, x_stride_group,
     K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UNIFORM_X_ROWS: tl.constexpr,
+    ONE_D_BLOCK: tl.constexpr,
 ):
     """One program per (video, run of ``blocks_per_program`` row blocks), on axis 0 (a video's
     programs side by side, so they share its dL/dy in L2; any batch fits CUDA's grid); the program
@@ -196,6 +214,8 @@ def residual_aggregation_backward_kernel(
     Arguments as in the forward kernel, plus:
       blocks_per_program: BLOCK_R-row blocks of one video per program (the last program of a
         video may have fewer); see _backward_blocks_per_program.
+      ONE_D_BLOCK: D <= BLOCK_D. Then dL/dy[b] is loaded once per program and kept on chip, and
+        x is loaded a row block ahead with the logits, so no trip waits for memory.
       grad_y_ptr: (B, K, D) contiguous dL/dy in x's dtype.
       grad_y_dot_centroids_ptr: (B, K) in the accumulator type, subtracted from every row's
         grad_a: sum_d gy[k,d] c[k,d] minus dL/da_sum[b,k] (zero unless a_sum itself has a gradient).
@@ -230,6 +250,14 @@ def residual_aggregation_backward_kernel(
     next_logits = tl.load(logits_ptr + logits_video + rows[:, None] * clusters + offs_k[None, :],
                           mask=(rows < real_rows)[:, None] & k_valid[None, :], other=0.0)
     next_attention = tl.load(attention_ptr + attention_video + rows, mask=rows < real_rows, other=0.0)
+    if ONE_D_BLOCK:
+        offs_d = tl.arange(0, BLOCK_D)
+        d_valid = offs_d < dim
+        grad_y_block = tl.load(grad_y_video + offs_k[:, None] * dim + offs_d[None, :],
+                               mask=k_valid[:, None] & d_valid[None, :], other=0.0)
+        x_rows = _x_row_offsets(rows, groups, x_stride_frame, x_stride_group, UNIFORM_X_ROWS)
+        next_features = tl.load(x_video + x_rows[:, None] + offs_d[None, :],
+                                mask=(rows < real_rows)[:, None] & d_valid[None, :], other=0.0)
     for block in range(first_block, real_end_block):
         rows = block * BLOCK_R + offs_r
         row_in_video = rows < rows_per_video
@@ -242,32 +270,34 @@ def residual_aggregation_backward_kernel(
                               mask=next_valid[:, None] & k_valid[None, :], other=0.0)
         next_attention = tl.load(attention_ptr + attention_video + next_rows, mask=next_valid, other=0.0)
 
+        if ONE_D_BLOCK:
+            features = next_features
+            x_rows = _x_row_offsets(next_rows, groups, x_stride_frame, x_stride_group, UNIFORM_X_ROWS)
+            next_features = tl.load(x_video + x_rows[:, None] + offs_d[None, :],
+                                    mask=next_valid[:, None] & d_valid[None, :], other=0.0)
+
         unnormalised = _exp_minus_row_max(logits)
         probabilities = unnormalised * (1.0 / tl.sum(unnormalised, axis=1))[:, None]
         gate = tl.where(row_valid, sigmoid, 0.0)
         assignment = probabilities * gate[:, None]
-        if UNIFORM_X_ROWS:  # see _uniform_x_rows
-            x_rows = rows * x_stride_group
-        else:
-            x_rows = (rows // groups) * x_stride_frame + (rows % groups) * x_stride_group
 
         grad_assignment = tl.zeros((BLOCK_R, K_PAD), dtype=ACC_DTYPE)
-        for d_start in range(0, dim, BLOCK_D):
-            offs_d = d_start + tl.arange(0, BLOCK_D)
-            d_valid = offs_d < dim
-            features = tl.load(x_video + x_rows[:, None] + offs_d[None, :],
-                               mask=row_valid[:, None] & d_valid[None, :], other=0.0)
-            grad_y = tl.load(grad_y_video + offs_k[:, None] * dim + offs_d[None, :],
-                             mask=k_valid[:, None] & d_valid[None, :], other=0.0)
-            features = features.to(DOT_DTYPE)
-            grad_y = grad_y.to(DOT_DTYPE)
-            grad_assignment = tl.dot(features, tl.trans(grad_y), grad_assignment,
-                                     input_precision=INPUT_PRECISION)
-            grad_features = tl.dot(assignment.to(DOT_DTYPE), grad_y,
-                                   input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            tl.store(grad_x_video + rows[:, None] * dim + offs_d[None, :],
-                     grad_features.to(grad_x_ptr.dtype.element_ty),
-                     mask=row_in_video[:, None] & d_valid[None, :])
+        if ONE_D_BLOCK:
+            grad_assignment = _backward_d_block(
+                features, grad_y_block, assignment, grad_assignment, grad_x_video + rows[:, None] * dim + offs_d[None, :],
+                row_in_video[:, None] & d_valid[None, :], DOT_DTYPE, INPUT_PRECISION, ACC_DTYPE)
+        else:
+            x_rows = _x_row_offsets(rows, groups, x_stride_frame, x_stride_group, UNIFORM_X_ROWS)
+            for d_start in range(0, dim, BLOCK_D):
+                offs_d = d_start + tl.arange(0, BLOCK_D)
+                d_valid = offs_d < dim
+                features = tl.load(x_video + x_rows[:, None] + offs_d[None, :],
+                                   mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+                grad_y = tl.load(grad_y_video + offs_k[:, None] * dim + offs_d[None, :],
+                                 mask=k_valid[:, None] & d_valid[None, :], other=0.0)
+                grad_assignment = _backward_d_block(
+                    features, grad_y, assignment, grad_assignment, grad_x_video + rows[:, None] * dim + offs_d[None, :],
+                    row_in_video[:, None] & d_valid[None, :], DOT_DTYPE, INPUT_PRECISION, ACC_DTYPE)
 
         grad_assignment -= grad_y_dot_centroids[None, :]
         weighted = tl.sum(probabilities * grad_assignment, axis=1)
@@ -559,6 +589,7 @@ def launch_backward(
     if batch > 0:
         family = _tile_family(x.dtype, precision)
         tiles = _tiles(_BACKWARD_TILES, family, _padded_clusters(clusters), dim)
+        launched = tiles if _autotune_enabled(triton_interpreter_enabled()) else tiles[:1]
         # Chosen for the default tile; an autotuned tile walks as many of its own blocks.
         blocks_per_program = _backward_blocks_per_program(batch, triton.cdiv(max_frames * groups, tiles[0][0]),
                                                           _multiprocessors(x.device))
@@ -568,6 +599,6 @@ def launch_backward(
             x, logits, attention, lengths, grad_y, grad_y_dot_centroids,
             grad_x, grad_logits, grad_attention,
             max_frames, groups, clusters, dim, blocks_per_program, *_x_strides(x),
-            **_kernel_constants(x, clusters, precision),
+            **_kernel_constants(x, clusters, precision), ONE_D_BLOCK=dim <= min(block_d for _, block_d, _ in launched),
         )
     return grad_x, grad_logits, grad_attention
