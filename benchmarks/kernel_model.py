@@ -298,14 +298,7 @@ def ctas_per_sm(registers: int, shared: int, warps: int) -> int:
 
 def forward_splits(batch: int, rows_per_video: int, d_blocks: int, sms: int) -> tuple[int, int]:
     """(splits, rows per split) as ``launch_forward`` chooses them on a GPU with ``sms`` SMs."""
-    programs = batch * d_blocks
-    target = 2 * sms
-    splits = 1
-    if programs < target:
-        splits = max(1, min(math.ceil(target / programs), math.ceil(rows_per_video / ops._SPLIT_ROW_ALIGNMENT)))
-    alignment = ops._SPLIT_ROW_ALIGNMENT
-    rows_per_split = alignment * math.ceil(math.ceil(rows_per_video / splits) / alignment)
-    return math.ceil(rows_per_video / rows_per_split), rows_per_split
+    return ops._split_rows(rows_per_video, ops._forward_splits(batch, rows_per_video, d_blocks, sms))
 
 
 def programs_and_trips(kind: str, lengths: list[int], groups: int, dim: int, tile: tuple[int, int, int],

@@ -454,15 +454,27 @@ def _launch(kind: str, family: str, tiles: list[_Tile], grid: Any, *args: Any, *
             wrap_triton(_KERNELS[kind])[grid(meta)](*args, **constexprs, **meta, num_warps=warps)
 
 
-def _forward_splits(batch: int, rows_per_video: int, d_blocks: int, device: torch.device) -> int:
+def _multiprocessors(device: torch.device) -> int | None:
+    """The GPU's SM count; None off CUDA (the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
+def _forward_splits(batch: int, rows_per_video: int, d_blocks: int, multiprocessors: int | None) -> int:
     """Frame splits per video so that small batches (inference) still fill the GPU's SMs."""
-    if device.type != "cuda" or batch == 0:  # B = 0: no programs to divide by
+    if multiprocessors is None or batch == 0:  # B = 0: no programs to divide by
         return 1
     programs = batch * d_blocks
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    target = 2 * multiprocessors
     if programs >= target:
         return 1
     return max(1, min(triton.cdiv(target, programs), triton.cdiv(rows_per_video, _SPLIT_ROW_ALIGNMENT)))
+
+
+def _split_rows(rows_per_video: int, splits: int) -> tuple[int, int]:
+    """(splits, rows per split): splits start at multiples of _SPLIT_ROW_ALIGNMENT rows, so fewer
+    than asked may remain."""
+    rows_per_split = _SPLIT_ROW_ALIGNMENT * triton.cdiv(triton.cdiv(rows_per_video, splits), _SPLIT_ROW_ALIGNMENT)
+    return triton.cdiv(rows_per_video, rows_per_split), rows_per_split
 
 
 # Programs of the backward per SM that _backward_blocks_per_program aims at: enough for whole-ish
@@ -472,11 +484,6 @@ _BACKWARD_PROGRAMS_PER_SM = 4
 # Blocks per program in the interpreter (no SMs to count): more than one, so that the tests walk
 # the prefetching loop, a video's short last run and runs wholly past a video's end.
 _INTERPRETER_BLOCKS_PER_PROGRAM = 3
-
-
-def _multiprocessors(device: torch.device) -> int | None:
-    """The GPU's SM count; None off CUDA (the interpreter)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
 def _backward_blocks_per_program(batch: int, row_blocks: int, multiprocessors: int | None) -> int:
@@ -550,9 +557,8 @@ def launch_forward(
     family = _tile_family(x.dtype, precision)
     tiles = _tiles(_FORWARD_TILES, family, _padded_clusters(clusters), dim)
     rows_per_video = max_frames * groups
-    splits = _forward_splits(batch, rows_per_video, triton.cdiv(dim, tiles[0][1]), x.device)
-    rows_per_split = _SPLIT_ROW_ALIGNMENT * triton.cdiv(triton.cdiv(rows_per_video, splits), _SPLIT_ROW_ALIGNMENT)
-    splits = triton.cdiv(rows_per_video, rows_per_split)
+    splits, rows_per_split = _split_rows(
+        rows_per_video, _forward_splits(batch, rows_per_video, triton.cdiv(dim, tiles[0][1]), _multiprocessors(x.device)))
     # With several splits each writes fp32 partial sums; with one, y is written directly. y is then
     # allocated as (B, K, D) itself, not as a view y[0] of a (1, B, K, D) buffer: autograd forbids
     # in-place ops on a custom Function's output that is a view.
