@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from typing import Any
 
@@ -460,14 +461,29 @@ def _multiprocessors(device: torch.device) -> int | None:
 
 
 def _forward_splits(batch: int, rows_per_video: int, d_blocks: int, multiprocessors: int | None) -> int:
-    """Frame splits per video so that small batches (inference) still fill the GPU's SMs."""
+    """Frame splits per video so that small batches (audio, inference) still fill the GPU's SMs.
+
+    Of the counts from the fewest that give two programs per SM to twice that, the one whose
+    programs come closest to whole waves of 2 per SM (ties: fewer splits, fewer partial sums to
+    add up): e.g. 160 audio videos on 132 SMs take 3 splits (1.82 waves, 10% idle in the last
+    one), not 2 (1.21 waves, 39% idle): benchmarks/NOTES.md, change 6.
+    """
     if multiprocessors is None or batch == 0:  # B = 0: no programs to divide by
         return 1
     programs = batch * d_blocks
-    target = 2 * multiprocessors
-    if programs >= target:
+    slots = 2 * multiprocessors
+    if programs >= slots:
         return 1
-    return max(1, min(triton.cdiv(target, programs), triton.cdiv(rows_per_video, _SPLIT_ROW_ALIGNMENT)))
+    fewest = triton.cdiv(slots, programs)
+    candidates = range(fewest, min(2 * fewest, triton.cdiv(rows_per_video, _SPLIT_ROW_ALIGNMENT)) + 1)
+    if not candidates:
+        return max(1, triton.cdiv(rows_per_video, _SPLIT_ROW_ALIGNMENT))
+
+    def idle_share(splits: int) -> float:
+        waves = programs * splits / slots
+        return 1 - waves / math.ceil(waves)
+
+    return min(candidates, key=idle_share)
 
 
 def _split_rows(rows_per_video: int, splits: int) -> tuple[int, int]:

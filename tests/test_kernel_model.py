@@ -62,8 +62,9 @@ def test_occupancy_and_lengths_by_hand() -> None:
     assert kernel_model.ctas_per_sm(128, 49152, 4) == 4
     assert kernel_model.paper_lengths("120-300", batch=3) == [120, 210, 300]
     assert kernel_model.paper_lengths("full", batch=2) == [300, 300]
-    # audio: 160 programs < 2 x 132 SMs -> 2 splits of 640 rows (multiples of 128) of the 1,200
-    assert kernel_model.forward_splits(160, 300 * 4, 1, 132) == (2, 640)
+    # audio: 160 programs < 2 x 132 SMs -> 3 splits (see the launcher's rule) of 512 rows
+    # (multiples of 128) of the 1,200
+    assert kernel_model.forward_splits(160, 300 * 4, 1, 132) == (3, 512)
     assert kernel_model.forward_splits(160, 300 * 8, 2, 132) == (1, 2432)  # video: 320 programs fill it
 
 

@@ -443,6 +443,18 @@ def test_backward_runs_of_row_blocks_aim_at_four_programs_per_sm() -> None:
 
 
 @requires_triton
+def test_forward_splits_come_closest_to_whole_waves() -> None:
+    splits = triton_module._forward_splits
+    # 160 one-D-block videos on 132 SMs (264 slots): 2 splits = 320 programs = 1.21 waves (39% of
+    # the last wave idle), 3 = 1.82 (10%), 4 = 2.42 (19%) -> 3
+    assert splits(160, 1200, 1, 132) == 3
+    assert splits(160, 2400, 2, 132) == 1  # 320 programs already fill 264 slots
+    # one video: 132 splits wanted, but splits start at multiples of 128 rows -> 2400 / 128 -> 19
+    assert splits(1, 2400, 2, 132) == 19
+    assert splits(8, 1200, 1, None) == 1  # the interpreter
+
+
+@requires_triton
 def test_empty_batch_needs_no_frame_splits() -> None:
     # B = 0 on a GPU divided by the number of programs (zero); answered before any device query.
     assert triton_module._forward_splits(0, 2400, 2, 132) == 1
