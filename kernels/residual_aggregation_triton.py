@@ -356,24 +356,24 @@ _FORWARD_TILES: dict[str, dict[int, list[_Tile]]] = {
 _BACKWARD_TILES: dict[str, dict[int, list[_Tile]]] = {
     "half": {
         16: [(64, 64, 8), (128, 64, 8), (64, 128, 8), (64, 32, 8)],
-        64: [(64, 64, 8), (32, 64, 8), (128, 32, 8), (64, 128, 8), (128, 64, 8)],
+        64: [(64, 64, 8), (128, 32, 8), (64, 128, 8), (128, 64, 8)],  # (32, 64, 8) spills 8 bytes
         128: [(64, 64, 8), (32, 64, 8), (64, 32, 8), (64, 128, 8)],
         256: [(16, 64, 8), (32, 64, 8)],
         512: [(16, 32, 8)],  # (16, 32, 16) spills 16 bytes since the backward walks row blocks
     },
     "tf32": {
-        16: [(64, 64, 4), (32, 64, 8)],
+        16: [(64, 64, 4)],  # (32, 64, 8) spills 8 bytes
         64: [(64, 64, 8), (32, 64, 8)],
-        128: [(32, 64, 8), (64, 64, 8)],
+        128: [(32, 64, 8)],  # (64, 64, 8) spills 96 bytes
         256: [(16, 64, 8), (16, 32, 8)],
-        512: [(16, 32, 8)],  # spills 64 bytes on sm_90 (8 when a program had one row block)
+        512: [(16, 32, 8)],  # spills 64-80 bytes on sm_90 (8 when a program had one row block)
     },
     "ieee": {
         16: [(32, 64, 8), (64, 32, 8)],
         64: [(32, 64, 8), (64, 32, 8), (32, 32, 8)],
         128: [(32, 32, 8), (32, 64, 8)],
         256: [(16, 16, 8), (16, 32, 8)],
-        512: [(16, 16, 8), (16, 32, 8)],  # spill 24 / 80 bytes on sm_90 (16 / 24 when a program had one row block)
+        512: [(16, 16, 8), (16, 32, 8)],  # spill 24 / 64-80 bytes on sm_90 (16 / 24 when a program had one row block)
     },
 }
 # For K_PAD = 1024 no backward tile tried compiled for sm_90 without spills (the best bf16 one
