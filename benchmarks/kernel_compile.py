@@ -62,6 +62,7 @@ def compile_for_gpu(
         "grad_y_dot_centroids_ptr": accumulator,
     }
     integers = {"max_frames": 300, "groups": 8, "clusters": clusters, "dim": dim, "rows_per_split": 128,
+                "blocks_per_program": 10,
                 "x_stride_video": (3 if strided_x else 1) * 300 * 8 * dim,
                 "x_stride_frame": (3 if strided_x else 1) * 8 * dim, "x_stride_group": dim}
     constants = {
@@ -69,6 +70,8 @@ def compile_for_gpu(
         "ACC_DTYPE": ops._accumulator_dtype(dtype), "DOT_DTYPE": ops._dot_dtype(dtype, interpret=False),
         "INPUT_PRECISION": ops._dot_precision(dtype, precision), "UNIFORM_X_ROWS": not strided_x,
     }
+    if kind == "backward":
+        constants["ONE_D_BLOCK"] = dim <= block_d
     signature, attributes = {}, {}
     for index, name in enumerate(kernel.arg_names):
         if name in constants:

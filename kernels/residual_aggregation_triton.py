@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from typing import Any
 
@@ -47,6 +48,44 @@ def triton_interpreter_enabled() -> bool:
 # (M*G, K) and of the attention (M*G,); the real frames are exactly the first lengths[b]*G rows, so
 # every loop below runs over real rows only.
 # ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _round_to_bfloat16(values):
+    """fp32 values rounded to the nearest bf16 (ties to even), as fp32: the GPU's conversion for
+    finite values, in integer arithmetic. Only for the interpreter, whose own fp32 -> bf16
+    conversion truncates (and would make the tests check a rounding the GPU never does)."""
+    bits = values.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _exp_minus_row_max(logits):
+    """exp(logits - row max) as exp2(logits * log2(e) - row max * log2(e)): one FFMA and one MUFU
+    per element, where exp's own lowering needs a subtraction, a multiplication and the MUFU."""
+    log2_e: tl.constexpr = 1.4426950408889634
+    return tl.exp2(logits * log2_e - (tl.max(logits, axis=1) * log2_e)[:, None])
+
+
+@triton.jit
+def _x_row_offsets(rows, groups, x_stride_frame, x_stride_group, UNIFORM_X_ROWS: tl.constexpr):
+    """Offsets of x's rows r = i*G + g within a video (see _uniform_x_rows)."""
+    if UNIFORM_X_ROWS:
+        return rows * x_stride_group
+    return (rows // groups) * x_stride_frame + (rows % groups) * x_stride_group
+
+
+@triton.jit
+def _backward_d_block(features, grad_y, assignment, grad_assignment, grad_x_ptrs, grad_x_mask,
+                      DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """One D block of the backward: stores grad_x = a gy for it and returns grad_a += x gy^T."""
+    grad_y = grad_y.to(DOT_DTYPE)
+    grad_assignment = tl.dot(features.to(DOT_DTYPE), tl.trans(grad_y), grad_assignment,
+                             input_precision=INPUT_PRECISION)
+    grad_features = tl.dot(assignment.to(DOT_DTYPE), grad_y, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    tl.store(grad_x_ptrs, grad_features.to(grad_x_ptrs.dtype.element_ty), mask=grad_x_mask)
+    return grad_assignment
+
 
 @triton.jit
 def residual_aggregation_forward_kernel(
@@ -102,9 +141,15 @@ def residual_aggregation_forward_kernel(
 
     acc = tl.zeros((K_PAD, BLOCK_D), dtype=ACC_DTYPE)
     assignment_sum = tl.zeros((K_PAD,), dtype=ACC_DTYPE)
+    # The attention is loaded one row block ahead: Triton's pipeliner copies the logits and x
+    # asynchronously, but not this (BLOCK_R,) vector, whose synchronous load would otherwise stall
+    # every trip (benchmarks/NOTES.md).
+    next_attention = tl.load(attention_video + row_begin + offs_r, mask=row_begin + offs_r < row_end, other=0.0)
     for row_start in range(row_begin, row_end, BLOCK_R):
         rows = row_start + offs_r
         row_valid = rows < row_end
+        attention = next_attention
+        next_attention = tl.load(attention_video + rows + BLOCK_R, mask=rows + BLOCK_R < row_end, other=0.0)
         # Soft assignment a = sigmoid(attention) * softmax_K(logits); padded K columns get -inf
         # (probability 0), rows past the video's end get gate 0.
         logits = tl.load(
@@ -112,20 +157,24 @@ def residual_aggregation_forward_kernel(
             mask=row_valid[:, None] & k_valid[None, :], other=0.0,
         ).to(ACC_DTYPE)
         logits = tl.where(k_valid[None, :], logits, float("-inf"))
-        unnormalised = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-        gate = tl.sigmoid(tl.load(attention_video + rows, mask=row_valid, other=0.0).to(ACC_DTYPE))
-        gate = tl.where(row_valid, gate, 0.0)
+        unnormalised = _exp_minus_row_max(logits)
+        gate = tl.where(row_valid, tl.sigmoid(attention.to(ACC_DTYPE)), 0.0)
         # One per-row scale folds the softmax normalisation and the gate.
         assignment = unnormalised * (gate / tl.sum(unnormalised, axis=1))[:, None]
 
-        if UNIFORM_X_ROWS:  # see _uniform_x_rows
-            x_rows = rows * x_stride_group
-        else:
-            x_rows = (rows // groups) * x_stride_frame + (rows % groups) * x_stride_group
+        x_rows = _x_row_offsets(rows, groups, x_stride_frame, x_stride_group, UNIFORM_X_ROWS)
         features = tl.load(
             x_video + x_rows[:, None] + offs_d[None, :],
             mask=row_valid[:, None] & d_valid[None, :], other=0.0,
         )
+        # a_sum from the assignment as the dot sees it (rounded to x's dtype): y subtracts
+        # a_sum * c from a^T x, and with features of a large mean (x ~ c) any mismatch between
+        # the two is not cancelled (2e-2 relative error in bf16 instead of 1e-3: see
+        # test_triton_interpreter_assignment_sum_matches_the_rounded_dot).
+        if x_ptr.dtype.element_ty == tl.bfloat16 and DOT_DTYPE == tl.float32:  # the interpreter: _dot_dtype
+            assignment = _round_to_bfloat16(assignment)
+        else:
+            assignment = assignment.to(x_ptr.dtype.element_ty).to(ACC_DTYPE)
         acc = tl.dot(tl.trans(assignment.to(DOT_DTYPE)), features.to(DOT_DTYPE), acc,
                      input_precision=INPUT_PRECISION)
         assignment_sum += tl.sum(assignment, axis=0)
@@ -147,13 +196,14 @@ def residual_aggregation_forward_kernel(
 def residual_aggregation_backward_kernel(
     x_ptr, logits_ptr, attention_ptr, lengths_ptr, grad_y_ptr, grad_y_dot_centroids_ptr,
     grad_x_ptr, grad_logits_ptr, grad_attention_ptr,
-    max_frames, groups, clusters, dim, x_stride_video, x_stride_frame, x_stride_group,
+    max_frames, groups, clusters, dim, blocks_per_program, x_stride_video, x_stride_frame, x_stride_group,
     K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UNIFORM_X_ROWS: tl.constexpr,
+    ONE_D_BLOCK: tl.constexpr,
 ):
-    """One program per (row block, video), both on axis 0 (row blocks fastest, so a video's blocks
-    share its dL/dy in L2; any batch fits CUDA's grid); every gradient here is local to a
-    (frame, group) row.
+    """One program per (video, run of ``blocks_per_program`` row blocks), on axis 0 (a video's
+    programs side by side, so they share its dL/dy in L2; any batch fits CUDA's grid); the program
+    walks its row blocks in order. Every gradient here is local to a (frame, group) row.
 
     With s = sigmoid(attention), p = softmax(logits), a = s p and gy = dL/dy[b]:
       grad_x = a @ gy
@@ -163,6 +213,10 @@ def residual_aggregation_backward_kernel(
     Row blocks wholly past the video's end only write zeros.
 
     Arguments as in the forward kernel, plus:
+      blocks_per_program: BLOCK_R-row blocks of one video per program (the last program of a
+        video may have fewer); see _backward_blocks_per_program.
+      ONE_D_BLOCK: D <= BLOCK_D. Then dL/dy[b] is loaded once per program and kept on chip, and
+        x is loaded a row block ahead with the logits, so no trip waits for memory.
       grad_y_ptr: (B, K, D) contiguous dL/dy in x's dtype.
       grad_y_dot_centroids_ptr: (B, K) in the accumulator type, subtracted from every row's
         grad_a: sum_d gy[k,d] c[k,d] minus dL/da_sum[b,k] (zero unless a_sum itself has a gradient).
@@ -171,81 +225,103 @@ def residual_aggregation_backward_kernel(
     """
     rows_per_video = max_frames * groups
     row_blocks = tl.cdiv(rows_per_video, BLOCK_R)
-    pid_r = tl.program_id(0) % row_blocks
-    video = (tl.program_id(0) // row_blocks).to(tl.int64)
+    programs_per_video = tl.cdiv(row_blocks, blocks_per_program)
+    first_block = (tl.program_id(0) % programs_per_video) * blocks_per_program
+    end_block = tl.minimum(first_block + blocks_per_program, row_blocks)
+    video = (tl.program_id(0) // programs_per_video).to(tl.int64)
     # Clamped to [0, M] so memory stays in bounds even where validation was skipped (tracing).
     real_rows = tl.minimum(tl.maximum(tl.load(lengths_ptr + video), 0), max_frames).to(tl.int32) * groups
+    # this program's blocks holding real rows come first, then those wholly past the video's end
+    real_end_block = tl.maximum(first_block, tl.minimum(end_block, tl.cdiv(real_rows, BLOCK_R)))
 
     offs_k = tl.arange(0, K_PAD)
     k_valid = offs_k < clusters
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_in_video = rows < rows_per_video
-    row_valid = rows < real_rows
-
+    offs_r = tl.arange(0, BLOCK_R)
     x_video = x_ptr + video * x_stride_video
-    if UNIFORM_X_ROWS:  # see _uniform_x_rows
-        x_rows = rows * x_stride_group
-    else:
-        x_rows = (rows // groups) * x_stride_frame + (rows % groups) * x_stride_group
     grad_x_video = grad_x_ptr + video * rows_per_video * dim
-    logits_offsets = video * rows_per_video * clusters + rows[:, None] * clusters + offs_k[None, :]
-    logits_store_mask = row_in_video[:, None] & k_valid[None, :]
-    attention_offsets = video * rows_per_video + rows
+    logits_video = video * rows_per_video * clusters
+    attention_video = video * rows_per_video
     grad_y_video = grad_y_ptr + video * clusters * dim
+    grad_y_dot_centroids = tl.load(grad_y_dot_centroids_ptr + video * clusters + offs_k,
+                                   mask=k_valid, other=0.0).to(ACC_DTYPE)
 
-    if pid_r * BLOCK_R >= real_rows:
+    # The logits and attention of the next row block are loaded while this one is computed, so
+    # only the first block of a program waits for them (benchmarks/NOTES.md, change 4).
+    rows = first_block * BLOCK_R + offs_r
+    next_logits = tl.load(logits_ptr + logits_video + rows[:, None] * clusters + offs_k[None, :],
+                          mask=(rows < real_rows)[:, None] & k_valid[None, :], other=0.0)
+    next_attention = tl.load(attention_ptr + attention_video + rows, mask=rows < real_rows, other=0.0)
+    if ONE_D_BLOCK:
+        offs_d = tl.arange(0, BLOCK_D)
+        d_valid = offs_d < dim
+        grad_y_block = tl.load(grad_y_video + offs_k[:, None] * dim + offs_d[None, :],
+                               mask=k_valid[:, None] & d_valid[None, :], other=0.0)
+        x_rows = _x_row_offsets(rows, groups, x_stride_frame, x_stride_group, UNIFORM_X_ROWS)
+        next_features = tl.load(x_video + x_rows[:, None] + offs_d[None, :],
+                                mask=(rows < real_rows)[:, None] & d_valid[None, :], other=0.0)
+    for block in range(first_block, real_end_block):
+        rows = block * BLOCK_R + offs_r
+        row_in_video = rows < rows_per_video
+        row_valid = rows < real_rows
+        logits = tl.where(k_valid[None, :], next_logits.to(ACC_DTYPE), float("-inf"))
+        sigmoid = tl.sigmoid(next_attention.to(ACC_DTYPE))
+        next_rows = rows + BLOCK_R
+        next_valid = next_rows < real_rows
+        next_logits = tl.load(logits_ptr + logits_video + next_rows[:, None] * clusters + offs_k[None, :],
+                              mask=next_valid[:, None] & k_valid[None, :], other=0.0)
+        next_attention = tl.load(attention_ptr + attention_video + next_rows, mask=next_valid, other=0.0)
+
+        if ONE_D_BLOCK:
+            features = next_features
+            x_rows = _x_row_offsets(next_rows, groups, x_stride_frame, x_stride_group, UNIFORM_X_ROWS)
+            next_features = tl.load(x_video + x_rows[:, None] + offs_d[None, :],
+                                    mask=next_valid[:, None] & d_valid[None, :], other=0.0)
+
+        unnormalised = _exp_minus_row_max(logits)
+        probabilities = unnormalised * (1.0 / tl.sum(unnormalised, axis=1))[:, None]
+        gate = tl.where(row_valid, sigmoid, 0.0)
+        assignment = probabilities * gate[:, None]
+
+        grad_assignment = tl.zeros((BLOCK_R, K_PAD), dtype=ACC_DTYPE)
+        if ONE_D_BLOCK:
+            grad_assignment = _backward_d_block(
+                features, grad_y_block, assignment, grad_assignment, grad_x_video + rows[:, None] * dim + offs_d[None, :],
+                row_in_video[:, None] & d_valid[None, :], DOT_DTYPE, INPUT_PRECISION, ACC_DTYPE)
+        else:
+            x_rows = _x_row_offsets(rows, groups, x_stride_frame, x_stride_group, UNIFORM_X_ROWS)
+            for d_start in range(0, dim, BLOCK_D):
+                offs_d = d_start + tl.arange(0, BLOCK_D)
+                d_valid = offs_d < dim
+                features = tl.load(x_video + x_rows[:, None] + offs_d[None, :],
+                                   mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+                grad_y = tl.load(grad_y_video + offs_k[:, None] * dim + offs_d[None, :],
+                                 mask=k_valid[:, None] & d_valid[None, :], other=0.0)
+                grad_assignment = _backward_d_block(
+                    features, grad_y, assignment, grad_assignment, grad_x_video + rows[:, None] * dim + offs_d[None, :],
+                    row_in_video[:, None] & d_valid[None, :], DOT_DTYPE, INPUT_PRECISION, ACC_DTYPE)
+
+        grad_assignment -= grad_y_dot_centroids[None, :]
+        weighted = tl.sum(probabilities * grad_assignment, axis=1)
+        grad_attention = tl.where(row_valid, weighted * sigmoid * (1.0 - sigmoid), 0.0)
+        grad_logits = gate[:, None] * probabilities * (grad_assignment - weighted[:, None])
+        tl.store(grad_logits_ptr + logits_video + rows[:, None] * clusters + offs_k[None, :],
+                 grad_logits.to(grad_logits_ptr.dtype.element_ty), mask=row_in_video[:, None] & k_valid[None, :])
+        tl.store(grad_attention_ptr + attention_video + rows,
+                 grad_attention.to(grad_attention_ptr.dtype.element_ty), mask=row_in_video)
+
+    for block in range(real_end_block, end_block):  # wholly past the video's end: zeros
+        rows = block * BLOCK_R + offs_r
+        row_in_video = rows < rows_per_video
         for d_start in range(0, dim, BLOCK_D):
             offs_d = d_start + tl.arange(0, BLOCK_D)
             tl.store(grad_x_video + rows[:, None] * dim + offs_d[None, :],
                      tl.zeros((BLOCK_R, BLOCK_D), dtype=grad_x_ptr.dtype.element_ty),
                      mask=row_in_video[:, None] & (offs_d < dim)[None, :])
-        tl.store(grad_logits_ptr + logits_offsets,
+        tl.store(grad_logits_ptr + logits_video + rows[:, None] * clusters + offs_k[None, :],
                  tl.zeros((BLOCK_R, K_PAD), dtype=grad_logits_ptr.dtype.element_ty),
-                 mask=logits_store_mask)
-        tl.store(grad_attention_ptr + attention_offsets,
-                 tl.zeros((BLOCK_R,), dtype=grad_attention_ptr.dtype.element_ty),
-                 mask=row_in_video)
-    else:
-        logits = tl.load(logits_ptr + logits_offsets, mask=row_valid[:, None] & k_valid[None, :],
-                         other=0.0).to(ACC_DTYPE)
-        logits = tl.where(k_valid[None, :], logits, float("-inf"))
-        unnormalised = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-        probabilities = unnormalised * (1.0 / tl.sum(unnormalised, axis=1))[:, None]
-        sigmoid = tl.sigmoid(tl.load(attention_ptr + attention_offsets, mask=row_valid,
-                                     other=0.0).to(ACC_DTYPE))
-        gate = tl.where(row_valid, sigmoid, 0.0)
-        assignment = probabilities * gate[:, None]
-
-        grad_assignment = tl.zeros((BLOCK_R, K_PAD), dtype=ACC_DTYPE)
-        for d_start in range(0, dim, BLOCK_D):
-            offs_d = d_start + tl.arange(0, BLOCK_D)
-            d_valid = offs_d < dim
-            features = tl.load(x_video + x_rows[:, None] + offs_d[None, :],
-                               mask=row_valid[:, None] & d_valid[None, :], other=0.0)
-            grad_y = tl.load(grad_y_video + offs_k[:, None] * dim + offs_d[None, :],
-                             mask=k_valid[:, None] & d_valid[None, :], other=0.0)
-            features = features.to(DOT_DTYPE)
-            grad_y = grad_y.to(DOT_DTYPE)
-            grad_assignment = tl.dot(features, tl.trans(grad_y), grad_assignment,
-                                     input_precision=INPUT_PRECISION)
-            grad_features = tl.dot(assignment.to(DOT_DTYPE), grad_y,
-                                   input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            tl.store(grad_x_video + rows[:, None] * dim + offs_d[None, :],
-                     grad_features.to(grad_x_ptr.dtype.element_ty),
-                     mask=row_in_video[:, None] & d_valid[None, :])
-
-        grad_y_dot_centroids = tl.load(grad_y_dot_centroids_ptr + video * clusters + offs_k,
-                                       mask=k_valid, other=0.0).to(ACC_DTYPE)
-        grad_assignment -= grad_y_dot_centroids[None, :]
-        weighted = tl.sum(probabilities * grad_assignment, axis=1)
-        grad_attention = tl.where(row_valid, weighted * sigmoid * (1.0 - sigmoid), 0.0)
-        grad_logits = gate[:, None] * probabilities * (grad_assignment - weighted[:, None])
-        tl.store(grad_logits_ptr + logits_offsets, grad_logits.to(grad_logits_ptr.dtype.element_ty),
-                 mask=logits_store_mask)
-        tl.store(grad_attention_ptr + attention_offsets,
-                 grad_attention.to(grad_attention_ptr.dtype.element_ty), mask=row_in_video)
-
-
+                 mask=row_in_video[:, None] & k_valid[None, :])
+        tl.store(grad_attention_ptr + attention_video + rows,
+                 tl.zeros((BLOCK_R,), dtype=grad_attention_ptr.dtype.element_ty), mask=row_in_video)
 
 
 # (BLOCK_R, BLOCK_D, num_warps) candidates by K_PAD and operand family. Every one compiles for
@@ -280,24 +356,24 @@ _FORWARD_TILES: dict[str, dict[int, list[_Tile]]] = {
 _BACKWARD_TILES: dict[str, dict[int, list[_Tile]]] = {
     "half": {
         16: [(64, 64, 8), (128, 64, 8), (64, 128, 8), (64, 32, 8)],
-        64: [(64, 64, 8), (32, 64, 8), (128, 32, 8), (64, 128, 8), (128, 64, 8)],
+        64: [(64, 64, 8), (128, 32, 8), (64, 128, 8), (128, 64, 8)],  # (32, 64, 8) spills 8 bytes
         128: [(64, 64, 8), (32, 64, 8), (64, 32, 8), (64, 128, 8)],
         256: [(16, 64, 8), (32, 64, 8)],
-        512: [(16, 32, 16), (16, 32, 8)],
+        512: [(16, 32, 8)],  # (16, 32, 16) spills 16 bytes since the backward walks row blocks
     },
     "tf32": {
-        16: [(64, 64, 4), (32, 64, 8)],
+        16: [(64, 64, 4)],  # (32, 64, 8) spills 8 bytes
         64: [(64, 64, 8), (32, 64, 8)],
-        128: [(32, 64, 8), (64, 64, 8)],
+        128: [(32, 64, 8)],  # (64, 64, 8) spills 96 bytes
         256: [(16, 64, 8), (16, 32, 8)],
-        512: [(16, 32, 8)],  # spills 8 bytes on sm_90, the least of the tiles tried
+        512: [(16, 32, 8)],  # spills 64-80 bytes on sm_90 (8 when a program had one row block)
     },
     "ieee": {
         16: [(32, 64, 8), (64, 32, 8)],
         64: [(32, 64, 8), (64, 32, 8), (32, 32, 8)],
         128: [(32, 32, 8), (32, 64, 8)],
         256: [(16, 16, 8), (16, 32, 8)],
-        512: [(16, 16, 8), (16, 32, 8)],  # spill 16 / 24 bytes on sm_90, the least of the tiles tried
+        512: [(16, 16, 8), (16, 32, 8)],  # spill 24 / 64-80 bytes on sm_90 (16 / 24 when a program had one row block)
     },
 }
 # For K_PAD = 1024 no backward tile tried compiled for sm_90 without spills (the best bf16 one
@@ -379,15 +455,63 @@ def _launch(kind: str, family: str, tiles: list[_Tile], grid: Any, *args: Any, *
             wrap_triton(_KERNELS[kind])[grid(meta)](*args, **constexprs, **meta, num_warps=warps)
 
 
-def _forward_splits(batch: int, rows_per_video: int, d_blocks: int, device: torch.device) -> int:
-    """Frame splits per video so that small batches (inference) still fill the GPU's SMs."""
-    if device.type != "cuda" or batch == 0:  # B = 0: no programs to divide by
+def _multiprocessors(device: torch.device) -> int | None:
+    """The GPU's SM count; None off CUDA (the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
+def _forward_splits(batch: int, rows_per_video: int, d_blocks: int, multiprocessors: int | None) -> int:
+    """Frame splits per video so that small batches (audio, inference) still fill the GPU's SMs.
+
+    Of the counts from the fewest that give two programs per SM to twice that, the one whose
+    programs come closest to whole waves of 2 per SM (ties: fewer splits, fewer partial sums to
+    add up): e.g. 160 audio videos on 132 SMs take 3 splits (1.82 waves, 10% idle in the last
+    one), not 2 (1.21 waves, 39% idle): benchmarks/NOTES.md, change 6.
+    """
+    if multiprocessors is None or batch == 0:  # B = 0: no programs to divide by
         return 1
     programs = batch * d_blocks
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    if programs >= target:
+    slots = 2 * multiprocessors
+    if programs >= slots:
         return 1
-    return max(1, min(triton.cdiv(target, programs), triton.cdiv(rows_per_video, _SPLIT_ROW_ALIGNMENT)))
+    fewest = triton.cdiv(slots, programs)
+    candidates = range(fewest, min(2 * fewest, triton.cdiv(rows_per_video, _SPLIT_ROW_ALIGNMENT)) + 1)
+    if not candidates:
+        return max(1, triton.cdiv(rows_per_video, _SPLIT_ROW_ALIGNMENT))
+
+    def idle_share(splits: int) -> float:
+        waves = programs * splits / slots
+        return 1 - waves / math.ceil(waves)
+
+    return min(candidates, key=idle_share)
+
+
+def _split_rows(rows_per_video: int, splits: int) -> tuple[int, int]:
+    """(splits, rows per split): splits start at multiples of _SPLIT_ROW_ALIGNMENT rows, so fewer
+    than asked may remain."""
+    rows_per_split = _SPLIT_ROW_ALIGNMENT * triton.cdiv(triton.cdiv(rows_per_video, splits), _SPLIT_ROW_ALIGNMENT)
+    return triton.cdiv(rows_per_video, rows_per_split), rows_per_split
+
+
+# Programs of the backward per SM that _backward_blocks_per_program aims at: enough for whole-ish
+# waves and for the last wave's stragglers to be short, few enough that each program's first
+# (unprefetched) row block is a small share of its work.
+_BACKWARD_PROGRAMS_PER_SM = 4
+# Blocks per program in the interpreter (no SMs to count): more than one, so that the tests walk
+# the prefetching loop, a video's short last run and runs wholly past a video's end.
+_INTERPRETER_BLOCKS_PER_PROGRAM = 3
+
+
+def _backward_blocks_per_program(batch: int, row_blocks: int, multiprocessors: int | None) -> int:
+    """Row blocks each backward program walks: as many as keep about _BACKWARD_PROGRAMS_PER_SM
+    programs per SM (at least one, at most a whole video)."""
+    if multiprocessors is None:
+        return min(row_blocks, _INTERPRETER_BLOCKS_PER_PROGRAM)
+    if batch == 0:
+        return 1
+    target = _BACKWARD_PROGRAMS_PER_SM * multiprocessors
+    programs_per_video = max(1, min(row_blocks, triton.cdiv(target, batch)))
+    return triton.cdiv(row_blocks, programs_per_video)
 
 
 def _accumulator_dtype(dtype: torch.dtype) -> Any:
@@ -449,9 +573,8 @@ def launch_forward(
     family = _tile_family(x.dtype, precision)
     tiles = _tiles(_FORWARD_TILES, family, _padded_clusters(clusters), dim)
     rows_per_video = max_frames * groups
-    splits = _forward_splits(batch, rows_per_video, triton.cdiv(dim, tiles[0][1]), x.device)
-    rows_per_split = _SPLIT_ROW_ALIGNMENT * triton.cdiv(triton.cdiv(rows_per_video, splits), _SPLIT_ROW_ALIGNMENT)
-    splits = triton.cdiv(rows_per_video, rows_per_split)
+    splits, rows_per_split = _split_rows(
+        rows_per_video, _forward_splits(batch, rows_per_video, triton.cdiv(dim, tiles[0][1]), _multiprocessors(x.device)))
     # With several splits each writes fp32 partial sums; with one, y is written directly. y is then
     # allocated as (B, K, D) itself, not as a view y[0] of a (1, B, K, D) buffer: autograd forbids
     # in-place ops on a custom Function's output that is a view.
@@ -488,11 +611,16 @@ def launch_backward(
     if batch > 0:
         family = _tile_family(x.dtype, precision)
         tiles = _tiles(_BACKWARD_TILES, family, _padded_clusters(clusters), dim)
+        launched = tiles if _autotune_enabled(triton_interpreter_enabled()) else tiles[:1]
+        # Chosen for the default tile; an autotuned tile walks as many of its own blocks.
+        blocks_per_program = _backward_blocks_per_program(batch, triton.cdiv(max_frames * groups, tiles[0][0]),
+                                                          _multiprocessors(x.device))
         _launch(
-            "backward", family, tiles, lambda meta: (triton.cdiv(max_frames * groups, meta["BLOCK_R"]) * batch,),
+            "backward", family, tiles,
+            lambda meta: (triton.cdiv(triton.cdiv(max_frames * groups, meta["BLOCK_R"]), blocks_per_program) * batch,),
             x, logits, attention, lengths, grad_y, grad_y_dot_centroids,
             grad_x, grad_logits, grad_attention,
-            max_frames, groups, clusters, dim, *_x_strides(x),
-            **_kernel_constants(x, clusters, precision),
+            max_frames, groups, clusters, dim, blocks_per_program, *_x_strides(x),
+            **_kernel_constants(x, clusters, precision), ONE_D_BLOCK=dim <= min(block_d for _, block_d, _ in launched),
         )
     return grad_x, grad_logits, grad_attention

@@ -242,6 +242,52 @@ def test_triton_interpreter_normalize_and_half_precision(interpreter) -> None:
                                        msg=lambda m: f"{dtype} {name}: {m}")
 
 
+def _large_mean_bfloat16_inputs(mean: float = 20.0):
+    """bf16 features of a large mean with centroids near it (x ~ c: y and dL/da are small
+    differences of large sums), the other inputs as usual; centroids stay fp32."""
+    x, logits, attention, lengths, centroids = make_inputs(Shape(2, 40, 2, 16, 32, (40, 25)))
+    return (x + mean).bfloat16(), logits.bfloat16(), attention.bfloat16(), lengths, centroids + mean
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def test_triton_interpreter_assignment_sum_matches_the_rounded_dot(interpreter) -> None:
+    """The kernel's dot sees the bf16-rounded assignment; a_sum must be summed from the same
+    rounded values, or y = a^T x - a_sum c keeps a rounding error times the features' mean: about
+    2e-2 relative (1e-3 from the rounding itself). fp32 output, so y's own rounding stays out."""
+    x, logits, attention, lengths, centroids = _large_mean_bfloat16_inputs()
+    y, _ = torch.ops.nextvlad.residual_aggregation(x, logits, attention, lengths, centroids, "ieee",
+                                                   torch.float32, "triton")
+    oracle = torch.from_numpy(numpy_oracle(x, logits, attention, lengths, centroids))
+    assert _relative_error(y, oracle) < 1.5e-3
+    # and it is the GPU's arithmetic: the assignment rounded to nearest bf16 in both terms, sums exact
+    frames = (torch.arange(40)[None, :] < lengths[:, None]).double()[:, :, None, None]
+    assignment = torch.softmax(logits.double(), -1) * torch.sigmoid(attention.double())[..., None] * frames
+    rounded = assignment.float().bfloat16().double()
+    emulated = (torch.einsum("bmgk,bmgd->bkd", rounded, x.double())
+                - rounded.sum((1, 2))[..., None] * centroids.double())
+    assert _relative_error(y, emulated) < 2e-5
+
+
+def test_triton_interpreter_grad_y_sums_use_the_rounded_grad_y(interpreter) -> None:
+    """dL/da = x gy^T - sum_d gy c: the kernel's dot takes gy rounded to x's dtype (bf16), so the
+    centroid term must too, or the features' large mean multiplies the rounding error (about
+    3e-2 relative in dL/dlogits). The oracle: float64 autograd of the reference."""
+    x, logits, attention, lengths, centroids = _large_mean_bfloat16_inputs()
+    upstream = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(3))  # fp32, as after normalize
+    leaves = with_grad(x, logits, attention, centroids)
+    y, _ = torch.ops.nextvlad.residual_aggregation(leaves[0], leaves[1], leaves[2], lengths, leaves[3], "ieee",
+                                                   torch.float32, "triton")
+    got = gradients(y, leaves, upstream)
+    exact = with_grad(x.double(), logits.double(), attention.double(), centroids.double())
+    y64 = residual_aggregation_reference(exact[0], exact[1], exact[2], lengths, exact[3])
+    expected = gradients(y64, exact, upstream.double())
+    for name, got_grad, expected_grad in zip(NAMES[1:], got, expected):
+        assert _relative_error(got_grad, expected_grad) < 1e-2, name
+
+
 def test_triton_interpreter_frame_splits_match_reference(interpreter, monkeypatch: pytest.MonkeyPatch) -> None:
     # Small batches split each video's frames over several programs (on a GPU, to fill the SMs);
     # force that path: 2 x 150 rows in 128-row splits, one split past the short video's end.
@@ -249,6 +295,28 @@ def test_triton_interpreter_frame_splits_match_reference(interpreter, monkeypatc
     shape = Shape(2, 75, 2, 9, 16, (75, 50))
     for name, got, expected in zip(NAMES, *triton_and_reference(shape, torch.float32)):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dim", [16, 80], ids=["one-D-block", "D-loop"])
+@pytest.mark.parametrize("blocks_per_program", [1, 2, 5])
+def test_triton_interpreter_backward_walks_runs_of_row_blocks(interpreter, monkeypatch: pytest.MonkeyPatch,
+                                                              blocks_per_program: int, dim: int) -> None:
+    # 5 row blocks of 32 rows per video: runs of 1 (a program per block), 2 (a run straddling the
+    # 33-frame video's end, then one wholly past it) and 5 (a whole video, its prefetch past the end).
+    # D = 16 fits one block (dL/dy on chip, x prefetched); D = 80 loops over 64-wide D blocks.
+    monkeypatch.setattr(triton_module, "_backward_blocks_per_program", lambda *args: blocks_per_program)
+    launch, backward_constants = triton_module._launch, []
+
+    def recording_launch(kind, *args, **constexprs):
+        if kind == "backward":
+            backward_constants.append(constexprs)
+        return launch(kind, *args, **constexprs)
+
+    monkeypatch.setattr(triton_module, "_launch", recording_launch)
+    shape = Shape(3, 70, 2, 9, dim, (70, 33, 0))
+    for name, got, expected in zip(NAMES, *triton_and_reference(shape, torch.float32)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert [constexprs["ONE_D_BLOCK"] for constexprs in backward_constants] == [dim == 16]
 
 
 def _all_tiles(*tables) -> list[tuple[int, int, int]]:
@@ -382,9 +450,32 @@ def test_launch_grids_fit_cuda_limits_for_large_batches(monkeypatch: pytest.Monk
 
 
 @requires_triton
+def test_backward_runs_of_row_blocks_aim_at_four_programs_per_sm() -> None:
+    runs = triton_module._backward_blocks_per_program
+    # 160 videos of 38 row blocks on 132 SMs: 4 x 132 / 160 -> 4 programs per video -> runs of 10
+    assert runs(160, 38, 132) == 10
+    assert runs(1, 38, 132) == 1  # one video: a program per row block (38 < 528)
+    assert runs(10_000, 38, 132) == 38  # a program per whole video once the videos fill the GPU
+    assert runs(0, 38, 132) == 1
+    assert runs(160, 38, None) == 3 and runs(160, 2, None) == 2  # the interpreter
+
+
+@requires_triton
+def test_forward_splits_come_closest_to_whole_waves() -> None:
+    splits = triton_module._forward_splits
+    # 160 one-D-block videos on 132 SMs (264 slots): 2 splits = 320 programs = 1.21 waves (39% of
+    # the last wave idle), 3 = 1.82 (10%), 4 = 2.42 (19%) -> 3
+    assert splits(160, 1200, 1, 132) == 3
+    assert splits(160, 2400, 2, 132) == 1  # 320 programs already fill 264 slots
+    # one video: 132 splits wanted, but splits start at multiples of 128 rows -> 2400 / 128 -> 19
+    assert splits(1, 2400, 2, 132) == 19
+    assert splits(8, 1200, 1, None) == 1  # the interpreter
+
+
+@requires_triton
 def test_empty_batch_needs_no_frame_splits() -> None:
     # B = 0 on a GPU divided by the number of programs (zero); answered before any device query.
-    assert triton_module._forward_splits(0, 2400, 2, torch.device("cuda")) == 1
+    assert triton_module._forward_splits(0, 2400, 2, 132) == 1
 
 
 def test_triton_interpreter_gradcheck_float64(interpreter) -> None:

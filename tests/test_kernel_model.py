@@ -1,0 +1,124 @@
+"""The static performance model (benchmarks/kernel_model.py): its SASS reading on a hand-written
+listing, and one real run at one shape whose numbers are checked against hand-computed bytes,
+occupancy and the model's own formulas."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")  # a Linux-only dependency; the model compiles with it
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import kernel_model  # noqa: E402
+
+# A made-up sm_90 listing: a straight-line prologue, one loop (0x0030-0x0070: the backward branch
+# at 0x0070) holding an HGMMA and a synchronous LDG, and ptxas' final self-loop.
+LISTING = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                    /* 0x00000a00ff017b82 */
+        /*0010*/                   S2R R20, SR_CTAID.X ;                     /* 0x0000000000147919 */
+        /*0020*/                   LDG.E R2, desc[UR4][R4.64] ;              /* 0x0000000000147919 */
+        /*0030*/                   MUFU.EX2 R3, R2 ;                         /* 0x0000000000147919 */
+        /*0040*/               @P0 LDG.E.U16 R5, desc[UR4][R6.64] ;          /* 0x0000000000147919 */
+        /*0050*/                   HGMMA.64x128x16.F32.BF16 R24, R88, gdesc[UR8].tnspB, R24, gsb0 ;
+        /*0060*/                   FFMA R7, R3, R5, R7 ;                     /* 0x0000000000147919 */
+        /*0070*/              @!P2 BRA 0x30 ;                                /* 0xffffffcc00c8a947 */
+        /*0080*/                   STG.E [R8.64], R7 ;                       /* 0x0000000000147919 */
+        /*0090*/                   EXIT ;                                    /* 0x0000000000147919 */
+        /*00a0*/                   BRA 0xa0;                                 /* 0xfffffffc00fc7947 */
+"""
+
+
+def test_sass_reader_finds_the_loop_and_classifies_its_instructions() -> None:
+    instructions, loops = kernel_model.parse_sass(LISTING)
+    assert len(instructions) == 10  # not the self-branch
+    assert loops == [(0x30, 0x70)]
+    code = kernel_model.KernelCode.from_sass(LISTING)
+    assert code.loop_body == ["MUFU", "LDG", "HGMMA", "FFMA", "BRA"]
+    assert code.outside == ["LDC", "S2R", "LDG", "STG", "EXIT"]
+    # the loop's LDG (0x0040) writes R5, read by the FFMA two instructions later (HGMMA between)
+    assert code.sync_load_distances == [1]
+    assert code.exposed_cycles_per_trip(warps=8) == kernel_model.LATENCY_CYCLES - 1 * 8 / 4
+    assert not code.loads_after_softmax  # it has no asynchronous copy
+    later_copy = LISTING.replace("/*0090*/                   EXIT", "/*0090*/                   LDGSTS.E.BYPASS.128 [R186], desc[UR4][R4.64]")
+    assert kernel_model.KernelCode.from_sass(later_copy).loads_after_softmax
+    counts = kernel_model.classify(code.loop_body)
+    assert counts["MUFU"] == 1 and counts["HGMMA"] == 1 and counts["FFMA/FMUL/FADD"] == 1
+    assert counts["LDG/STG"] == 1 and counts["other"] == 1 and counts["total"] == 5
+
+
+def test_occupancy_and_lengths_by_hand() -> None:
+    # 186 registers: 5,952 per warp (units of 256), x 8 warps = 47,616 of 65,536 -> 1 CTA
+    assert kernel_model.ctas_per_sm(186, 90112, 8) == 1
+    # 128 registers x 4 warps = 16,384 -> 4 by registers, 233,472 // (49,152 + 1,024) = 4 by shared memory
+    assert kernel_model.ctas_per_sm(128, 49152, 4) == 4
+    assert kernel_model.paper_lengths("120-300", batch=3) == [120, 210, 300]
+    assert kernel_model.paper_lengths("full", batch=2) == [300, 300]
+    # audio: 160 programs < 2 x 132 SMs -> 3 splits (see the launcher's rule) of 512 rows
+    # (multiples of 128) of the 1,200
+    assert kernel_model.forward_splits(160, 300 * 4, 1, 132) == (3, 512)
+    assert kernel_model.forward_splits(160, 300 * 8, 2, 132) == (1, 2432)  # video: 320 programs fill it
+
+
+@pytest.mark.slow
+def test_kernel_model_runs_for_the_video_stream_and_is_self_consistent(tmp_path) -> None:
+    """One real sm_90 compile (forward and backward, video K=128 bf16, full lengths) in a
+    subprocess without TRITON_INTERPRET; the bytes are computed here by hand."""
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "kernel_model.py"), "--streams", "video", "--clusters", "128",
+         "--dtypes", "bf16", "--lengths", "full", "--no-measure", "--output-dir", str(tmp_path), "--name", "model"],
+        env=environment, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = json.loads((tmp_path / "model.json").read_text())
+    rows = {row["kernel"]: row for row in results["rows"]}
+    assert set(rows) == {"forward", "backward"}
+    assert results["assumptions"] and "assumptions" in (tmp_path / "model.md").read_text()
+
+    # B=160 videos x 300 frames x G=8 rows, D=256, K=128, 2-byte elements
+    rows_real = 160 * 300 * 8
+    read = rows_real * (256 + 128 + 1) * 2 + 160 * 8
+    forward_bytes = read + 128 * 256 * 4 + 160 * 128 * 256 * 2 + 160 * 128 * 4
+    backward_bytes = read + 160 * 128 * 256 * 2 + 160 * 128 * 4 + rows_real * (256 + 128 + 1) * 2
+    assert rows["forward"]["bytes_MB"] == pytest.approx(forward_bytes / 1e6)
+    assert rows["backward"]["bytes_MB"] == pytest.approx(backward_bytes / 1e6)
+    # programs: forward one per (video, D block), backward one per (video, row block)
+    block_r, block_d, _ = (int(v) for v in rows["forward"]["tile"].split("x"))
+    assert rows["forward"]["programs"] == 160 * math.ceil(256 / block_d)
+    # backward: one per run of row blocks; 2,400 rows = 38 blocks of 64, runs of 10 for about 4
+    # programs per SM (4 x 132 / 160 videos -> 4 programs per video)
+    block_r, block_d, _ = (int(v) for v in rows["backward"]["tile"].split("x"))
+    assert block_r == 64 and rows["backward"]["programs"] == 160 * 4
+
+    for row in rows.values():
+        assert row["spill_stack_bytes"] == 0
+        assert row["loop_HGMMA"] > 0 and row["loop_MUFU"] >= 0
+        classes = sum(row[f"loop_{name}"] for name in (*kernel_model.CLASSES, "other"))
+        assert classes == row["loop_total"]
+        warps = int(row["tile"].split("x")[2])
+        assert row["ctas_per_sm"] == kernel_model.ctas_per_sm(row["registers"], row["shared_memory_bytes"], warps)
+        for gpu, bandwidth in (("h100", 3.35e12), ("h200", 4.3e12)):
+            assert row[f"{gpu}_dram_us"] == pytest.approx(row["bytes_MB"] * 1e6 / bandwidth * 1e6)
+            floor = max(row[f"{gpu}_{name}_us"] for name in ("issue", "mufu", "tensor", "dram"))
+            quantisation = math.ceil(row["waves"]) / row["waves"]
+            assert row[f"{gpu}_predicted_us"] == pytest.approx(
+                floor * quantisation + row[f"{gpu}_exposed_us"], rel=1e-2)  # waves are rounded to 0.01
+            assert row[f"{gpu}_x_dram"] == pytest.approx(row[f"{gpu}_predicted_us"] / row[f"{gpu}_dram_us"])
+    # the issue floor: warp instructions / (4 per cycle x 132 SMs x 1.755 GHz); the forward's
+    # loop runs once per row block of each program
+    forward = rows["forward"]
+    trips = forward["programs"] * math.ceil(300 * 8 / int(forward["tile"].split("x")[0]))
+    lower = trips * forward["loop_total"] * int(forward["tile"].split("x")[2]) / (4 * 132 * 1.755e9) * 1e6
+    assert lower <= forward["h100_issue_us"] <= lower * 1.1  # the rest: code outside the loop
+    combined = results["forward_plus_backward"][0]
+    assert combined["h200_predicted_us"] == pytest.approx(
+        rows["forward"]["h200_predicted_us"] + rows["backward"]["h200_predicted_us"])
