@@ -57,5 +57,6 @@ sys.exit(1 if failed else 0)
 PY
 shift || true
 if [ "${1:-}" = --compile-report ]; then
-  "$venv/bin/python" benchmarks/bench_aggregation.py --compile-report --name aggregation_sm90_compile_triton36
+  "$venv/bin/python" benchmarks/bench_aggregation.py --compile-report --name aggregation_sm90_compile_triton36 \
+      --output-dir benchmarks/results
 fi
