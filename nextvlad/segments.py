@@ -36,6 +36,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.trainer.states import TrainerFn
 
 from nextvlad.data.segments import VIDEO_FRAMES
+from nextvlad.metrics import _top_k_mask
 
 SUBMISSION_HEADER = "Class,Segments\n"
 TOP_K = 20
@@ -108,7 +109,7 @@ class SegmentRanking:
         self.num_segments = 0
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._pending_entries = 0
-        # per whitelist position: (scores float32, segments int64) kept so far, in chunks
+        # per whitelist position: (scores float32, segments int32) kept so far, in chunks
         self._kept: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in self.whitelist]
         self._kept_sizes = np.zeros(len(self.whitelist), np.int64)
         self._video_rank_cache: np.ndarray | None = None
@@ -126,15 +127,27 @@ class SegmentRanking:
         if not len(segment_ids):
             return
         whitelisted = probabilities[:, torch.from_numpy(self.whitelist)].float()
-        # Stable descending sort: among equal probabilities the lower class index comes first.
-        order = torch.argsort(whitelisted, dim=1, descending=True, stable=True)[:, : self.top_k]
-        scores = whitelisted.gather(1, order).numpy()
-        segments = self.num_segments + np.arange(len(segment_ids), dtype=np.int64)
+        positions = self._top_positions(whitelisted)
+        scores = round_significant(whitelisted.gather(1, positions).numpy().ravel()).astype(np.float32)
+        first = self.num_segments
         self._add_segments(segment_ids)
-        self._pending.append((order.numpy().astype(np.int16).ravel(),
-                              round_significant(scores.ravel()).astype(np.float32),
-                              np.repeat(segments, self.top_k)))
-        self._pending_entries += scores.size
+        segments = np.repeat(np.arange(first, self.num_segments, dtype=np.int32), positions.shape[1])
+        self._pending.append((positions.numpy().astype(np.int16).ravel(), scores, segments))
+        self._pending_entries += len(scores)
+
+    def _top_positions(self, whitelisted: torch.Tensor) -> torch.Tensor:
+        """(S, top_k) whitelist positions of each row's best scores; among scores tied at the
+        k-th place the lower class index is taken (whatever order ``topk`` returns ties in)."""
+        k = self.top_k
+        if k == whitelisted.shape[1]:
+            return torch.arange(k).expand(len(whitelisted), k).contiguous()
+        values, positions = whitelisted.topk(k + 1, dim=1)
+        positions = positions[:, :k].clone()
+        ambiguous = (values[:, k - 1] == values[:, k]).nonzero(as_tuple=True)[0]
+        if len(ambiguous):  # rare with real scores: the metrics' exact tie rule on those rows
+            selected = _top_k_mask(whitelisted[ambiguous], torch.full((len(ambiguous), 1), k), k)
+            positions[ambiguous] = selected.nonzero(as_tuple=True)[1].view(-1, k)
+        return positions
         if self._pending_entries >= self.flush_entries:
             self._flush()
 
@@ -209,7 +222,7 @@ class SegmentRanking:
             np.savez(handle, video_ids=np.array(self.video_ids, dtype=str), video=video, start=start,
                      position=np.concatenate([np.full(len(c[1]), c[0], np.int16) for c in chunks] or [np.zeros(0, np.int16)]),
                      score=np.concatenate([c[1] for c in chunks] or [np.zeros(0, np.float32)]),
-                     segment=np.concatenate([c[2] for c in chunks] or [np.zeros(0, np.int64)]))
+                     segment=np.concatenate([c[2] for c in chunks] or [np.zeros(0, np.int32)]))
 
     def merge_state(self, path: str | os.PathLike) -> None:
         """Add the entries of another rank's `save_state` file."""
@@ -217,7 +230,7 @@ class SegmentRanking:
             ids = part["video_ids"].tolist()
             self._add_segment_table(ids, part["video"], part["start"])
             offset = self.num_segments - len(part["video"])
-            self._pending.append((part["position"], part["score"], part["segment"] + offset))
+            self._pending.append((part["position"], part["score"], (part["segment"] + offset).astype(np.int32)))
             self._pending_entries += len(part["score"])
         self._flush()
 
