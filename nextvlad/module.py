@@ -386,7 +386,7 @@ class VideoClassifier(pl.LightningModule):
         architecture hyper-parameters that differ, when the checkpoint does not fit exactly.
         """
         try:
-            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise FileNotFoundError(f"init_from: checkpoint {checkpoint_path} does not exist") from None
         state = {key[len("model."):]: value for key, value in checkpoint.get("state_dict", {}).items()

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nextvlad.data.parsing import parse_sequence_example
+from nextvlad.data.parsing import _context_id, parse_sequence_example
 from nextvlad.data.records import DataError, expand_paths, read_records
 from nextvlad.data.segments import parse_ratings
 from nextvlad.segments import read_class_whitelist
@@ -62,7 +62,7 @@ def read_ratings(pattern: str | Sequence[str], num_classes: int = 3862,
                 if isinstance(data, DataError):
                     raise data
                 message = parse_sequence_example(data, path, index)
-                video_id = _video_id(message.context, path, index)
+                video_id = _context_id(message.context, path, index)
                 starts, entry_segment, entry_class, entry_score = parse_ratings(
                     message.context, num_classes, path, index)
             except DataError as error:
@@ -79,13 +79,6 @@ def read_ratings(pattern: str | Sequence[str], num_classes: int = 3862,
         if score > 0:
             positives[class_id] += 1
     return Ratings(scores, dict(positives), skipped)
-
-
-def _video_id(context, path: str, index: int) -> str:
-    feature = context.feature.get("id")
-    if feature is None or len(feature.bytes_list.value) != 1:
-        raise DataError(path, index, "missing or malformed context feature 'id' (one bytes value)")
-    return feature.bytes_list.value[0].decode("utf-8", errors="strict")
 
 
 def read_submission(path: str | Path, top_n: int = 0) -> tuple[dict[int, list[str]], int]:
