@@ -243,7 +243,7 @@ class VideoClassifier(pl.LightningModule):
 
     # ----------------------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        if len(batch["lengths"]) < 2:
+        if self.hparams.task == "segments" and len(batch["lengths"]) < 2:
             # A segment batch can hold 0 or 1 segments (its videos had no ratings or are in the
             # validation fold); batch norm cannot train on fewer than 2 rows. A zero loss that
             # touches every parameter keeps DDP's gradient all-reduce in step with the other ranks.
