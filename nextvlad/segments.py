@@ -91,6 +91,38 @@ def round_significant(values: np.ndarray, digits: int = 6) -> np.ndarray:
     return out
 
 
+class _ClassEntries:
+    """One class's kept (score, segment) entries in buffers grown by 1.25x: a few large
+    allocations per class instead of a small one per flush, which fragment the heap and
+    inflate the resident memory over a 2.8M-segment run."""
+
+    __slots__ = ("scores", "segments", "size")
+
+    def __init__(self) -> None:
+        self.scores = np.empty(0, np.float32)
+        self.segments = np.empty(0, np.int32)
+        self.size = 0
+
+    def extend(self, scores: np.ndarray, segments: np.ndarray) -> None:
+        need = self.size + len(scores)
+        if need > len(self.scores):
+            capacity = max(need, int(len(self.scores) * 1.25), 1024)
+            for name in ("scores", "segments"):
+                grown = np.empty(capacity, getattr(self, name).dtype)
+                grown[: self.size] = getattr(self, name)[: self.size]
+                setattr(self, name, grown)
+        self.scores[self.size:need] = scores
+        self.segments[self.size:need] = segments
+        self.size = need
+
+    def replace(self, scores: np.ndarray, segments: np.ndarray) -> None:
+        self.size = 0
+        self.extend(scores, segments)
+
+    def view(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.scores[: self.size], self.segments[: self.size]
+
+
 class SegmentRanking:
     """Per-class rankings of segments, fed batch by batch (see the module docstring)."""
 
@@ -109,9 +141,8 @@ class SegmentRanking:
         self.num_segments = 0
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._pending_entries = 0
-        # per whitelist position: (scores float32, segments int32) kept so far, in chunks
-        self._kept: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in self.whitelist]
-        self._kept_sizes = np.zeros(len(self.whitelist), np.int64)
+        # per whitelist position: the (score, segment) entries kept so far
+        self._kept = [_ClassEntries() for _ in self.whitelist]
         self._video_rank_cache: np.ndarray | None = None
 
     # -- input ----------------------------------------------------------------------------------
@@ -182,11 +213,10 @@ class SegmentRanking:
         bounds = np.concatenate(([0], np.cumsum(counts)))
         for position in np.flatnonzero(counts):
             take = by_class[bounds[position]:bounds[position + 1]]
-            self._kept[position].append((scores[take], segments[take]))
-            self._kept_sizes[position] += len(take)
-            if self._kept_sizes[position] > 2 * self.segment_max_pred:
-                self._kept[position] = [self._best(position)]
-                self._kept_sizes[position] = len(self._kept[position][0][0])
+            entries = self._kept[position]
+            entries.extend(scores[take], segments[take])
+            if entries.size > 2 * self.segment_max_pred:
+                entries.replace(*self._best(position))
 
     def _segment_tables(self) -> tuple[np.ndarray, np.ndarray]:
         if len(self._segment_video) != 1:  # one copy per flush, not per class
@@ -204,9 +234,7 @@ class SegmentRanking:
 
     def _best(self, position: int) -> tuple[np.ndarray, np.ndarray]:
         """The class's kept entries in submission order, cut to segment_max_pred."""
-        chunks = self._kept[position]
-        scores = np.concatenate([c[0] for c in chunks])
-        segments = np.concatenate([c[1] for c in chunks])
+        scores, segments = self._kept[position].view()
         video, start = self._segment_tables()
         tie = self._video_rank()[video[segments]] * VIDEO_FRAMES + start[segments]
         order = np.lexsort((tie, -scores))[: self.segment_max_pred]
@@ -217,7 +245,7 @@ class SegmentRanking:
         """This ranking's kept entries (already cut per class) as an .npz file."""
         self._flush()
         video, start = self._segment_tables()
-        chunks = [(position, *self._best(position)) for position in np.flatnonzero(self._kept_sizes)]
+        chunks = [(position, *self._best(position)) for position, entries in enumerate(self._kept) if entries.size]
         with open(path, "wb") as handle:
             np.savez(handle, video_ids=np.array(self.video_ids, dtype=str), video=video, start=start,
                      position=np.concatenate([np.full(len(c[1]), c[0], np.int16) for c in chunks] or [np.zeros(0, np.int16)]),
@@ -254,7 +282,7 @@ class SegmentRanking:
         yield SUBMISSION_HEADER
         video, start = self._segment_tables()
         for position, class_id in enumerate(self.whitelist.tolist()):
-            if not self._kept_sizes[position]:
+            if not self._kept[position].size:
                 continue
             _, segments = self._best(position)
             ids = [f"{self.video_ids[v]}:{s}" for v, s in zip(video[segments].tolist(), start[segments].tolist())]
