@@ -207,7 +207,8 @@ class YT8MFrameDataset(IterableDataset):
             rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
             videos = shuffled(videos, self.shuffle_buffer, rng)
         pool = None
-        if info is not None and self.uses_buffer_pool:  # a worker: batches go to shared memory, reuse it (see shm_pool)
+        # a worker: batches go to shared memory, reuse it (see shm_pool)
+        if info is not None and self.uses_buffer_pool:
             dtype = torch.float32 if self.dequantize_in_workers else torch.uint8
             pool = SharedBufferPool(((self.batch_size, self.max_frames, RGB_SIZE),
                                      (self.batch_size, self.max_frames, AUDIO_SIZE)), dtype,
