@@ -165,6 +165,8 @@ class SegmentRanking:
         segments = np.repeat(np.arange(first, self.num_segments, dtype=np.int32), positions.shape[1])
         self._pending.append((positions.numpy().astype(np.int16).ravel(), scores, segments))
         self._pending_entries += len(scores)
+        if self._pending_entries >= self.flush_entries:
+            self._flush()
 
     def _top_positions(self, whitelisted: torch.Tensor) -> torch.Tensor:
         """(S, top_k) whitelist positions of each row's best scores; among scores tied at the
@@ -179,8 +181,6 @@ class SegmentRanking:
             selected = _top_k_mask(whitelisted[ambiguous], torch.full((len(ambiguous), 1), k), k)
             positions[ambiguous] = selected.nonzero(as_tuple=True)[1].view(-1, k)
         return positions
-        if self._pending_entries >= self.flush_entries:
-            self._flush()
 
     def _add_segments(self, segment_ids: Sequence[str]) -> None:
         videos = np.empty(len(segment_ids), np.int32)

@@ -56,6 +56,8 @@ def test_cap_keeps_the_best_segments_per_class_in_any_arrival_order():
         ranking = SegmentRanking(np.array([0]), top_k=1, segment_max_pred=37, flush_entries=10)
         for chunk in np.array_split(order, 23):
             ranking.add([ids[i] for i in chunk], torch.from_numpy(scores[chunk, None]))
+            # bounded while it runs: pending entries are flushed, a class is cut past 2 x cap
+            assert ranking._pending_entries < 10 and ranking._kept[0].size <= 2 * 37
         assert submission(ranking)[1] == expected
 
 
