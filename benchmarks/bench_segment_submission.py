@@ -3,7 +3,7 @@
 Feeds `SegmentRanking` (what `SegmentSubmissionWriter` runs) with about 2.8M segments of random
 probabilities over 3862 classes, in batches as predict hands them over (60 segments per video),
 masks them with a 1000-class whitelist, keeps each segment's top 20 and every class's best
-100,000, then writes the CSV. Class popularity is skewed (a random offset of up to 0.02 per
+100,000, then writes the CSV. Class popularity is skewed (a random offset of up to 0.05 per
 class on uniform scores), so that popular classes reach the 100,000 cap and are cut while rare
 ones keep everything.
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     num_classes, batch_segments = 3862, args.videos_per_batch * 60
     rng = np.random.default_rng(0)
     whitelist = np.sort(rng.choice(np.arange(3, 1832), 1000, replace=False))
-    popularity = torch.from_numpy(rng.random(num_classes, dtype=np.float32)) * 0.02
+    popularity = torch.from_numpy(rng.random(num_classes, dtype=np.float32)) * 0.05
     generator = torch.Generator().manual_seed(0)
     ranking = SegmentRanking(whitelist)
     before = peak_rss_mib()
