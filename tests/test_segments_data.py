@@ -157,3 +157,21 @@ def test_bad_module_arguments_are_named():
         YT8MSegmentDataModule(val_pattern="x", num_folds=3, val_fold=3)
     with pytest.raises(ValueError, match="sample_frames does not apply"):
         YT8MSegmentDataModule(val_pattern="x", sample_frames=5)
+
+
+def test_workers_and_ddp_ranks_read_every_rated_segment_once(tmp_path):
+    paths = [write_tfrecord(tmp_path / f"v{f}.tfrecord",
+                            [sequence_example(f"f{f}v{i}", 12, [0, 5], [1, 2], [1.0, 0.0]) for i in range(7)])
+             for f in range(2)]
+    pattern = str(tmp_path / "v*.tfrecord")
+    single = [i for b in batches(pattern) for i in b["id"]]
+    assert len(single) == 28 and len(set(single)) == 28
+    assert sorted(i for b in batches(pattern, num_workers=2) for i in b["id"]) == sorted(single)
+    from nextvlad.data.segments import YT8MSegmentDataset
+
+    per_rank = []
+    for rank in range(2):
+        dataset = YT8MSegmentDataset(pattern, batch_size=3, num_classes=C)
+        dataset.set_distributed(rank, 2)
+        per_rank.append([i for batch in dataset for i in batch["id"]])
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(single) and not set(per_rank[0]) & set(per_rank[1])
