@@ -25,6 +25,7 @@ pure_python=(
   docstring_parser==0.18.0  # jsonargparse[signatures]
   typeshed_client==2.15.0   # jsonargparse[signatures]
   tzdata==2026.6            # python-dateutil >= 3 (harmless where the image's dateutil needs none)
+  torchdata==0.11.0         # StatefulDataLoader (nextvlad.data.dataset: exact mid-epoch resume)
 )
 binary=(
   google-crc32c==1.9.0      # TFRecord CRCs (nextvlad.data.records)

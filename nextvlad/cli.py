@@ -32,6 +32,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "params": ("nextvlad.cli:params_main", "print the trainable parameters of a config's model, per component"),
     "export": ("nextvlad.export:main", "export a trained checkpoint (ONNX, torch.export)"),
     "convert-tf": ("nextvlad.convert:main", "turn the authors' TensorFlow weights (.npz) into a checkpoint"),
+    "score-segments": ("nextvlad.score_segments:main", "mAP@K of a 2019 segment submission against rated records"),
 }
 
 

@@ -20,6 +20,7 @@ from torchmetrics import MetricCollection
 from nextvlad._distributed import gather_per_rank, rank_and_world_size, rng_states, set_rng_states
 from nextvlad._dtypes import at_least_float32
 from nextvlad._validation import check_choice, check_positive
+from nextvlad.metrics_segments import SegmentMeanAveragePrecision
 from nextvlad.metrics import (
     GlobalAveragePrecision,
     HitAtOne,
@@ -33,6 +34,8 @@ from nextvlad.optim import TF1Adam
 
 GradientClip = Literal["per_tensor", "global", "off"]
 AdamEpsilon = Literal["tf1", "torch"]
+Task = Literal["video", "segments"]
+Unrated = Literal["ignore", "negative"]
 
 #: Hyper-parameters passed to ``build_video_model`` under the same name.
 BUILD_ARGS = (
@@ -80,6 +83,15 @@ class VideoClassifier(pl.LightningModule):
     update of every batch norm (default 1e-3, slim's decay 0.999, which takes thousands of steps to
     settle: short runs such as the demo use a larger value). ``top_k`` is the k of GAP/MAP and of
     predictions.
+
+    Segment args (the 2019 task, SPEC_SEGMENTS; batches from ``YT8MSegmentDataModule``): ``task``
+    "segments" trains and validates on rated 5-frame segments (``label_weights`` in the batch),
+    reports ``segment_map`` (`SegmentMeanAveragePrecision`) beside GAP/Hit@1/PERR/MAP of the
+    label-weighted predictions (Google's eval.py proxies), and predicts the full probability rows
+    that `SegmentSubmissionWriter` needs. ``unrated`` "ignore" takes the loss on rated entries only;
+    "negative" trains unrated classes as negatives, as Google's train.py does. ``init_from`` is a
+    checkpoint (e.g. a video-level model) whose weights initialise the model when ``fit`` starts;
+    every parameter name and shape must match.
     """
 
     def __init__(
@@ -117,6 +129,9 @@ class VideoClassifier(pl.LightningModule):
         gradient_clip_norm: float = 1.0,
         adam_epsilon: AdamEpsilon = "tf1",
         top_k: int = 20,
+        task: Task = "video",
+        unrated: Unrated = "ignore",
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -127,6 +142,11 @@ class VideoClassifier(pl.LightningModule):
             raise ValueError(f"temperature must be >= 0 (0 disables distillation), got {temperature}")
         if predict_branch is not None and not 0 <= predict_branch < num_branches:
             raise ValueError(f"predict_branch must be in [0, {num_branches}), got {predict_branch}")
+        check_choice("task", task, ("video", "segments"))
+        check_choice("unrated", unrated, ("ignore", "negative"))
+        if task == "segments" and num_branches > 1 and gate_input == "per_frame" and gate_frames != 5:
+            raise ValueError(f"gate_input='per_frame' over gate_frames={gate_frames} frames cannot take "
+                             "5-frame segments: use gate_input 'all' or 'masked' for task='segments'")
         if not 0.0 < bn_momentum <= 1.0:
             raise ValueError(f"bn_momentum must be in (0, 1], got {bn_momentum}")
         self.model = self._build_model()
@@ -142,6 +162,8 @@ class VideoClassifier(pl.LightningModule):
             stage: nn.ModuleList(GlobalAveragePrecision(top_k=top_k) for _ in range(branch_gaps))
             for stage in ("val", "test")
         })
+        segment_stages = ("val", "test") if task == "segments" else ()
+        self.segment_map = nn.ModuleDict({stage: SegmentMeanAveragePrecision(num_classes) for stage in segment_stages})
         self.examples_seen = 0  # optimizer-step examples over all ranks; drives the LR schedule
         self._pending_examples = 0
 
@@ -199,16 +221,17 @@ class VideoClassifier(pl.LightningModule):
         """Every loss term of SPEC 4 at least in fp32 (``total`` is what is optimised), and the logits."""
         self._check_batch(batch)
         labels = batch["labels"].float()
+        weights = self._loss_weights(batch)
         if not self.is_mixture:
             logits = self.model(batch["rgb"], batch["audio"], batch["lengths"])
-            label_loss = summed_bce(logits, labels)
+            label_loss = summed_bce(logits, labels, weights)
             losses = {"label_loss": label_loss}
         else:
             out = self.model.forward_all(batch["rgb"], batch["audio"], batch["lengths"])
             logits = out.logits
-            losses = {"mixture_loss": summed_bce(logits, labels)}
+            losses = {"mixture_loss": summed_bce(logits, labels, weights)}
             for m, branch_logits in enumerate(out.branch_logits):
-                losses[f"branch_{m}_loss"] = summed_bce(branch_logits, labels)
+                losses[f"branch_{m}_loss"] = summed_bce(branch_logits, labels, weights)
             losses["label_loss"] = sum(losses.values())
             if self.hparams.temperature > 0:
                 kl = distillation_kl(logits, out.branch_logits, self.hparams.temperature, self.hparams.detach_teacher)
@@ -216,6 +239,16 @@ class VideoClassifier(pl.LightningModule):
         losses["l2_loss"] = self.l2_loss()
         losses["total"] = losses["label_loss"] + losses["l2_loss"] + losses.get("distillation_loss", 0.0)
         return losses, logits
+
+    def _loss_weights(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """Per-entry BCE weights: the rated entries of a segment batch unless ``unrated`` is
+        "negative"; None (every entry) for video-level training."""
+        if self.hparams.task != "segments":
+            return None
+        if "label_weights" not in batch:
+            raise ValueError("task='segments' needs segment batches with 'label_weights' "
+                             "(data: nextvlad.data.YT8MSegmentDataModule)")
+        return batch["label_weights"].float() if self.hparams.unrated == "ignore" else None
 
     def l2_loss(self) -> torch.Tensor:
         """``l2_penalty * 0.5 * (|W|^2 + |b|^2)`` summed over the classifier(s) (slim.l2_regularizer)."""
@@ -225,6 +258,11 @@ class VideoClassifier(pl.LightningModule):
 
     # ----------------------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if self.hparams.task == "segments" and len(batch["lengths"]) < 2:
+            # A segment batch can hold 0 or 1 segments (its videos had no ratings or are in the
+            # validation fold); batch norm cannot train on fewer than 2 rows. A zero loss that
+            # touches every parameter keeps DDP's gradient all-reduce in step with the other ranks.
+            return sum(p.sum() for p in self.parameters()) * 0.0
         losses, logits = self.compute_losses(batch)
         batch_size = len(batch["lengths"])
         self._pending_examples += batch_size
@@ -256,6 +294,7 @@ class VideoClassifier(pl.LightningModule):
         if not labelled.any():
             return
         labels = batch["labels"][labelled].float()
+        weights = self._loss_weights(batch)
         branch_gaps = self.branch_gaps[stage]
         if branch_gaps:
             out = self.model.forward_all(batch["rgb"], batch["audio"], batch["lengths"])
@@ -264,8 +303,16 @@ class VideoClassifier(pl.LightningModule):
                 gap.update(torch.sigmoid(branch_logits[labelled].float()), labels)
         else:
             logits = self(batch["rgb"], batch["audio"], batch["lengths"])[labelled]
-        self._stage_metrics(stage).update(torch.sigmoid(logits.float()), labels)
-        self.log(f"{stage}/loss", summed_bce(logits, labels), batch_size=logits.shape[0], sync_dist=True)
+        probabilities = torch.sigmoid(logits.float())
+        if self.hparams.task == "segments":
+            # Google's eval.py proxies: predictions times label_weights against the ratings.
+            rated = batch["label_weights"][labelled].float()
+            self.segment_map[stage].update(probabilities, labels, rated)
+            probabilities, labels = probabilities * rated, (labels > 0).float()
+            weights = None if weights is None else weights[labelled]
+        self._stage_metrics(stage).update(probabilities, labels)
+        loss_labels = batch["labels"][labelled].float()
+        self.log(f"{stage}/loss", summed_bce(logits, loss_labels, weights), batch_size=logits.shape[0], sync_dist=True)
 
     def on_validation_epoch_start(self) -> None:
         self._reset_metrics("val")
@@ -279,6 +326,8 @@ class VideoClassifier(pl.LightningModule):
         self._stage_metrics(stage).reset()
         for gap in self.branch_gaps[stage]:
             gap.reset()
+        if stage in self.segment_map:
+            self.segment_map[stage].reset()
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
@@ -291,6 +340,9 @@ class VideoClassifier(pl.LightningModule):
         self._check_labelled_videos_seen(stage, metrics["hit_at_one"].videos)
         self.log_dict(metrics.compute(), prog_bar=True)
         metrics.reset()
+        if stage in self.segment_map:
+            self.log(f"{stage}/segment_map", self.segment_map[stage].compute(), prog_bar=True)
+            self.segment_map[stage].reset()
         for m, gap in enumerate(self.branch_gaps[stage]):
             self.log(f"{stage}/branch_{m}/gap", gap.compute())
             gap.reset()
@@ -311,8 +363,12 @@ class VideoClassifier(pl.LightningModule):
             )
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Top-k classes and probabilities per video (never the full (videos x C) matrix)."""
+        """Top-k classes and probabilities per video (never the full (videos x C) matrix); for
+        ``task="segments"`` every segment's probabilities (S, C), which the segment submission
+        masks with the class whitelist before taking each segment's top 20 (SPEC_SEGMENTS 4.2)."""
         probabilities = torch.sigmoid(self(batch["rgb"], batch["audio"], batch["lengths"]).float())
+        if self.hparams.task == "segments":
+            return {"id": list(batch["id"]), "probabilities": probabilities.cpu()}
         # A stable sort, so that a tie at the k-th score keeps the lower class index (topk leaves
         # that choice to the backend), as the metrics do.
         classes = torch.argsort(probabilities, dim=-1, descending=True, stable=True)[:, : self.hparams.top_k]
@@ -349,6 +405,36 @@ class VideoClassifier(pl.LightningModule):
             clip_per_tensor_([p for p in self.parameters() if p.grad is not None], max_norm)
 
     # ----------------------------------------------------------------------------- checkpoints
+    def setup(self, stage: str) -> None:
+        # In setup, before Lightning restores a --ckpt_path: resuming a fine-tuning run keeps
+        # its own weights, a fresh one starts from init_from.
+        if stage == "fit" and self.hparams.init_from:
+            self.load_model_weights(self.hparams.init_from)
+
+    def load_model_weights(self, checkpoint_path: str) -> None:
+        """Copy the model weights of a checkpoint (e.g. video-level) into this module's model.
+
+        Raises ValueError listing missing, unexpected and differently shaped parameters, and the
+        architecture hyper-parameters that differ, when the checkpoint does not fit exactly.
+        """
+        try:
+            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"init_from: checkpoint {checkpoint_path} does not exist") from None
+        state = {key[len("model."):]: value for key, value in checkpoint.get("state_dict", {}).items()
+                 if key.startswith("model.")}
+        own = self.model.state_dict()
+        problems = [f"missing {key}" for key in own if key not in state]
+        problems += [f"unexpected {key}" for key in state if key not in own]
+        problems += [f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(value.shape)}"
+                     for key, value in own.items() if key in state and state[key].shape != value.shape]
+        if problems:
+            mismatch = architecture_mismatch(checkpoint.get("hyper_parameters") or {}, self.hparams)
+            raise ValueError(f"init_from {checkpoint_path}: the checkpoint's model does not fit this one "
+                             f"({len(problems)} problems: {'; '.join(problems[:6])})"
+                             + (f"; {mismatch}" if mismatch else ""))
+        self.model.load_state_dict(state, strict=True)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["examples_seen"] = self.examples_seen
         # Dropout draws from the global generators: a resumed run continues them (Lightning saves
@@ -380,10 +466,16 @@ def architecture_mismatch(saved: Mapping[str, Any], configured: Mapping[str, Any
     return f"the checkpoint is of another architecture ({', '.join(mismatched)})"
 
 
-def summed_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy summed over classes, mean over the batch (SPEC 4), from logits, at least fp32."""
+def summed_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary cross-entropy summed over classes, mean over the batch (SPEC 4), from logits, at least fp32.
+
+    ``weights`` (B, C) multiply each entry before the sum, as Google's CrossEntropyLoss does with
+    ``label_weights`` (SPEC_SEGMENTS 6): 0 leaves an unrated class out of the loss.
+    """
     logits = at_least_float32(logits)
     per_class = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+    if weights is not None:
+        per_class = per_class * weights
     return per_class.sum(dim=-1).mean()
 
 

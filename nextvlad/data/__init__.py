@@ -21,7 +21,7 @@ from nextvlad.data.transforms import (ReverseWhitening, dequantize, finalize_bat
                                       sample_frames)
 
 __all__ = [
-    "iter_videos", "iter_batches", "YT8MDataModule", "YT8MFrameDataset", "YT8MDataLoader",
+    "iter_videos", "iter_batches", "YT8MDataModule", "YT8MSegmentDataModule", "YT8MFrameDataset", "YT8MDataLoader",
     "collate_quantized", "finalize_batch", "ReverseWhitening", "sample_frames", "dequantize",
     "quantize", "read_records", "write_records", "expand_paths", "DataError", "FramingError",
     "QuantizedVideo", "VideoLevelRecord", "parse_frame_record", "parse_video_level_record",
@@ -36,6 +36,10 @@ def __getattr__(name: str):
         from nextvlad.data.datamodule import YT8MDataModule
 
         return YT8MDataModule
+    if name == "YT8MSegmentDataModule":
+        from nextvlad.data.segment_datamodule import YT8MSegmentDataModule
+
+        return YT8MSegmentDataModule
     if name == "write_synthetic_dataset":
         from nextvlad.data.synthetic import write_synthetic_dataset
 

@@ -100,14 +100,8 @@ class YT8MDataModule(L.LightningDataModule):
             name = {"fit": "train_pattern", "validate": "val_pattern"}.get(split, f"{split}_pattern")
             if not pattern:
                 raise ValueError(f"YT8MDataModule: {name} is not set, needed for {split}")
-            training = split == "fit"
             try:
-                dataset = YT8MFrameDataset(
-                    pattern, batch_size=self.batch_size if training else self.eval_batch_size,
-                    max_frames=self.max_frames, num_classes=self.num_classes, training=training,
-                    drop_last=self.drop_last, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
-                    on_error=self.on_error, compression=self.compression,
-                    dequantize_in_workers=self.dequantize_in_workers)
+                dataset = self._make_dataset(split, pattern)
             except FileNotFoundError as error:  # name the option the user has to fix
                 raise FileNotFoundError(f"YT8MDataModule {name}: {error}") from error
             rank, world_size = self._rank_world()
@@ -120,6 +114,16 @@ class YT8MDataModule(L.LightningDataModule):
                            f"(world size {world_size}); {dropped} records per epoch not read "
                            f"({'drop_last, ranks kept in step' if dropped else 'none dropped'})")
         return self.datasets[split]
+
+    def _make_dataset(self, split: Stage, pattern: str | list[str]) -> YT8MFrameDataset:
+        """The dataset of one split (a hook: the segment data module reads segments)."""
+        training = split == "fit"
+        return YT8MFrameDataset(
+            pattern, batch_size=self.batch_size if training else self.eval_batch_size,
+            max_frames=self.max_frames, num_classes=self.num_classes, training=training,
+            drop_last=self.drop_last, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
+            on_error=self.on_error, compression=self.compression,
+            dequantize_in_workers=self.dequantize_in_workers)
 
     def setup(self, stage: str) -> None:
         """Scan the stage's files (record counts, framing checks) on every rank."""

@@ -137,6 +137,9 @@ class YT8MFrameDataset(IterableDataset):
         dequantize_in_workers: emit float32 (dequantized, zero-padded) frames instead of uint8.
     """
 
+    #: Workers fill (batch_size, max_frames, ...) shared-memory buffers; off where batches differ.
+    uses_buffer_pool = True
+
     def __init__(self, files: str | Sequence[str], batch_size: int = 160, max_frames: int = 300,
                  num_classes: int = 3862, training: bool = False, drop_last: bool = True,
                  seed: int = 0, shuffle_buffer: int = 512, on_error: OnError = "raise",
@@ -216,7 +219,8 @@ class YT8MFrameDataset(IterableDataset):
             position = self._checked_resume(position, self._resume_from)
         self._resume_from = None
         pool = None
-        if info is not None:  # a worker: batches go to shared memory, reuse it (see shm_pool)
+        # a worker: batches go to shared memory, reuse it (see shm_pool)
+        if info is not None and self.uses_buffer_pool:
             dtype = torch.float32 if self.dequantize_in_workers else torch.uint8
             pool = SharedBufferPool(((self.batch_size, self.max_frames, RGB_SIZE),
                                      (self.batch_size, self.max_frames, AUDIO_SIZE)), dtype,
@@ -261,7 +265,7 @@ class YT8MFrameDataset(IterableDataset):
         try:
             if isinstance(data, DataError):
                 raise data
-            video = parse_frame_record(data, self.num_classes, path, index)
+            video = self._parse_record(data, path, index)
         except DataError as error:
             if self.on_error == "raise":
                 raise
@@ -274,11 +278,20 @@ class YT8MFrameDataset(IterableDataset):
             stats.truncated_videos += 1
         return video
 
+    def _parse_record(self, data: bytes, path: str, index: int) -> QuantizedVideo:
+        """One record -> one video (a hook: the segment reader parses ratings too)."""
+        return parse_frame_record(data, self.num_classes, path, index)
+
+    def _collate(self, videos: list[QuantizedVideo],
+                 buffers: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
+        """Videos -> one quantized batch (a hook: the segment reader makes segment batches)."""
+        return collate_quantized(videos, self.max_frames, self.num_classes,
+                                 self.dequantize_in_workers, buffers)
+
     def _make_batch(self, videos: list[QuantizedVideo], stats: ReadStats, reported: ReadStats,
                     pool: SharedBufferPool | None) -> dict:
         buffers, lease = pool.take(len(videos)) if pool is not None else (None, None)
-        batch = collate_quantized(videos, self.max_frames, self.num_classes,
-                                  self.dequantize_in_workers, buffers)
+        batch = self._collate(videos, buffers)
         if lease is not None:
             batch["buffer_lease"] = lease
         now = stats.as_tensor()
@@ -478,8 +491,7 @@ class _Reader:
             for record, data in enumerate(read_records(path, self.dataset.compression, first,
                                                        last - first + 1), first):
                 if record in by_record:
-                    videos[by_record[record]] = parse_frame_record(
-                        data, self.dataset.num_classes, path, record)
+                    videos[by_record[record]] = self.dataset._parse_record(data, path, record)
         return videos
 
 

@@ -169,7 +169,16 @@ def _parse(message, data: bytes, kind: str, path: str, index: int):
 def parse_frame_record(data: bytes, num_classes: int, path: str = "<bytes>",
                        index: int = 0) -> QuantizedVideo:
     """Parse one serialized frame-level SequenceExample (SPEC 1.1); errors name path and index."""
-    message = _parse(protos.LazySequenceExample(), data, "tf.train.SequenceExample", path, index)
+    return video_from_message(parse_sequence_example(data, path, index), num_classes, path, index)
+
+
+def parse_sequence_example(data: bytes, path: str = "<bytes>", index: int = 0):
+    """A serialized SequenceExample as a message whose feature lists stay raw bytes (lazy)."""
+    return _parse(protos.LazySequenceExample(), data, "tf.train.SequenceExample", path, index)
+
+
+def video_from_message(message, num_classes: int, path: str, index: int) -> QuantizedVideo:
+    """`parse_frame_record` on an already parsed `parse_sequence_example` message."""
     video_id = _context_id(message.context, path, index)
     labels, has_labels = _context_labels(message.context, num_classes, path, index)
     feature_lists = message.feature_lists.feature_list

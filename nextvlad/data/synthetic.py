@@ -37,6 +37,7 @@ import numpy as np
 
 from nextvlad.data.parsing import AUDIO_SIZE, RGB_SIZE, encode_frame_record
 from nextvlad.data.records import write_records
+from nextvlad.data.segments import encode_segment_record
 from nextvlad.data.transforms import quantize
 
 SPLITS = ("train", "validate", "test")
@@ -93,14 +94,16 @@ class _World:
 
 
 def _make_video(world: _World, config: SyntheticConfig, rng: np.random.Generator
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels, rgb uint8 (T, 1024), audio uint8 (T, 128)) for one video."""
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, rgb uint8 (T, 1024), audio uint8 (T, 128), shown class per frame (T,), -1 for
+    background) for one video."""
     num_labels = int(rng.integers(1, config.max_labels + 1))
     labels = np.sort(rng.choice(config.num_classes, num_labels, replace=False,
                                 p=world.class_probability))
     num_frames = int(rng.integers(config.min_frames, config.max_frames + 1))
     rgb_rows = np.empty((num_frames, RGB_SIZE), np.float32)
     audio_rows = np.empty((num_frames, AUDIO_SIZE), np.float32)
+    shown = np.full(num_frames, -1, np.int64)
     label_order = rng.permutation(labels)
     start, segment = 0, 0
     while start < num_frames:
@@ -115,17 +118,50 @@ def _make_video(world: _World, config: SyntheticConfig, rng: np.random.Generator
             label = label_order[segment] if segment < num_labels else rng.choice(labels)
             j = int(rng.integers(config.prototypes_per_class))
             rgb_rows[start:end], audio_rows[start:end] = world.rgb[label, j], world.audio[label, j]
+            shown[start:end] = label
         start, segment = end, segment + 1
     for rows, size in ((rgb_rows, RGB_SIZE), (audio_rows, AUDIO_SIZE)):
         rows += rng.standard_normal(size, dtype=np.float32) * config.offset_scale
         rows += rng.standard_normal(rows.shape, dtype=np.float32) * config.noise
-    return labels, quantize(rgb_rows), quantize(audio_rows)
+    return labels, quantize(rgb_rows), quantize(audio_rows), shown
+
+
+def segment_whitelist(config: SyntheticConfig) -> np.ndarray:
+    """The synthetic segment task's rated classes: a seeded half of the classes, sorted."""
+    rng = np.random.default_rng([config.seed, 0x5E6])
+    count = max(2, config.num_classes // 2)
+    return np.sort(rng.choice(config.num_classes, min(count, config.num_classes), replace=False))
+
+
+def _segment_ratings(labels: np.ndarray, shown: np.ndarray, whitelist: np.ndarray,
+                     rng: np.random.Generator, ratings: int = 5) -> tuple[list, list, list]:
+    """About `ratings` rated (start, class, score) entries of whitelisted labels, as the 2019 data
+    (5 per video on average): a 5-frame segment at a start that is a multiple of 5 is positive for
+    a class when the class is shown on at least 3 of its frames. Half the ratings pick a segment
+    that shows a whitelisted label (mostly positives), half a random segment and label."""
+    rated_labels = np.intersect1d(labels, whitelist)
+    starts_available = np.arange(0, min(len(shown), 300), 5)
+    if not len(rated_labels):
+        return [], [], []
+    starts, classes, scores = [], [], []
+    for r in range(ratings):
+        shows_label = np.isin(shown[starts_available], rated_labels)
+        if r % 2 == 0 and shows_label.any():
+            start = int(rng.choice(starts_available[shows_label]))
+            label = int(shown[start])
+        else:
+            start = int(rng.choice(starts_available))
+            label = int(rng.choice(rated_labels))
+        starts.append(start)
+        classes.append(label)
+        scores.append(float((shown[start:start + 5] == label).sum() >= 3))
+    return starts, classes, scores
 
 
 def write_synthetic_dataset(out_dir: str | os.PathLike, num_train: int = 3000,
                             num_validate: int = 500, num_test: int = 500, num_classes: int = 100,
                             files_per_split: int = 4, min_frames: int = 20, max_frames: int = 300,
-                            seed: int = 0, compression: str = "none",
+                            seed: int = 0, compression: str = "none", segments: bool = False,
                             **options) -> dict[str, list[str]]:
     """Write train/validate/test TFRecords under `out_dir`; returns {split: [file paths]}.
 
@@ -133,6 +169,12 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, num_train: int = 3000,
     `SyntheticConfig` fields (max_labels, prototypes_per_class, background_rate, prototype_scale,
     offset_scale, noise). Test records have no labels; their ground truth goes to
     ``test_labels.csv`` (``VideoId,Labels`` with space-separated class ids).
+
+    With `segments`, validate and test records also carry 2019-style segment ratings
+    (``segment_labels``, ``segment_start_times``, ``segment_scores``, SPEC_SEGMENTS 1.2) on the
+    classes of ``segment_label_ids.csv``, which is written beside them (a seeded half of the
+    classes). Unlike the real test records, the synthetic ones keep their ratings, so that
+    ``nextvlad score-segments`` can score a test submission.
     """
     config = SyntheticConfig(num_train=num_train, num_validate=num_validate, num_test=num_test,
                              num_classes=num_classes, files_per_split=files_per_split,
@@ -142,6 +184,7 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, num_train: int = 3000,
         raise ValueError(f"compression must be 'none' or 'gzip', got {compression!r}")
     os.makedirs(out_dir, exist_ok=True)
     world = _World(config)
+    whitelist = segment_whitelist(config) if segments else None
     counts = {"train": config.num_train, "validate": config.num_validate, "test": config.num_test}
     paths: dict[str, list[str]] = {}
     test_labels: list[str] = []
@@ -155,14 +198,22 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, num_train: int = 3000,
             records = []
             for video_index in range(first, last):
                 rng = np.random.default_rng([config.seed, split_code, video_index])
-                labels, rgb, audio = _make_video(world, config, rng)
+                labels, rgb, audio, shown = _make_video(world, config, rng)
                 video_id = f"{split}{video_index:06d}"
                 if split == "test":
                     test_labels.append(f"{video_id},{' '.join(map(str, labels))}")
-                records.append(encode_frame_record(video_id, rgb, audio,
-                                                   None if split == "test" else labels))
+                video_labels = None if split == "test" else labels
+                if whitelist is not None and split != "train":
+                    rating_rng = np.random.default_rng([config.seed, split_code, video_index, 1])
+                    ratings = _segment_ratings(labels, shown, whitelist, rating_rng)
+                    records.append(encode_segment_record(video_id, rgb, audio, *ratings, video_labels))
+                else:
+                    records.append(encode_frame_record(video_id, rgb, audio, video_labels))
             write_records(path, records, compression)
             paths[split].append(path)
+    if whitelist is not None:
+        with open(os.path.join(str(out_dir), "segment_label_ids.csv"), "w") as f:
+            f.write("Index\n" + "".join(f"{c}\n" for c in whitelist))
     with open(os.path.join(str(out_dir), "test_labels.csv"), "w") as f:
         f.write("VideoId,Labels\n" + "".join(line + "\n" for line in test_labels))
     return paths
@@ -177,10 +228,14 @@ def main(argv: list[str] | None = None) -> None:
     for name, value in asdict(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--gzip", action="store_true", help="write GZIP-compressed TFRecords")
+    parser.add_argument("--segments", action="store_true",
+                        help="add 2019 segment ratings to validate/test records and write "
+                             "segment_label_ids.csv (the segment task's demo data)")
     args = vars(parser.parse_args(argv))
     out_dir = args.pop("out_dir")
     compression = "gzip" if args.pop("gzip") else "none"
-    paths = write_synthetic_dataset(out_dir, compression=compression, **args)
+    segments = args.pop("segments")
+    paths = write_synthetic_dataset(out_dir, compression=compression, segments=segments, **args)
     for split, files in paths.items():
         size = sum(os.path.getsize(p) for p in files) / 1e6
         print(f"{split:9s} {args[f'num_{split}']:6d} videos  {len(files)} files  {size:8.1f} MB  "

@@ -1,0 +1,182 @@
+"""``nextvlad score-segments``: mAP@K of a 2019 segment submission against rated records.
+
+The clean form of Google's ``segment_eval_inference.py`` (SPEC_SEGMENTS 5), without its crashes
+and Python 3 bugs (SPEC_SEGMENTS 7.1-7.4): the header line is skipped, ids are stripped (the last
+id of a line counts), segment ids are plain strings ``"<video id>:<start>"``, a segment listed
+twice in a line counts once, a listed class without rated positives is reported and skipped, any
+number of classes may be listed. What stays as Google does it:
+
+* ratings: ``(segment id, class) -> score`` with a later duplicate overwriting an earlier one;
+  score > 0 is positive; P_c counts every rated positive of class c, also those no submission can
+  list (starts past the video's frames or not a multiple of 5);
+* with ``--top-n`` N > 0 only the first N (distinct) ids of a line are kept, *before* unrated ids
+  are dropped; then the unrated ids are dropped and the rest keep their file order;
+* ``AP_c = (1/P_c) * sum over kept positions i with a positive of (positives in 1..i) / i``;
+* the mean runs over the listed classes (``--mean-over submitted``, Google's) or over every
+  whitelisted class with a rated positive, an unlisted one counting 0 (``--mean-over whitelist``).
+
+A class listed on two lines, a line that is not ``<class>,<ids>`` or a blank line is an error
+naming the file and line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nextvlad.data.parsing import _context_id, parse_sequence_example
+from nextvlad.data.records import DataError, expand_paths, read_records
+from nextvlad.data.segments import parse_ratings
+from nextvlad.segments import read_class_whitelist
+
+logger = logging.getLogger("nextvlad.score_segments")
+
+HEADERS = ("Class,Segments", "Class Id,Segment Ids")  # what inference.py writes / its README says
+
+
+@dataclass
+class Ratings:
+    """Rated (segment id, class) entries of the records, and the rated positives per class."""
+
+    scores: dict[tuple[str, int], float]
+    positives: dict[int, int]
+    skipped_records: int = 0
+
+
+def read_ratings(pattern: str | Sequence[str], num_classes: int = 3862,
+                 on_error: str = "raise") -> Ratings:
+    """Every segment rating of the records (SPEC_SEGMENTS 5.1), through the CRC-checked reader."""
+    scores: dict[tuple[str, int], float] = {}
+    skipped = 0
+    for path in expand_paths(pattern):
+        for index, data in enumerate(read_records(path, yield_errors=on_error == "skip")):
+            try:
+                if isinstance(data, DataError):
+                    raise data
+                message = parse_sequence_example(data, path, index)
+                video_id = _context_id(message.context, path, index)
+                starts, entry_segment, entry_class, entry_score = parse_ratings(
+                    message.context, num_classes, path, index)
+            except DataError as error:
+                if on_error == "raise":
+                    raise
+                logger.warning("skipped %s", error)
+                skipped += 1
+                continue
+            for start, class_id, score in zip(starts[entry_segment].tolist(), entry_class.tolist(),
+                                              entry_score.tolist()):
+                scores[(f"{video_id}:{start}", class_id)] = score
+    positives: dict[int, int] = defaultdict(int)
+    for (_, class_id), score in scores.items():
+        if score > 0:
+            positives[class_id] += 1
+    return Ratings(scores, dict(positives), skipped)
+
+
+def read_submission(path: str | Path, top_n: int = 0) -> tuple[dict[int, list[str]], int]:
+    """``{class: segment ids}`` of a ``Class,Segments`` file, and the number of repeated ids dropped."""
+    path = Path(path)
+    lines: dict[int, list[str]] = {}
+    line_of: dict[int, int] = {}
+    repeats = 0
+    with path.open(encoding="utf-8", newline="") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            text = line.rstrip("\r\n")
+            if line_number == 1 and text.strip() in HEADERS:
+                continue
+            class_text, comma, ids_text = text.partition(",")
+            if not comma:
+                raise ValueError(f"{path}, line {line_number}: expected '<class>,<segment ids>', got "
+                                 f"{text[:60]!r}" + (" (a blank line)" if not text.strip() else ""))
+            try:
+                class_id = int(class_text)
+            except ValueError:
+                raise ValueError(f"{path}, line {line_number}: class {class_text!r} is not an integer") from None
+            if class_id in lines:
+                raise ValueError(f"{path}, line {line_number}: class {class_id} is listed again "
+                                 f"(first on line {line_of[class_id]})")
+            ids = list(dict.fromkeys(ids_text.split()))
+            repeats += len(ids_text.split()) - len(ids)
+            lines[class_id] = ids[:top_n] if top_n > 0 else ids
+            line_of[class_id] = line_number
+    return lines, repeats
+
+
+def average_precision(rated_scores: Sequence[float], num_positives: int) -> float:
+    """``(1/P) * sum_{i: y_i > 0} (positives in 1..i) / i`` in float64, over the list's order."""
+    hits = np.asarray(rated_scores, np.float64) > 0
+    if num_positives <= 0:
+        raise ValueError("average precision needs at least one positive")
+    ranks = np.arange(1, len(hits) + 1, dtype=np.float64)
+    return float((np.cumsum(hits)[hits] / ranks[hits]).sum() / num_positives)
+
+
+def score_submission(submission: dict[int, list[str]], ratings: Ratings,
+                     mean_over: str = "submitted", whitelist: Sequence[int] | None = None
+                     ) -> tuple[float, dict[int, float], list[int]]:
+    """(mAP, per-class AP, listed classes skipped for having no rated positive)."""
+    per_class: dict[int, float] = {}
+    no_positives = []
+    for class_id in sorted(submission):
+        positives = ratings.positives.get(class_id, 0)
+        if not positives:
+            no_positives.append(class_id)
+            continue
+        kept = [ratings.scores[(segment, class_id)] for segment in submission[class_id]
+                if (segment, class_id) in ratings.scores]
+        per_class[class_id] = average_precision(kept, positives)
+    if mean_over == "whitelist":
+        if whitelist is None:
+            raise ValueError("--mean-over whitelist needs --whitelist")
+        per_class = {c: per_class.get(c, 0.0) for c in sorted(whitelist) if ratings.positives.get(c, 0)}
+    elif mean_over != "submitted":
+        raise ValueError(f"mean_over must be 'submitted' or 'whitelist', got {mean_over!r}")
+    mean = float(np.mean(list(per_class.values()))) if per_class else 0.0
+    return mean, per_class, no_positives
+
+
+def main(argv: Sequence[str] | None = None) -> float:
+    parser = argparse.ArgumentParser(prog="nextvlad score-segments", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--submission", required=True, help="a Class,Segments CSV")
+    parser.add_argument("--data", required=True, help="segment-rated TFRecords (glob, comma-separated)")
+    parser.add_argument("--top-n", type=int, default=100_000,
+                        help="keep the first N ids of each line (0: all); Kaggle's K of mAP@K")
+    parser.add_argument("--mean-over", choices=("submitted", "whitelist"), default="submitted",
+                        help="average over the listed classes (Google's script) or over every "
+                             "whitelisted class with a rated positive")
+    parser.add_argument("--whitelist", help="segment_label_ids.csv (needed for --mean-over whitelist)")
+    parser.add_argument("--num-classes", type=int, default=3862)
+    parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                        help="a bad record stops with an error naming it, or is skipped and counted")
+    parser.add_argument("--output", help="also write {'map': ..., 'per_class': {...}} to this JSON file")
+    args = parser.parse_args(argv)
+    if args.top_n < 0:
+        parser.error(f"--top-n must be >= 0, got {args.top_n}")
+    if args.mean_over == "whitelist" and not args.whitelist:
+        parser.error("--mean-over whitelist needs --whitelist")
+    whitelist = read_class_whitelist(args.whitelist, args.num_classes).tolist() if args.whitelist else None
+    submission, repeats = read_submission(args.submission, args.top_n)
+    ratings = read_ratings(args.data, args.num_classes, args.on_error)
+    mean, per_class, no_positives = score_submission(submission, ratings, args.mean_over, whitelist)
+    if ratings.skipped_records:
+        print(f"skipped {ratings.skipped_records} bad records (--on-error skip)", file=sys.stderr)
+    if repeats:
+        print(f"{repeats} repeated segment ids within lines counted once", file=sys.stderr)
+    if no_positives:
+        print(f"{len(no_positives)} listed classes have no rated positive and are not scored: "
+              f"{no_positives[:20]}", file=sys.stderr)
+    print(f"mAP@{args.top_n or 'all'} over {len(per_class)} classes ({args.mean_over}): {mean:.6f}",
+          file=sys.stderr)
+    print(f"{mean:.6f}")
+    if args.output:
+        Path(args.output).write_text(json.dumps(
+            {"map": mean, "per_class": {str(c): ap for c, ap in per_class.items()}}, indent=1) + "\n")
+    return mean

@@ -1,0 +1,175 @@
+"""``nextvlad score-segments`` (SPEC_SEGMENTS 5) against hand-computed cases and a transcription of
+Google's segment_eval_inference.py procedure."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from segment_wire import sequence_example, write_tfrecord
+
+from nextvlad.data import DataError
+from nextvlad.score_segments import main, read_ratings
+
+C = 20
+
+
+@pytest.fixture
+def rated(tmp_path) -> str:
+    """Class 3: positives a:0, c:0, d:0 (d never listed), negative b:5. Class 4: positive a:0.
+    Class 5: only a negative (e:0). Rated twice: (b:5, 3) 1.0 then 0.0 -> 0.0 (the last wins)."""
+    records = [
+        sequence_example("a", 10, [0, 0], [3, 4], [1.0, 1.0]),
+        sequence_example("b", 10, [5, 5], [3, 3], [1.0, 0.0]),
+        sequence_example("c", 10, [0], [3], [1.0]),
+        sequence_example("d", 10, [0], [3], [1.0]),
+        sequence_example("e", 10, [0], [5], [0.0]),
+    ]
+    return write_tfrecord(tmp_path / "rated.tfrecord", records)
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "submission.csv"
+    path.write_bytes(text.encode())
+    return str(path)
+
+
+def score(tmp_path, rated, text, *args) -> tuple[float, dict]:
+    output = tmp_path / "score.json"
+    value = main(["--submission", write(tmp_path, text), "--data", rated, "--output", str(output), *args])
+    report = json.loads(output.read_text())
+    assert report["map"] == value
+    return value, report["per_class"]
+
+
+def test_hand_computed_ap_with_unrated_ids_duplicates_and_the_last_id(tmp_path, rated, capsys):
+    # Class 3 kept: a (+), b (-), c (+), duplicates of a counted once, x:0 unrated, c:0 last on
+    # its line; P = 3 (d:0 is never listed): AP = (1/1 + 2/3) / 3 = 5/9. Class 4: a:0 second
+    # behind an unrated id: AP = 1/1 (unrated ids are dropped before ranking).
+    text = "Class,Segments\n3,a:0 x:0 a:0 b:5 c:0\n4,zz:0 a:0\n"
+    value, per_class = score(tmp_path, rated, text)
+    assert per_class == {"3": pytest.approx(5 / 9), "4": 1.0}
+    assert value == pytest.approx((5 / 9 + 1) / 2)
+    captured = capsys.readouterr()
+    assert captured.out.strip() == f"{value:.6f}"
+    assert "1 repeated segment ids within lines counted once" in captured.err
+
+
+def test_top_n_cuts_the_line_before_unrated_ids_are_dropped(tmp_path, rated):
+    value, per_class = score(tmp_path, rated, "3,x:0 a:0 c:0\n4,a:0\n", "--top-n", "2")
+    assert per_class["3"] == pytest.approx(1 / 3)  # kept: a (+) only, P = 3
+    value, per_class = score(tmp_path, rated, "3,x:0 a:0 c:0\n4,a:0\n", "--top-n", "0")
+    assert per_class["3"] == pytest.approx(2 / 3)
+
+
+def test_class_without_positives_is_reported_and_skipped(tmp_path, rated, capsys):
+    value, per_class = score(tmp_path, rated, "3,a:0\n5,e:0\n")
+    assert set(per_class) == {"3"} and value == pytest.approx(1 / 3)
+    assert "1 listed classes have no rated positive and are not scored: [5]" in capsys.readouterr().err
+
+
+def test_mean_over_whitelist_counts_unlisted_classes_as_zero(tmp_path, rated):
+    whitelist = tmp_path / "ids.csv"
+    whitelist.write_text("Index\n3\n4\n5\n")
+    value, per_class = score(tmp_path, rated, "Class,Segments\n3,a:0\n", "--mean-over", "whitelist",
+                             "--whitelist", str(whitelist))
+    # class 5 has no positive: not in the mean; class 4 is unlisted: AP 0
+    assert per_class == {"3": pytest.approx(1 / 3), "4": 0.0}
+    assert value == pytest.approx(1 / 6)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("Class,Segments\n3,a:0\n\n4,a:0\n", "line 3: expected '<class>,<segment ids>'.*blank line"),
+    ("3 a:0\n", "line 1: expected '<class>,<segment ids>'"),
+    ("three,a:0\n", "line 1: class 'three' is not an integer"),
+    ("3,a:0\n4,a:0\n3,c:0\n", "line 3: class 3 is listed again \\(first on line 1\\)"),
+])
+def test_bad_submission_lines_are_named(tmp_path, rated, text, message):
+    with pytest.raises(ValueError, match=message):
+        main(["--submission", write(tmp_path, text), "--data", rated])
+
+
+def test_bad_records_are_named_or_skipped(tmp_path, rated, capsys):
+    bad = write_tfrecord(tmp_path / "bad.tfrecord", [sequence_example("z", 10, [300], [3], [1.0])])
+    with pytest.raises(DataError, match="bad.tfrecord, record 0: segment start time 300"):
+        read_ratings(bad, C)
+    value = main(["--submission", write(tmp_path, "3,a:0\n"), "--data", f"{rated},{bad}", "--on-error", "skip"])
+    assert value == pytest.approx(1 / 3)
+    assert "skipped 1 bad records" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--submission", write(tmp_path, "3,a:0\n"), "--data", rated, "--mean-over", "whitelist"])
+
+
+# -- Google's procedure, transcribed from SPEC_SEGMENTS 5 (with str ids: the Python 3 bytes bug
+# -- of 5.1 left out, as a label cache read by from_file does) ------------------------------------
+def google_map(submission_lines: list[str], rated: dict, top_n: int) -> float:
+    positive_counter: dict[int, int] = {}
+    for (_, class_id), score in rated.items():
+        if score > 0:
+            positive_counter[class_id] = positive_counter.get(class_id, 0) + 1
+    cls_preds = {}
+    for line in submission_lines:  # no header: it would crash
+        cls, pred_str = line.split(",")
+        preds = pred_str.split(" ")
+        if top_n:
+            preds = preds[:top_n]
+        preds = [p for p in preds if (p, int(cls)) in rated]
+        cls_preds[int(cls)] = preds
+    aps = []
+    for cls in sorted(cls_preds):
+        y = [rated[(p, cls)] for p in cls_preds[cls]]
+        n = len(y)
+        predictions = [(n - i) / n for i in range(n)]
+        num_positives = positive_counter[cls]  # KeyError without positives: avoided below
+        pairs = list(zip(predictions, y))
+        random.Random(0).shuffle(pairs)
+        pairs.sort(key=lambda pair: pair[0], reverse=True)
+        ap, poscount = 0.0, 0.0
+        for i, (_, label) in enumerate(pairs):
+            if label > 0:
+                poscount += 1
+                ap += poscount / (i + 1)
+        aps.append(ap / num_positives if n else 0.0)
+    return float(np.mean(aps))
+
+
+def test_agrees_with_googles_procedure_where_it_does_not_crash(tmp_path):
+    rng = np.random.default_rng(5)
+    videos = [f"V{i:03d}" for i in range(40)]
+    records, rated = [], {}
+    for video in videos:
+        starts = rng.choice(np.arange(0, 60, 5), 4, replace=False)
+        classes = rng.integers(0, 6, 4)
+        scores = (rng.random(4) < 0.5).astype(float)
+        scores[0] = 1.0
+        records.append(sequence_example(video, 60, starts, classes, scores))
+        for start, class_id, value in zip(starts, classes, scores):
+            rated[(f"{video}:{start}", int(class_id))] = value
+    data = write_tfrecord(tmp_path / "rated.tfrecord", records)
+    positive_classes = sorted({c for (_, c), s in rated.items() if s > 0})
+    lines = []
+    for class_id in positive_classes:
+        candidates = [f"{v}:{s}" for v in videos for s in range(0, 60, 5)]
+        chosen = rng.choice(candidates, 150, replace=False)
+        # Google keeps "\n" on the last id: a trailing space makes its last real id count too.
+        lines.append(f"{class_id},{' '.join(chosen)} \n")
+    path = tmp_path / "submission.csv"
+    path.write_text("".join(lines))
+    for top_n in (0, 40):
+        ours = main(["--submission", str(path), "--data", data, "--top-n", str(top_n)])
+        assert ours == pytest.approx(google_map(lines, rated, top_n), abs=1e-12)
+
+
+def test_console_script_as_the_readme_shows(tmp_path, rated):
+    script = Path(sys.executable).parent / "nextvlad"
+    if not script.exists():
+        pytest.skip(f"{script} is not installed")
+    result = subprocess.run([str(script), "score-segments", "--submission", write(tmp_path, "3,a:0 c:0\n"),
+                             "--data", rated, "--top-n", "100000"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.strip()) == pytest.approx(2 / 3, abs=1e-6)

@@ -1,0 +1,130 @@
+"""Segment fine-tuning with VideoClassifier(task="segments"): loss on rated entries, init_from,
+the three model families, validation metrics and prediction rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from toy_data import NUM_CLASSES, SMALL, loader, trainer
+from torch.utils.data import DataLoader
+
+from nextvlad.module import VideoClassifier
+
+FAMILIES = {
+    "nextvlad": dict(SMALL),
+    "netvlad": dict(SMALL, architecture="netvlad"),
+    "mixture": dict(SMALL, num_branches=2, gate_input="all"),
+}
+
+
+def toy_segments(count: int, seed: int) -> list[dict]:
+    """One-segment items: the rated class shifts the rgb frames; 1-5 real frames."""
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(count):
+        length = int(torch.randint(1, 6, (1,), generator=g))
+        label = int(torch.randint(0, NUM_CLASSES, (1,), generator=g))
+        positive = bool(torch.rand(1, generator=g) < 0.6)
+        rgb = torch.zeros(5, 32)
+        rgb[:length] = torch.randn(length, 32, generator=g) * 0.3
+        if positive:
+            rgb[:length, label] += 2.0
+        labels, weights = torch.zeros(NUM_CLASSES), torch.zeros(NUM_CLASSES)
+        labels[label], weights[label] = float(positive), 1.0
+        other = (label + 1) % NUM_CLASSES  # a rated negative too
+        weights[other] = 1.0
+        items.append({"id": f"v{i}:0", "rgb": rgb, "audio": torch.randn(5, 8, generator=g),
+                      "lengths": torch.tensor(length), "labels": labels, "label_weights": weights,
+                      "has_labels": torch.tensor(True)})
+    return items
+
+
+def collate_segments(items: list[dict]) -> dict:
+    batch = {k: torch.stack([v[k] for v in items]) for k in items[0] if k != "id"}
+    batch["id"] = [v["id"] for v in items]
+    return batch
+
+
+def segment_loader(count: int, seed: int = 0, batch_size: int = 16) -> DataLoader:
+    return DataLoader(toy_segments(count, seed), batch_size=batch_size, collate_fn=collate_segments)
+
+
+def test_loss_is_on_rated_entries_only_unless_unrated_negative():
+    torch.manual_seed(0)
+    batch = collate_segments(toy_segments(6, 1))
+    for unrated in ("ignore", "negative"):
+        module = VideoClassifier(**SMALL, task="segments", unrated=unrated).eval()
+        losses, logits = module.compute_losses(batch)
+        p = torch.sigmoid(logits.detach().double())
+        y = batch["labels"].double()
+        entry = -(y * torch.log(p) + (1 - y) * torch.log(1 - p))
+        if unrated == "ignore":
+            entry = entry * batch["label_weights"].double()
+        assert losses["label_loss"].item() == pytest.approx(entry.sum(1).mean().item(), rel=1e-5)
+
+
+def video_checkpoint(tmp_path, family: str, **overrides) -> str:
+    module = VideoClassifier(**{**FAMILIES[family], **overrides})
+    fit = trainer(max_epochs=1, limit_train_batches=2)
+    fit.fit(module, loader(32))
+    path = str(tmp_path / f"{family}.ckpt")
+    fit.save_checkpoint(path)
+    return path
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fine_tune_from_a_video_level_checkpoint(tmp_path, family):
+    checkpoint = video_checkpoint(tmp_path, family)
+    video_state = {k: v.clone() for k, v in torch.load(checkpoint, weights_only=False)["state_dict"].items()}
+    module = VideoClassifier(**FAMILIES[family], task="segments", init_from=checkpoint, bn_momentum=0.1)
+    module.setup("fit")
+    for key, value in module.model.state_dict().items():
+        assert torch.equal(value, video_state[f"model.{key}"]), key
+    fit = trainer(max_epochs=1)
+    fit.fit(module, segment_loader(64), segment_loader(32, seed=5))
+    assert 0.0 <= float(fit.callback_metrics["val/segment_map"]) <= 1.0
+    assert {"val/gap", "val/map", "val/loss"} <= set(fit.callback_metrics)
+    moved = any(not torch.equal(v, video_state[f"model.{k}"]) for k, v in module.model.state_dict().items())
+    assert moved  # it trained from there
+
+
+def test_init_from_with_other_shapes_is_a_clear_error(tmp_path):
+    checkpoint = video_checkpoint(tmp_path, "nextvlad")
+    module = VideoClassifier(**{**SMALL, "clusters": 8}, task="segments", init_from=checkpoint)
+    with pytest.raises(ValueError, match=r"init_from .*nextvlad.ckpt: the checkpoint's model does not fit .*"
+                                         r"another architecture \(clusters: checkpoint 4 vs config 8\)"):
+        module.setup("fit")
+    with pytest.raises(FileNotFoundError, match="init_from: checkpoint .*missing.ckpt does not exist"):
+        VideoClassifier(**SMALL, task="segments", init_from=str(tmp_path / "missing.ckpt")).setup("fit")
+
+
+def test_fine_tuning_learns_the_rated_segments():
+    module = VideoClassifier(**SMALL, task="segments", learning_rate=3e-3, bn_momentum=0.1)
+    validation = segment_loader(64, seed=9, batch_size=64)
+    fit = trainer(max_epochs=8)
+    fit.fit(module, segment_loader(256), validation)
+    # chance: a random ranking of each class's rated segments gives about its positive rate
+    assert float(fit.callback_metrics["val/segment_map"]) > 0.9
+
+
+def test_batches_of_fewer_than_two_segments_give_a_zero_loss_on_every_parameter():
+    module = VideoClassifier(**SMALL, task="segments")
+    for count in (0, 1):
+        batch = collate_segments(toy_segments(2, 0))
+        batch = {k: (v[:count] if k != "id" else v[:count]) for k, v in batch.items()}
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        assert loss.item() == 0.0
+        assert all(p.grad is not None for p in module.parameters())
+
+
+def test_predict_returns_every_segments_probabilities_and_needs_segment_batches():
+    module = VideoClassifier(**SMALL, task="segments").eval()
+    batch = collate_segments(toy_segments(3, 0))
+    out = module.predict_step(batch, 0)
+    assert out["id"] == ["v0:0", "v1:0", "v2:0"] and out["probabilities"].shape == (3, NUM_CLASSES)
+    del batch["label_weights"]
+    with pytest.raises(ValueError, match="task='segments' needs segment batches with 'label_weights'"):
+        module.compute_losses(batch)
+    with pytest.raises(ValueError, match="gate_input='per_frame' over gate_frames=300"):
+        VideoClassifier(**SMALL, task="segments", num_branches=2, gate_input="per_frame")
