@@ -34,7 +34,7 @@ rm -rf "$site"
 "$venv/bin/python" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl
 "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
 rm -rf "$wheels"
-export PYTHONPATH="$repo/$site"
+export PYTHONPATH="$(cd "$site" && pwd)"  # VENV may be relative or absolute
 unset TRITON_INTERPRET
 "$venv/bin/python" - <<'PY'
 import importlib, pathlib, pkgutil, sys
