@@ -11,15 +11,16 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-PAPER_CONFIGS = sorted((REPO / "configs").glob("n*vlad*.yaml"))
+# The video-level paper configs (days of training); the segment fine-tuning validates every epoch.
+PAPER_CONFIGS = sorted(p for p in (REPO / "configs").glob("n*vlad*.yaml") if "segments" not in p.name)
+CHECKPOINT_CALLBACKS = ("lightning.pytorch.callbacks.ModelCheckpoint", "nextvlad.callbacks.ModelCheckpointWithBest")
 
 
 @pytest.mark.parametrize("config", PAPER_CONFIGS, ids=lambda p: p.name)
 def test_paper_configs_checkpoint_periodically_and_atomically(config):
     trainer = yaml.safe_load(config.read_text())["trainer"]
     assert [p["class_path"] for p in trainer["plugins"]] == ["nextvlad.checkpoint_io.AtomicCheckpointIO"]
-    top_k, periodic = (c["init_args"] for c in trainer["callbacks"]
-                       if c["class_path"].endswith("ModelCheckpoint"))
+    top_k, periodic = (c["init_args"] for c in trainer["callbacks"] if c["class_path"] in CHECKPOINT_CALLBACKS)
     assert (top_k["monitor"], top_k["mode"], top_k["save_top_k"]) == ("val/gap", "max", 3)
     assert periodic["every_n_train_steps"] == 1000 and periodic["save_last"]
     # validation (every 10k steps) falls on a periodic save: last.ckpt is never older than 1000 steps
@@ -49,6 +50,8 @@ def test_nextvlad_config_saves_last_every_n_steps_and_top_k_at_validation(synthe
     assert result.returncode == 0, result.stderr[-2000:]
     folder = tmp_path / "checkpoints"
     names = sorted(p.name for p in folder.iterdir())
-    # steps 3 and 6 periodic (last.ckpt, the newest kept), step 5 validated: in the top 3
-    assert len(names) == 2 and names[0] == "last.ckpt" and names[1].startswith("step5-gap"), names
+    # steps 3 and 6 periodic (last.ckpt, the newest kept), step 5 validated: in the top 3, and
+    # best.ckpt links to it
+    assert len(names) == 3 and names[:2] == ["best.ckpt", "last.ckpt"] and names[2].startswith("step5-gap"), names
+    assert (folder / "best.ckpt").resolve() == (folder / names[2]).resolve()
     assert torch.load(folder / "last.ckpt", weights_only=False)["global_step"] == 6
