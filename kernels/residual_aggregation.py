@@ -194,9 +194,9 @@ def _residual_aggregation_op(
 ) -> tuple[Tensor, Tensor]:
     """(y (B, K, D) in ``out_dtype``, a_sum (B, K) in the compute dtype); inputs as validated by
     :func:`residual_aggregation`, centroids of any floating dtype."""
-    centroids = centroids.to(compute_dtype(x.dtype))
     if implementation == "reference":
-        return residual_aggregation_reference_forward(x, logits, attention, lengths, centroids, out_dtype)
+        return _reference_forward(x, logits, attention, lengths, centroids, precision, out_dtype, implementation)
+    centroids = centroids.to(compute_dtype(x.dtype))
     # The kernels take x's strides (a mixture hands in a split of one wider GEMM output: copying
     # it would cost a read and a write of x); only the feature axis must be contiguous.
     x = x if x.stride(3) == 1 else x.contiguous()
@@ -271,16 +271,17 @@ def _backward(ctx, grad_y: Tensor, grad_assignment_sum: Tensor | None):
 _residual_aggregation_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _reference_forward(x, logits, attention, lengths, centroids, precision, out_dtype, implementation):
+    """The op's reference implementation, whatever ``implementation`` asked for (same signature)."""
+    centroids = centroids.to(compute_dtype(x.dtype))
+    return residual_aggregation_reference_forward(x, logits, attention, lengths, centroids, out_dtype)
+
+
 def reference_decompositions() -> dict:
     """A ``run_decompositions`` table for ``torch.export`` programs that replaces the op by its
     PyTorch reference (forward only: exported programs are for inference), so that they run
     without nextvlad and without Triton (ONNX, a .pt2 served elsewhere)."""
-
-    def reference(x, logits, attention, lengths, centroids, precision, out_dtype, implementation):
-        centroids = centroids.to(compute_dtype(x.dtype))
-        return residual_aggregation_reference_forward(x, logits, attention, lengths, centroids, out_dtype)
-
-    return {torch.ops.nextvlad.residual_aggregation.default: reference}
+    return {torch.ops.nextvlad.residual_aggregation.default: _reference_forward}
 
 
 # ----------------------------------------------------------------------------------------------
