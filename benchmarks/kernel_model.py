@@ -214,10 +214,6 @@ class KernelCode:
     # (the softmax's exp): the program waits for the logits, computes, then waits for x again
     loads_after_softmax: bool
 
-    @property
-    def loop_has_sync_load(self) -> bool:
-        return bool(self.sync_load_distances)
-
     def exposed_cycles_per_trip(self, warps: int) -> float:
         """Latency of the loop's nearest-used synchronous load not covered by the CTA's own issue:
         each instruction between load and use is issued by every warp, warps / 4 cycles per SM."""

@@ -160,9 +160,9 @@ def test_bad_module_arguments_are_named():
 
 
 def test_workers_and_ddp_ranks_read_every_rated_segment_once(tmp_path):
-    paths = [write_tfrecord(tmp_path / f"v{f}.tfrecord",
-                            [sequence_example(f"f{f}v{i}", 12, [0, 5], [1, 2], [1.0, 0.0]) for i in range(7)])
-             for f in range(2)]
+    for f in range(2):
+        write_tfrecord(tmp_path / f"v{f}.tfrecord",
+                       [sequence_example(f"f{f}v{i}", 12, [0, 5], [1, 2], [1.0, 0.0]) for i in range(7)])
     pattern = str(tmp_path / "v*.tfrecord")
     single = [i for b in batches(pattern) for i in b["id"]]
     assert len(single) == 28 and len(set(single)) == 28
