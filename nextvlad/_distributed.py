@@ -16,6 +16,20 @@ def rank_and_world_size() -> tuple[int, int]:
     return 0, 1
 
 
+def shutdown_process_group() -> None:
+    """End a finished distributed run in step: a barrier, then destroy the default process group.
+
+    Lightning leaves the group to an atexit hook, which each rank runs whenever it gets there: a
+    rank that exits first closes its gloo connections while another still holds them, and that
+    rank can then die in gloo's teardown ("Connection closed by peer") after the work is done,
+    with a non-zero exit (and Lightning's process observer kills the launching rank). Call on
+    every rank, after the run succeeded; a no-op without a process group.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def gather_per_rank(state: Any) -> list[Any]:
     """Every rank's `state`, indexed by rank (a collective: call it on all ranks together).
 

@@ -24,6 +24,7 @@ import yaml
 from lightning.pytorch.cli import LightningCLI, instantiate_class
 from lightning.pytorch import LightningDataModule, LightningModule
 
+from nextvlad._distributed import shutdown_process_group
 from nextvlad.models.video_model import count_parameters
 
 #: Tools beside the Lightning subcommands: name -> ("module:function" taking argv, help). Each tool
@@ -152,6 +153,7 @@ def console_main() -> None:
     sys.argv[1:] = argv
     try:
         main()
+        shutdown_process_group()
     except Exception as error:
         if debug or not is_user_error(error):
             raise

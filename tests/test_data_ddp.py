@@ -17,9 +17,11 @@ from nextvlad.data.parsing import encode_frame_record
 COUNTS = [7, 30, 1, 13, 4]  # 55 records; 2 ranks x batch 4 -> 6 batches per rank, 7 left out
 
 SCRIPT = textwrap.dedent('''
-    import json, os, sys
+    import faulthandler, json, os, sys
+    faulthandler.dump_traceback_later(90, exit=True)  # a hang shows where each rank waits
     import lightning as L
     import torch
+    from nextvlad._distributed import shutdown_process_group
     from nextvlad.data import YT8MDataModule
 
     class Tiny(L.LightningModule):
@@ -49,7 +51,12 @@ SCRIPT = textwrap.dedent('''
                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, num_sanity_val_steps=0)
         trainer.fit(Tiny(), datamodule)
+        shutdown_process_group()  # what the nextvlad command does after a run
 ''')
+
+
+def _text(output: bytes | str | None) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
 @pytest.mark.slow
@@ -63,10 +70,13 @@ def test_two_process_ddp_epoch_on_uneven_shards(tmp_path):
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("LOCAL_RANK", None)
-    result = subprocess.run([sys.executable, str(script), str(tmp_path / "train*.tfrecord"),
-                             str(tmp_path)], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=110)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    try:
+        result = subprocess.run([sys.executable, str(script), str(tmp_path / "train*.tfrecord"),
+                                 str(tmp_path)], cwd=tmp_path, env=env, capture_output=True,
+                                text=True, timeout=110)
+    except subprocess.TimeoutExpired as error:  # faulthandler's stacks of both ranks are in stderr
+        pytest.fail(f"timed out; stderr:\n{_text(error.stderr)[-6000:]}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world_size"] == 2 for r in ranks)
     all_ids = {f"f{f}r{r}" for f, count in enumerate(COUNTS) for r in range(count)}

@@ -14,6 +14,7 @@ SCRIPT = textwrap.dedent('''
     import lightning.pytorch as pl
     import torch
     from nextvlad import VideoClassifier
+    from nextvlad._distributed import shutdown_process_group
     from nextvlad.data import YT8MDataModule
 
     class Record(pl.Callback):
@@ -34,9 +35,7 @@ SCRIPT = textwrap.dedent('''
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              num_sanity_val_steps=0, callbacks=[Record()])
         trainer.fit(model, data)
-        # Tear the gloo group down before interpreter exit rather than in its destructors.
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        shutdown_process_group()  # what the nextvlad command does after a run
 ''')
 
 
@@ -56,3 +55,19 @@ def test_two_rank_training_counts_examples_over_ranks(synthetic_data, tmp_path):
     assert ranks[0]["world_size"] == 2 and ranks[0]["steps"] == 7
     assert ranks[0]["examples_seen"] == 7 * 16
     assert ranks[0]["lr"] == pytest.approx(1e-2 * 0.5 ** (6 * 16 // 64))  # LR of the last step
+
+
+def test_shutdown_process_group_destroys_the_group_and_is_a_no_op_without_one(tmp_path):
+    import torch.distributed as dist
+
+    from nextvlad._distributed import shutdown_process_group
+
+    shutdown_process_group()  # no group: nothing to do, no error
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        shutdown_process_group()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

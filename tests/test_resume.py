@@ -22,6 +22,7 @@ SCRIPT = textwrap.dedent('''
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
     from nextvlad import VideoClassifier
+    from nextvlad._distributed import shutdown_process_group
     from nextvlad.checkpoint_io import AtomicCheckpointIO
     from nextvlad.data import YT8MDataModule
 
@@ -86,8 +87,7 @@ SCRIPT = textwrap.dedent('''
                              callbacks=[Record(), checkpoints], plugins=[KillableCheckpointIO()])
         last = os.path.join(out, "checkpoints", "last.ckpt")
         trainer.fit(model, data, ckpt_path=last if os.path.exists(last) else None)
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        shutdown_process_group()  # what the nextvlad command does after a run
 ''')
 
 
