@@ -85,7 +85,8 @@ ASSUMPTIONS = [
     "Exposed latency: a program waits one DRAM round trip (1,000 cycles, loaded latency; a guess to "
     "be corrected by measurement) for its first loads, one per loop iteration whose body has a "
     "synchronous load (LDG, not the asynchronous LDGSTS/UTMALDG) less the cycles the CTA issues before "
-    "the loaded register is first read (instructions in between x warps / 4), one for the lengths, and one more "
+    "the loaded register is first read (instructions in between x warps / 4; for a load in a nested D loop, "
+    "once per trip of that loop, its distance counted within it), one for the lengths, and one more "
     "when the dot operands' first asynchronous copy is issued after the first MUFU (the softmax: the "
     "logits, then x, are waited for in turn); with a nested D loop, one per row-block trip instead "
     "(its first copies are issued just before it); a backward program past its video's end waits "
@@ -207,19 +208,25 @@ class KernelCode:
     loop_body: list[str]  # the outermost loop holding the MMA: row blocks (forward; backward walking runs)
     inner_body: list[str]  # a loop holding the MMA nested in it (the backward's D loop), or []
     outside: list[str]  # instructions in no loop
-    # per synchronous load (LDG) in the loop: instructions issued before its value is first read,
-    # counted on through the loop's end into the next trip (a load for the next trip hides more)
+    # per synchronous load (LDG) in the loop, outside the nested one: instructions issued before
+    # its value is first read, counted on through the loop's end into the next trip (a load for
+    # the next trip hides more)
     sync_load_distances: list[int]
+    # the same for the nested loop's synchronous loads, counted within its body (they stall every
+    # trip of the nested loop: d_blocks per row block)
+    inner_sync_load_distances: list[int]
     # the first asynchronous copy (LDGSTS/UTMALDG: the dot operands) comes after the first MUFU
     # (the softmax's exp): the program waits for the logits, computes, then waits for x again
     loads_after_softmax: bool
 
-    def exposed_cycles_per_trip(self, warps: int) -> float:
-        """Latency of the loop's nearest-used synchronous load not covered by the CTA's own issue:
-        each instruction between load and use is issued by every warp, warps / 4 cycles per SM."""
-        if not self.sync_load_distances:
+    def exposed_cycles_per_trip(self, warps: int, inner: bool = False) -> float:
+        """Latency of the loop's (``inner``: the nested loop's) nearest-used synchronous load not
+        covered by the CTA's own issue: each instruction between load and use is issued by every
+        warp, warps / 4 cycles per SM."""
+        distances = self.inner_sync_load_distances if inner else self.sync_load_distances
+        if not distances:
             return 0.0
-        return max(0.0, LATENCY_CYCLES - min(self.sync_load_distances) * warps / 4)
+        return max(0.0, LATENCY_CYCLES - min(distances) * warps / 4)
 
     @classmethod
     def from_sass(cls, text: str) -> KernelCode:
@@ -232,13 +239,18 @@ class KernelCode:
         # the outermost of them (nested loops would be inside it)
         first, last, body = max(mma_loops, key=lambda loop: loop[1] - loop[0])
         nested = [loop[2] for loop in mma_loops if first <= loop[0] and loop[1] <= last and loop[2] != body]
-        inner = [op for _, op, _ in max(nested, key=len)] if nested else []
+        inner_entries = max(nested, key=len) if nested else []
+        inner = [op for _, op, _ in inner_entries]
+        inner_addresses = {address for address, _, _ in inner_entries}
         outside = [op for address, op, _ in instructions if not any(f <= address <= l for f, l in loops)]
         first_mufu = next((address for address, op, _ in instructions if op == "MUFU"), None)
         first_copy = next((address for address, op, _ in instructions if op in _ASYNC_COPY), None)
         loads_after_softmax = first_mufu is not None and first_copy is not None and first_mufu < first_copy
-        distances = [_use_distance(body, index) for index, (_, op, _) in enumerate(body) if op == "LDG"]
-        return cls([op for _, op, _ in body], inner, outside, distances, loads_after_softmax)
+        distances = [_use_distance(body, index) for index, (address, op, _) in enumerate(body)
+                     if op == "LDG" and address not in inner_addresses]
+        inner_distances = [_use_distance(inner_entries, index) for index, (_, op, _) in enumerate(inner_entries)
+                           if op == "LDG"]
+        return cls([op for _, op, _ in body], inner, outside, distances, inner_distances, loads_after_softmax)
 
 
 _REGISTER = re.compile(r"\bR(\d+)\b")
@@ -345,7 +357,8 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
     # backward program past its video's end only stores (one round trip: the lengths)
     # nested: every row-block trip waits once more, for the D loop's first asynchronous copies
     # (issued right before it, nothing to do meanwhile)
-    per_trip = code.exposed_cycles_per_trip(warps) / LATENCY_CYCLES + nested
+    per_trip = (code.exposed_cycles_per_trip(warps) + d_blocks * code.exposed_cycles_per_trip(warps, inner=True)
+                * nested) / LATENCY_CYCLES + nested
     round_trips = sum(2 + (code.loads_after_softmax and not nested) + trips * per_trip if trips else 1
                       for trips in per_program)
     resident = ctas_per_sm(usage["registers"], usage["shared_memory_bytes"], warps)
@@ -363,7 +376,8 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
         # a trip of the row-block loop; or (backward, one block per program) the program
         "instructions_per_row_block": body["total"],
         "loop": "row blocks" + (f" (D loop nested, {d_blocks} trips)" if nested else ""),
-        "sync_load_use_distance": min(code.sync_load_distances, default=None), "loads_after_softmax": code.loads_after_softmax,
+        "sync_load_use_distance": min(code.sync_load_distances, default=None),
+        "inner_sync_load_use_distance": min(code.inner_sync_load_distances, default=None), "loads_after_softmax": code.loads_after_softmax,
         "splits": splits,
         "bytes_MB": bytes_moved / 1e6,
     }

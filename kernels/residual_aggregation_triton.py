@@ -76,13 +76,15 @@ def _x_row_offsets(rows, groups, x_stride_frame, x_stride_group, UNIFORM_X_ROWS:
 
 
 @triton.jit
-def _backward_d_block(features, grad_y, assignment, grad_assignment, grad_x_ptrs, grad_x_mask,
+def _backward_d_block(features, grad_y, grad_y_t, assignment, grad_assignment, grad_x_ptrs, grad_x_mask,
                       DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """One D block of the backward: stores grad_x = a gy for it and returns grad_a += x gy^T."""
-    grad_y = grad_y.to(DOT_DTYPE)
-    grad_assignment = tl.dot(features.to(DOT_DTYPE), tl.trans(grad_y), grad_assignment,
+    """One D block of the backward: stores grad_x = a gy for it and returns grad_a += x gy^T.
+    ``grad_y_t`` is gy^T (BLOCK_D, K_PAD): tl.trans(grad_y), or gy loaded a second time, transposed
+    (see the D loop)."""
+    grad_assignment = tl.dot(features.to(DOT_DTYPE), grad_y_t.to(DOT_DTYPE), grad_assignment,
                              input_precision=INPUT_PRECISION)
-    grad_features = tl.dot(assignment.to(DOT_DTYPE), grad_y, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    grad_features = tl.dot(assignment.to(DOT_DTYPE), grad_y.to(DOT_DTYPE), input_precision=INPUT_PRECISION,
+                           out_dtype=ACC_DTYPE)
     tl.store(grad_x_ptrs, grad_features.to(grad_x_ptrs.dtype.element_ty), mask=grad_x_mask)
     return grad_assignment
 
@@ -285,7 +287,7 @@ def residual_aggregation_backward_kernel(
         grad_assignment = tl.zeros((BLOCK_R, K_PAD), dtype=ACC_DTYPE)
         if ONE_D_BLOCK:
             grad_assignment = _backward_d_block(
-                features, grad_y_block, assignment, grad_assignment, grad_x_video + rows[:, None] * dim + offs_d[None, :],
+                features, grad_y_block, tl.trans(grad_y_block), assignment, grad_assignment, grad_x_video + rows[:, None] * dim + offs_d[None, :],
                 row_in_video[:, None] & d_valid[None, :], DOT_DTYPE, INPUT_PRECISION, ACC_DTYPE)
         else:
             x_rows = _x_row_offsets(rows, groups, x_stride_frame, x_stride_group, UNIFORM_X_ROWS)
@@ -296,8 +298,20 @@ def residual_aggregation_backward_kernel(
                                    mask=row_valid[:, None] & d_valid[None, :], other=0.0)
                 grad_y = tl.load(grad_y_video + offs_k[:, None] * dim + offs_d[None, :],
                                  mask=k_valid[:, None] & d_valid[None, :], other=0.0)
+                if DOT_DTYPE == tl.float32 and INPUT_PRECISION != "ieee" and K_PAD * BLOCK_D <= 8192:
+                    # TF32: dL/dy once more, transposed (from L2). TF32 tensor-core operands cannot
+                    # be read transposed from shared memory, so with tl.trans(grad_y) Triton's
+                    # pipeliner loaded dL/dy synchronously, a stall in every trip; two tiles of one
+                    # use each are copied asynchronously (benchmarks/NOTES.md, change 7). Not for
+                    # half types (one shared copy is asynchronous already), exact fp32 (FMA dots
+                    # read registers) or tiles whose copies would not fit shared memory (K = 512).
+                    # The interpreter (fp32 dots for bf16, no precision) runs this branch.
+                    grad_y_t = tl.load(grad_y_video + offs_k[None, :] * dim + offs_d[:, None],
+                                       mask=k_valid[None, :] & d_valid[:, None], other=0.0)
+                else:
+                    grad_y_t = tl.trans(grad_y)
                 grad_assignment = _backward_d_block(
-                    features, grad_y, assignment, grad_assignment, grad_x_video + rows[:, None] * dim + offs_d[None, :],
+                    features, grad_y, grad_y_t, assignment, grad_assignment, grad_x_video + rows[:, None] * dim + offs_d[None, :],
                     row_in_video[:, None] & d_valid[None, :], DOT_DTYPE, INPUT_PRECISION, ACC_DTYPE)
 
         grad_assignment -= grad_y_dot_centroids[None, :]

@@ -55,6 +55,32 @@ def test_sass_reader_finds_the_loop_and_classifies_its_instructions() -> None:
     assert counts["LDG/STG"] == 1 and counts["other"] == 1 and counts["total"] == 5
 
 
+# Outer loop 0x0030-0x0090 with a nested one 0x0040-0x0070 (both hold an HGMMA): the nested
+# loop's LDG (0x0040, read two instructions later by the FFMA) stalls every nested trip, the outer
+# loop's LDG (0x0080, its value read by the MUFU at the next outer trip's start) does not.
+NESTED_LISTING = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                    /* 0x00000a00ff017b82 */
+        /*0010*/                   S2R R20, SR_CTAID.X ;                     /* 0x0000000000147919 */
+        /*0020*/                   LDG.E R2, desc[UR4][R4.64] ;              /* 0x0000000000147919 */
+        /*0030*/                   MUFU.EX2 R3, R2 ;                         /* 0x0000000000147919 */
+        /*0040*/                   LDG.E.128 R5, desc[UR4][R6.64] ;          /* 0x0000000000147919 */
+        /*0050*/                   HGMMA.64x128x16.F32.BF16 R24, R88, gdesc[UR8].tnspB, R24, gsb0 ;
+        /*0060*/                   FFMA R7, R3, R5, R7 ;                     /* 0x0000000000147919 */
+        /*0070*/              @!P2 BRA 0x40 ;                                /* 0xffffffcc00c8a947 */
+        /*0080*/                   LDG.E R2, desc[UR4][R4.64] ;              /* 0x0000000000147919 */
+        /*0090*/              @!P3 BRA 0x30 ;                                /* 0xffffffcc00c8a947 */
+        /*00a0*/                   EXIT ;                                    /* 0x0000000000147919 */
+"""
+
+
+def test_sass_reader_charges_a_nested_loops_synchronous_load_per_nested_trip() -> None:
+    code = kernel_model.KernelCode.from_sass(NESTED_LISTING)
+    assert code.inner_body == ["LDG", "HGMMA", "FFMA", "BRA"]
+    assert code.inner_sync_load_distances == [1]  # LDG 0x40 -> FFMA 0x60, the HGMMA between
+    assert code.sync_load_distances == [1]  # LDG 0x80 -> (BRA) -> MUFU 0x30 of the next trip
+    assert code.exposed_cycles_per_trip(warps=8, inner=True) == kernel_model.LATENCY_CYCLES - 1 * 8 / 4
+
+
 def test_occupancy_and_lengths_by_hand() -> None:
     # 186 registers: 5,952 per warp (units of 256), x 8 warps = 47,616 of 65,536 -> 1 CTA
     assert kernel_model.ctas_per_sm(186, 90112, 8) == 1
