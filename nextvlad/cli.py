@@ -83,8 +83,14 @@ class NextVLADCLI(LightningCLI):
         self._checkpoint = checkpoint
 
     def after_instantiate_classes(self) -> None:
-        """A checkpoint whose weights do not fit the model (e.g. saved without hyper-parameters by
-        another LightningModule) is a clear error here, before the data is scanned."""
+        """A model whose classes differ from the data's, or a checkpoint whose weights do not fit
+        the model (e.g. saved without hyper-parameters by another LightningModule), is a clear
+        error here, before the data is scanned."""
+        model_classes = (getattr(getattr(self, "model", None), "hparams", None) or {}).get("num_classes")
+        data_classes = getattr(getattr(self, "datamodule", None), "num_classes", None)  # none: `params`
+        if None not in (model_classes, data_classes) and model_classes != data_classes:
+            raise ValueError(f"model.init_args.num_classes = {model_classes} but data.init_args.num_classes = "
+                             f"{data_classes}: the classifier's outputs and the labels must have the same classes")
         checkpoint, self._checkpoint = getattr(self, "_checkpoint", None), None
         if checkpoint is None:
             return
