@@ -297,13 +297,16 @@ def test_triton_interpreter_frame_splits_match_reference(interpreter, monkeypatc
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("dim", [16, 80], ids=["one-D-block", "D-loop"])
+@pytest.mark.parametrize("dim, precision", [(16, "ieee"), (80, "ieee"), (80, "tf32")],
+                         ids=["one-D-block", "D-loop", "D-loop-tf32"])
 @pytest.mark.parametrize("blocks_per_program", [1, 2, 5])
 def test_triton_interpreter_backward_walks_runs_of_row_blocks(interpreter, monkeypatch: pytest.MonkeyPatch,
-                                                              blocks_per_program: int, dim: int) -> None:
+                                                              blocks_per_program: int, dim: int, precision: str) -> None:
     # 5 row blocks of 32 rows per video: runs of 1 (a program per block), 2 (a run straddling the
     # 33-frame video's end, then one wholly past it) and 5 (a whole video, its prefetch past the end).
-    # D = 16 fits one block (dL/dy on chip, x prefetched); D = 80 loops over 64-wide D blocks.
+    # D = 16 fits one block (dL/dy on chip, x prefetched); D = 80 loops over 64-wide D blocks, with
+    # TF32 reading dL/dy a second time, transposed (change 7; the interpreter multiplies exactly,
+    # so the fp32 tolerances hold).
     monkeypatch.setattr(triton_module, "_backward_blocks_per_program", lambda *args: blocks_per_program)
     launch, backward_constants = triton_module._launch, []
 
@@ -314,7 +317,7 @@ def test_triton_interpreter_backward_walks_runs_of_row_blocks(interpreter, monke
 
     monkeypatch.setattr(triton_module, "_launch", recording_launch)
     shape = Shape(3, 70, 2, 9, dim, (70, 33, 0))
-    for name, got, expected in zip(NAMES, *triton_and_reference(shape, torch.float32)):
+    for name, got, expected in zip(NAMES, *triton_and_reference(shape, torch.float32, precision=precision)):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
     assert [constexprs["ONE_D_BLOCK"] for constexprs in backward_constants] == [dim == 16]
 
