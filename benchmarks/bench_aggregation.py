@@ -390,7 +390,8 @@ def compile_report(args: argparse.Namespace) -> list[dict[str, Any]]:
     from kernel_compile import compile_for_gpu, resource_usage
 
     from nextvlad.kernels.residual_aggregation_triton import (
-        _BACKWARD_TILES, _FORWARD_TILES, _padded_clusters, _tile_family, _tiles,
+        _BACKWARD_TILES, _FORWARD_TILES, ROW_CONSTANT_WARPS, _padded_clusters, _tile_family, _tiles,
+        row_constant_block_d,
     )
 
     rows = []
@@ -404,6 +405,11 @@ def compile_report(args: argparse.Namespace) -> list[dict[str, Any]]:
                 usage = resource_usage(compile_for_gpu(kind, dtype, clusters, dim, tile=tile, precision=precision))
                 rows.append({"K": clusters, "D": dim, "dtype": dtype_name, "family": family, "kernel": kind,
                              "BLOCK_R": tile[0], "BLOCK_D": tile[1], "warps": tile[2], **usage})
+        for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):  # no dots: one per dtype
+            usage = resource_usage(compile_for_gpu("row_constant", dtype, clusters, dim))
+            rows.append({"K": clusters, "D": dim, "dtype": dtype_name, "family": "-", "kernel": "row_constant",
+                         "BLOCK_R": "-", "BLOCK_D": row_constant_block_d(_padded_clusters(clusters), dim),
+                         "warps": ROW_CONSTANT_WARPS, **usage})
     columns = list(rows[0])
     print(markdown_table(rows, columns))
     meta = {**environment("cpu"), "target": "sm_90 (compiled with Triton's bundled ptxas; no GPU used)"}

@@ -37,8 +37,9 @@ def compile_for_gpu(
     arch: int = 90,
     strided_x: bool = False,
 ) -> Any:
-    """Compile the forward or backward kernel for an NVIDIA GPU of compute capability ``arch``
-    (90 = H100) without one: ``triton.compile`` down to a cubin with the bundled ptxas.
+    """Compile the forward, backward or row_constant kernel (``kind``) for an NVIDIA GPU of compute
+    capability ``arch`` (90 = H100) without one: ``triton.compile`` down to a cubin with the
+    bundled ptxas. The row_constant kernel takes its BLOCK_D from the launcher's rule (no tile).
 
     It specialises like a real launch would (16-byte-aligned pointers; K and D marked divisible by
     16 when they are), so register use and spills read off the cubin (``resource_usage``) are those
@@ -46,17 +47,21 @@ def compile_for_gpu(
     back (a split of a wider tensor). Needs Triton in compiled mode (not TRITON_INTERPRET=1: the
     interpreter patches triton.language itself, so tests run this in a subprocess).
     """
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     if ops.triton_interpreter_enabled():
         raise RuntimeError("compile_for_gpu needs Triton in compiled mode (unset TRITON_INTERPRET)")
     kernel = ops._KERNELS[kind]
-    table = ops._FORWARD_TILES if kind == "forward" else ops._BACKWARD_TILES
     k_pad = ops._padded_clusters(clusters)
-    rows, block_d, warps = tile or ops._tiles(table, ops._tile_family(dtype, precision), k_pad, dim)[0]
     pointer = _TRITON_POINTER_TYPES[dtype]
     accumulator = "*fp64" if dtype == torch.float64 else "*fp32"
+    if kind == "row_constant":  # dL/dy in the accumulator type (y under `normalize`), x in dtype
+        return _compile(kernel, arch, ops.ROW_CONSTANT_WARPS, {"grad_y_ptr": accumulator, "centroids_ptr": accumulator,
+                                          "grad_assignment_sum_ptr": accumulator, "row_constant_ptr": accumulator},
+                        pointer, {"clusters": clusters, "dim": dim},
+                        {"K_PAD": k_pad, "BLOCK_D": ops.row_constant_block_d(k_pad, dim),
+                         "ACC_DTYPE": ops._accumulator_dtype(dtype), "STORE_ROUNDED": accumulator[1:] != pointer[1:],
+                         "ROUND_BY_BITS": False, "HAS_GRAD_ASSIGNMENT_SUM": True})
+    table = ops._FORWARD_TILES if kind == "forward" else ops._BACKWARD_TILES
+    rows, block_d, warps = tile or ops._tiles(table, ops._tile_family(dtype, precision), k_pad, dim)[0]
     special_pointers = {
         "lengths_ptr": "*i64", "centroids_ptr": "*fp32", "assignment_sum_ptr": accumulator,
         "grad_y_dot_centroids_ptr": accumulator,
@@ -72,6 +77,16 @@ def compile_for_gpu(
     }
     if kind == "backward":
         constants["ONE_D_BLOCK"] = dim <= block_d
+    return _compile(kernel, arch, warps, special_pointers, pointer, integers, constants)
+
+
+def _compile(kernel: Any, arch: int, warps: int, special_pointers: dict[str, str], pointer: str,
+             integers: dict[str, int], constants: dict[str, Any]) -> Any:
+    """``triton.compile`` of ``kernel`` for sm_``arch``: pointers 16-byte aligned, integers marked
+    divisible by 16 when they are, as a real launch specialises them."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     signature, attributes = {}, {}
     for index, name in enumerate(kernel.arg_names):
         if name in constants:

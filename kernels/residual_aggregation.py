@@ -226,16 +226,15 @@ def _residual_aggregation_backward_op(
             x, logits, attention, lengths, centroids, assignment_sum, grad_y, grad_assignment_sum
         )
     compute = assignment_sum.dtype
-    grad_y_rounded = grad_y.to(x.dtype)  # what the kernel's dots take
-    # sum_d gy[b,k,d] c[k,d] (minus dL/da_sum): the part of dL/da shared by all of a video's rows,
-    # from the rounded gy like the kernel's x gy^T it is subtracted from (with x ~ c a mismatch
-    # would be multiplied by the features' mean).
-    row_constant = torch.einsum("bkd,kd->bk", grad_y_rounded.to(compute), centroids.to(compute))
-    if grad_assignment_sum is not None:
-        row_constant = row_constant - grad_assignment_sum.to(compute)
+    # dL/dy rounded to x's dtype (what the backward's dots take) and sum_d gy[b,k,d] c[k,d] minus
+    # dL/da_sum: the part of dL/da shared by all of a video's rows, from the rounded gy like the
+    # kernel's x gy^T it is subtracted from (with x ~ c a mismatch would be multiplied by the
+    # features' mean). One fused read of dL/dy.
+    grad_y_rounded, row_constant = triton_implementation.launch_grad_y_rounding_and_row_constant(
+        grad_y, centroids.to(compute), grad_assignment_sum, x.dtype)
     grad_x, grad_logits, grad_attention = triton_implementation.launch_backward(
         x if x.stride(3) == 1 else x.contiguous(), logits.contiguous(), attention.contiguous(),
-        lengths.contiguous(), grad_y_rounded.contiguous(), row_constant.contiguous(), precision,
+        lengths.contiguous(), grad_y_rounded, row_constant, precision,
     )
     # dL/dc[k,d] = -sum_b a_sum[b,k] gy[b,k,d]: a deterministic reduction, no atomics; the exact gy
     # (no kernel term to cancel against).

@@ -338,6 +338,53 @@ def residual_aggregation_backward_kernel(
                  tl.zeros((BLOCK_R,), dtype=grad_attention_ptr.dtype.element_ty), mask=row_in_video)
 
 
+@triton.jit
+def grad_y_rounding_and_row_constant_kernel(
+    grad_y_ptr, centroids_ptr, grad_assignment_sum_ptr, grad_y_rounded_ptr, row_constant_ptr,
+    clusters, dim,
+    K_PAD: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, STORE_ROUNDED: tl.constexpr,
+    ROUND_BY_BITS: tl.constexpr, HAS_GRAD_ASSIGNMENT_SUM: tl.constexpr,
+):
+    """One program per video b, before the backward kernel: dL/dy[b] rounded to x's dtype (the
+    operand of the backward's dots) and the row constant sum_d gy_r[k,d] c[k,d] - dL/da_sum[b,k]
+    from those rounded values, in one read of dL/dy. In PyTorch this took a cast, a second cast of
+    the rounded copy back to fp32 and an einsum over it: about three times the bytes (NOTES.md,
+    change 8).
+
+    Arguments:
+      grad_y_ptr: (B, K, D) contiguous dL/dy (y's dtype); centroids_ptr: (K, D) contiguous, in the
+        accumulator type; grad_assignment_sum_ptr: (B, K) dL/da_sum (read only when
+        HAS_GRAD_ASSIGNMENT_SUM).
+      grad_y_rounded_ptr: (B, K, D) output in x's dtype, written only when STORE_ROUNDED (dL/dy
+        is not in x's dtype already); row_constant_ptr: (B, K) output in the accumulator type.
+      clusters, dim: K, D. K_PAD: K rounded up to a power of two >= 16; BLOCK_D: D block.
+      ROUND_BY_BITS: round to bf16 with _round_to_bfloat16 (the interpreter, whose own conversion
+        truncates; the GPU's rounds to nearest even, as torch does).
+    """
+    video = tl.program_id(0).to(tl.int64)
+    offs_k = tl.arange(0, K_PAD)
+    k_valid = offs_k < clusters
+    row_constant = tl.zeros((K_PAD,), dtype=ACC_DTYPE)
+    for d_start in range(0, dim, BLOCK_D):
+        offs_d = d_start + tl.arange(0, BLOCK_D)
+        mask = k_valid[:, None] & (offs_d < dim)[None, :]
+        offsets = offs_k[:, None] * dim + offs_d[None, :]
+        grad_y = tl.load(grad_y_ptr + video * clusters * dim + offsets, mask=mask, other=0.0)
+        if ROUND_BY_BITS:
+            rounded = _round_to_bfloat16(grad_y.to(tl.float32)).to(ACC_DTYPE)
+        else:
+            rounded = grad_y.to(grad_y_rounded_ptr.dtype.element_ty).to(ACC_DTYPE)
+        if STORE_ROUNDED:
+            tl.store(grad_y_rounded_ptr + video * clusters * dim + offsets,
+                     rounded.to(grad_y_rounded_ptr.dtype.element_ty), mask=mask)
+        centroids = tl.load(centroids_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+        row_constant += tl.sum(rounded * centroids, axis=1)
+    if HAS_GRAD_ASSIGNMENT_SUM:
+        row_constant -= tl.load(grad_assignment_sum_ptr + video * clusters + offs_k, mask=k_valid,
+                                other=0.0).to(ACC_DTYPE)
+    tl.store(row_constant_ptr + video * clusters + offs_k, row_constant, mask=k_valid)
+
+
 # (BLOCK_R, BLOCK_D, num_warps) candidates by K_PAD and operand family. Every one compiles for
 # sm_90 without register spills (checked offline: triton.compile for GPUTarget("cuda", 90, 32) with
 # 16-divisible strides, then `cuobjdump --dump-resource-usage`: benchmarks/kernel_compile.py). The
@@ -437,7 +484,8 @@ def _autotune_enabled(interpret: bool) -> bool:
 _AUTOTUNE_TIMER: Any = None
 
 
-_KERNELS = {"forward": residual_aggregation_forward_kernel, "backward": residual_aggregation_backward_kernel}
+_KERNELS = {"forward": residual_aggregation_forward_kernel, "backward": residual_aggregation_backward_kernel,
+            "row_constant": grad_y_rounding_and_row_constant_kernel}
 
 
 @functools.cache
@@ -449,6 +497,13 @@ def _autotuned(kind: str, family: str, tiles: tuple[_Tile, ...]) -> Any:
     return triton.autotune(configs=configs, key=["clusters", "dim"], **timer)(_KERNELS[kind])
 
 
+def _on_device(device: torch.device) -> Any:
+    """Context for a launch on ``device``. Triton launches on the *current* CUDA device and stream,
+    not on the tensors' device: without this, x on cuda:1 while cuda:0 is current (no
+    torch.cuda.set_device) reads foreign addresses."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _launch(kind: str, family: str, tiles: list[_Tile], grid: Any, *args: Any, **constexprs: Any) -> None:
     """Run ``kind`` ("forward"/"backward") with the default tile, or autotuned on request.
 
@@ -457,10 +512,7 @@ def _launch(kind: str, family: str, tiles: list[_Tile], grid: Any, *args: Any, *
     the launch into its graph instead of breaking it.
     """
     interpret = triton_interpreter_enabled()
-    # Triton launches on the *current* CUDA device and stream, not on the tensors' device: without
-    # this, x on cuda:1 while cuda:0 is current (no torch.cuda.set_device) reads foreign addresses.
-    device = args[0].device
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with _on_device(args[0].device):
         if _autotune_enabled(interpret) and len(tiles) > 1:
             wrap_triton(_autotuned(kind, family, tuple(tiles)))[grid](*args, **constexprs)
         else:
@@ -638,3 +690,41 @@ def launch_backward(
             **_kernel_constants(x, clusters, precision), ONE_D_BLOCK=dim <= min(block_d for _, block_d, _ in launched),
         )
     return grad_x, grad_logits, grad_attention
+
+
+# The row-constant kernel's warps, and the elements of its (K_PAD, BLOCK_D) tile (32 per thread
+# for dL/dy and as many for the centroids; BLOCK_D is at least 16).
+ROW_CONSTANT_WARPS = 4
+_ROW_CONSTANT_TILE = 4096
+
+
+def row_constant_block_d(k_pad: int, dim: int) -> int:
+    """BLOCK_D of grad_y_rounding_and_row_constant_kernel."""
+    return min(_next_power_of_two(dim), max(16, _ROW_CONSTANT_TILE // k_pad))
+
+
+def launch_grad_y_rounding_and_row_constant(
+    grad_y: Tensor, centroids: Tensor, grad_assignment_sum: Tensor | None, x_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """(dL/dy rounded to ``x_dtype``, contiguous; the (B, K) row constant in the centroids' dtype,
+    the accumulator type): see grad_y_rounding_and_row_constant_kernel. dL/dy already in x's dtype
+    is returned as is (made contiguous)."""
+    grad_y, centroids = grad_y.contiguous(), centroids.contiguous()
+    batch, clusters, dim = grad_y.shape
+    store_rounded = grad_y.dtype != x_dtype
+    grad_y_rounded = torch.empty(grad_y.shape, dtype=x_dtype, device=grad_y.device) if store_rounded else grad_y
+    row_constant = torch.empty((batch, clusters), dtype=centroids.dtype, device=grad_y.device)
+    if batch > 0:
+        k_pad = _padded_clusters(clusters)
+        block_d = row_constant_block_d(k_pad, dim)
+        interpret = triton_interpreter_enabled()
+        with _on_device(grad_y.device):
+            wrap_triton(grad_y_rounding_and_row_constant_kernel)[(batch,)](
+                grad_y, centroids,  # centroids: also the unread pointer when there is no dL/da_sum
+                grad_assignment_sum.contiguous() if grad_assignment_sum is not None else centroids,
+                grad_y_rounded, row_constant, clusters, dim,
+                K_PAD=k_pad, BLOCK_D=block_d, ACC_DTYPE=_accumulator_dtype(centroids.dtype),
+                STORE_ROUNDED=store_rounded, ROUND_BY_BITS=interpret and x_dtype == torch.bfloat16,
+                HAS_GRAD_ASSIGNMENT_SUM=grad_assignment_sum is not None, num_warps=ROW_CONSTANT_WARPS,
+            )
+    return grad_y_rounded, row_constant

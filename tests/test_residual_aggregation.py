@@ -288,6 +288,31 @@ def test_triton_interpreter_grad_y_sums_use_the_rounded_grad_y(interpreter) -> N
         assert _relative_error(got_grad, expected_grad) < 1e-2, name
 
 
+@pytest.mark.parametrize("x_dtype, clusters, dim, with_grad_assignment_sum", [
+    (torch.bfloat16, 9, 40, True),  # one D block; dL/dy rounded and stored
+    (torch.bfloat16, 300, 40, False),  # K_PAD = 512: BLOCK_D 16, three D blocks, the last partial
+    (torch.float32, 300, 40, True),  # dL/dy already in x's dtype: used as is, nothing stored
+])
+def test_triton_interpreter_grad_y_rounding_and_row_constant(interpreter, x_dtype, clusters, dim,
+                                                             with_grad_assignment_sum) -> None:
+    """The backward's fused prologue against float64: dL/dy rounded to x's dtype exactly as torch
+    rounds (to nearest even), and sum_d round(gy)[b,k,d] c[k,d] - dL/da_sum[b,k]."""
+    generator = torch.Generator().manual_seed(5)
+    grad_y = torch.randn(2, clusters, dim, generator=generator) * 3  # fp32, as after normalize
+    centroids = torch.randn(clusters, dim, generator=generator) + 20  # a large mean: no cancelling
+    grad_assignment_sum = torch.randn(2, clusters, generator=generator) if with_grad_assignment_sum else None
+    rounded, row_constant = triton_module.launch_grad_y_rounding_and_row_constant(
+        grad_y, centroids, grad_assignment_sum, x_dtype)
+    assert rounded.dtype == x_dtype and torch.equal(rounded, grad_y.to(x_dtype))
+    if x_dtype == grad_y.dtype:
+        assert rounded.data_ptr() == grad_y.data_ptr()  # no copy
+    expected = (grad_y.to(x_dtype).double() * centroids.double()).sum(-1)
+    if grad_assignment_sum is not None:
+        expected -= grad_assignment_sum.double()
+    assert row_constant.dtype == torch.float32
+    torch.testing.assert_close(row_constant.double(), expected, rtol=1e-5, atol=1e-3)
+
+
 def test_triton_interpreter_frame_splits_match_reference(interpreter, monkeypatch: pytest.MonkeyPatch) -> None:
     # Small batches split each video's frames over several programs (on a GPU, to fill the SMs);
     # force that path: 2 x 150 rows in 128-row splits, one split past the short video's end.
@@ -533,6 +558,9 @@ def test_kernels_compile_for_h100_without_register_spills() -> None:
                  ("forward", torch.float32, 512, 64, "tf32"), ("backward", torch.bfloat16, 512, 16, "ieee")]
         # the variant for an x whose frames are not back to back (a mixture's split GEMM output)
         cases += [("forward", torch.bfloat16, 112, 256, "strided"), ("backward", torch.bfloat16, 112, 256, "strided")]
+        # the backward's dL/dy rounding and row constant, at the paper's streams and K_PAD = 512
+        cases += [("row_constant", dtype, clusters, dim, "ieee") for dtype in (torch.bfloat16, torch.float64)
+                  for clusters, dim in ((128, 256), (56, 64), (512, 256))]
         for kind, dtype, clusters, dim, precision in cases:
             strided = precision == "strided"
             usage = resource_usage(compile_for_gpu(kind, dtype, clusters, dim, strided_x=strided,
