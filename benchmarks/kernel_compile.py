@@ -77,6 +77,8 @@ def compile_for_gpu(
     }
     if kind == "backward":
         constants["ONE_D_BLOCK"] = dim <= block_d
+    else:
+        constants["EVEN_K"] = clusters == k_pad
     return _compile(kernel, arch, warps, special_pointers, pointer, integers, constants)
 
 

@@ -95,6 +95,7 @@ def residual_aggregation_forward_kernel(
     max_frames, groups, clusters, dim, rows_per_split, x_stride_video, x_stride_frame, x_stride_group,
     K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UNIFORM_X_ROWS: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     """One program per (D block, video; frame split): y[split, b, :, d-block] and, from the first
     D block, a_sum[split, b, :]. The launcher sums the splits (there is one unless the batch is too
@@ -118,6 +119,8 @@ def residual_aggregation_forward_kernel(
       ACC_DTYPE: accumulator (fp32, fp64 for fp64 inputs); DOT_DTYPE: tl.dot operand type;
       INPUT_PRECISION: fp32 dot precision ("ieee"/"tf32", None for half types);
       UNIFORM_X_ROWS: x's rows have one stride (see _uniform_x_rows).
+      EVEN_K: K == K_PAD. Then the cluster masks are compile-time true and vanish, with the
+        softmax's -inf padding: 5% fewer instructions in this issue-bound loop (NOTES.md, change 9).
     """
     # Axis 0 enumerates (video, D block), D blocks fastest: a video's D blocks run side by side and
     # share its logits in L2, and the batch is not limited to 65535 (CUDA's limit on axes 1 and 2).
@@ -132,7 +135,10 @@ def residual_aggregation_forward_kernel(
     row_end = tl.minimum(real_rows, row_begin + rows_per_split)
 
     offs_k = tl.arange(0, K_PAD)
-    k_valid = offs_k < clusters
+    if EVEN_K:
+        k_valid = tl.full((K_PAD,), 1, tl.int1)
+    else:
+        k_valid = offs_k < clusters
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_valid = offs_d < dim
     offs_r = tl.arange(0, BLOCK_R)
@@ -655,7 +661,7 @@ def launch_forward(
             "forward", family, tiles, lambda meta: (triton.cdiv(dim, meta["BLOCK_D"]) * batch, splits),
             x, logits, attention, lengths, centroids, y, assignment_sum,
             max_frames, groups, clusters, dim, rows_per_split, *_x_strides(x),
-            **_kernel_constants(x, clusters, precision),
+            **_kernel_constants(x, clusters, precision), EVEN_K=clusters == _padded_clusters(clusters),
         )
     if splits == 1:
         return y, assignment_sum
