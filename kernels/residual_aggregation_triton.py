@@ -148,7 +148,17 @@ def residual_aggregation_forward_kernel(
     attention_video = attention_ptr + video * rows_per_video
 
     acc = tl.zeros((K_PAD, BLOCK_D), dtype=ACC_DTYPE)
+    # With half-type operands (no fp32 precision to choose) a_sum = a^T 1 is one more small MMA per
+    # row block, as the first column of a^T [1 0 ... 0], instead of a column reduction across
+    # threads that took a quarter of the loop's instructions (NOTES.md, change 10). Its operand is
+    # the main dot's, so a_sum is exactly as rounded as the a that multiplies x. Not for fp32/fp64:
+    # exact dots are FMAs, and under TF32 it saved no instructions but cost registers (a second CTA
+    # per SM for the audio stream under Triton 3.6).
+    TENSOR_CORE_SUM: tl.constexpr = INPUT_PRECISION != "ieee" and INPUT_PRECISION != "tf32"
     assignment_sum = tl.zeros((K_PAD,), dtype=ACC_DTYPE)
+    assignment_sum_acc = tl.zeros((K_PAD, 16), dtype=ACC_DTYPE)
+    first_column = tl.broadcast_to((tl.arange(0, 16) == 0)[None, :], (BLOCK_R, 16))
+    ones_column = tl.where(first_column, 1.0, 0.0).to(DOT_DTYPE)
     # The attention is loaded one row block ahead: Triton's pipeliner copies the logits and x
     # asynchronously, but not this (BLOCK_R,) vector, whose synchronous load would otherwise stall
     # every trip (benchmarks/NOTES.md).
@@ -181,11 +191,15 @@ def residual_aggregation_forward_kernel(
         # test_triton_interpreter_assignment_sum_matches_the_rounded_dot).
         if x_ptr.dtype.element_ty == tl.bfloat16 and DOT_DTYPE == tl.float32:  # the interpreter: _dot_dtype
             assignment = _round_to_bfloat16(assignment)
+        assignment_t = tl.trans(assignment.to(DOT_DTYPE))
+        acc = tl.dot(assignment_t, features.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        if TENSOR_CORE_SUM:
+            assignment_sum_acc = tl.dot(assignment_t, ones_column, assignment_sum_acc, input_precision=INPUT_PRECISION)
         else:
-            assignment = assignment.to(x_ptr.dtype.element_ty).to(ACC_DTYPE)
-        acc = tl.dot(tl.trans(assignment.to(DOT_DTYPE)), features.to(DOT_DTYPE), acc,
-                     input_precision=INPUT_PRECISION)
-        assignment_sum += tl.sum(assignment, axis=0)
+            assignment_sum += tl.sum(assignment, axis=0)
+
+    if TENSOR_CORE_SUM:
+        assignment_sum = tl.sum(assignment_sum_acc, axis=1)  # the other columns are exact zeros
 
     centroids = tl.load(
         centroids_ptr + offs_k[:, None] * dim + offs_d[None, :],
@@ -416,7 +430,7 @@ _FORWARD_TILES: dict[str, dict[int, list[_Tile]]] = {
         16: [(64, 64, 4), (32, 64, 4), (64, 128, 8)],
         64: [(64, 64, 8), (128, 32, 8), (64, 128, 8)],
         128: [(32, 64, 8), (64, 32, 8)],  # (64, 64, 8) spills 16 bytes
-        256: [(16, 32, 8), (16, 64, 8), (32, 32, 4)],
+        256: [(16, 64, 8), (16, 32, 8)],  # under Triton 3.6 (16, 32, 8) spills 8 bytes, (32, 32, 4) 40
         512: [(16, 32, 8), (16, 16, 16)],
     },
 }
