@@ -54,12 +54,12 @@ def compile_for_gpu(
     pointer = _TRITON_POINTER_TYPES[dtype]
     accumulator = "*fp64" if dtype == torch.float64 else "*fp32"
     if kind == "row_constant":  # dL/dy in the accumulator type (y under `normalize`), x in dtype
-        return _compile(kernel, arch, ops.ROW_CONSTANT_WARPS, {"grad_y_ptr": accumulator, "centroids_ptr": accumulator,
-                                          "grad_assignment_sum_ptr": accumulator, "row_constant_ptr": accumulator},
-                        pointer, {"clusters": clusters, "dim": dim},
-                        {"K_PAD": k_pad, "BLOCK_D": ops.row_constant_block_d(k_pad, dim),
-                         "ACC_DTYPE": ops._accumulator_dtype(dtype), "STORE_ROUNDED": accumulator[1:] != pointer[1:],
-                         "ROUND_BY_BITS": False, "HAS_GRAD_ASSIGNMENT_SUM": True})
+        in_accumulator_type = ("grad_y_ptr", "centroids_ptr", "grad_assignment_sum_ptr", "row_constant_ptr")
+        constants = {"K_PAD": k_pad, "BLOCK_D": ops.row_constant_block_d(k_pad, dim),
+                     "ACC_DTYPE": ops._accumulator_dtype(dtype), "STORE_ROUNDED": accumulator != pointer,
+                     "ROUND_BY_BITS": False, "HAS_GRAD_ASSIGNMENT_SUM": True}
+        return _compile(kernel, arch, ops.ROW_CONSTANT_WARPS, dict.fromkeys(in_accumulator_type, accumulator),
+                        pointer, {"clusters": clusters, "dim": dim}, constants)
     table = ops._FORWARD_TILES if kind == "forward" else ops._BACKWARD_TILES
     rows, block_d, warps = tile or ops._tiles(table, ops._tile_family(dtype, precision), k_pad, dim)[0]
     special_pointers = {

@@ -155,10 +155,12 @@ def residual_aggregation_forward_kernel(
     # exact dots are FMAs, and under TF32 it saved no instructions but cost registers (a second CTA
     # per SM for the audio stream under Triton 3.6).
     TENSOR_CORE_SUM: tl.constexpr = INPUT_PRECISION != "ieee" and INPUT_PRECISION != "tf32"
-    assignment_sum = tl.zeros((K_PAD,), dtype=ACC_DTYPE)
-    assignment_sum_acc = tl.zeros((K_PAD, 16), dtype=ACC_DTYPE)
-    first_column = tl.broadcast_to((tl.arange(0, 16) == 0)[None, :], (BLOCK_R, 16))
-    ones_column = tl.where(first_column, 1.0, 0.0).to(DOT_DTYPE)
+    if TENSOR_CORE_SUM:
+        assignment_sum_acc = tl.zeros((K_PAD, 16), dtype=ACC_DTYPE)
+        first_column = tl.broadcast_to((tl.arange(0, 16) == 0)[None, :], (BLOCK_R, 16))
+        ones_column = tl.where(first_column, 1.0, 0.0).to(DOT_DTYPE)
+    else:
+        assignment_sum = tl.zeros((K_PAD,), dtype=ACC_DTYPE)
     # The attention is loaded one row block ahead: Triton's pipeliner copies the logits and x
     # asynchronously, but not this (BLOCK_R,) vector, whose synchronous load would otherwise stall
     # every trip (benchmarks/NOTES.md).
