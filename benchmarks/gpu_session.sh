@@ -110,7 +110,10 @@ kernel_model() {
   "$python" benchmarks/bench_aggregation.py --roofline "${ceilings_args[@]}" --name aggregation_roofline_measured \
     --output-dir "$results" || return 1
   if [ -f benchmarks/kernel_model.py ]; then
-    "$python" benchmarks/kernel_model.py
+    # The headline case only (video K=128 bf16, full lengths: two sm_90 compiles, about 6 s with a
+    # cold Triton cache; all shapes take minutes), measured beside predicted on a GPU, into $results.
+    "$python" benchmarks/kernel_model.py --streams video --clusters 128 --dtypes bf16 --lengths full \
+      --output-dir "$results" --name kernel_model_measured
   else
     echo "benchmarks/kernel_model.py not present: no static predictions to print"
   fi

@@ -12,7 +12,8 @@ Every assumption is in ``ASSUMPTIONS`` (written into the results). When a CUDA G
 same script also times the op's kernels (``--measure``) and prints measured beside predicted, so
 the model can be corrected; without one nothing is measured and no time is claimed.
 
-    python benchmarks/kernel_model.py                      # all paper shapes -> results/kernel_model.{md,json}
+    python benchmarks/kernel_model.py                      # all paper shapes, to the scratch folder
+    python benchmarks/kernel_model.py --output-dir benchmarks/results   # update results/kernel_model.{md,json}
     python benchmarks/kernel_model.py --streams video --dtypes bf16 --lengths full --name kernel_model_video
 
 Must run with Triton in compiled mode (not ``TRITON_INTERPRET=1``).
@@ -40,7 +41,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, environment, markdown_table, write_results  # noqa: E402
+from _common import SCRATCH_DIR, environment, markdown_table, write_results  # noqa: E402
 from kernel_compile import compile_for_gpu, resource_usage  # noqa: E402
 
 from nextvlad.kernels import residual_aggregation_triton as ops  # noqa: E402
@@ -499,7 +500,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lengths", nargs="+", choices=["full", "120-300"], default=["full", "120-300"])
     parser.add_argument("--measure", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
                         help="also time the kernels (default: when a CUDA GPU is present)")
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--output-dir", type=Path, default=SCRATCH_DIR,
+                        help="default: a scratch folder, as for every benchmark (see _common)")
     parser.add_argument("--name", default="kernel_model")
     return parser.parse_args(argv)
 

@@ -42,7 +42,8 @@ def test_gpu_session_dry_run_runs_every_stage_and_returns_at_most_8_files(tmp_pa
     with tarfile.open(out / "results.tar.gz") as archive:
         names = {Path(name).name for name in archive.getnames()}
         assert {"ceilings_cpu.json", "aggregation_cpu_quick.json", "train_nextvlad_cpu_tiny.json",
-                "train_nextvlad_mix3_cpu_tiny.json", "aggregation_roofline_measured.json"} <= names
+                "train_nextvlad_mix3_cpu_tiny.json", "aggregation_roofline_measured.json",
+                "kernel_model_measured.json"} <= names
         ceilings = json.load(archive.extractfile("./ceilings_cpu.json"))["meta"]["ceilings"]
         train = json.load(archive.extractfile("./train_nextvlad_cpu_tiny.json"))
         kernel = json.load(archive.extractfile("./aggregation_cpu_quick.json"))
