@@ -64,10 +64,13 @@ def compile_for_gpu(
     rows, block_d, warps = tile or ops._tiles(table, ops._tile_family(dtype, precision), k_pad, dim)[0]
     special_pointers = {
         "lengths_ptr": "*i64", "centroids_ptr": "*fp32", "assignment_sum_ptr": accumulator,
-        "grad_y_dot_centroids_ptr": accumulator,
+        "grad_y_dot_centroids_ptr": accumulator, "partial_y_ptr": accumulator, "partial_sum_ptr": accumulator,
+        "arrivals_ptr": "*i32",
     }
-    integers = {"max_frames": 300, "groups": 8, "clusters": clusters, "dim": dim, "rows_per_split": 128,
-                "blocks_per_program": 10,
+    # the forward as the paper's video batch runs it (B = 160 on 132 SMs: the last 28 videos in
+    # halves), so that its split path is compiled and counted
+    integers = {"max_frames": 300, "groups": 8, "clusters": clusters, "dim": dim, "whole_videos": 132, "splits": 2,
+                "partial_d_blocks": 2, "blocks_per_program": 10,
                 "x_stride_video": (3 if strided_x else 1) * 300 * 8 * dim,
                 "x_stride_frame": (3 if strided_x else 1) * 8 * dim, "x_stride_group": dim}
     constants = {

@@ -22,9 +22,11 @@ Must run with Triton in compiled mode (not ``TRITON_INTERPRET=1``).
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -93,17 +95,20 @@ ASSUMPTIONS = [
     "(its first copies are issued just before it); a backward program past its video's end waits "
     "only for the lengths. Another resident CTA hides it, so the sum is divided by the CTAs per SM. Added on top of the floors "
     "(pessimistic: no overlap with the throughput floors).",
-    "Frame splits (forward, small batches: audio's 160 programs) as launch_forward chooses them; "
-    "their fp32 partial sums cost a write and a read at DRAM bandwidth plus 2 us per extra launch "
-    "(y.sum and a_sum.sum), added to the exposed time.",
-    "Wave quantisation: the floors are multiplied by ceil(waves)/waves, waves = programs / "
-    "(SMs x CTAs per SM), as for equal programs (pessimistic for variable lengths).",
+    "Frame splits (forward: every video of a small batch such as audio's 160, or the videos of the "
+    "last partial wave of a larger one) as launch_forward plans them; each split program writes its fp32 "
+    "partial a^T x and a_sum and the last to arrive reads them all back (in the same kernel): both at "
+    "DRAM bandwidth (pessimistic: they are written and read within microseconds, mostly in L2), added "
+    "to the exposed time.",
+    "Wave quantisation: the floors are multiplied by makespan / mean work per slot, for programs "
+    "dispatched in order to the first free of SMs x CTAs-per-SM slots, each taking time in proportion "
+    "to its row-block trips (for equal programs: ceil(waves) / waves). A slot keeps 1/CTAs-per-SM of "
+    "its SM even when it runs alone (pessimistic for the last wave).",
     "CTAs per SM: limited by 65,536 registers (allocated per warp in units of 256), 233,472 bytes "
     "of shared memory (1 KiB reserved per CTA), 64 warps and 32 CTAs.",
 ]
 
 LATENCY_CYCLES = 1000
-LAUNCH_SECONDS = 2e-6
 SMEM_PER_SM = 233_472
 REGISTERS_PER_SM = 65_536
 
@@ -123,11 +128,15 @@ BATCH, FRAMES = 160, 300
 
 
 def paper_lengths(kind: str, batch: int = BATCH, frames: int = FRAMES) -> list[int]:
-    """"full": every video 300 frames; "120-300": lengths spread evenly over [120, 300]."""
+    """"full": every video 300 frames; "120-300": lengths spread evenly over [120, 300], in a fixed
+    shuffled order (a batch's videos come in no order of length; sorted, the longest programs would
+    all be dispatched last, the worst case for the wave rule below)."""
     if kind == "full":
         return [frames] * batch
     low, high = (int(value) for value in kind.split("-"))
-    return [round(low + (high - low) * index / max(1, batch - 1)) for index in range(batch)]
+    lengths = [round(low + (high - low) * index / max(1, batch - 1)) for index in range(batch)]
+    random.Random(0).shuffle(lengths)
+    return lengths
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,28 +314,36 @@ def ctas_per_sm(registers: int, shared: int, warps: int) -> int:
     return max(0, min(by_registers, by_shared, 64 // warps, 32))
 
 
-def forward_splits(batch: int, rows_per_video: int, d_blocks: int, sms: int) -> tuple[int, int]:
-    """(splits, rows per split) as ``launch_forward`` chooses them on a GPU with ``sms`` SMs."""
-    return ops._split_rows(rows_per_video, ops._forward_splits(batch, rows_per_video, d_blocks, sms))
-
-
 def programs_and_trips(kind: str, lengths: list[int], groups: int, dim: int, tile: tuple[int, int, int],
-                       sms: int, frames: int = FRAMES) -> tuple[int, list[int], int]:
-    """(programs, the row-block loop's trips per program, forward frame splits) of one launch, as
-    launch_forward / launch_backward choose them on a GPU with ``sms`` SMs."""
+                       sms: int, frames: int = FRAMES) -> tuple[list[int], int, int]:
+    """(the row-block loop's trips of each program in launch order, videos split, splits) of one
+    launch, as launch_forward / launch_backward plan it on a GPU with ``sms`` SMs."""
     block_r, block_d, _ = tile
     if kind == "forward":
         d_blocks = math.ceil(dim / block_d)
-        splits, rows_per_split = forward_splits(len(lengths), frames * groups, d_blocks, sms)
-        trips = [math.ceil(max(0, min(length * groups - split * rows_per_split, rows_per_split)) / block_r)
-                 for length in lengths for split in range(splits) for _ in range(d_blocks)]
-        return len(trips), trips, splits
+        whole, splits = ops._forward_plan(len(lengths), frames * groups, d_blocks, sms)
+        trips = [math.ceil(length * groups / block_r) for length in lengths[:whole] for _ in range(d_blocks)]
+        for length in lengths[whole:]:  # the kernel shares a split video's real rows in whole row blocks
+            rows = length * groups
+            per_split = math.ceil(math.ceil(rows / splits) / block_r) * block_r
+            trips += [math.ceil(max(0, min(rows - split * per_split, per_split)) / block_r)
+                      for split in range(splits) for _ in range(d_blocks)]
+        return trips, (len(lengths) - whole) if splits > 1 else 0, splits
     # backward: one program per run of a video's row blocks, looping over its real ones
     row_blocks = math.ceil(frames * groups / block_r)
     run = ops._backward_blocks_per_program(len(lengths), row_blocks, sms)
     trips = [max(0, min(math.ceil(length * groups / block_r), first + run) - first)
              for length in lengths for first in range(0, row_blocks, run)]
-    return len(trips), trips, 1
+    return trips, 0, 1
+
+
+def wave_quantisation(trips: list[int], slots: int) -> float:
+    """Makespan over mean work per slot of ``trips`` dispatched in order to the first free of
+    ``slots`` (a program's time in proportion to its trips, at least one: it loads and stores)."""
+    finish = [0] * slots
+    for work in trips:
+        heapq.heapreplace(finish, finish[0] + max(1, work))
+    return max(finish) / (sum(max(1, work) for work in trips) / slots)
 
 
 def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, lengths_kind: str,
@@ -340,7 +357,8 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
     # the backward walks runs of row blocks (its D loop nested inside, or none when D fits one
     # block); results/kernel_model_before.md was made by this script's first version, for the
     # older one-block-per-program backward
-    programs, per_program, splits = programs_and_trips(kind, lengths, stream.groups, stream.dim, tile, GPUS[0].sms)
+    per_program, split_videos, splits = programs_and_trips(kind, lengths, stream.groups, stream.dim, tile, GPUS[0].sms)
+    programs = len(per_program)
     d_blocks = math.ceil(stream.dim / block_d)
     inner = classify(code.inner_body)
     # a trip of the outer loop runs the nested D loop d_blocks times (its body is in the outer once)
@@ -362,16 +380,20 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
                 * nested) / LATENCY_CYCLES + nested
     round_trips = sum(2 + (code.loads_after_softmax and not nested) + trips * per_trip if trips else 1
                       for trips in per_program)
+    # a split program waits once more for its arrival (the atomic), the last one again for the partials
+    round_trips += split_videos * d_blocks * (splits + 1)
     resident = ctas_per_sm(usage["registers"], usage["shared_memory_bytes"], warps)
     waves = programs / (GPUS[0].sms * max(1, resident))  # both GPUs have 132 SMs
-    quantisation = math.ceil(waves) / waves
+    quantisation = wave_quantisation(per_program, GPUS[0].sms * max(1, resident))
     bytes_moved = minimal_bytes(kind, lengths, stream.groups, clusters, stream.dim, element)
-    # frame splits: fp32 partial y and a_sum written, then read by a separate sum launch
-    split_bytes = 2 * splits * len(lengths) * clusters * (stream.dim + 1) * 4 if splits > 1 else 0
+    # frame splits: each split program's fp32 a^T x (K x its D block) and a_sum, written, then read
+    # back by the video's last split program
+    split_bytes = 2 * split_videos * splits * clusters * (stream.dim + d_blocks) * 4
     row = {
         "stream": stream.name, "K": clusters, "D": stream.dim, "G": stream.groups, "dtype": dtype_name,
         "lengths": lengths_kind, "kernel": kind, "tile": f"{block_r}x{block_d}x{warps}", **usage,
         "ctas_per_sm": resident, "programs": programs, "waves": round(waves, 2),
+        "quantisation": round(quantisation, 4), "split_videos": split_videos,
         **{f"loop_{name}": count for name, count in body.items()},
         "outside_total": outside["total"],
         # a trip of the row-block loop; or (backward, one block per program) the program
@@ -390,8 +412,7 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
         tensor = mma_fma / (tensor_rate * sms * clock) if tensor_rate else 0.0
         dram = bytes_moved / gpu.dram_bytes_per_s
         exposed = round_trips * LATENCY_CYCLES / (sms * max(1, resident) * clock)
-        if splits > 1:
-            exposed += split_bytes / gpu.dram_bytes_per_s + 2 * LAUNCH_SECONDS  # the sums of y and a_sum
+        exposed += split_bytes / gpu.dram_bytes_per_s
         floor = max(issue, mufu, tensor, dram)
         predicted = floor * quantisation + exposed
         prefix = gpu.name.lower()

@@ -92,18 +92,21 @@ def _backward_d_block(features, grad_y, grad_y_t, assignment, grad_assignment, g
 @triton.jit
 def residual_aggregation_forward_kernel(
     x_ptr, logits_ptr, attention_ptr, lengths_ptr, centroids_ptr, y_ptr, assignment_sum_ptr,
-    max_frames, groups, clusters, dim, rows_per_split, x_stride_video, x_stride_frame, x_stride_group,
+    partial_y_ptr, partial_sum_ptr, arrivals_ptr,
+    max_frames, groups, clusters, dim, whole_videos, splits, partial_d_blocks,
+    x_stride_video, x_stride_frame, x_stride_group,
     K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UNIFORM_X_ROWS: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    """One program per (D block, video; frame split): y[split, b, :, d-block] and, from the first
-    D block, a_sum[split, b, :]. The launcher sums the splits (there is one unless the batch is too
-    small to fill the GPU); the result is linear in the rows, so each split subtracts its own share
-    of the centroid term.
+    """One program per (D block, video) of the first ``whole_videos`` videos, then one per (D block,
+    frame split, video) of the others: y[b, :, d-block] and, from the first D block, a_sum[b, :].
+    The later videos' frames are split over ``splits`` programs when the launcher has more SMs than
+    whole waves of programs would keep busy (the last wave's videos, or every video of a small
+    batch); their programs add up in this kernel, not in another launch (see the end).
 
-    acc (K_PAD, BLOCK_D) += a^T (K_PAD, BLOCK_R) @ x (BLOCK_R, BLOCK_D) over the split's real rows;
-    the soft assignment lives only in registers.
+    acc (K_PAD, BLOCK_D) += a^T (K_PAD, BLOCK_R) @ x (BLOCK_R, BLOCK_D) over the program's real
+    rows; the soft assignment lives only in registers.
 
     Arguments (r = i*G + g indexes a video's (frame, group) rows):
       x_ptr: (B, M, G, D) features, any strides with a contiguous D axis (x_stride_*).
@@ -111,10 +114,12 @@ def residual_aggregation_forward_kernel(
         attention logits (before the sigmoid); both in x's dtype.
       lengths_ptr: (B,) int64 real frames, clamped to [0, M] here.
       centroids_ptr: (K, D) contiguous centroids in the accumulator type.
-      y_ptr: (splits, B, K, D) fp32 partial sums, or (B, K, D) in the output dtype when there is
-        one split; assignment_sum_ptr: (splits, B, K) a_sum, written by the first D block.
-      max_frames, groups, clusters, dim: M, G, K, D; rows_per_split: rows of a video per program
-        along axis 1 (a multiple of BLOCK_R).
+      y_ptr: (B, K, D) output in its dtype; assignment_sum_ptr: (B, K) a_sum, accumulator type.
+      partial_y_ptr: (B - whole_videos, splits, K, D) and partial_sum_ptr: (B - whole_videos,
+        splits, partial_d_blocks, K): the split programs' a^T x and a_sum, accumulator type.
+      arrivals_ptr: (B - whole_videos, partial_d_blocks) int32 zeros: split programs finished.
+      max_frames, groups, clusters, dim: M, G, K, D; whole_videos, splits: see above;
+        partial_d_blocks: D blocks the partial buffers have room for (>= cdiv(D, BLOCK_D)).
       K_PAD: K rounded up to a power of two >= 16; BLOCK_R x BLOCK_D: the row and feature tile.
       ACC_DTYPE: accumulator (fp32, fp64 for fp64 inputs); DOT_DTYPE: tl.dot operand type;
       INPUT_PRECISION: fp32 dot precision ("ieee"/"tf32", None for half types);
@@ -122,16 +127,23 @@ def residual_aggregation_forward_kernel(
       EVEN_K: K == K_PAD. Then the cluster masks are compile-time true and vanish, with the
         softmax's -inf padding: 5% fewer instructions in this issue-bound loop (NOTES.md, change 9).
     """
-    # Axis 0 enumerates (video, D block), D blocks fastest: a video's D blocks run side by side and
-    # share its logits in L2, and the batch is not limited to 65535 (CUDA's limit on axes 1 and 2).
+    # Axis 0 enumerates (video[, split], D block), D blocks fastest: a video's D blocks run side by
+    # side and share its logits in L2, and the batch is not limited to 65535 (CUDA's limit on axes
+    # 1 and 2). The split videos come last, so that their shorter programs fill the last wave.
     d_blocks = tl.cdiv(dim, BLOCK_D)
-    pid_d = tl.program_id(0) % d_blocks
-    video = (tl.program_id(0) // d_blocks).to(tl.int64)
-    output_index = tl.program_id(1).to(tl.int64) * (tl.num_programs(0) // d_blocks) + video
+    pid = tl.program_id(0)
+    pid_d = pid % d_blocks  # whole_videos * d_blocks programs come first: a multiple of d_blocks
+    in_tail = pid >= whole_videos * d_blocks
+    tail_pid = tl.maximum(pid - whole_videos * d_blocks, 0) // d_blocks
+    video = tl.where(in_tail, whole_videos + tail_pid // splits, pid // d_blocks).to(tl.int64)
+    split = tl.where(in_tail, tail_pid % splits, 0)
+    video_splits = tl.where(in_tail, splits, 1)
     rows_per_video = max_frames * groups
     # Clamped to [0, M] so memory stays in bounds even where validation was skipped (tracing).
     real_rows = tl.minimum(tl.maximum(tl.load(lengths_ptr + video), 0), max_frames).to(tl.int32) * groups
-    row_begin = tl.program_id(1) * rows_per_split
+    # A split video's real rows (not its M*G) are shared out in whole row blocks.
+    rows_per_split = tl.cdiv(tl.cdiv(real_rows, video_splits), BLOCK_R) * BLOCK_R
+    row_begin = split * rows_per_split
     row_end = tl.minimum(real_rows, row_begin + rows_per_split)
 
     offs_k = tl.arange(0, K_PAD)
@@ -203,17 +215,57 @@ def residual_aggregation_forward_kernel(
     if TENSOR_CORE_SUM:
         assignment_sum = tl.sum(assignment_sum_acc, axis=1)  # the other columns are exact zeros
 
-    centroids = tl.load(
-        centroids_ptr + offs_k[:, None] * dim + offs_d[None, :],
-        mask=k_valid[:, None] & d_valid[None, :], other=0.0,
-    ).to(ACC_DTYPE)
+    tile_mask = k_valid[:, None] & d_valid[None, :]
+    y_offsets = offs_k[:, None] * dim + offs_d[None, :]
+    if video_splits == 1:
+        _store_output(acc, assignment_sum, centroids_ptr, y_ptr, assignment_sum_ptr, video, pid_d, clusters, dim,
+                      y_offsets, tile_mask, offs_k, k_valid, ACC_DTYPE)
+    else:
+        _add_up_splits(acc, assignment_sum, partial_y_ptr, partial_sum_ptr, arrivals_ptr, centroids_ptr, y_ptr,
+                       assignment_sum_ptr, video, whole_videos, split, video_splits, pid_d, partial_d_blocks, clusters,
+                       dim, y_offsets, tile_mask, offs_k, k_valid, ACC_DTYPE)
+
+
+@triton.jit
+def _store_output(acc, assignment_sum, centroids_ptr, y_ptr, assignment_sum_ptr, video, pid_d, clusters, dim,
+                  y_offsets, tile_mask, offs_k, k_valid, ACC_DTYPE: tl.constexpr):
+    """y[video, :, d-block] = a^T x - a_sum c, and a_sum[video] from the first D block."""
+    centroids = tl.load(centroids_ptr + y_offsets, mask=tile_mask, other=0.0).to(ACC_DTYPE)
     y = acc - assignment_sum[:, None] * centroids
-    tl.store(
-        y_ptr + output_index * clusters * dim + offs_k[:, None] * dim + offs_d[None, :],
-        y.to(y_ptr.dtype.element_ty), mask=k_valid[:, None] & d_valid[None, :],
-    )
+    tl.store(y_ptr + video * clusters * dim + y_offsets, y.to(y_ptr.dtype.element_ty), mask=tile_mask)
     if pid_d == 0:
-        tl.store(assignment_sum_ptr + output_index * clusters + offs_k, assignment_sum, mask=k_valid)
+        tl.store(assignment_sum_ptr + video * clusters + offs_k, assignment_sum, mask=k_valid)
+
+
+@triton.jit
+def _add_up_splits(acc, assignment_sum, partial_y_ptr, partial_sum_ptr, arrivals_ptr, centroids_ptr, y_ptr,
+                   assignment_sum_ptr, video, whole_videos, split, splits, pid_d, partial_d_blocks, clusters, dim,
+                   y_offsets, tile_mask, offs_k, k_valid, ACC_DTYPE: tl.constexpr):
+    """A split program's end: it stores its a^T x and a_sum, and the last of the video's splits to
+    arrive (for this D block) adds them all up and alone writes y.
+
+    In place of a separate reduction launch (two, with the cast to y's dtype, and a read of every
+    partial by another kernel). The sum runs in split order whoever arrives last, so the result is
+    deterministic. Ordering: every thread's stores, then a CTA barrier, then one acq_rel atomic at
+    GPU scope (Triton issues a scalar atomic from one thread and broadcasts its result); the last
+    program's loads come after that atomic and bypass L1 (.cg), which is not coherent across SMs.
+    """
+    tail_video = video - whole_videos
+    partial_y = partial_y_ptr + tail_video * splits * clusters * dim + y_offsets
+    partial_sum = partial_sum_ptr + (tail_video * splits * partial_d_blocks + pid_d) * clusters + offs_k
+    tl.store(partial_y + split * clusters * dim, acc, mask=tile_mask)
+    tl.store(partial_sum + split * partial_d_blocks * clusters, assignment_sum, mask=k_valid)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(arrivals_ptr + tail_video * partial_d_blocks + pid_d, 1, sem="acq_rel", scope="gpu")
+    if arrived == splits - 1:
+        acc = tl.load(partial_y, mask=tile_mask, other=0.0, cache_modifier=".cg")
+        assignment_sum = tl.load(partial_sum, mask=k_valid, other=0.0, cache_modifier=".cg")
+        for index in range(1, splits):
+            acc += tl.load(partial_y + index * clusters * dim, mask=tile_mask, other=0.0, cache_modifier=".cg")
+            assignment_sum += tl.load(partial_sum + index * partial_d_blocks * clusters, mask=k_valid, other=0.0,
+                                      cache_modifier=".cg")
+        _store_output(acc, assignment_sum, centroids_ptr, y_ptr, assignment_sum_ptr, video, pid_d, clusters, dim,
+                      y_offsets, tile_mask, offs_k, k_valid, ACC_DTYPE)
 
 
 @triton.jit
@@ -432,8 +484,10 @@ _FORWARD_TILES: dict[str, dict[int, list[_Tile]]] = {
         16: [(64, 64, 4), (32, 64, 4), (64, 128, 8)],
         64: [(64, 64, 8), (128, 32, 8), (64, 128, 8)],
         128: [(32, 64, 8), (64, 32, 8)],  # (64, 64, 8) spills 16 bytes
-        256: [(16, 64, 8), (16, 32, 8)],  # under Triton 3.6 (16, 32, 8) spills 8 bytes, (32, 32, 4) 40
-        512: [(16, 32, 8), (16, 16, 16)],
+        # with the split sums (change 11) (16, 64, 8) spills 24 bytes under Triton 3.9, (32, 32, 4) 40
+        # under 3.6; under 3.6 the 512 tile (16, 32, 8) spills 8
+        256: [(16, 32, 8)],
+        512: [(16, 16, 16)],
     },
 }
 _BACKWARD_TILES: dict[str, dict[int, list[_Tile]]] = {
@@ -463,7 +517,8 @@ _BACKWARD_TILES: dict[str, dict[int, list[_Tile]]] = {
 # spills 240 bytes; BLOCK_R is already tl.dot's minimum of 16), so beyond 512 clusters "auto" runs
 # the reference.
 MAX_TRITON_CLUSTERS = 512
-# Frame splits start at multiples of every BLOCK_R above.
+# At most one frame split per this many of a video's padded rows (the splits themselves share out
+# its real rows in whole row blocks).
 _SPLIT_ROW_ALIGNMENT = 128
 
 
@@ -548,37 +603,43 @@ def _multiprocessors(device: torch.device) -> int | None:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
-def _forward_splits(batch: int, rows_per_video: int, d_blocks: int, multiprocessors: int | None) -> int:
-    """Frame splits per video so that small batches (audio, inference) still fill the GPU's SMs.
+def _forward_plan(batch: int, rows_per_video: int, d_blocks: int, multiprocessors: int | None) -> tuple[int, int]:
+    """(whole_videos, splits): the forward runs the first ``whole_videos`` videos one program per D
+    block and splits the frames of the others over ``splits`` programs each, so that the SMs are
+    not left idle by a last, partial wave (the kernel adds the splits up itself).
 
-    Of the counts from the fewest that give two programs per SM to twice that, the one whose
-    programs come closest to whole waves of 2 per SM (ties: fewer splits, fewer partial sums to
-    add up): e.g. 160 audio videos on 132 SMs take 3 splits (1.82 waves, 10% idle in the last
-    one), not 2 (1.21 waves, 39% idle): benchmarks/NOTES.md, change 6.
+    * small batches (fewer programs than two per SM, e.g. audio's 160 or inference): every video
+      is split, the count chosen among those that give two programs per SM up to twice that as the
+      one whose programs come closest to whole waves of 2 per SM (ties: fewer splits). 160 audio
+      videos on 132 SMs take 3 (1.82 waves), not 2 (1.21 waves, 39% idle): NOTES.md, change 6.
+    * larger batches: only the videos of the last, partial wave of SMs are split, as many ways as
+      keep their programs within one wave of SMs. 160 video streams (320 programs, 2.42 waves on
+      132 SMs) run 264 whole programs and 28 videos in halves: 2.5 waves of work instead of 3
+      (NOTES.md, change 11).
+
+    At most one split per _SPLIT_ROW_ALIGNMENT padded rows of a video.
     """
     if multiprocessors is None or batch == 0:  # B = 0: no programs to divide by
-        return 1
+        return batch, 1
     programs = batch * d_blocks
+    most = max(1, triton.cdiv(rows_per_video, _SPLIT_ROW_ALIGNMENT))
     slots = 2 * multiprocessors
-    if programs >= slots:
-        return 1
-    fewest = triton.cdiv(slots, programs)
-    candidates = range(fewest, min(2 * fewest, triton.cdiv(rows_per_video, _SPLIT_ROW_ALIGNMENT)) + 1)
-    if not candidates:
-        return max(1, triton.cdiv(rows_per_video, _SPLIT_ROW_ALIGNMENT))
+    if programs < slots:
+        fewest = triton.cdiv(slots, programs)
+        candidates = range(min(fewest, most), min(2 * fewest, most) + 1)
 
-    def idle_share(splits: int) -> float:
-        waves = programs * splits / slots
-        return 1 - waves / math.ceil(waves)
+        def idle_share(splits: int) -> float:
+            waves = programs * splits / slots
+            return 1 - waves / math.ceil(waves)
 
-    return min(candidates, key=idle_share)
-
-
-def _split_rows(rows_per_video: int, splits: int) -> tuple[int, int]:
-    """(splits, rows per split): splits start at multiples of _SPLIT_ROW_ALIGNMENT rows, so fewer
-    than asked may remain."""
-    rows_per_split = _SPLIT_ROW_ALIGNMENT * triton.cdiv(triton.cdiv(rows_per_video, splits), _SPLIT_ROW_ALIGNMENT)
-    return triton.cdiv(rows_per_video, rows_per_split), rows_per_split
+        splits = min(candidates, key=idle_share)
+        return (batch, 1) if splits == 1 else (0, splits)
+    last_wave = programs % multiprocessors
+    if last_wave == 0:
+        return batch, 1
+    tail = triton.cdiv(last_wave, d_blocks)
+    splits = min(most, multiprocessors // (tail * d_blocks))
+    return (batch, 1) if splits <= 1 else (batch - tail, splits)
 
 
 # Programs of the backward per SM that _backward_blocks_per_program aims at: enough for whole-ish
@@ -660,28 +721,28 @@ def launch_forward(
     compute = compute_dtype(x.dtype)
     family = _tile_family(x.dtype, precision)
     tiles = _tiles(_FORWARD_TILES, family, _padded_clusters(clusters), dim)
-    rows_per_video = max_frames * groups
-    splits, rows_per_split = _split_rows(
-        rows_per_video, _forward_splits(batch, rows_per_video, triton.cdiv(dim, tiles[0][1]), _multiprocessors(x.device)))
-    # With several splits each writes fp32 partial sums; with one, y is written directly. y is then
-    # allocated as (B, K, D) itself, not as a view y[0] of a (1, B, K, D) buffer: autograd forbids
-    # in-place ops on a custom Function's output that is a view.
-    if splits == 1:
-        y = torch.empty((batch, clusters, dim), dtype=out_dtype, device=x.device)
-        assignment_sum = torch.empty((batch, clusters), dtype=compute, device=x.device)
-    else:
-        y = torch.empty((splits, batch, clusters, dim), dtype=compute, device=x.device)
-        assignment_sum = torch.empty((splits, batch, clusters), dtype=compute, device=x.device)
+    d_blocks = [triton.cdiv(dim, block_d) for _, block_d, _ in tiles]  # the default's first
+    whole_videos, splits = _forward_plan(batch, max_frames * groups, d_blocks[0], _multiprocessors(x.device))
+    # y is allocated as (B, K, D) itself, never a view of a bigger buffer: autograd forbids in-place
+    # ops on a custom Function's output that is a view.
+    y = torch.empty((batch, clusters, dim), dtype=out_dtype, device=x.device)
+    assignment_sum = torch.empty((batch, clusters), dtype=compute, device=x.device)
+    # The split videos' partial sums (none with one split), with room for any candidate tile's D
+    # blocks (autotuning).
+    split_videos = batch - whole_videos
+    partials, partial_d_blocks = (split_videos, max(d_blocks)) if splits > 1 else (0, 1)
+    partial_y = torch.empty((partials, splits, clusters, dim), dtype=compute, device=x.device)
+    partial_sum = torch.empty((partials, splits, partial_d_blocks, clusters), dtype=compute, device=x.device)
+    arrivals = torch.zeros((partials, partial_d_blocks), dtype=torch.int32, device=x.device)
     if batch > 0:
         _launch(
-            "forward", family, tiles, lambda meta: (triton.cdiv(dim, meta["BLOCK_D"]) * batch, splits),
-            x, logits, attention, lengths, centroids, y, assignment_sum,
-            max_frames, groups, clusters, dim, rows_per_split, *_x_strides(x),
+            "forward", family, tiles,
+            lambda meta: (triton.cdiv(dim, meta["BLOCK_D"]) * (whole_videos + split_videos * splits),),
+            x, logits, attention, lengths, centroids, y, assignment_sum, partial_y, partial_sum, arrivals,
+            max_frames, groups, clusters, dim, whole_videos, splits, partial_d_blocks, *_x_strides(x),
             **_kernel_constants(x, clusters, precision), EVEN_K=clusters == _padded_clusters(clusters),
         )
-    if splits == 1:
-        return y, assignment_sum
-    return y.sum(dim=0).to(out_dtype), assignment_sum.sum(dim=0)
+    return y, assignment_sum
 
 
 def launch_backward(

@@ -86,12 +86,19 @@ def test_occupancy_and_lengths_by_hand() -> None:
     assert kernel_model.ctas_per_sm(186, 90112, 8) == 1
     # 128 registers x 4 warps = 16,384 -> 4 by registers, 233,472 // (49,152 + 1,024) = 4 by shared memory
     assert kernel_model.ctas_per_sm(128, 49152, 4) == 4
-    assert kernel_model.paper_lengths("120-300", batch=3) == [120, 210, 300]
+    assert sorted(kernel_model.paper_lengths("120-300", batch=3)) == [120, 210, 300]
     assert kernel_model.paper_lengths("full", batch=2) == [300, 300]
-    # audio: 160 programs < 2 x 132 SMs -> 3 splits (see the launcher's rule) of 512 rows
-    # (multiples of 128) of the 1,200
-    assert kernel_model.forward_splits(160, 300 * 4, 1, 132) == (3, 512)
-    assert kernel_model.forward_splits(160, 300 * 8, 2, 132) == (1, 2432)  # video: 320 programs fill it
+    # audio: 160 programs < 2 x 132 SMs -> every video in 3 splits (the launcher's rule), its
+    # 1,200 real rows shared in 64-row blocks: 448 + 448 + 304 rows = 7 + 7 + 5 trips
+    trips, split_videos, splits = kernel_model.programs_and_trips("forward", [300] * 160, 4, 64, (64, 64, 8), 132)
+    assert (split_videos, splits) == (160, 3) and trips == [7, 7, 5] * 160
+    # video: 320 programs = 2.42 waves -> the last 28 videos in halves of 19 trips (2 D blocks each)
+    trips, split_videos, splits = kernel_model.programs_and_trips("forward", [300] * 160, 8, 256, (64, 128, 8), 132)
+    assert (split_videos, splits) == (28, 2) and trips == [38] * 264 + [19] * 112
+    # equal programs: ceil(waves) / waves; the split plan: 2 waves of 38 trips + one of 19 = 95
+    # against a mean of 160 x 2 x 38 / 132 trips per SM
+    assert kernel_model.wave_quantisation([38] * 320, 132) == pytest.approx(3 / (320 / 132))
+    assert kernel_model.wave_quantisation(trips, 132) == pytest.approx(95 / (160 * 2 * 38 / 132))
 
 
 @pytest.mark.slow
@@ -117,9 +124,10 @@ def test_kernel_model_runs_for_the_video_stream_and_is_self_consistent(tmp_path)
     backward_bytes = read + 160 * 128 * 256 * 2 + 160 * 128 * 4 + rows_real * (256 + 128 + 1) * 2
     assert rows["forward"]["bytes_MB"] == pytest.approx(forward_bytes / 1e6)
     assert rows["backward"]["bytes_MB"] == pytest.approx(backward_bytes / 1e6)
-    # programs: forward one per (video, D block), backward one per (video, row block)
+    # programs: forward one per (video, D block), the last wave's 28 videos (56 programs) in halves
     block_r, block_d, _ = (int(v) for v in rows["forward"]["tile"].split("x"))
-    assert rows["forward"]["programs"] == 160 * math.ceil(256 / block_d)
+    assert (block_r, block_d) == (64, 128) and rows["forward"]["programs"] == 2 * (132 + 28 * 2)
+    assert rows["forward"]["split_videos"] == 28 and rows["forward"]["splits"] == 2
     # backward: one per run of row blocks; 2,400 rows = 38 blocks of 64, runs of 10 for about 4
     # programs per SM (4 x 132 / 160 videos -> 4 programs per video)
     block_r, block_d, _ = (int(v) for v in rows["backward"]["tile"].split("x"))
@@ -135,14 +143,13 @@ def test_kernel_model_runs_for_the_video_stream_and_is_self_consistent(tmp_path)
         for gpu, bandwidth in (("h100", 3.35e12), ("h200", 4.3e12)):
             assert row[f"{gpu}_dram_us"] == pytest.approx(row["bytes_MB"] * 1e6 / bandwidth * 1e6)
             floor = max(row[f"{gpu}_{name}_us"] for name in ("issue", "mufu", "tensor", "dram"))
-            quantisation = math.ceil(row["waves"]) / row["waves"]
             assert row[f"{gpu}_predicted_us"] == pytest.approx(
-                floor * quantisation + row[f"{gpu}_exposed_us"], rel=1e-2)  # waves are rounded to 0.01
+                floor * row["quantisation"] + row[f"{gpu}_exposed_us"], rel=1e-3)  # rounded to 1e-4
             assert row[f"{gpu}_x_dram"] == pytest.approx(row[f"{gpu}_predicted_us"] / row[f"{gpu}_dram_us"])
     # the issue floor: warp instructions / (4 per cycle x 132 SMs x 1.755 GHz); the forward's
     # loop runs once per row block of each program
     forward = rows["forward"]
-    trips = forward["programs"] * math.ceil(300 * 8 / int(forward["tile"].split("x")[0]))
+    trips = 160 * 2 * math.ceil(300 * 8 / int(forward["tile"].split("x")[0]))  # split or not
     lower = trips * forward["loop_total"] * int(forward["tile"].split("x")[2]) / (4 * 132 * 1.755e9) * 1e6
     assert lower <= forward["h100_issue_us"] <= lower * 1.1  # the rest: code outside the loop
     combined = results["forward_plus_backward"][0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 import pathlib
 import sys
@@ -313,13 +314,55 @@ def test_triton_interpreter_grad_y_rounding_and_row_constant(interpreter, x_dtyp
     torch.testing.assert_close(row_constant.double(), expected, rtol=1e-5, atol=1e-3)
 
 
-def test_triton_interpreter_frame_splits_match_reference(interpreter, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Small batches split each video's frames over several programs (on a GPU, to fill the SMs);
-    # force that path: 2 x 150 rows in 128-row splits, one split past the short video's end.
-    monkeypatch.setattr(triton_module, "_forward_splits", lambda *args: 3)
-    shape = Shape(2, 75, 2, 9, 16, (75, 50))
-    for name, got, expected in zip(NAMES, *triton_and_reference(shape, torch.float32)):
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+@pytest.mark.parametrize("plan", [(0, 3), (1, 3), (2, 2)], ids=["every-video", "last-two", "last-one"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_interpreter_frame_splits_match_reference(interpreter, monkeypatch: pytest.MonkeyPatch,
+                                                         plan: tuple[int, int], dtype: torch.dtype) -> None:
+    # On a GPU the forward splits the frames of a small batch's videos, or of the last wave's
+    # videos, over several programs whose last to finish adds them up (the interpreter has no SMs
+    # to count: force it). (whole videos, splits): 150, 100 and 0 real rows in 64-row blocks, so
+    # splits of 64 + 64 + 22 rows, of 64 + 36 + nothing, and wholly empty ones; D = 80 is two D
+    # blocks in fp32 (one in bf16's tile), each with its own partial sums. Allocations are NaN-poisoned: a partial sum read
+    # before it is written, or a y no program writes, fails.
+    monkeypatch.setattr(triton_module, "_forward_plan", lambda *args: plan)
+    launch, grids = triton_module._launch, []
+
+    def recording_launch(kind, family, tiles, grid, *args, **constexprs):
+        if kind == "forward":
+            grids.append((grid({"BLOCK_R": tiles[0][0], "BLOCK_D": tiles[0][1]}), math.ceil(80 / tiles[0][1])))
+        return launch(kind, family, tiles, grid, *args, **constexprs)
+
+    monkeypatch.setattr(triton_module, "_launch", recording_launch)
+    shape = Shape(3, 75, 2, 9, 80, (75, 50, 0))
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for name, got, expected in zip(NAMES, *triton_and_reference(shape, dtype)):
+        torch.testing.assert_close(got.float(), expected.float(), **tolerance, msg=lambda m: f"{name}: {m}")
+    whole, splits = plan
+    [(grid, d_blocks)] = grids
+    assert grid == (d_blocks * (whole + (3 - whole) * splits),)
+
+
+def test_triton_interpreter_frame_splits_add_up_in_split_order(interpreter, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The last split program to arrive sums every split's partials in split order, so y does not
+    # depend on which one that is; and a split video's y is that sum, not the last program's own
+    # share. float64 sums of the same shares in the same order are the oracle.
+    inputs = make_inputs(Shape(2, 40, 2, 5, 16, (40, 33)), torch.float32)
+    monkeypatch.setattr(triton_module, "_forward_plan", lambda *args: (0, 1))  # one split: not split
+    whole, _ = triton_module.launch_forward(*inputs, torch.float32, "ieee")
+    monkeypatch.setattr(triton_module, "_forward_plan", lambda *args: (0, 2))
+    split, assignment_sum = triton_module.launch_forward(*inputs, torch.float32, "ieee")
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
+    x, logits, attention, lengths, centroids = inputs
+    shares = []
+    for begin, end in ((0, 64), (64, 80)):  # 80 real rows of video 0 in two 64-row-aligned splits
+        rows_x = x[0].reshape(-1, 16)[begin:end].double()
+        gate = torch.sigmoid(attention[0].reshape(-1)[begin:end].double())
+        assignment = torch.softmax(logits[0].reshape(-1, 5)[begin:end].double(), dim=1) * gate[:, None]
+        shares.append((assignment.T @ rows_x, assignment.sum(0)))
+    expected_sum = shares[0][1] + shares[1][1]
+    torch.testing.assert_close(assignment_sum[0].double(), expected_sum, rtol=1e-6, atol=1e-6)
+    expected_y = shares[0][0] + shares[1][0] - expected_sum[:, None] * centroids.double()
+    torch.testing.assert_close(split[0].double(), expected_y, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dim, precision", [(16, "ieee"), (80, "ieee"), (80, "tf32")],
@@ -489,21 +532,30 @@ def test_backward_runs_of_row_blocks_aim_at_four_programs_per_sm() -> None:
 
 
 @requires_triton
-def test_forward_splits_come_closest_to_whole_waves() -> None:
-    splits = triton_module._forward_splits
-    # 160 one-D-block videos on 132 SMs (264 slots): 2 splits = 320 programs = 1.21 waves (39% of
-    # the last wave idle), 3 = 1.82 (10%), 4 = 2.42 (19%) -> 3
-    assert splits(160, 1200, 1, 132) == 3
-    assert splits(160, 2400, 2, 132) == 1  # 320 programs already fill 264 slots
-    # one video: 132 splits wanted, but splits start at multiples of 128 rows -> 2400 / 128 -> 19
-    assert splits(1, 2400, 2, 132) == 19
-    assert splits(8, 1200, 1, None) == 1  # the interpreter
+def test_forward_plan_fills_the_last_wave() -> None:
+    plan = triton_module._forward_plan
+    # small batches: every video split. 160 one-D-block videos on 132 SMs (264 slots): 2 splits =
+    # 320 programs = 1.21 waves (39% of the last wave idle), 3 = 1.82 (10%), 4 = 2.42 (19%) -> 3
+    assert plan(160, 1200, 1, 132) == (0, 3)
+    # one video: 132 splits wanted, but at most one per 128 padded rows -> 2400 / 128 -> 19
+    assert plan(1, 2400, 2, 132) == (0, 19)
+    # larger batches: 320 programs = 2 waves + 56 programs = 28 videos, halved to fill one wave
+    assert plan(160, 2400, 2, 132) == (132, 2)
+    # 400 programs = 3 waves + 4 programs: 2 videos, 33 ways each wanted, 19 allowed
+    assert plan(200, 2400, 2, 132) == (198, 19)
+    # 265 one-block programs = 2 waves + 1: one video, 132 ways wanted, 10 allowed
+    assert plan(265, 1200, 1, 132) == (264, 10)
+    # 512 programs = 3 waves + 116: 58 videos cannot be split within one wave (132 // 116 = 1)
+    assert plan(256, 2400, 2, 132) == (256, 1)
+    assert plan(264, 2400, 1, 132) == (264, 1)  # whole waves
+    assert plan(150, 64, 1, 132) == (150, 1)  # 150 < 264 programs, but one split per 128 rows
+    assert plan(8, 1200, 1, None) == (8, 1)  # the interpreter
 
 
 @requires_triton
 def test_empty_batch_needs_no_frame_splits() -> None:
     # B = 0 on a GPU divided by the number of programs (zero); answered before any device query.
-    assert triton_module._forward_splits(0, 2400, 2, 132) == 1
+    assert triton_module._forward_plan(0, 2400, 2, 132) == (0, 1)
 
 
 def test_triton_interpreter_gradcheck_float64(interpreter) -> None:
