@@ -322,8 +322,8 @@ def test_triton_interpreter_frame_splits_match_reference(interpreter, monkeypatc
     # videos, over several programs whose last to finish adds them up (the interpreter has no SMs
     # to count: force it). (whole videos, splits): 150, 100 and 0 real rows in 64-row blocks, so
     # splits of 64 + 64 + 22 rows, of 64 + 36 + nothing, and wholly empty ones; D = 80 is two D
-    # blocks in fp32 (one in bf16's tile), each with its own partial sums. Allocations are NaN-poisoned: a partial sum read
-    # before it is written, or a y no program writes, fails.
+    # blocks in fp32 (one in bf16's tile), each with its own partial sums. Allocations are
+    # NaN-poisoned: a partial sum read before it is written, or a y no program writes, fails.
     monkeypatch.setattr(triton_module, "_forward_plan", lambda *args: plan)
     launch, grids = triton_module._launch, []
 
