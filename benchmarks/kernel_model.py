@@ -322,13 +322,13 @@ def programs_and_trips(kind: str, lengths: list[int], groups: int, dim: int, til
     if kind == "forward":
         d_blocks = math.ceil(dim / block_d)
         whole, splits = ops._forward_plan(len(lengths), frames * groups, d_blocks, sms)
-        trips = [math.ceil(length * groups / block_r) for length in lengths[:whole] for _ in range(d_blocks)]
-        for length in lengths[whole:]:  # the kernel shares a split video's real rows in whole row blocks
-            rows = length * groups
-            per_split = math.ceil(math.ceil(rows / splits) / block_r) * block_r
+        trips = []
+        for index, length in enumerate(lengths):  # as the kernel shares a video's real rows out
+            video_splits, rows = (1 if index < whole else splits), length * groups
+            per_split = math.ceil(math.ceil(rows / video_splits) / block_r) * block_r
             trips += [math.ceil(max(0, min(rows - split * per_split, per_split)) / block_r)
-                      for split in range(splits) for _ in range(d_blocks)]
-        return trips, (len(lengths) - whole) if splits > 1 else 0, splits
+                      for split in range(video_splits) for _ in range(d_blocks)]
+        return trips, len(lengths) - whole, splits
     # backward: one program per run of a video's row blocks, looping over its real ones
     row_blocks = math.ceil(frames * groups / block_r)
     run = ops._backward_blocks_per_program(len(lengths), row_blocks, sms)
@@ -383,8 +383,9 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
     # a split program waits once more for its arrival (the atomic), the last one again for the partials
     round_trips += split_videos * d_blocks * (splits + 1)
     resident = ctas_per_sm(usage["registers"], usage["shared_memory_bytes"], warps)
-    waves = programs / (GPUS[0].sms * max(1, resident))  # both GPUs have 132 SMs
-    quantisation = wave_quantisation(per_program, GPUS[0].sms * max(1, resident))
+    slots = GPUS[0].sms * max(1, resident)  # both GPUs have 132 SMs
+    waves = programs / slots
+    quantisation = wave_quantisation(per_program, slots)
     bytes_moved = minimal_bytes(kind, lengths, stream.groups, clusters, stream.dim, element)
     # frame splits: each split program's fp32 a^T x (K x its D block) and a_sum, written, then read
     # back by the video's last split program

@@ -342,10 +342,12 @@ def test_triton_interpreter_frame_splits_match_reference(interpreter, monkeypatc
     assert grid == (d_blocks * (whole + (3 - whole) * splits),)
 
 
-def test_triton_interpreter_frame_splits_add_up_in_split_order(interpreter, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The last split program to arrive sums every split's partials in split order, so y does not
-    # depend on which one that is; and a split video's y is that sum, not the last program's own
-    # share. float64 sums of the same shares in the same order are the oracle.
+def test_triton_interpreter_split_video_output_is_the_sum_of_its_shares(interpreter,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A split video's y and a_sum are the sums of every split's share, written by the last split
+    # program to arrive, not that program's own share; float64 sums of the same shares are the
+    # oracle. (That the sum runs in split order whichever program arrives last, the interpreter
+    # cannot show: it runs programs in sequence.)
     inputs = make_inputs(Shape(2, 40, 2, 5, 16, (40, 33)), torch.float32)
     monkeypatch.setattr(triton_module, "_forward_plan", lambda *args: (0, 1))  # one split: not split
     whole, _ = triton_module.launch_forward(*inputs, torch.float32, "ieee")
