@@ -82,7 +82,7 @@ def _backward_d_block(features, grad_y, grad_y_t, assignment, grad_assignment, g
     ``grad_y_t`` is gy^T (BLOCK_D, K_PAD): tl.trans(grad_y), or gy loaded a second time, transposed
     (see the D loop)."""
     grad_assignment = tl.dot(features.to(DOT_DTYPE), grad_y_t.to(DOT_DTYPE), grad_assignment,
-                             input_precision=INPUT_PRECISION)
+                             input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     grad_features = tl.dot(assignment.to(DOT_DTYPE), grad_y.to(DOT_DTYPE), input_precision=INPUT_PRECISION,
                            out_dtype=ACC_DTYPE)
     tl.store(grad_x_ptrs, grad_features.to(grad_x_ptrs.dtype.element_ty), mask=grad_x_mask)
@@ -206,7 +206,9 @@ def residual_aggregation_forward_kernel(
         if x_ptr.dtype.element_ty == tl.bfloat16 and DOT_DTYPE == tl.float32:  # the interpreter: _dot_dtype
             assignment = _round_to_bfloat16(assignment)
         assignment_t = tl.trans(assignment.to(DOT_DTYPE))
-        acc = tl.dot(assignment_t, features.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        # out_dtype as the accumulator's: Triton 3.6 (the GPU image's) defaults it to fp32 and
+        # rejects an fp64 accumulator (3.9 infers it).
+        acc = tl.dot(assignment_t, features.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if TENSOR_CORE_SUM:
             assignment_sum_acc = tl.dot(assignment_t, ones_column, assignment_sum_acc, input_precision=INPUT_PRECISION)
         else:
