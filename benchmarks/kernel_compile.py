@@ -68,9 +68,10 @@ def compile_for_gpu(
         "arrivals_ptr": "*i32",
     }
     # the forward as the paper's video batch runs it (B = 160 on 132 SMs: the last 28 videos in
-    # halves), so that its split path is compiled and counted
+    # halves), so that its split path is compiled and counted; the backward's video plan (head runs
+    # of 10 row blocks, a tail of 9 in runs of 3)
     integers = {"max_frames": 300, "groups": 8, "clusters": clusters, "dim": dim, "whole_videos": 132, "splits": 2,
-                "partial_d_blocks": 2, "blocks_per_program": 10,
+                "partial_d_blocks": 2, "batch": 160, "head_run": 10, "tail_blocks": 9, "tail_run": 3,
                 "x_stride_video": (3 if strided_x else 1) * 300 * 8 * dim,
                 "x_stride_frame": (3 if strided_x else 1) * 8 * dim, "x_stride_group": dim}
     constants = {

@@ -100,6 +100,9 @@ ASSUMPTIONS = [
     "partial a^T x and a_sum and the last to arrive reads them all back (in the same kernel): both at "
     "DRAM bandwidth (pessimistic: they are written and read within microseconds, mostly in L2), added "
     "to the exposed time.",
+    "Backward runs as launch_backward plans them: every video's head runs, then every video's tail "
+    "runs; the tail's programs read each video's dL/dy once more from DRAM (pessimistic: its head "
+    "runs' copy may still be in L2), added to the exposed time.",
     "Wave quantisation: the floors are multiplied by makespan / mean work per slot, for programs "
     "dispatched in order to the first free of SMs x CTAs-per-SM slots, each taking time in proportion "
     "to its row-block trips (for equal programs: ceil(waves) / waves). A slot keeps 1/CTAs-per-SM of "
@@ -329,11 +332,16 @@ def programs_and_trips(kind: str, lengths: list[int], groups: int, dim: int, til
             trips += [math.ceil(max(0, min(rows - split * per_split, per_split)) / block_r)
                       for split in range(video_splits) for _ in range(d_blocks)]
         return trips, len(lengths) - whole, splits
-    # backward: one program per run of a video's row blocks, looping over its real ones
+    # backward: one program per run of a video's row blocks, looping over its real ones; every
+    # video's head runs, then every video's tail runs
     row_blocks = math.ceil(frames * groups / block_r)
-    run = ops._backward_blocks_per_program(len(lengths), row_blocks, sms)
-    trips = [max(0, min(math.ceil(length * groups / block_r), first + run) - first)
-             for length in lengths for first in range(0, row_blocks, run)]
+    head_run, tail_blocks, tail_run = ops._backward_plan(len(lengths), row_blocks, math.ceil(dim / block_d), sms)
+    head_blocks = row_blocks - tail_blocks
+    real_blocks = [math.ceil(length * groups / block_r) for length in lengths]
+    trips = [max(0, min(real, first + head_run, head_blocks) - first)
+             for real in real_blocks for first in range(0, head_blocks, head_run)]
+    trips += [max(0, min(real, first + tail_run) - first)
+              for real in real_blocks for first in range(head_blocks, row_blocks, tail_run)]
     return trips, 0, 1
 
 
@@ -389,7 +397,11 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
     bytes_moved = minimal_bytes(kind, lengths, stream.groups, clusters, stream.dim, element)
     # frame splits: each split program's fp32 a^T x (K x its D block) and a_sum, written, then read
     # back by the video's last split program
-    split_bytes = 2 * split_videos * splits * clusters * (stream.dim + d_blocks) * 4
+    extra_bytes = 2 * split_videos * splits * clusters * (stream.dim + d_blocks) * 4
+    # backward tail runs: every video's dL/dy read once more (its head runs' copy gone from L2)
+    if kind == "backward" and ops._backward_plan(len(lengths), math.ceil(FRAMES * stream.groups / block_r),
+                                                  d_blocks, GPUS[0].sms)[1]:
+        extra_bytes += len(lengths) * clusters * stream.dim * element
     row = {
         "stream": stream.name, "K": clusters, "D": stream.dim, "G": stream.groups, "dtype": dtype_name,
         "lengths": lengths_kind, "kernel": kind, "tile": f"{block_r}x{block_d}x{warps}", **usage,
@@ -413,7 +425,7 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
         tensor = mma_fma / (tensor_rate * sms * clock) if tensor_rate else 0.0
         dram = bytes_moved / gpu.dram_bytes_per_s
         exposed = round_trips * LATENCY_CYCLES / (sms * max(1, resident) * clock)
-        exposed += split_bytes / gpu.dram_bytes_per_s
+        exposed += extra_bytes / gpu.dram_bytes_per_s
         floor = max(issue, mufu, tensor, dram)
         predicted = floor * quantisation + exposed
         prefix = gpu.name.lower()

@@ -6,7 +6,7 @@ interpreter, ``TRITON_INTERPRET=1`` set before Triton is first imported: tests o
   (frame, group) rows only, computes the soft assignment in registers and accumulates
   ``a^T x`` with ``tl.dot`` into fp32; it never writes the (B, M, G, K) assignment. It also
   returns ``a_sum`` (B, K), the only tensor saved besides the inputs.
-* backward: one program per (video, row block) recomputes the assignment (flash-attention style)
+* backward: one program per run of a video's row blocks recomputes the assignment (flash-attention style)
   and writes the row-local gradients of x, logits and attention. No atomics, so the result is
   deterministic for a given tile.
 * tiles come from tables checked by compiling for sm_90 without a GPU
@@ -276,14 +276,18 @@ def _add_up_splits(acc, assignment_sum, partial_y_ptr, partial_sum_ptr, arrivals
 def residual_aggregation_backward_kernel(
     x_ptr, logits_ptr, attention_ptr, lengths_ptr, grad_y_ptr, grad_y_dot_centroids_ptr,
     grad_x_ptr, grad_logits_ptr, grad_attention_ptr,
-    max_frames, groups, clusters, dim, blocks_per_program, x_stride_video, x_stride_frame, x_stride_group,
+    max_frames, groups, clusters, dim, batch, head_run, tail_blocks, tail_run,
+    x_stride_video, x_stride_frame, x_stride_group,
     K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UNIFORM_X_ROWS: tl.constexpr,
     ONE_D_BLOCK: tl.constexpr,
 ):
-    """One program per (video, run of ``blocks_per_program`` row blocks), on axis 0 (a video's
-    programs side by side, so they share its dL/dy in L2; any batch fits CUDA's grid); the program
-    walks its row blocks in order. Every gradient here is local to a (frame, group) row.
+    """One program per (video, run of row blocks), on axis 0 (any batch fits CUDA's grid); the
+    program walks its row blocks in order. Every gradient here is local to a (frame, group) row.
+    Each video's row blocks are cut into head runs of ``head_run`` blocks and, over its last
+    ``tail_blocks``, shorter tail runs of ``tail_run``: every video's head runs come first (a
+    video's side by side, so they share its dL/dy in L2), then every video's tail runs, so the
+    GPU's last programs are short ones that even out the waves (see _backward_plan).
 
     With s = sigmoid(attention), p = softmax(logits), a = s p and gy = dL/dy[b]:
       grad_x = a @ gy
@@ -293,8 +297,9 @@ def residual_aggregation_backward_kernel(
     Row blocks wholly past the video's end only write zeros.
 
     Arguments as in the forward kernel, plus:
-      blocks_per_program: BLOCK_R-row blocks of one video per program (the last program of a
-        video may have fewer); see _backward_blocks_per_program.
+      batch: B; head_run, tail_blocks, tail_run: the runs above, in BLOCK_R-row blocks (a
+        video's last head or tail run may be shorter; tail_blocks is clamped to the video's row
+        blocks, 0: head runs only).
       ONE_D_BLOCK: D <= BLOCK_D. Then dL/dy[b] is loaded once per program and kept on chip, and
         x is loaded a row block ahead with the logits, so no trip waits for memory.
       grad_y_ptr: (B, K, D) contiguous dL/dy in x's dtype.
@@ -305,10 +310,16 @@ def residual_aggregation_backward_kernel(
     """
     rows_per_video = max_frames * groups
     row_blocks = tl.cdiv(rows_per_video, BLOCK_R)
-    programs_per_video = tl.cdiv(row_blocks, blocks_per_program)
-    first_block = (tl.program_id(0) % programs_per_video) * blocks_per_program
-    end_block = tl.minimum(first_block + blocks_per_program, row_blocks)
-    video = (tl.program_id(0) // programs_per_video).to(tl.int64)
+    tail_blocks = tl.minimum(tail_blocks, row_blocks)
+    head_blocks = row_blocks - tail_blocks
+    head_programs = batch * tl.cdiv(head_blocks, head_run)
+    in_tail = tl.program_id(0) >= head_programs
+    index = tl.where(in_tail, tl.program_id(0) - head_programs, tl.program_id(0))
+    runs_per_video = tl.where(in_tail, tl.cdiv(tail_blocks, tail_run), tl.cdiv(head_blocks, head_run))
+    run_length = tl.where(in_tail, tail_run, head_run)
+    first_block = tl.where(in_tail, head_blocks, 0) + (index % runs_per_video) * run_length
+    end_block = tl.minimum(first_block + run_length, tl.where(in_tail, row_blocks, head_blocks))
+    video = (index // runs_per_video).to(tl.int64)
     # Clamped to [0, M] so memory stays in bounds even where validation was skipped (tracing).
     real_rows = tl.minimum(tl.maximum(tl.load(lengths_ptr + video), 0), max_frames).to(tl.int32) * groups
     # this program's blocks holding real rows come first, then those wholly past the video's end
@@ -643,25 +654,52 @@ def _forward_plan(batch: int, rows_per_video: int, d_blocks: int, multiprocessor
     return (batch - tail, splits) if splits > 1 else (batch, 1)
 
 
-# Programs of the backward per SM that _backward_blocks_per_program aims at: enough for whole-ish
-# waves and for the last wave's stragglers to be short, few enough that each program's first
-# (unprefetched) row block is a small share of its work.
+# Programs of the backward per SM that the head runs of _backward_plan aim at: enough for whole-ish
+# waves, few enough that each program's first (unprefetched) row block is a small share of its work.
 _BACKWARD_PROGRAMS_PER_SM = 4
-# Blocks per program in the interpreter (no SMs to count): more than one, so that the tests walk
-# the prefetching loop, a video's short last run and runs wholly past a video's end.
-_INTERPRETER_BLOCKS_PER_PROGRAM = 3
+# Head runs per tail run's length: tail runs a quarter as long end the launch with programs short
+# enough to even out the waves, at one more round trip each (NOTES.md, change 12).
+_TAIL_RUN_DIVISOR = 4
+# Runs in the interpreter (no SMs to count): heads of three blocks and a tail of two single
+# blocks, so that the tests walk the prefetching loop, both kinds of run, a video's short last
+# run and runs wholly past a video's end.
+_INTERPRETER_HEAD_RUN = 3
+_INTERPRETER_TAIL_BLOCKS = 2
 
 
-def _backward_blocks_per_program(batch: int, row_blocks: int, multiprocessors: int | None) -> int:
-    """Row blocks each backward program walks: as many as keep about _BACKWARD_PROGRAMS_PER_SM
-    programs per SM (at least one, at most a whole video)."""
-    if multiprocessors is None:
-        return min(row_blocks, _INTERPRETER_BLOCKS_PER_PROGRAM)
+def _backward_plan(batch: int, row_blocks: int, d_blocks: int, multiprocessors: int | None) -> tuple[int, int, int]:
+    """(head_run, tail_blocks, tail_run) of the backward, in row blocks of a video.
+
+    Head runs keep about _BACKWARD_PROGRAMS_PER_SM programs per SM (160 videos of 38 blocks on
+    132 SMs: runs of 10). Launched alone they end raggedly: 640 equal programs are 4.85 waves, and
+    with videos of unequal lengths (unknown here: no host sync) runs range from 0 to 10 blocks of
+    work. So each video's last blocks become tail runs a quarter as long, launched after every
+    head run: as many blocks as give each SM one head run's worth of them to even the waves out
+    with (132 x 10 / 160 -> 9 blocks, in runs of 3). No tail where a run is a single block, nor
+    where D fits one block (``d_blocks`` 1, the audio stream): there a row block's work is about two
+    DRAM round trips, and the tail's extra programs cost more than they even out (NOTES.md,
+    change 12).
+    """
     if batch == 0:
-        return 1
-    target = _BACKWARD_PROGRAMS_PER_SM * multiprocessors
-    programs_per_video = max(1, min(row_blocks, triton.cdiv(target, batch)))
-    return triton.cdiv(row_blocks, programs_per_video)
+        return 1, 0, 1
+    if multiprocessors is None:
+        head_run, wanted_tail = min(row_blocks, _INTERPRETER_HEAD_RUN), _INTERPRETER_TAIL_BLOCKS
+    else:
+        programs_per_video = max(1, min(row_blocks, triton.cdiv(_BACKWARD_PROGRAMS_PER_SM * multiprocessors, batch)))
+        head_run = triton.cdiv(row_blocks, programs_per_video)
+        wanted_tail = triton.cdiv(multiprocessors * head_run, batch)
+    tail_run = triton.cdiv(head_run, _TAIL_RUN_DIVISOR)
+    tail_blocks = min(row_blocks - head_run, tail_run * triton.cdiv(wanted_tail, tail_run))
+    if tail_run == head_run or tail_blocks <= 0 or d_blocks == 1:
+        return head_run, 0, head_run
+    return head_run, tail_blocks, tail_run
+
+
+def _backward_programs(batch: int, row_blocks: int, plan: tuple[int, int, int]) -> int:
+    """Programs of a backward launch by ``plan``, as the kernel maps them (tail clamped to the video)."""
+    head_run, tail_blocks, tail_run = plan
+    tail_blocks = min(tail_blocks, row_blocks)
+    return batch * (triton.cdiv(row_blocks - tail_blocks, head_run) + triton.cdiv(tail_blocks, tail_run))
 
 
 def _accumulator_dtype(dtype: torch.dtype) -> Any:
@@ -761,15 +799,15 @@ def launch_backward(
         family = _tile_family(x.dtype, precision)
         tiles = _tiles(_BACKWARD_TILES, family, _padded_clusters(clusters), dim)
         launched = tiles if _autotune_enabled(triton_interpreter_enabled()) else tiles[:1]
-        # Chosen for the default tile; an autotuned tile walks as many of its own blocks.
-        blocks_per_program = _backward_blocks_per_program(batch, triton.cdiv(max_frames * groups, tiles[0][0]),
-                                                          _multiprocessors(x.device))
+        # Planned for the default tile; an autotuned tile walks as many of its own blocks.
+        plan = _backward_plan(batch, triton.cdiv(max_frames * groups, tiles[0][0]), triton.cdiv(dim, tiles[0][1]),
+                              _multiprocessors(x.device))
         _launch(
             "backward", family, tiles,
-            lambda meta: (triton.cdiv(triton.cdiv(max_frames * groups, meta["BLOCK_R"]), blocks_per_program) * batch,),
+            lambda meta: (_backward_programs(batch, triton.cdiv(max_frames * groups, meta["BLOCK_R"]), plan),),
             x, logits, attention, lengths, grad_y, grad_y_dot_centroids,
             grad_x, grad_logits, grad_attention,
-            max_frames, groups, clusters, dim, blocks_per_program, *_x_strides(x),
+            max_frames, groups, clusters, dim, batch, *plan, *_x_strides(x),
             **_kernel_constants(x, clusters, precision), ONE_D_BLOCK=dim <= min(block_d for _, block_d, _ in launched),
         )
     return grad_x, grad_logits, grad_attention

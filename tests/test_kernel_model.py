@@ -99,6 +99,11 @@ def test_occupancy_and_lengths_by_hand() -> None:
     # against a mean of 160 x 2 x 38 / 132 trips per SM
     assert kernel_model.wave_quantisation([38] * 320, 132) == pytest.approx(3 / (320 / 132))
     assert kernel_model.wave_quantisation(trips, 132) == pytest.approx(95 / (160 * 2 * 38 / 132))
+    # backward, video: 38 row blocks per video in head runs of 10, 10, 9 (every video's), then tail
+    # runs of 3, 3, 3; a 100-frame video (800 rows: 13 real blocks) has 10 + 3 trips in its head
+    # runs and none in its tail (padding: zeros only)
+    trips, _, _ = kernel_model.programs_and_trips("backward", [300] * 159 + [100], 8, 256, (64, 64, 8), 132)
+    assert trips == [10, 10, 9] * 159 + [10, 3, 0] + [3, 3, 3] * 159 + [0, 0, 0]
 
 
 @pytest.mark.slow
@@ -128,10 +133,10 @@ def test_kernel_model_runs_for_the_video_stream_and_is_self_consistent(tmp_path)
     block_r, block_d, _ = (int(v) for v in rows["forward"]["tile"].split("x"))
     assert (block_r, block_d) == (64, 128) and rows["forward"]["programs"] == 2 * (132 + 28 * 2)
     assert rows["forward"]["split_videos"] == 28 and rows["forward"]["splits"] == 2
-    # backward: one per run of row blocks; 2,400 rows = 38 blocks of 64, runs of 10 for about 4
-    # programs per SM (4 x 132 / 160 videos -> 4 programs per video)
+    # backward: one per run of row blocks; 2,400 rows = 38 blocks of 64: head runs of 10, 10, 9
+    # (about 4 programs per SM: 4 x 132 / 160 videos -> 4 per video), then tail runs of 3, 3, 3
     block_r, block_d, _ = (int(v) for v in rows["backward"]["tile"].split("x"))
-    assert block_r == 64 and rows["backward"]["programs"] == 160 * 4
+    assert block_r == 64 and rows["backward"]["programs"] == 160 * (3 + 3)
 
     for row in rows.values():
         assert row["spill_stack_bytes"] == 0

@@ -369,15 +369,20 @@ def test_triton_interpreter_split_video_output_is_the_sum_of_its_shares(interpre
 
 @pytest.mark.parametrize("dim, precision", [(16, "ieee"), (80, "ieee"), (80, "tf32")],
                          ids=["one-D-block", "D-loop", "D-loop-tf32"])
-@pytest.mark.parametrize("blocks_per_program", [1, 2, 5])
+@pytest.mark.parametrize("plan", [(1, 0, 1), (2, 0, 2), (5, 0, 5), (3, 2, 1), (2, 3, 2), (2, 9, 1)],
+                         ids=lambda plan: "head{}-tail{}x{}".format(*plan))
 def test_triton_interpreter_backward_walks_runs_of_row_blocks(interpreter, monkeypatch: pytest.MonkeyPatch,
-                                                              blocks_per_program: int, dim: int, precision: str) -> None:
-    # 5 row blocks of 32 rows per video: runs of 1 (a program per block), 2 (a run straddling the
-    # 33-frame video's end, then one wholly past it) and 5 (a whole video, its prefetch past the end).
-    # D = 16 fits one block (dL/dy on chip, x prefetched); D = 80 loops over 64-wide D blocks, with
-    # TF32 reading dL/dy a second time, transposed (change 7; the interpreter multiplies exactly,
-    # so the fp32 tolerances hold).
-    monkeypatch.setattr(triton_module, "_backward_blocks_per_program", lambda *args: blocks_per_program)
+                                                              plan: tuple[int, int, int], dim: int, precision: str) -> None:
+    # 5 row blocks of 32 rows per video (the 33-frame video: 3 real), as (head run, tail blocks,
+    # tail run): a program per block; runs of 2 (one straddling the short video's end, one wholly
+    # past it); whole videos (the prefetch past the end); a head of 3 and a tail of 2 single blocks
+    # (the interpreter's own plan); a tail of 3 as runs of 2 and 1 (the short video's first tail
+    # run straddles its end); a tail longer than the video (clamped: tail runs only, as an autotuned
+    # tile with fewer row blocks would get). D = 16 fits one block (dL/dy on chip, x prefetched);
+    # D = 80 loops over 64-wide D blocks, with TF32 reading dL/dy a second time, transposed
+    # (change 7; the interpreter multiplies exactly, so the fp32 tolerances hold). TF32's K_PAD 16 tile
+    # has 64 rows: 3 blocks per video, so there the longer tails are clamped to the video.
+    monkeypatch.setattr(triton_module, "_backward_plan", lambda *args: plan)
     launch, backward_constants = triton_module._launch, []
 
     def recording_launch(kind, *args, **constexprs):
@@ -523,14 +528,24 @@ def test_launch_grids_fit_cuda_limits_for_large_batches(monkeypatch: pytest.Monk
 
 
 @requires_triton
-def test_backward_runs_of_row_blocks_aim_at_four_programs_per_sm() -> None:
-    runs = triton_module._backward_blocks_per_program
-    # 160 videos of 38 row blocks on 132 SMs: 4 x 132 / 160 -> 4 programs per video -> runs of 10
-    assert runs(160, 38, 132) == 10
-    assert runs(1, 38, 132) == 1  # one video: a program per row block (38 < 528)
-    assert runs(10_000, 38, 132) == 38  # a program per whole video once the videos fill the GPU
-    assert runs(0, 38, 132) == 1
-    assert runs(160, 38, None) == 3 and runs(160, 2, None) == 2  # the interpreter
+def test_backward_plan_ends_with_short_tail_runs() -> None:
+    plan, programs = triton_module._backward_plan, triton_module._backward_programs
+    # 160 videos of 38 row blocks (4 D blocks) on 132 SMs: 4 x 132 / 160 -> 4 programs per video ->
+    # head runs of 10; a tail of 132 x 10 / 160 -> 9 blocks in runs of 10 / 4 -> 3: 3 + 3 runs per video
+    assert plan(160, 38, 4, 132) == (10, 9, 3) and programs(160, 38, (10, 9, 3)) == 160 * 6
+    # 19 blocks of two D blocks: head runs of 5, a tail of 132 x 5 / 160 -> 5 blocks, in runs of 2 -> 6
+    assert plan(160, 19, 2, 132) == (5, 6, 2) and programs(160, 19, (5, 6, 2)) == 160 * (3 + 3)
+    assert plan(160, 19, 1, 132) == (5, 0, 5)  # D in one block (audio): head runs only
+    # 512 videos: head runs of 19, a tail of 132 x 19 / 512 -> 5 blocks, one run
+    assert plan(512, 38, 4, 132) == (19, 5, 5)
+    assert plan(1, 38, 4, 132) == (1, 0, 1)  # one video: a program per row block, no tail to cut
+    assert plan(10_000, 38, 4, 132) == (38, 0, 38)  # a program per whole video once the videos fill the GPU
+    assert plan(0, 38, 4, 132) == (1, 0, 1)
+    # the interpreter: heads of 3 and a tail of 2 single blocks where the video has room
+    assert plan(160, 38, 2, None) == (3, 2, 1) and plan(3, 5, 2, None) == (3, 2, 1)
+    assert plan(160, 2, 2, None) == (2, 0, 2) and plan(3, 5, 1, None) == (3, 0, 3)
+    # a tail longer than the video (an autotuned tile's fewer blocks) is clamped: tail runs only
+    assert programs(2, 5, (2, 9, 1)) == 2 * 5
 
 
 @requires_triton
