@@ -22,6 +22,7 @@ Must run with Triton in compiled mode (not ``TRITON_INTERPRET=1``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import heapq
 import json
 import math
@@ -480,8 +481,26 @@ def combined_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return combined
 
 
+@contextlib.contextmanager
+def backward_plan_without_tail():
+    """The backward planned as before change 12 (head runs only), for a measurement side by side
+    with the tail runs: the launcher's ``_backward_plan`` with its tail dropped."""
+    plan = ops._backward_plan
+
+    def head_runs_only(*args):
+        head_run, _, _ = plan(*args)
+        return head_run, 0, head_run
+
+    ops._backward_plan = head_runs_only
+    try:
+        yield
+    finally:
+        ops._backward_plan = plan
+
+
 def measure(rows: list[dict[str, Any]]) -> None:
-    """With a CUDA GPU: time each case's kernel launch (triton.testing.do_bench) beside the model."""
+    """With a CUDA GPU: time each case's kernel launch (triton.testing.do_bench) beside the model;
+    the backward also without change 12's tail runs (``measured_no_tail_us``), in the same run."""
     from nextvlad.kernels.residual_aggregation import residual_aggregation
 
     for row in rows:
@@ -503,8 +522,13 @@ def measure(rows: list[dict[str, Any]]) -> None:
                 return ops.launch_backward(x, logits, attention, lengths, grad_y, row_constant, precision)
         residual_aggregation(*args, backend="triton")  # compile once
         row["measured_us"] = triton.testing.do_bench(run) * 1e3
+        without_tail = ""
+        if row["kernel"] == "backward":
+            with backward_plan_without_tail():
+                row["measured_no_tail_us"] = triton.testing.do_bench(run) * 1e3
+            without_tail = f" (head runs only: {row['measured_no_tail_us']:.1f} us)"
         print(f"{row['stream']} K={row['K']} {row['dtype']} {row['lengths']} {row['kernel']}: "
-              f"measured {row['measured_us']:.1f} us, predicted H200 {row['h200_predicted_us']:.1f} us")
+              f"measured {row['measured_us']:.1f} us{without_tail}, predicted H200 {row['h200_predicted_us']:.1f} us")
 
 
 def run_model(streams: list[str], dtypes: list[str], lengths_kinds: list[str], clusters: list[int] | None,
@@ -543,7 +567,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     rows, combined = run_model(args.streams, args.dtypes, args.lengths, args.clusters, args.measure)
-    columns = SUMMARY_COLUMNS + (["measured_us"] if args.measure else [])
+    columns = SUMMARY_COLUMNS + (["measured_us", "measured_no_tail_us"] if args.measure else [])
     meta = {**environment("cuda" if args.measure else "cpu"),
             "target": "sm_90, compiled with Triton's bundled ptxas; times are predictions"
                       + (" beside measurements" if args.measure else " (no GPU used)"),

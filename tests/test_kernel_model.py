@@ -106,6 +106,15 @@ def test_occupancy_and_lengths_by_hand() -> None:
     assert trips == [10, 10, 9] * 159 + [10, 3, 0] + [3, 3, 3] * 159 + [0, 0, 0]
 
 
+def test_the_measurement_without_tail_runs_plans_head_runs_only() -> None:
+    plan = kernel_model.ops._backward_plan
+    assert plan(160, 38, 4, 132) == (10, 9, 3)
+    with kernel_model.backward_plan_without_tail():
+        assert kernel_model.ops._backward_plan(160, 38, 4, 132) == (10, 0, 10)
+        assert kernel_model.ops._backward_programs(160, 38, (10, 0, 10)) == 160 * 4
+    assert kernel_model.ops._backward_plan is plan
+
+
 @pytest.mark.slow
 def test_kernel_model_runs_for_the_video_stream_and_is_self_consistent(tmp_path) -> None:
     """One real sm_90 compile (forward and backward, video K=128 bf16, full lengths) in a
