@@ -622,6 +622,8 @@ def test_kernels_compile_for_h100_without_register_spills() -> None:
                  ("forward", torch.float32, 7, 24, "ieee"), ("backward", torch.float32, 7, 24, "ieee"),
                  # many clusters, small D: the tile's BLOCK_D is clamped towards D
                  ("backward", torch.bfloat16, 256, 16, "ieee"), ("backward", torch.float32, 128, 16, "tf32"),
+                 # exact fp32 (matmul precision "highest") at K_PAD = 256
+                 ("backward", torch.float32, 200, 256, "ieee"),
                  # the largest clusters Triton takes (K_PAD = 512), at both stream widths
                  ("forward", torch.bfloat16, 400, 256, "ieee"), ("backward", torch.bfloat16, 400, 256, "ieee"),
                  ("forward", torch.float32, 512, 64, "tf32"), ("backward", torch.bfloat16, 512, 16, "ieee")]
