@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one command of at most 6 minutes, for a session lent the GPU
+# Everything that needs a GPU, in one command of at most 6.5 minutes, for a session lent the GPU
 # machine for a short time (benchmarks/README.md gives the exact device call). Stages, each under
 # its own time budget so that one slow stage cannot eat the others:
 #
@@ -151,9 +151,9 @@ if [ $dry_run = 1 ]; then
     --no-end-to-end "${device[@]}" --output-dir "$results"
 else
   stage ceilings 25 "$python" benchmarks/ceilings.py --output-dir "$results"
-  stage tests 60 "$python" -m pytest -q -m gpu tests/ -p no:cacheprovider
-  stage kernel 130 with_ceilings "$python" benchmarks/bench_aggregation.py --output-dir "$results"
-  stage model 25 kernel_model
+  stage tests 80 "$python" -m pytest -q -m gpu tests/ -p no:cacheprovider
+  stage kernel 125 with_ceilings "$python" benchmarks/bench_aggregation.py --output-dir "$results"
+  stage model 20 kernel_model
   stage train 55 with_ceilings "$python" benchmarks/bench_train.py --config configs/nextvlad.yaml --workers 8 \
     --warmup 2 --steps 8 \
     --cost-split --output-dir "$results"

@@ -784,6 +784,61 @@ def test_compiled_triton_more_than_65535_videos(dtype: torch.dtype) -> None:
     assert_matches_reference(*triton_and_reference(shape, dtype, device="cuda"), dtype)
 
 
+# The paper's batch: 160 videos of unequal lengths (empty, one frame, full, and 120-300).
+PAPER_BATCH_LENGTHS = (0, 1, 17, 299, 300) + tuple(120 + (video * 37) % 181 for video in range(155))
+# Six videos whose row blocks cover every kind of run: full, empty, one frame, ends inside a
+# block, one frame short, ends on a block boundary (64 frames x 8 groups = 8 blocks of 64 rows).
+PLAN_LENGTHS = (300, 0, 1, 187, 299, 64)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("shape", [Shape(160, 300, 8, 128, 256, PAPER_BATCH_LENGTHS),
+                                   Shape(160, 300, 4, 56, 64, PAPER_BATCH_LENGTHS)], ids=["video-K128", "audio-K56"])
+def test_compiled_triton_paper_batch_matches_reference(shape: Shape) -> None:
+    """The paper's batch on the GPU's own SM count, so the launcher's plans are the ones training
+    runs: backward programs walking runs of row blocks (the video stream with a tail of short runs,
+    change 12) and, for the video stream, the forward splitting only its last wave's videos (change
+    11). The small GPU_SHAPES never reach these plans: with 4 videos every backward program is one
+    row block and every forward video is split."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    block_r, block_d, _ = triton_module._tiles(triton_module._BACKWARD_TILES, "half",
+                                               triton_module._padded_clusters(shape.clusters), shape.dim)[0]
+    head_run, _, _ = triton_module._backward_plan(shape.batch, math.ceil(shape.frames * shape.groups / block_r),
+                                                  math.ceil(shape.dim / block_d), sms)
+    assert head_run > 1, "the backward's runs are not walked at this batch on this GPU"
+    assert_matches_reference(*triton_and_reference(shape, torch.bfloat16, device="cuda"), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("backward_plan", [(10, 9, 3), (3, 2, 1), (2, 40, 3), (38, 0, 38)],
+                         ids=lambda plan: "head{}-tail{}x{}".format(*plan))
+@pytest.mark.parametrize("shape", [Shape(6, 300, 8, 128, 256, PLAN_LENGTHS), Shape(6, 300, 4, 56, 64, PLAN_LENGTHS)],
+                         ids=["D-loop", "one-D-block"])
+def test_compiled_triton_backward_plans_match_reference(monkeypatch: pytest.MonkeyPatch, shape: Shape,
+                                                        backward_plan: tuple[int, int, int]) -> None:
+    """Every kind of backward run on the real compiler, whatever the GPU's SM count (the
+    interpreter's walk test, compiled): head runs with the next block prefetched, tail runs, runs
+    straddling or wholly past a video's end, a tail clamped to the video, whole videos."""
+    monkeypatch.setattr(triton_module, "_backward_plan", lambda *args: backward_plan)
+    assert_matches_reference(*triton_and_reference(shape, torch.bfloat16, device="cuda"), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("forward_plan", [(0, 3), (4, 2), (5, 19)], ids=["every-video-3", "last-two-2", "last-one-19"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compiled_triton_forward_splits_match_reference(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
+                                                        forward_plan: tuple[int, int]) -> None:
+    """The forward's frame splits added up in the kernel (change 11) on the real compiler, where the
+    split programs arrive in any order: every video split, the last two, the last one in 19 (empty
+    splits for its short videos)."""
+    monkeypatch.setattr(triton_module, "_forward_plan", lambda *args: forward_plan)
+    shape = Shape(6, 300, 8, 128, 256, PLAN_LENGTHS)
+    assert_matches_reference(*triton_and_reference(shape, dtype, device="cuda"), dtype)
+
+
 @pytest.mark.gpu
 @requires_cuda
 def test_compiled_triton_tf32_normalize_and_determinism() -> None:
