@@ -83,6 +83,7 @@ def compile_for_gpu(
         constants["ONE_D_BLOCK"] = dim <= block_d
     else:
         constants["EVEN_K"] = clusters == k_pad
+        constants["K_ALIGN"] = ops._cluster_alignment(clusters)
     return _compile(kernel, arch, warps, special_pointers, pointer, integers, constants)
 
 

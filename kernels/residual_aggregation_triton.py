@@ -76,6 +76,31 @@ def _x_row_offsets(rows, groups, x_stride_frame, x_stride_group, UNIFORM_X_ROWS:
 
 
 @triton.jit
+def _cluster_mask(offs_k, clusters, K_ALIGN: tl.constexpr):
+    """offs_k < K. For K % 16 != 0 tested in blocks of K_ALIGN columns (see _cluster_alignment),
+    the same values, so that the compiler sees the mask constant over each vector."""
+    if K_ALIGN < 16:
+        return (offs_k // K_ALIGN) < (clusters // K_ALIGN)
+    return offs_k < clusters
+
+
+@triton.jit
+def _cluster_tile(base_ptr, video, rows_per_video, rows, clusters, offs_k, K_ALIGN: tl.constexpr):
+    """Pointers to the (rows, K_PAD) tile of a video's (B, M, G, K) logits.
+
+    Triton specialises an integer argument as divisible by 16 or not at all, so with K = 56 it
+    cannot prove a bf16 row (112 bytes) 16-byte aligned and loaded the logits one 2-byte element at
+    a time, synchronously, in every row-block trip of the forward. For K % 16 != 0 the row offsets
+    are declared multiples of K_ALIGN; otherwise the address is computed exactly as before. (The
+    backward keeps its scalar loads: vectorised, its loop shortens so that ptxas issues the next
+    block's prefetch later and the model predicts a loss; NOTES.md, change 13.)"""
+    if K_ALIGN < 16:
+        return base_ptr + (tl.multiple_of((video * rows_per_video + rows) * clusters, K_ALIGN)[:, None]
+                           + offs_k[None, :])
+    return base_ptr + video * rows_per_video * clusters + rows[:, None] * clusters + offs_k[None, :]
+
+
+@triton.jit
 def _backward_d_block(features, grad_y, grad_y_t, assignment, grad_assignment, grad_x_ptrs, grad_x_mask,
                       DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """One D block of the backward: stores grad_x = a gy for it and returns grad_a += x gy^T.
@@ -97,7 +122,7 @@ def residual_aggregation_forward_kernel(
     x_stride_video, x_stride_frame, x_stride_group,
     K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UNIFORM_X_ROWS: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, K_ALIGN: tl.constexpr,
 ):
     """One program per (D block, video) of the first ``whole_videos`` videos, then one per (D block,
     frame split, video) of the others: y[b, :, d-block] and, from the first D block, a_sum[b, :].
@@ -126,6 +151,8 @@ def residual_aggregation_forward_kernel(
       UNIFORM_X_ROWS: x's rows have one stride (see _uniform_x_rows).
       EVEN_K: K == K_PAD. Then the cluster masks are compile-time true and vanish, with the
         softmax's -inf padding: 5% fewer instructions in this issue-bound loop (NOTES.md, change 9).
+      K_ALIGN: the largest power of two dividing K, at most 16 (_cluster_alignment); below 16 the
+        logits rows are declared aligned to it so that they load as vectors (_cluster_tile).
     """
     # Axis 0 enumerates (video[, split], D block), D blocks fastest: a video's D blocks run side by
     # side and share its logits in L2, and the batch is not limited to 65535 (CUDA's limit on axes
@@ -150,13 +177,12 @@ def residual_aggregation_forward_kernel(
     if EVEN_K:
         k_valid = tl.full((K_PAD,), 1, tl.int1)
     else:
-        k_valid = offs_k < clusters
+        k_valid = _cluster_mask(offs_k, clusters, K_ALIGN)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_valid = offs_d < dim
     offs_r = tl.arange(0, BLOCK_R)
 
     x_video = x_ptr + video * x_stride_video
-    logits_video = logits_ptr + video * rows_per_video * clusters
     attention_video = attention_ptr + video * rows_per_video
 
     acc = tl.zeros((K_PAD, BLOCK_D), dtype=ACC_DTYPE)
@@ -184,10 +210,8 @@ def residual_aggregation_forward_kernel(
         next_attention = tl.load(attention_video + rows + BLOCK_R, mask=rows + BLOCK_R < row_end, other=0.0)
         # Soft assignment a = sigmoid(attention) * softmax_K(logits); padded K columns get -inf
         # (probability 0), rows past the video's end get gate 0.
-        logits = tl.load(
-            logits_video + rows[:, None] * clusters + offs_k[None, :],
-            mask=row_valid[:, None] & k_valid[None, :], other=0.0,
-        ).to(ACC_DTYPE)
+        logits = tl.load(_cluster_tile(logits_ptr, video, rows_per_video, rows, clusters, offs_k, K_ALIGN),
+                         mask=row_valid[:, None] & k_valid[None, :], other=0.0).to(ACC_DTYPE)
         logits = tl.where(k_valid[None, :], logits, float("-inf"))
         unnormalised = _exp_minus_row_max(logits)
         gate = tl.where(row_valid, tl.sigmoid(attention.to(ACC_DTYPE)), 0.0)
@@ -548,6 +572,12 @@ def _padded_clusters(clusters: int) -> int:
     return max(16, _next_power_of_two(clusters))
 
 
+def _cluster_alignment(clusters: int) -> int:
+    """The largest power of two dividing K, at most 16 (K = 56 -> 8, 7 -> 1, 64 -> 16): the forward
+    kernel's K_ALIGN."""
+    return min(16, clusters & -clusters)
+
+
 def _tile_family(dtype: torch.dtype, precision: str) -> str:
     if dtype in (torch.float16, torch.bfloat16):
         return "half"
@@ -782,6 +812,7 @@ def launch_forward(
             x, logits, attention, lengths, centroids, y, assignment_sum, partial_y, partial_sum, arrivals,
             max_frames, groups, clusters, dim, whole_videos, splits, partial_d_blocks, *_x_strides(x),
             **_kernel_constants(x, clusters, precision), EVEN_K=clusters == _padded_clusters(clusters),
+            K_ALIGN=_cluster_alignment(clusters),
         )
     return y, assignment_sum
 

@@ -548,6 +548,24 @@ def test_backward_plan_ends_with_short_tail_runs() -> None:
     assert programs(2, 5, (2, 9, 1)) == 2 * 5
 
 
+@pytest.mark.parametrize("clusters", [56, 12, 6, 130, 7], ids=lambda k: f"K{k}")
+def test_triton_interpreter_forward_with_aligned_cluster_rows_matches_oracle(interpreter, clusters: int) -> None:
+    # K % 16 != 0: the forward declares the logits rows aligned to the largest power of two dividing
+    # K (8, 4, 2, 2, 1) and masks the padded clusters in blocks of it. Too large an alignment (say 8
+    # for K = 12) would drop clusters from the mask; the float64 oracle sees every one.
+    assert triton_module._cluster_alignment(clusters) == {56: 8, 12: 4, 6: 2, 130: 2, 7: 1}[clusters]
+    shape = Shape(3, 9, 2, clusters, 24, (9, 4, 0))
+    inputs = make_inputs(shape)
+    y = residual_aggregation(*inputs, backend="triton", precision="ieee")
+    np.testing.assert_allclose(y.double().numpy(), numpy_oracle(*inputs), rtol=1e-5, atol=1e-5)
+
+
+@requires_triton
+def test_cluster_alignment_by_hand() -> None:
+    alignment = triton_module._cluster_alignment
+    assert [alignment(k) for k in (56, 112, 128, 64, 7, 48, 24, 1)] == [8, 16, 16, 16, 1, 16, 8, 1]
+
+
 @requires_triton
 def test_forward_plan_fills_the_last_wave() -> None:
     plan = triton_module._forward_plan
@@ -624,6 +642,8 @@ def test_kernels_compile_for_h100_without_register_spills() -> None:
                  ("backward", torch.bfloat16, 256, 16, "ieee"), ("backward", torch.float32, 128, 16, "tf32"),
                  # exact fp32 (matmul precision "highest") at K_PAD = 256
                  ("backward", torch.float32, 200, 256, "ieee"),
+                 # K % 16 != 0: the forward's logits rows declared 8-aligned (the final recipe's audio K)
+                 ("forward", torch.bfloat16, 56, 64, "ieee"), ("forward", torch.float32, 56, 64, "tf32"),
                  # the largest clusters Triton takes (K_PAD = 512), at both stream widths
                  ("forward", torch.bfloat16, 400, 256, "ieee"), ("backward", torch.bfloat16, 400, 256, "ieee"),
                  ("forward", torch.float32, 512, 64, "tf32"), ("backward", torch.bfloat16, 512, 16, "ieee")]
