@@ -90,7 +90,8 @@ ASSUMPTIONS = [
     "be corrected by measurement) for its first loads, one per loop iteration whose body has a "
     "synchronous load (LDG, not the asynchronous LDGSTS/UTMALDG) less the cycles the CTA issues before "
     "the loaded register is first read (instructions in between x warps / 4; for a load in a nested D loop, "
-    "once per trip of that loop, its distance counted within it), one for the lengths, and one more "
+    "once per trip of that loop, its distance counted within it), one for the lengths (in the "
+    "backward the same one as its first loads, which do not wait for them), and one more "
     "when the dot operands' first asynchronous copy is issued after the first MUFU (the softmax: the "
     "logits, then x, are waited for in turn); with a nested D loop, one per row-block trip instead "
     "(its first copies are issued just before it); a backward program past its video's end waits "
@@ -103,7 +104,9 @@ ASSUMPTIONS = [
     "to the exposed time.",
     "Backward runs as launch_backward plans them: every video's head runs, then every video's tail "
     "runs; the tail's programs read each video's dL/dy once more from DRAM (pessimistic: its head "
-    "runs' copy may still be in L2), added to the exposed time.",
+    "runs' copy may still be in L2), and each program's first block is loaded whole up to the video's "
+    "padded end (logits, attention, and x when D is one block), also past the real frames: both at "
+    "DRAM bandwidth, added to the exposed time.",
     "Wave quantisation: the floors are multiplied by makespan / mean work per slot, for programs "
     "dispatched in order to the first free of SMs x CTAs-per-SM slots, each taking time in proportion "
     "to its row-block trips (for equal programs: ceil(waves) / waves). A slot keeps 1/CTAs-per-SM of "
@@ -333,17 +336,38 @@ def programs_and_trips(kind: str, lengths: list[int], groups: int, dim: int, til
             trips += [math.ceil(max(0, min(rows - split * per_split, per_split)) / block_r)
                       for split in range(video_splits) for _ in range(d_blocks)]
         return trips, len(lengths) - whole, splits
-    # backward: one program per run of a video's row blocks, looping over its real ones; every
-    # video's head runs, then every video's tail runs
-    row_blocks = math.ceil(frames * groups / block_r)
-    head_run, tail_blocks, tail_run = ops._backward_plan(len(lengths), row_blocks, math.ceil(dim / block_d), sms)
-    head_blocks = row_blocks - tail_blocks
-    real_blocks = [math.ceil(length * groups / block_r) for length in lengths]
-    trips = [max(0, min(real, first + head_run, head_blocks) - first)
-             for real in real_blocks for first in range(0, head_blocks, head_run)]
-    trips += [max(0, min(real, first + tail_run) - first)
-              for real in real_blocks for first in range(head_blocks, row_blocks, tail_run)]
+    # backward: one program per run of a video's row blocks, looping over its real ones
+    trips = [max(0, min(math.ceil(lengths[video] * groups / block_r), end) - first)
+             for video, first, end in backward_runs(len(lengths), groups, dim, tile, sms, frames)]
     return trips, 0, 1
+
+
+def backward_runs(batch: int, groups: int, dim: int, tile: tuple[int, int, int], sms: int,
+                  frames: int = FRAMES) -> list[tuple[int, int, int]]:
+    """(video, first row block, end row block) of each backward program in launch order, as
+    launch_backward plans them: every video's head runs, then every video's tail runs."""
+    block_r, block_d, _ = tile
+    row_blocks = math.ceil(frames * groups / block_r)
+    head_run, tail_blocks, tail_run = ops._backward_plan(batch, row_blocks, math.ceil(dim / block_d), sms)
+    head_blocks = row_blocks - tail_blocks
+    runs = [(video, first, min(first + head_run, head_blocks))
+            for video in range(batch) for first in range(0, head_blocks, head_run)]
+    return runs + [(video, first, min(first + tail_run, row_blocks))
+                   for video in range(batch) for first in range(head_blocks, row_blocks, tail_run)]
+
+
+def backward_first_block_padding(lengths: list[int], groups: int, dim: int, tile: tuple[int, int, int], sms: int,
+                                 frames: int = FRAMES) -> int:
+    """Rows past their video's end that the backward programs' first blocks load (bounded by the
+    video's padded rows so as not to wait for the lengths; change 14): a whole block for a program
+    wholly past the end, the rest of the block for the one the video ends in."""
+    block_r = tile[0]
+    rows_per_video = frames * groups
+    padded = 0
+    for video, first, _ in backward_runs(len(lengths), groups, dim, tile, sms, frames):
+        block_rows = min(block_r, rows_per_video - first * block_r)
+        padded += block_rows - min(block_rows, max(0, lengths[video] * groups - first * block_r))
+    return padded
 
 
 def wave_quantisation(trips: list[int], slots: int) -> float:
@@ -387,7 +411,10 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
     # (issued right before it, nothing to do meanwhile)
     per_trip = (code.exposed_cycles_per_trip(warps) + d_blocks * code.exposed_cycles_per_trip(warps, inner=True)
                 * nested) / LATENCY_CYCLES + nested
-    round_trips = sum(2 + (code.loads_after_softmax and not nested) + trips * per_trip if trips else 1
+    # the forward's first loads wait for the lengths (its loop bounds and masks), the backward's
+    # are issued with them (change 14): one round trip for both
+    first_wait = 2 if kind == "forward" else 1
+    round_trips = sum(first_wait + (code.loads_after_softmax and not nested) + trips * per_trip if trips else 1
                       for trips in per_program)
     # a split program waits once more for its arrival (the atomic), the last one again for the partials
     round_trips += split_videos * d_blocks * (splits + 1)
@@ -399,10 +426,13 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
     # frame splits: each split program's fp32 a^T x (K x its D block) and a_sum, written, then read
     # back by the video's last split program
     extra_bytes = 2 * split_videos * splits * clusters * (stream.dim + d_blocks) * 4
-    # backward tail runs: every video's dL/dy read once more (its head runs' copy gone from L2)
-    if kind == "backward" and ops._backward_plan(len(lengths), math.ceil(FRAMES * stream.groups / block_r),
-                                                  d_blocks, GPUS[0].sms)[1]:
-        extra_bytes += len(lengths) * clusters * stream.dim * element
+    if kind == "backward":
+        # tail runs: every video's dL/dy read once more (its head runs' copy gone from L2)
+        if ops._backward_plan(len(lengths), math.ceil(FRAMES * stream.groups / block_r), d_blocks, GPUS[0].sms)[1]:
+            extra_bytes += len(lengths) * clusters * stream.dim * element
+        # first blocks loaded past their video's end: logits and attention, and x when D is one block
+        padded_rows = backward_first_block_padding(lengths, stream.groups, stream.dim, tile, GPUS[0].sms)
+        extra_bytes += padded_rows * (clusters + 1 + (stream.dim if d_blocks == 1 else 0)) * element
     row = {
         "stream": stream.name, "K": clusters, "D": stream.dim, "G": stream.groups, "dtype": dtype_name,
         "lengths": lengths_kind, "kernel": kind, "tile": f"{block_r}x{block_d}x{warps}", **usage,

@@ -361,11 +361,15 @@ def residual_aggregation_backward_kernel(
                                    mask=k_valid, other=0.0).to(ACC_DTYPE)
 
     # The logits and attention of the next row block are loaded while this one is computed, so
-    # only the first block of a program waits for them (benchmarks/NOTES.md, change 4).
+    # only the first block of a program waits for them (benchmarks/NOTES.md, change 4). The first
+    # block's loads are bounded by the video's padded rows, not its real ones, so that they do not
+    # wait for the lengths: one round trip brings both (change 14). Their values past the video's
+    # end, whatever they are (NaN in padding), are replaced in the loop before any arithmetic.
     rows = first_block * BLOCK_R + offs_r
+    in_video = rows < rows_per_video
     next_logits = tl.load(logits_ptr + logits_video + rows[:, None] * clusters + offs_k[None, :],
-                          mask=(rows < real_rows)[:, None] & k_valid[None, :], other=0.0)
-    next_attention = tl.load(attention_ptr + attention_video + rows, mask=rows < real_rows, other=0.0)
+                          mask=in_video[:, None] & k_valid[None, :], other=0.0)
+    next_attention = tl.load(attention_ptr + attention_video + rows, mask=in_video, other=0.0)
     if ONE_D_BLOCK:
         offs_d = tl.arange(0, BLOCK_D)
         d_valid = offs_d < dim
@@ -373,12 +377,13 @@ def residual_aggregation_backward_kernel(
                                mask=k_valid[:, None] & d_valid[None, :], other=0.0)
         x_rows = _x_row_offsets(rows, groups, x_stride_frame, x_stride_group, UNIFORM_X_ROWS)
         next_features = tl.load(x_video + x_rows[:, None] + offs_d[None, :],
-                                mask=(rows < real_rows)[:, None] & d_valid[None, :], other=0.0)
+                                mask=in_video[:, None] & d_valid[None, :], other=0.0)
     for block in range(first_block, real_end_block):
         rows = block * BLOCK_R + offs_r
         row_in_video = rows < rows_per_video
         row_valid = rows < real_rows
-        logits = tl.where(k_valid[None, :], next_logits.to(ACC_DTYPE), float("-inf"))
+        logits = tl.where(k_valid[None, :], tl.where(row_valid[:, None], next_logits.to(ACC_DTYPE), 0.0),
+                          float("-inf"))
         sigmoid = tl.sigmoid(next_attention.to(ACC_DTYPE))
         next_rows = rows + BLOCK_R
         next_valid = next_rows < real_rows
@@ -387,7 +392,7 @@ def residual_aggregation_backward_kernel(
         next_attention = tl.load(attention_ptr + attention_video + next_rows, mask=next_valid, other=0.0)
 
         if ONE_D_BLOCK:
-            features = next_features
+            features = tl.where(row_valid[:, None], next_features, 0.0)
             x_rows = _x_row_offsets(next_rows, groups, x_stride_frame, x_stride_group, UNIFORM_X_ROWS)
             next_features = tl.load(x_video + x_rows[:, None] + offs_d[None, :],
                                     mask=next_valid[:, None] & d_valid[None, :], other=0.0)
@@ -551,8 +556,10 @@ _BACKWARD_TILES: dict[str, dict[int, list[_Tile]]] = {
         16: [(32, 64, 8), (64, 32, 8)],
         64: [(32, 64, 8), (64, 32, 8), (32, 32, 8)],
         128: [(32, 32, 8), (32, 64, 8)],
-        256: [(16, 32, 8), (16, 16, 8)],  # (16, 16, 8) spills 56 bytes under Triton 3.6
-        512: [(16, 16, 8), (16, 32, 8)],  # spill 24 / 64-80 bytes on sm_90 (16 / 24 when a program had one row block)
+        # spill-free under Triton 3.9 and 3.6 at K = 130, 200 and 256; (16, 32, 8) spills 16 bytes at
+        # K = 130 / 200 under 3.9 and (16, 16, 8) 56 at K = 256 under 3.6
+        256: [(16, 16, 16)],
+        512: [(16, 16, 8), (16, 32, 8)],  # spill 24 / 48-80 bytes on sm_90 (16 / 24 when a program had one row block)
     },
 }
 # For K_PAD = 1024 no backward tile tried compiled for sm_90 without spills (the best bf16 one

@@ -397,6 +397,32 @@ def test_triton_interpreter_backward_walks_runs_of_row_blocks(interpreter, monke
     assert [constexprs["ONE_D_BLOCK"] for constexprs in backward_constants] == [dim == 16]
 
 
+@pytest.mark.parametrize("dim", [16, 80], ids=["one-D-block", "D-loop"])
+@pytest.mark.parametrize("plan", [(1, 0, 1), (3, 2, 1)], ids=["per-block", "head3-tail2x1"])
+def test_triton_interpreter_padding_never_reaches_the_outputs(interpreter, monkeypatch: pytest.MonkeyPatch,
+                                                               plan: tuple[int, int, int], dim: int) -> None:
+    # The backward's first block of each program is loaded up to the video's padded end without
+    # waiting for the lengths (change 14): NaN in the padded frames of x, logits and attention must
+    # still not reach any output, gradients of padded rows included (the reference on zero padding
+    # is the oracle). 5 row blocks of 32 rows; the 33-frame video ends inside block 2.
+    monkeypatch.setattr(triton_module, "_backward_plan", lambda *args: plan)
+    shape = Shape(3, 70, 2, 9, dim, (70, 33, 0))
+    inputs = make_inputs(shape)
+    upstream = torch.randn(shape.batch, shape.clusters, shape.dim, generator=torch.Generator().manual_seed(7))
+    poisoned = [t.clone() for t in inputs[:3]]
+    for video, length in enumerate(shape.lengths):
+        for tensor in poisoned:
+            tensor[video, length:] = float("nan")
+    results = []
+    for backend, (x, logits, attention) in (("triton", poisoned), ("reference", inputs[:3])):
+        x, logits, attention, centroids = with_grad(x, logits, attention, inputs[4])
+        y = residual_aggregation(x, logits, attention, inputs[3], centroids, backend=backend, precision="ieee")
+        results.append((y, *gradients(y, (x, logits, attention, centroids), upstream)))
+    for name, got, expected in zip(NAMES, *results):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 def _all_tiles(*tables) -> list[tuple[int, int, int]]:
     return sorted({tile for table in tables for family in table.values() for tiles in family.values() for tile in tiles})
 
