@@ -562,6 +562,12 @@ _BACKWARD_TILES: dict[str, dict[int, list[_Tile]]] = {
         512: [(16, 16, 8), (16, 32, 8)],  # spill 24 / 48-80 bytes on sm_90 (16 / 24 when a program had one row block)
     },
 }
+# Forward tiles that come first when D is a whole number of their BLOCK_D: with a masked last D
+# block they spill (about 150 bytes at K_PAD 128, D = 200), with whole ones they do not (Triton
+# 3.9 and 3.6; K = 65-128, D = 128-1024, strided x too). TF32 (64, 128, 8): the video stream's
+# D = 256 in two blocks instead of four, so the issue-bound TF32 forward computes each row's
+# softmax half as often (NOTES.md, change 15).
+_FORWARD_WHOLE_D_TILES: dict[str, dict[int, _Tile]] = {"tf32": {128: (64, 128, 8)}}
 # For K_PAD = 1024 no backward tile tried compiled for sm_90 without spills (the best bf16 one
 # spills 240 bytes; BLOCK_R is already tl.dot's minimum of 16), so beyond 512 clusters "auto" runs
 # the reference.
@@ -592,7 +598,8 @@ def _tile_family(dtype: torch.dtype, precision: str) -> str:
 
 
 def _tiles(table: dict[str, dict[int, list[_Tile]]], family: str, k_pad: int, dim: int) -> list[_Tile]:
-    """The candidate tiles for this K_PAD (the next listed size up), BLOCK_D clamped to D.
+    """The candidate tiles for this K_PAD (the next listed size up), BLOCK_D clamped to D; first
+    the forward's whole-D tile where D is a multiple of its BLOCK_D (_FORWARD_WHOLE_D_TILES).
 
     With K_PAD >= 128 the backward kernel's BLOCK_D is clamped no lower than 64: for sm_90 its
     tensor-core tiles with BLOCK_D 16 or 32 there spill hundreds of bytes of registers (e.g. bf16
@@ -600,7 +607,11 @@ def _tiles(table: dict[str, dict[int, list[_Tile]]], family: str, k_pad: int, di
     spill-free. (With fewer clusters it is the other way round, e.g. K=7, D=24.)
     """
     by_k_pad = table[family]
-    candidates = by_k_pad[min(size for size in by_k_pad if size >= k_pad)]
+    size = min(size for size in by_k_pad if size >= k_pad)
+    candidates = by_k_pad[size]
+    whole_d = _FORWARD_WHOLE_D_TILES.get(family, {}).get(size) if table is _FORWARD_TILES else None
+    if whole_d is not None and dim % whole_d[1] == 0:
+        candidates = [whole_d, *candidates]
     d_cap = max(64 if table is _BACKWARD_TILES and k_pad >= 128 else 16, _next_power_of_two(dim))
     return list(dict.fromkeys((rows, min(block_d, d_cap), warps) for rows, block_d, warps in candidates))
 

@@ -427,7 +427,9 @@ def _all_tiles(*tables) -> list[tuple[int, int, int]]:
     return sorted({tile for table in tables for family in table.values() for tiles in family.values() for tile in tiles})
 
 
-ALL_TILES = _all_tiles(triton_module._FORWARD_TILES, triton_module._BACKWARD_TILES) if triton_module else []
+ALL_TILES = (_all_tiles(triton_module._FORWARD_TILES, triton_module._BACKWARD_TILES)
+             + [tile for tiles in triton_module._FORWARD_WHOLE_D_TILES.values() for tile in tiles.values()]
+             if triton_module else [])
 
 
 @pytest.mark.parametrize("block_r,block_d", sorted({(rows, block_d) for rows, block_d, _ in ALL_TILES}))
@@ -587,6 +589,30 @@ def test_triton_interpreter_forward_with_aligned_cluster_rows_matches_oracle(int
 
 
 @requires_triton
+def test_tf32_forward_takes_the_whole_d_tile_only_for_whole_d_blocks() -> None:
+    tiles = triton_module._tiles
+    forward = triton_module._FORWARD_TILES
+    assert tiles(forward, "tf32", 128, 256)[0] == (64, 128, 8)  # the video stream: 2 D blocks of 128
+    assert tiles(forward, "tf32", 100, 1024)[0] == (64, 128, 8)
+    assert tiles(forward, "tf32", 128, 200)[0] == (64, 64, 8)  # a masked last D block: the table's own
+    assert (64, 128, 8) not in tiles(forward, "tf32", 128, 200)
+    assert tiles(forward, "tf32", 64, 64)[0] == (64, 64, 8)  # other K_PAD: unchanged
+    assert tiles(forward, "half", 128, 256)[0] == (64, 128, 8)
+    assert tiles(triton_module._BACKWARD_TILES, "tf32", 128, 256)[0] == (32, 64, 8)  # forward only
+
+
+@pytest.mark.parametrize("clusters, dim", [(100, 256), (128, 128)], ids=["K100-D256", "K128-D128"])
+def test_triton_interpreter_tf32_forward_with_whole_d_blocks_matches_reference(interpreter, clusters: int,
+                                                                               dim: int) -> None:
+    # The TF32 forward's (64, 128, 8) tile, chosen when D is a multiple of 128 (the interpreter
+    # multiplies exactly, so the fp32 tolerances hold); lengths end inside a 64-row block.
+    shape = Shape(2, 40, 2, clusters, dim, (40, 13))
+    triton_results, reference_results = triton_and_reference(shape, torch.float32, precision="tf32")
+    for name, got, expected in zip(NAMES, triton_results, reference_results):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@requires_triton
 def test_cluster_alignment_by_hand() -> None:
     alignment = triton_module._cluster_alignment
     assert [alignment(k) for k in (56, 112, 128, 64, 7, 48, 24, 1)] == [8, 16, 16, 16, 1, 16, 8, 1]
@@ -668,6 +694,8 @@ def test_kernels_compile_for_h100_without_register_spills() -> None:
                  ("backward", torch.bfloat16, 256, 16, "ieee"), ("backward", torch.float32, 128, 16, "tf32"),
                  # exact fp32 (matmul precision "highest") at K_PAD = 256
                  ("backward", torch.float32, 200, 256, "ieee"),
+                 # the TF32 forward's whole-D tile (64, 128, 8), at the final recipe's video K and K_PAD 128, D = 512
+                 ("forward", torch.float32, 112, 256, "tf32"), ("forward", torch.float32, 100, 512, "tf32"),
                  # K % 16 != 0: the forward's logits rows declared 8-aligned (the final recipe's audio K)
                  ("forward", torch.bfloat16, 56, 64, "ieee"), ("forward", torch.float32, 56, 64, "tf32"),
                  # the largest clusters Triton takes (K_PAD = 512), at both stream widths
