@@ -509,8 +509,8 @@ def grad_y_rounding_and_row_constant_kernel(
 # --dump-resource-usage`: benchmarks/kernel_compile.py). Under Triton 3.6 (the GPU image's) the
 # defaults spill only where noted for 3.9 as well; three other backward candidates spill there
 # (half K_PAD 128 (64, 128, 8) 72 bytes, half 256 (32, 64, 8) 16, exact fp32 64 (64, 32, 8) 16):
-# with autotuning they are timed and lose. The first is the default; with NEXTVLAD_AUTOTUNE=1 all of them are
-# autotuned once per (K, D, dtype). Every tl.dot dimension is at least 16.
+# with autotuning they are timed and lose. The first is the default; with NEXTVLAD_AUTOTUNE=1 all
+# of them are autotuned once per (K, D, dtype). Every tl.dot dimension is at least 16.
 _Tile = tuple[int, int, int]
 _FORWARD_TILES: dict[str, dict[int, list[_Tile]]] = {
     "half": {
