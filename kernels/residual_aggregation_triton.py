@@ -19,7 +19,7 @@ import contextlib
 import functools
 import math
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import triton
@@ -562,12 +562,30 @@ _BACKWARD_TILES: dict[str, dict[int, list[_Tile]]] = {
         512: [(16, 16, 8), (16, 32, 8)],  # spill 24 / 48-80 bytes on sm_90 (16 / 24 when a program had one row block)
     },
 }
-# Forward tiles that come first when D is a whole number of their BLOCK_D: with a masked last D
-# block they spill (about 150 bytes at K_PAD 128, D = 200), with whole ones they do not (Triton
-# 3.9 and 3.6; K = 65-128, D = 128-1024, strided x too). TF32 (64, 128, 8): the video stream's
-# D = 256 in two blocks instead of four, so the issue-bound TF32 forward computes each row's
-# softmax half as often (NOTES.md, change 15).
-_FORWARD_WHOLE_D_TILES: dict[str, dict[int, _Tile]] = {"tf32": {128: (64, 128, 8)}}
+
+
+def _whole_d_blocks(tile: _Tile, dim: int) -> bool:
+    return dim % tile[1] == 0
+
+
+def _one_d_block(tile: _Tile, dim: int) -> bool:
+    return tile[1] // 2 < dim <= tile[1]
+
+
+# Forward tiles that come first for some D only (the tables' order holds otherwise), with the
+# test that admits them (checked offline under Triton 3.9 and 3.6):
+# * TF32 K_PAD 128 (64, 128, 8) when D is a whole number of 128-wide blocks: the video stream's
+#   D = 256 in two blocks instead of four, so the issue-bound TF32 forward computes each row's
+#   softmax half as often. With a masked last D block it spills (about 150 bytes at D = 200);
+#   spill-free at K = 65-128, D = 128-1024, strided x too (NOTES.md, change 15).
+# * half K_PAD 64 (32, 64, 4) when D is one block of 64 (the audio stream): 102-134 registers,
+#   four CTAs per SM under both Triton versions (the 8-warp default runs two or three), so 480
+#   programs of 160 videos fill 1.1-1.6 waves instead of 1.2-1.8 (change 16). Spill-free at K =
+#   33-64, D = 33-64; narrower D is left to the table (238-255 registers under 3.6 at K = 33).
+_FORWARD_TILES_FOR_D: dict[str, dict[int, tuple[_Tile, Callable[[_Tile, int], bool]]]] = {
+    "tf32": {128: ((64, 128, 8), _whole_d_blocks)},
+    "half": {64: ((32, 64, 4), _one_d_block)},
+}
 # For K_PAD = 1024 no backward tile tried compiled for sm_90 without spills (the best bf16 one
 # spills 240 bytes; BLOCK_R is already tl.dot's minimum of 16), so beyond 512 clusters "auto" runs
 # the reference.
@@ -599,7 +617,7 @@ def _tile_family(dtype: torch.dtype, precision: str) -> str:
 
 def _tiles(table: dict[str, dict[int, list[_Tile]]], family: str, k_pad: int, dim: int) -> list[_Tile]:
     """The candidate tiles for this K_PAD (the next listed size up), BLOCK_D clamped to D; first
-    the forward's whole-D tile where D is a multiple of its BLOCK_D (_FORWARD_WHOLE_D_TILES).
+    the forward's tile for this D where there is one (_FORWARD_TILES_FOR_D).
 
     With K_PAD >= 128 the backward kernel's BLOCK_D is clamped no lower than 64: for sm_90 its
     tensor-core tiles with BLOCK_D 16 or 32 there spill hundreds of bytes of registers (e.g. bf16
@@ -609,9 +627,9 @@ def _tiles(table: dict[str, dict[int, list[_Tile]]], family: str, k_pad: int, di
     by_k_pad = table[family]
     size = min(size for size in by_k_pad if size >= k_pad)
     candidates = by_k_pad[size]
-    whole_d = _FORWARD_WHOLE_D_TILES.get(family, {}).get(size) if table is _FORWARD_TILES else None
-    if whole_d is not None and dim % whole_d[1] == 0:
-        candidates = [whole_d, *candidates]
+    for_d = _FORWARD_TILES_FOR_D.get(family, {}).get(size) if table is _FORWARD_TILES else None
+    if for_d is not None and for_d[1](for_d[0], dim):
+        candidates = [for_d[0], *candidates]
     d_cap = max(64 if table is _BACKWARD_TILES and k_pad >= 128 else 16, _next_power_of_two(dim))
     return list(dict.fromkeys((rows, min(block_d, d_cap), warps) for rows, block_d, warps in candidates))
 

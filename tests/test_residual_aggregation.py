@@ -428,7 +428,7 @@ def _all_tiles(*tables) -> list[tuple[int, int, int]]:
 
 
 ALL_TILES = (_all_tiles(triton_module._FORWARD_TILES, triton_module._BACKWARD_TILES)
-             + [tile for tiles in triton_module._FORWARD_WHOLE_D_TILES.values() for tile in tiles.values()]
+             + [tile for tiles in triton_module._FORWARD_TILES_FOR_D.values() for tile, _ in tiles.values()]
              if triton_module else [])
 
 
@@ -601,6 +601,19 @@ def test_tf32_forward_takes_the_whole_d_tile_only_for_whole_d_blocks() -> None:
     assert tiles(triton_module._BACKWARD_TILES, "tf32", 128, 256)[0] == (32, 64, 8)  # forward only
 
 
+@requires_triton
+def test_half_forward_takes_the_four_warp_tile_for_one_d_block_of_64() -> None:
+    tiles = triton_module._tiles
+    forward = triton_module._FORWARD_TILES
+    assert tiles(forward, "half", 64, 64)[0] == (32, 64, 4)  # the audio stream, K = 64
+    assert tiles(forward, "half", 56, 64)[0] == (32, 64, 4)  # K = 56 (same K_PAD)
+    assert tiles(forward, "half", 40, 33)[0] == (32, 64, 4)
+    assert tiles(forward, "half", 64, 32)[0] == (64, 32, 8)  # narrower D: the table's own, clamped
+    assert tiles(forward, "half", 64, 256)[0] == (64, 128, 8)  # several D blocks: the table's own
+    assert tiles(forward, "tf32", 64, 64)[0] == (64, 64, 8)  # bf16/fp16 only
+    assert tiles(triton_module._BACKWARD_TILES, "half", 64, 64)[0] == (64, 64, 8)  # forward only
+
+
 @pytest.mark.parametrize("clusters, dim", [(100, 256), (128, 128)], ids=["K100-D256", "K128-D128"])
 def test_triton_interpreter_tf32_forward_with_whole_d_blocks_matches_reference(interpreter, clusters: int,
                                                                                dim: int) -> None:
@@ -610,6 +623,14 @@ def test_triton_interpreter_tf32_forward_with_whole_d_blocks_matches_reference(i
     triton_results, reference_results = triton_and_reference(shape, torch.float32, precision="tf32")
     for name, got, expected in zip(NAMES, triton_results, reference_results):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("shape", [Shape(3, 40, 4, 56, 64, (40, 13, 0)), Shape(2, 40, 4, 64, 48, (40, 21))], ids=str)
+def test_triton_interpreter_half_forward_one_d_block_tile_matches_reference(interpreter, shape: Shape) -> None:
+    # bf16 with D in one block of 64: the forward's (32, 64, 4) tile (change 16), against the
+    # reference at the bf16 tolerances of the GPU tests (one rounding of the output).
+    assert triton_module._tiles(triton_module._FORWARD_TILES, "half", 64, shape.dim)[0] == (32, 64, 4)
+    assert_matches_reference(*triton_and_reference(shape, torch.bfloat16), torch.bfloat16)
 
 
 @requires_triton
@@ -696,8 +717,10 @@ def test_kernels_compile_for_h100_without_register_spills() -> None:
                  ("backward", torch.float32, 200, 256, "ieee"),
                  # the TF32 forward's whole-D tile (64, 128, 8), at the final recipe's video K and K_PAD 128, D = 512
                  ("forward", torch.float32, 112, 256, "tf32"), ("forward", torch.float32, 100, 512, "tf32"),
-                 # K % 16 != 0: the forward's logits rows declared 8-aligned (the final recipe's audio K)
+                 # K % 16 != 0: the forward's logits rows declared 8-aligned (the final recipe's audio K),
+                 # in the 4-warp one-D-block tile (32, 64, 4) for bf16
                  ("forward", torch.bfloat16, 56, 64, "ieee"), ("forward", torch.float32, 56, 64, "tf32"),
+                 ("forward", torch.bfloat16, 33, 48, "ieee"),
                  # the largest clusters Triton takes (K_PAD = 512), at both stream widths
                  ("forward", torch.bfloat16, 400, 256, "ieee"), ("backward", torch.bfloat16, 400, 256, "ieee"),
                  ("forward", torch.float32, 512, 64, "tf32"), ("backward", torch.bfloat16, 512, 16, "ieee")]
