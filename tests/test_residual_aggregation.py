@@ -203,16 +203,23 @@ def poisoned_allocations():
 
 
 def triton_and_reference(shape: Shape, dtype: torch.dtype, device: str = "cpu", normalize: bool = False,
-                         precision: str | None = "ieee", seed: int = 0):
+                         precision: str | None = "ieee", seed: int = 0, triton_padding: float | None = None):
     """Outputs and the four gradients from both backends for one upstream gradient; the Triton run's
-    allocations are poisoned with NaN."""
+    allocations are poisoned with NaN. With ``triton_padding``, the Triton run's x, logits and
+    attention hold that value in every frame past a video's length (the reference's keep theirs)."""
     inputs = make_inputs(shape, dtype, device, seed=seed)
     lengths = inputs[3]
     upstream = torch.randn(shape.batch, shape.clusters, shape.dim, generator=torch.Generator().manual_seed(seed + 2))
     upstream = upstream.to(device, dtype)
+    triton_inputs = list(inputs[:3])
+    if triton_padding is not None:
+        triton_inputs = [t.clone() for t in triton_inputs]
+        for video, length in enumerate(shape.lengths):
+            for tensor in triton_inputs:
+                tensor[video, length:] = triton_padding
     results = []
-    for backend in ("triton", "reference"):
-        x, logits, attention, centroids = with_grad(inputs[0], inputs[1], inputs[2], inputs[4])
+    for backend, frames in (("triton", triton_inputs), ("reference", inputs[:3])):
+        x, logits, attention, centroids = with_grad(*frames, inputs[4])
         with poisoned_allocations() if backend == "triton" else contextlib.nullcontext():
             y = residual_aggregation(x, logits, attention, lengths, centroids, backend=backend,
                                      normalize=normalize, precision=precision)
@@ -407,17 +414,7 @@ def test_triton_interpreter_padding_never_reaches_the_outputs(interpreter, monke
     # is the oracle). 5 row blocks of 32 rows; the 33-frame video ends inside block 2.
     monkeypatch.setattr(triton_module, "_backward_plan", lambda *args: plan)
     shape = Shape(3, 70, 2, 9, dim, (70, 33, 0))
-    inputs = make_inputs(shape)
-    upstream = torch.randn(shape.batch, shape.clusters, shape.dim, generator=torch.Generator().manual_seed(7))
-    poisoned = [t.clone() for t in inputs[:3]]
-    for video, length in enumerate(shape.lengths):
-        for tensor in poisoned:
-            tensor[video, length:] = float("nan")
-    results = []
-    for backend, (x, logits, attention) in (("triton", poisoned), ("reference", inputs[:3])):
-        x, logits, attention, centroids = with_grad(x, logits, attention, inputs[4])
-        y = residual_aggregation(x, logits, attention, inputs[3], centroids, backend=backend, precision="ieee")
-        results.append((y, *gradients(y, (x, logits, attention, centroids), upstream)))
+    results = triton_and_reference(shape, torch.float32, triton_padding=float("nan"))
     for name, got, expected in zip(NAMES, *results):
         assert torch.isfinite(got).all(), name
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
