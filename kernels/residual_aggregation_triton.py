@@ -578,10 +578,11 @@ def _one_d_block(tile: _Tile, dim: int) -> bool:
 #   D = 256 in two blocks instead of four, so the issue-bound TF32 forward computes each row's
 #   softmax half as often. With a masked last D block it spills (about 150 bytes at D = 200);
 #   spill-free at K = 65-128, D = 128-1024, strided x too (NOTES.md, change 15).
-# * half K_PAD 64 (32, 64, 4) when D is one block of 64 (the audio stream): 102-134 registers,
-#   four CTAs per SM under both Triton versions (the 8-warp default runs two or three), so 480
-#   programs of 160 videos fill 1.1-1.6 waves instead of 1.2-1.8 (change 16). Spill-free at K =
-#   33-64, D = 33-64; narrower D is left to the table (238-255 registers under 3.6 at K = 33).
+# * half K_PAD 64 (32, 64, 4) when D is one block of 64 (the audio stream): at most 128
+#   registers, four CTAs per SM, under both Triton versions at K = 33-64, D = 33-64 (the 8-warp
+#   default runs two or three), so the 480 programs of 160 videos in 3 frame splits fit one wave
+#   of 528 slots instead of 1.21 or 1.82 waves (change 16). Narrower D is left to the table
+#   (238-255 registers under 3.6 at K = 33).
 _FORWARD_TILES_FOR_D: dict[str, dict[int, tuple[_Tile, Callable[[_Tile, int], bool]]]] = {
     "tf32": {128: ((64, 128, 8), _whole_d_blocks)},
     "half": {64: ((32, 64, 4), _one_d_block)},
