@@ -305,7 +305,8 @@ def residual_aggregation(
         x: (B, M, G, D) expanded frame features split into G groups (a view of (B, M, G*D)).
         logits: (B, M, G, K) cluster logits (after the cluster batch norm); softmax over K inside.
         attention: (B, M, G) group-attention logits, before the sigmoid.
-        lengths: (B,) integer count of real frames; frames ``i >= lengths[b]`` contribute nothing.
+        lengths: (B,) integer count of real frames; frames ``i >= lengths[b]`` contribute nothing,
+            whatever they hold (NaN included), on every backend, to y and to the gradients.
         centroids: (K, D) cluster centres (any floating dtype).
         backend: ``"auto"``: the registered op ``torch.ops.nextvlad.residual_aggregation``, whose
             implementation is Triton for CUDA tensors of fp32/fp16/bf16 with K <= 512 and the

@@ -24,6 +24,14 @@ def frame_mask(lengths: Tensor, max_frames: int) -> Tensor:
     return torch.arange(max_frames, device=lengths.device) < lengths[:, None]
 
 
+def zero_padded_frames(frames: Tensor, lengths: Tensor) -> Tensor:
+    """``frames`` (B, M, ...) with every frame ``i >= lengths[b]`` set to zero by selection, not by
+    multiplying with a mask (NaN x 0 is NaN): padded frames contribute nothing whatever they hold,
+    as in the Triton kernels, which never read them into their sums."""
+    real = frame_mask(lengths, frames.shape[1])
+    return torch.where(real.reshape(real.shape + (1,) * (frames.dim() - 2)), frames, 0)
+
+
 def soft_assignment(logits: Tensor, attention: Tensor, lengths: Tensor) -> Tensor:
     """``a[b,i,g,k]`` (B, M, G, K) in the compute dtype, exactly zero on padded frames."""
     _, gate, probabilities = _gate_and_probabilities(logits, attention, lengths)
@@ -87,7 +95,7 @@ def residual_aggregation_einsum(
     """
     compute = compute_dtype(x.dtype)
     assignment = soft_assignment(logits, attention, lengths)
-    residuals = x.to(compute)[:, :, :, None, :] - centroids.to(compute)  # (B, M, G, K, D)
+    residuals = zero_padded_frames(x.to(compute), lengths)[:, :, :, None, :] - centroids.to(compute)  # (B, M, G, K, D)
     y = torch.einsum("bmgk,bmgkd->bkd", assignment, residuals)
     if normalize:
         y = l2_normalize_clusters(y)
@@ -103,7 +111,8 @@ def residual_aggregation_reference_forward(
     compute = compute_dtype(x.dtype)
     assignment = soft_assignment(logits, attention, lengths).reshape(batch, max_frames * groups, -1)
     assignment_sum = assignment.sum(dim=1)
-    y = assignment.transpose(1, 2) @ x.to(compute).reshape(batch, max_frames * groups, dim)
+    features = zero_padded_frames(x.to(compute), lengths).reshape(batch, max_frames * groups, dim)
+    y = assignment.transpose(1, 2) @ features
     y = y - assignment_sum[:, :, None] * centroids.to(compute)
     return y.to(out_dtype), assignment_sum
 
@@ -126,7 +135,7 @@ def residual_aggregation_reference_backward(
     sigmoid, gate, probabilities = _gate_and_probabilities(logits, attention, lengths)
     assignment = (probabilities * gate[..., None]).reshape(batch, max_frames * groups, clusters)
     grad_y = grad_y.to(compute)
-    features = x.to(compute).reshape(batch, max_frames * groups, dim)
+    features = zero_padded_frames(x.to(compute), lengths).reshape(batch, max_frames * groups, dim)
 
     grad_x = (assignment @ grad_y).reshape(x.shape)
     row_constant = torch.einsum("bkd,kd->bk", grad_y, centroids.to(compute))

@@ -154,21 +154,31 @@ def test_reference_gradcheck_float64(normalize: bool) -> None:
     assert torch.autograd.gradcheck(op, (x, logits, attention, centroids))
 
 
-def test_padded_frames_contribute_nothing() -> None:
-    shape = Shape(2, 6, 2, 4, 3, (2, 5))
+@pytest.mark.parametrize("padding", [1e4, float("nan"), float("inf")], ids=["1e4", "nan", "inf"])
+@pytest.mark.parametrize("backend", ["auto", "reference", "einsum"])
+def test_padded_frames_contribute_nothing(backend: str, padding: float) -> None:
+    # Whatever the padded frames of x, logits and attention hold, NaN included (NaN x 0 is NaN, so
+    # the references select, not multiply): the output and every gradient are those of zero
+    # padding, and the padded rows' gradients are exactly zero. "auto" on a CPU is the op's
+    # reference implementation (the hand-written backward); the Triton path has its own test.
+    shape = Shape(3, 6, 2, 4, 3, (2, 5, 0))
     x, logits, attention, lengths, centroids = make_inputs(shape)
-    garbage = [t.clone() for t in (x, logits, attention)]
-    for tensor in garbage:
+    upstream = torch.randn(shape.batch, shape.clusters, shape.dim, generator=torch.Generator().manual_seed(1))
+    results = []
+    for value in (0.0, padding):
+        frames = [t.clone() for t in (x, logits, attention)]
+        for tensor in frames:
+            for b, length in enumerate(shape.lengths):
+                tensor[b, length:] = value
+        leaves = with_grad(*frames, centroids)
+        y = residual_aggregation(*leaves[:3], lengths, leaves[3], backend=backend)
+        results.append((y, *gradients(y, leaves, upstream)))
+    for name, clean, dirty in zip(NAMES, *results):
+        assert torch.isfinite(dirty).all(), f"{backend}, padding {padding}: {name} not finite"
+        torch.testing.assert_close(dirty, clean, msg=lambda m: f"{backend}, padding {padding}: {name}: {m}")
+    for name, grad in zip(NAMES[1:4], results[1][1:4]):
         for b, length in enumerate(shape.lengths):
-            tensor[b, length:] = 1e4
-    clean = residual_aggregation(x, logits, attention, lengths, centroids)
-    x_g, logits_g, attention_g, centroids_g = with_grad(*garbage, centroids)
-    dirty = residual_aggregation(x_g, logits_g, attention_g, lengths, centroids_g)
-    torch.testing.assert_close(dirty, clean)
-    dirty.sum().backward()
-    for tensor in (x_g, logits_g, attention_g):
-        for b, length in enumerate(shape.lengths):
-            assert torch.all(tensor.grad[b, length:] == 0)
+            assert torch.all(grad[b, length:] == 0), f"{backend}: {name} of padded frames"
 
 
 def test_half_precision_output_dtype_and_fp32_accumulation() -> None:
