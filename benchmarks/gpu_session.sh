@@ -112,7 +112,8 @@ kernel_model() {
   if [ -f benchmarks/kernel_model.py ]; then
     # The headline case only (video K=128 bf16: two sm_90 compiles, about 6 s with a cold Triton
     # cache; all shapes take minutes), measured beside predicted on a GPU, into $results; both
-    # lengths, so that the backward's tail runs (NOTES.md, change 12) are timed against head runs only.
+    # lengths, so that the backward's tail runs (NOTES.md, change 12) are timed against head runs only
+    # and its L2 prefetch (change 17) against none (one more compile of the backward).
     "$python" benchmarks/kernel_model.py --streams video --clusters 128 --dtypes bf16 --lengths full 120-300 \
       --output-dir "$results" --name kernel_model_measured
   else
@@ -152,8 +153,8 @@ if [ $dry_run = 1 ]; then
 else
   stage ceilings 25 "$python" benchmarks/ceilings.py --output-dir "$results"
   stage tests 80 "$python" -m pytest -q -m gpu tests/ -p no:cacheprovider
-  stage kernel 125 with_ceilings "$python" benchmarks/bench_aggregation.py --output-dir "$results"
-  stage model 20 kernel_model
+  stage kernel 120 with_ceilings "$python" benchmarks/bench_aggregation.py --output-dir "$results"
+  stage model 25 kernel_model
   stage train 55 with_ceilings "$python" benchmarks/bench_train.py --config configs/nextvlad.yaml --workers 8 \
     --warmup 2 --steps 8 \
     --cost-split --output-dir "$results"

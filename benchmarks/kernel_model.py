@@ -94,7 +94,9 @@ ASSUMPTIONS = [
     "backward the same one as its first loads, which do not wait for them), and one more "
     "when the dot operands' first asynchronous copy is issued after the first MUFU (the softmax: the "
     "logits, then x, are waited for in turn); with a nested D loop, one per row-block trip instead "
-    "(its first copies are issued just before it); a backward program past its video's end waits "
+    "(its first copies are issued just before it), from L2 rather than DRAM (500 cycles, half a DRAM "
+    "access: another guess) for every trip but a program's first where the trip before prefetched "
+    "them into L2 (CCTL.E.PF2 in the loop); a backward program past its video's end waits "
     "only for the lengths. Another resident CTA hides it, so the sum is divided by the CTAs per SM. Added on top of the floors "
     "(pessimistic: no overlap with the throughput floors).",
     "Frame splits (forward: every video of a small batch such as audio's 160, or the videos of the "
@@ -116,6 +118,9 @@ ASSUMPTIONS = [
 ]
 
 LATENCY_CYCLES = 1000
+# An L2 hit, for copies of lines prefetched into L2 (CCTL.E.PF2): a guess like LATENCY_CYCLES;
+# public Hopper microbenchmarks put an L2 hit at a few hundred cycles, about half a DRAM access.
+L2_LATENCY_CYCLES = 500
 SMEM_PER_SM = 233_472
 REGISTERS_PER_SM = 65_536
 
@@ -235,6 +240,9 @@ class KernelCode:
     # the first asynchronous copy (LDGSTS/UTMALDG: the dot operands) comes after the first MUFU
     # (the softmax's exp): the program waits for the logits, computes, then waits for x again
     loads_after_softmax: bool
+    # the main loop, outside its nested loop, prefetches lines into L2 (CCTL.E.PF2: the backward
+    # asking for the next row block's x, change 17)
+    prefetches_to_l2: bool = False
 
     def exposed_cycles_per_trip(self, warps: int, inner: bool = False) -> float:
         """Latency of the loop's (``inner``: the nested loop's) nearest-used synchronous load not
@@ -267,7 +275,11 @@ class KernelCode:
                      if op == "LDG" and address not in inner_addresses]
         inner_distances = [_use_distance(inner_entries, index) for index, (_, op, _) in enumerate(inner_entries)
                            if op == "LDG"]
-        return cls([op for _, op, _ in body], inner, outside, distances, inner_distances, loads_after_softmax)
+        prefetch_addresses = {int(match.group(1), 16) for match in map(_INSTRUCTION.search, text.splitlines())
+                              if match and match.group(3) == "CCTL" and ".PF2" in match.group(4)}
+        prefetches = any(address in prefetch_addresses and address not in inner_addresses for address, _, _ in body)
+        return cls([op for _, op, _ in body], inner, outside, distances, inner_distances, loads_after_softmax,
+                   prefetches)
 
 
 _REGISTER = re.compile(r"\bR(\d+)\b")
@@ -408,14 +420,16 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
     # lengths, then the first loads, [then x after the softmax], [then one per loop trip]; a
     # backward program past its video's end only stores (one round trip: the lengths)
     # nested: every row-block trip waits once more, for the D loop's first asynchronous copies
-    # (issued right before it, nothing to do meanwhile)
+    # (issued right before it, nothing to do meanwhile): from DRAM, or from L2 where the trip
+    # before prefetched them (change 17), so a program's first trip still waits for DRAM
+    copy_wait = int(nested) * (L2_LATENCY_CYCLES / LATENCY_CYCLES if code.prefetches_to_l2 else 1)
     per_trip = (code.exposed_cycles_per_trip(warps) + d_blocks * code.exposed_cycles_per_trip(warps, inner=True)
-                * nested) / LATENCY_CYCLES + nested
+                * nested) / LATENCY_CYCLES + copy_wait
     # the forward's first loads wait for the lengths (its loop bounds and masks), the backward's
     # are issued with them (change 14): one round trip for both
     first_wait = 2 if kind == "forward" else 1
-    round_trips = sum(first_wait + (code.loads_after_softmax and not nested) + trips * per_trip if trips else 1
-                      for trips in per_program)
+    round_trips = sum(first_wait + (code.loads_after_softmax and not nested) + trips * per_trip
+                      + (int(nested) - copy_wait) if trips else 1 for trips in per_program)
     # a split program waits once more for its arrival (the atomic), the last one again for the partials
     round_trips += split_videos * d_blocks * (splits + 1)
     resident = ctas_per_sm(usage["registers"], usage["shared_memory_bytes"], warps)
@@ -445,6 +459,7 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
         "loop": "row blocks" + (f" (D loop nested, {d_blocks} trips)" if nested else ""),
         "sync_load_use_distance": min(code.sync_load_distances, default=None),
         "inner_sync_load_use_distance": min(code.inner_sync_load_distances, default=None), "loads_after_softmax": code.loads_after_softmax,
+        "prefetches_to_l2": code.prefetches_to_l2,
         "splits": splits,
         "bytes_MB": bytes_moved / 1e6,
     }
@@ -528,9 +543,22 @@ def backward_plan_without_tail():
         ops._backward_plan = plan
 
 
+@contextlib.contextmanager
+def backward_without_prefetch():
+    """The backward without change 17's L2 prefetch of the next row block's x, for a measurement
+    side by side with it: the launcher's ``_prefetches_next_x`` answering no."""
+    prefetches = ops._prefetches_next_x
+    ops._prefetches_next_x = lambda one_d_block, k_pad: False
+    try:
+        yield
+    finally:
+        ops._prefetches_next_x = prefetches
+
+
 def measure(rows: list[dict[str, Any]]) -> None:
     """With a CUDA GPU: time each case's kernel launch (triton.testing.do_bench) beside the model;
-    the backward also without change 12's tail runs (``measured_no_tail_us``), in the same run."""
+    the backward also without change 12's tail runs (``measured_no_tail_us``) and, where it loops
+    over D blocks, without change 17's L2 prefetch (``measured_no_prefetch_us``), in the same run."""
     from nextvlad.kernels.residual_aggregation import residual_aggregation
 
     for row in rows:
@@ -552,13 +580,18 @@ def measure(rows: list[dict[str, Any]]) -> None:
                 return ops.launch_backward(x, logits, attention, lengths, grad_y, row_constant, precision)
         residual_aggregation(*args, backend="triton")  # compile once
         row["measured_us"] = triton.testing.do_bench(run) * 1e3
-        without_tail = ""
+        variants = ""
         if row["kernel"] == "backward":
             with backward_plan_without_tail():
                 row["measured_no_tail_us"] = triton.testing.do_bench(run) * 1e3
-            without_tail = f" (head runs only: {row['measured_no_tail_us']:.1f} us)"
+            variants = f" (head runs only: {row['measured_no_tail_us']:.1f} us"
+            if row["prefetches_to_l2"]:
+                with backward_without_prefetch():
+                    row["measured_no_prefetch_us"] = triton.testing.do_bench(run) * 1e3
+                variants += f"; no L2 prefetch: {row['measured_no_prefetch_us']:.1f} us"
+            variants += ")"
         print(f"{row['stream']} K={row['K']} {row['dtype']} {row['lengths']} {row['kernel']}: "
-              f"measured {row['measured_us']:.1f} us{without_tail}, predicted H200 {row['h200_predicted_us']:.1f} us")
+              f"measured {row['measured_us']:.1f} us{variants}, predicted H200 {row['h200_predicted_us']:.1f} us")
 
 
 def run_model(streams: list[str], dtypes: list[str], lengths_kinds: list[str], clusters: list[int] | None,

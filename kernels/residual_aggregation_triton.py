@@ -297,6 +297,17 @@ def _add_up_splits(acc, assignment_sum, partial_y_ptr, partial_sum_ptr, arrivals
 
 
 @triton.jit
+def _prefetch_rows_to_l2(row_ptrs, dim, LINE: tl.constexpr):
+    """Asks L2 for every 128-byte line of the rows starting at ``row_ptrs`` (``dim`` elements each),
+    without waiting or holding a register: PTX ``prefetch.global.L2``, ``LINE`` elements apart. A
+    hint: it changes no value (a row that does not start on a line boundary may miss its last
+    line), and only the compiled kernels issue it (the interpreter has no inline PTX)."""
+    for start in range(0, dim, LINE):
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [row_ptrs + start],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def residual_aggregation_backward_kernel(
     x_ptr, logits_ptr, attention_ptr, lengths_ptr, grad_y_ptr, grad_y_dot_centroids_ptr,
     grad_x_ptr, grad_logits_ptr, grad_attention_ptr,
@@ -304,7 +315,7 @@ def residual_aggregation_backward_kernel(
     x_stride_video, x_stride_frame, x_stride_group,
     K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UNIFORM_X_ROWS: tl.constexpr,
-    ONE_D_BLOCK: tl.constexpr,
+    ONE_D_BLOCK: tl.constexpr, PREFETCH_NEXT_X: tl.constexpr,
 ):
     """One program per (video, run of row blocks), on axis 0 (any batch fits CUDA's grid); the
     program walks its row blocks in order. Every gradient here is local to a (frame, group) row.
@@ -326,6 +337,9 @@ def residual_aggregation_backward_kernel(
         blocks, 0: head runs only).
       ONE_D_BLOCK: D <= BLOCK_D. Then dL/dy[b] is loaded once per program and kept on chip, and
         x is loaded a row block ahead with the logits, so no trip waits for memory.
+      PREFETCH_NEXT_X: (D loop only) ask L2 for the next row block's x while this one is
+        computed (_prefetch_rows_to_l2), so that the D loop's first copies, which each row block
+        waits for, come from L2 rather than DRAM (benchmarks/NOTES.md, change 17).
       grad_y_ptr: (B, K, D) contiguous dL/dy in x's dtype.
       grad_y_dot_centroids_ptr: (B, K) in the accumulator type, subtracted from every row's
         grad_a: sum_d gy[k,d] c[k,d] minus dL/da_sum[b,k] (zero unless a_sum itself has a gradient).
@@ -390,6 +404,12 @@ def residual_aggregation_backward_kernel(
         next_logits = tl.load(logits_ptr + logits_video + next_rows[:, None] * clusters + offs_k[None, :],
                               mask=next_valid[:, None] & k_valid[None, :], other=0.0)
         next_attention = tl.load(attention_ptr + attention_video + next_rows, mask=next_valid, other=0.0)
+        if PREFETCH_NEXT_X:
+            # rows past the video's end ask for its last real row again (already there)
+            prefetch_rows = tl.minimum(next_rows, tl.maximum(real_rows - 1, 0))
+            _prefetch_rows_to_l2(x_video + _x_row_offsets(prefetch_rows, groups, x_stride_frame, x_stride_group,
+                                                          UNIFORM_X_ROWS),
+                                 dim, 1024 // x_ptr.dtype.element_ty.primitive_bitwidth)
 
         if ONE_D_BLOCK:
             features = tl.where(row_valid[:, None], next_features, 0.0)
@@ -772,6 +792,14 @@ def _backward_programs(batch: int, row_blocks: int, plan: tuple[int, int, int]) 
     return batch * (triton.cdiv(row_blocks - tail_blocks, head_run) + triton.cdiv(tail_blocks, tail_run))
 
 
+def _prefetches_next_x(one_d_block: bool, k_pad: int) -> bool:
+    """Whether the backward asks L2 for the next row block's x (PREFETCH_NEXT_X): where it loops
+    over D blocks (with one D block, x comes a block ahead in registers instead), not at K_PAD 512
+    (its 16-row blocks' tiles are out of registers: the prefetch made the bf16 one spill 16 bytes
+    under Triton 3.9), and not in the interpreter, which has no inline PTX."""
+    return not one_d_block and k_pad < 512 and not triton_interpreter_enabled()
+
+
 def _accumulator_dtype(dtype: torch.dtype) -> Any:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -873,13 +901,15 @@ def launch_backward(
         # Planned for the default tile; an autotuned tile walks as many of its own blocks.
         plan = _backward_plan(batch, triton.cdiv(max_frames * groups, tiles[0][0]), triton.cdiv(dim, tiles[0][1]),
                               _multiprocessors(x.device))
+        one_d_block = dim <= min(block_d for _, block_d, _ in launched)
         _launch(
             "backward", family, tiles,
             lambda meta: (_backward_programs(batch, triton.cdiv(max_frames * groups, meta["BLOCK_R"]), plan),),
             x, logits, attention, lengths, grad_y, grad_y_dot_centroids,
             grad_x, grad_logits, grad_attention,
             max_frames, groups, clusters, dim, batch, *plan, *_x_strides(x),
-            **_kernel_constants(x, clusters, precision), ONE_D_BLOCK=dim <= min(block_d for _, block_d, _ in launched),
+            **_kernel_constants(x, clusters, precision), ONE_D_BLOCK=one_d_block,
+            PREFETCH_NEXT_X=_prefetches_next_x(one_d_block, _padded_clusters(clusters)),
         )
     return grad_x, grad_logits, grad_attention
 

@@ -81,6 +81,43 @@ def test_sass_reader_charges_a_nested_loops_synchronous_load_per_nested_trip() -
     assert code.exposed_cycles_per_trip(warps=8, inner=True) == kernel_model.LATENCY_CYCLES - 1 * 8 / 4
 
 
+def test_sass_reader_finds_the_main_loops_l2_prefetch() -> None:
+    # CCTL.E.PF2 is PTX prefetch.global.L2 (the backward's ask for the next row block's x, change
+    # 17): it counts in the main loop outside its nested loop, not inside the nested loop, and a
+    # CCTL that invalidates L1 (the forward's acquire atomic) is no prefetch.
+    outer_load = "/*0080*/                   LDG.E R2, desc[UR4][R4.64] ;"
+    inner_load = "/*0040*/                   LDG.E.128 R5, desc[UR4][R6.64] ;"
+    assert outer_load in NESTED_LISTING and inner_load in NESTED_LISTING
+    assert not kernel_model.KernelCode.from_sass(NESTED_LISTING).prefetches_to_l2
+    prefetch = "/*0080*/                   CCTL.E.PF2 [R4] ;"
+    assert kernel_model.KernelCode.from_sass(NESTED_LISTING.replace(outer_load, prefetch)).prefetches_to_l2
+    invalidate = "/*0080*/                   CCTL.IVALL ;"
+    assert not kernel_model.KernelCode.from_sass(NESTED_LISTING.replace(outer_load, invalidate)).prefetches_to_l2
+    inner_prefetch = "/*0040*/                   CCTL.E.PF2 [R6] ;"
+    assert not kernel_model.KernelCode.from_sass(NESTED_LISTING.replace(inner_load, inner_prefetch)).prefetches_to_l2
+
+
+def test_an_l2_prefetch_shortens_every_nested_copy_wait_but_each_programs_first() -> None:
+    # The same backward code with and without the prefetch: the exposed time differs by
+    # (trips - 1) x (DRAM - L2 latency) per program that has real row blocks, over the SMs' slots.
+    outer_load = "/*0080*/                   LDG.E R2, desc[UR4][R4.64] ;"
+    without = kernel_model.KernelCode.from_sass(NESTED_LISTING)
+    with_prefetch = kernel_model.KernelCode.from_sass(
+        NESTED_LISTING.replace(outer_load, "/*0080*/                   CCTL.E.PF2 [R4] ;"))
+    with_prefetch.sync_load_distances = without.sync_load_distances  # only the prefetch differs
+    stream = next(s for s in kernel_model.STREAMS if s.name == "video")
+    usage = {"registers": 128, "spill_stack_bytes": 0, "shared_memory_bytes": 1024}  # 2 CTAs of 8 warps
+    tile = (64, 64, 8)
+    rows = [kernel_model.model_case("backward", stream, 128, "bf16", "120-300", code, usage, tile, "half")
+            for code in (without, with_prefetch)]
+    trips, _, _ = kernel_model.programs_and_trips("backward", kernel_model.paper_lengths("120-300"), 8, 256, tile, 132)
+    saved_cycles = sum(t - 1 for t in trips if t) * (kernel_model.LATENCY_CYCLES - kernel_model.L2_LATENCY_CYCLES)
+    saved_us = saved_cycles / (132 * 2 * 1.755e9) * 1e6
+    assert saved_us > 0
+    assert rows[0]["h200_exposed_us"] - rows[1]["h200_exposed_us"] == pytest.approx(saved_us, rel=1e-9)
+    assert rows[1]["prefetches_to_l2"] and not rows[0]["prefetches_to_l2"]
+
+
 def test_occupancy_and_lengths_by_hand() -> None:
     # 186 registers: 5,952 per warp (units of 256), x 8 warps = 47,616 of 65,536 -> 1 CTA
     assert kernel_model.ctas_per_sm(186, 90112, 8) == 1
@@ -113,6 +150,13 @@ def test_the_measurement_without_tail_runs_plans_head_runs_only() -> None:
         assert kernel_model.ops._backward_plan(160, 38, 4, 132) == (10, 0, 10)
         assert kernel_model.ops._backward_programs(160, 38, (10, 0, 10)) == 160 * 4
     assert kernel_model.ops._backward_plan is plan
+
+
+def test_the_measurement_without_prefetch_switches_the_launchers_rule_off_and_back() -> None:
+    rule = kernel_model.ops._prefetches_next_x
+    with kernel_model.backward_without_prefetch():
+        assert kernel_model.ops._prefetches_next_x(False, 128) is False
+    assert kernel_model.ops._prefetches_next_x is rule
 
 
 @pytest.mark.slow

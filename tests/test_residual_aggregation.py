@@ -412,6 +412,8 @@ def test_triton_interpreter_backward_walks_runs_of_row_blocks(interpreter, monke
     for name, got, expected in zip(NAMES, *triton_and_reference(shape, torch.float32, precision=precision)):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
     assert [constexprs["ONE_D_BLOCK"] for constexprs in backward_constants] == [dim == 16]
+    # the L2 prefetch is inline PTX, which the interpreter cannot run (the sm_90 compile test has it)
+    assert not any(constexprs["PREFETCH_NEXT_X"] for constexprs in backward_constants)
 
 
 @pytest.mark.parametrize("dim", [16, 80], ids=["one-D-block", "D-loop"])
@@ -716,6 +718,8 @@ def test_kernels_compile_for_h100_without_register_spills() -> None:
     script = textwrap.dedent("""
         import torch
         from kernel_compile import compile_for_gpu, resource_usage
+        from kernel_model import sass
+        from nextvlad.kernels import residual_aggregation_triton as ops
         cases = [("forward", torch.bfloat16, 128, 256, "ieee"), ("backward", torch.bfloat16, 128, 256, "ieee"),
                  ("forward", torch.float32, 7, 24, "ieee"), ("backward", torch.float32, 7, 24, "ieee"),
                  # many clusters, small D: the tile's BLOCK_D is clamped towards D
@@ -738,11 +742,21 @@ def test_kernels_compile_for_h100_without_register_spills() -> None:
                   for clusters, dim in ((128, 256), (56, 64), (512, 256))]
         for kind, dtype, clusters, dim, precision in cases:
             strided = precision == "strided"
-            usage = resource_usage(compile_for_gpu(kind, dtype, clusters, dim, strided_x=strided,
-                                                   precision="ieee" if strided else precision))
+            compiled = compile_for_gpu(kind, dtype, clusters, dim, strided_x=strided,
+                                       precision="ieee" if strided else precision)
+            usage = resource_usage(compiled)
             print(kind, dtype, clusters, dim, precision, usage)
             assert usage["spill_stack_bytes"] == 0, usage
             assert usage["shared_memory_bytes"] <= 227 * 1024, usage
+            if kind == "backward":
+                # change 17: the D loop's backward asks L2 for the next row block's x (PTX
+                # prefetch.global.L2, SASS CCTL.E.PF2), except at K_PAD 512; with one D block x
+                # comes in registers
+                family = ops._tile_family(dtype, "ieee" if strided else precision)
+                k_pad = ops._padded_clusters(clusters)
+                _, block_d, _ = ops._tiles(ops._BACKWARD_TILES, family, k_pad, dim)[0]
+                expected = dim > block_d and k_pad < 512
+                assert ("CCTL.E.PF2" in sass(compiled)) == expected, (kind, clusters, dim)
     """)
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     environment["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks")
