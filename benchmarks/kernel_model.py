@@ -630,7 +630,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     rows, combined = run_model(args.streams, args.dtypes, args.lengths, args.clusters, args.measure)
-    columns = SUMMARY_COLUMNS + (["measured_us", "measured_no_tail_us"] if args.measure else [])
+    measured = ["measured_us", "measured_no_tail_us", "measured_no_prefetch_us"]
+    columns = SUMMARY_COLUMNS + (measured if args.measure else [])
     meta = {**environment("cuda" if args.measure else "cpu"),
             "target": "sm_90, compiled with Triton's bundled ptxas; times are predictions"
                       + (" beside measurements" if args.measure else " (no GPU used)"),
