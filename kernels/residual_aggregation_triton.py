@@ -796,8 +796,9 @@ def _prefetches_next_x(one_d_block: bool, k_pad: int) -> bool:
     """Whether the backward asks L2 for the next row block's x (PREFETCH_NEXT_X): where it loops
     over D blocks (with one D block, x comes a block ahead in registers instead), not at K_PAD 512
     (its 16-row blocks' tiles are out of registers: the prefetch made the bf16 one spill 16 bytes
-    under Triton 3.9), and not in the interpreter, which has no inline PTX."""
-    return not one_d_block and k_pad < 512 and not triton_interpreter_enabled()
+    under Triton 3.9), and only where Triton emits PTX: not in the interpreter, nor on ROCm (whose
+    tensors also say is_cuda)."""
+    return not one_d_block and k_pad < 512 and not triton_interpreter_enabled() and torch.version.hip is None
 
 
 def _accumulator_dtype(dtype: torch.dtype) -> Any:

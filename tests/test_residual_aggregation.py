@@ -623,6 +623,21 @@ def test_half_forward_takes_the_four_warp_tile_for_one_d_block_of_64() -> None:
     assert tiles(triton_module._BACKWARD_TILES, "half", 64, 64)[0] == (64, 64, 8)  # forward only
 
 
+@requires_triton
+def test_backward_prefetches_next_x_only_for_the_d_loop_below_k_pad_512_on_nvidia(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Change 17's rule, as on a CUDA machine (the interpreter has no inline PTX: there it is off).
+    rule = triton_module._prefetches_next_x
+    assert not rule(False, 128) if triton_interpreter_enabled() else rule(False, 128)
+    monkeypatch.setattr(triton_module, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert rule(False, 128) and rule(False, 256)  # D loops over blocks: the video stream
+    assert not rule(True, 128)  # one D block: x already comes a block ahead in registers
+    assert not rule(False, 512)  # out of registers there
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert not rule(False, 128)  # ROCm: Triton emits no PTX
+
+
 @pytest.mark.parametrize("clusters, dim", [(100, 256), (128, 128)], ids=["K100-D256", "K128-D128"])
 def test_triton_interpreter_tf32_forward_with_whole_d_blocks_matches_reference(interpreter, clusters: int,
                                                                                dim: int) -> None:
