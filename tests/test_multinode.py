@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,19 @@ def _srun(node: int, port: int, command: list[str]) -> tuple[list[str], dict]:
         "MASTER_PORT": str(port)}
 
 
+def _outputs_within(nodes: list[subprocess.Popen], timeout: float) -> list[str]:
+    """Every node's output once all have exited; past ``timeout`` seconds in all, every node is
+    killed and the test fails with each node's last output (a hang shows where each rank was)."""
+    try:
+        deadline = time.monotonic() + timeout
+        return [node.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for node in nodes]
+    except subprocess.TimeoutExpired:
+        for node in nodes:
+            node.kill()
+        tails = [f"node {rank}:\n{node.communicate()[0][-3000:]}" for rank, node in enumerate(nodes)]
+        pytest.fail(f"the nodes did not finish within {timeout:.0f} s\n" + "\n".join(tails))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("launch", [_torchrun, _srun], ids=["torchrun", "slurm"])
@@ -93,7 +107,7 @@ def test_two_nodes_see_every_video_once_per_epoch(synthetic_data, tmp_path, laun
                                                  "--trainer.num_nodes", "2", "--trainer.devices", "1"])
         nodes.append(subprocess.Popen(command, env={**env, **extra_env}, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
-    outputs = [node.communicate(timeout=220)[0] for node in nodes]
+    outputs = _outputs_within(nodes, timeout=220)
     for node, output in zip(nodes, outputs):
         assert node.returncode == 0, output[-3000:]
 
