@@ -3,7 +3,8 @@
 # holds only the image's packages (benchmarks/gpu_image_packages.txt, at the versions this checkout's
 # .venv resolved, Triton at the image's 3.6.0), installs the fetched wheels and the project exactly
 # as gpu_session.sh does, then imports every module of the package and of benchmarks/. The same
-# venv runs the offline sm_90 compile report under Triton 3.6 (--compile-report).
+# venv runs the offline sm_90 compile report and the static kernel model under Triton 3.6
+# (--compile-report).
 #
 #   bash benchmarks/check_gpu_image.sh [VENV]          # default .venv-gpuimage (ignored by git)
 #   bash benchmarks/check_gpu_image.sh VENV --compile-report
@@ -59,4 +60,6 @@ shift || true
 if [ "${1:-}" = --compile-report ]; then
   "$venv/bin/python" benchmarks/bench_aggregation.py --compile-report --name aggregation_sm90_compile_triton36 \
       --output-dir benchmarks/results
+  # the static model on Triton 3.6's SASS: what the GPU image will run (kernel_model.md is 3.9's)
+  "$venv/bin/python" benchmarks/kernel_model.py --no-measure --name kernel_model_triton36 --output-dir benchmarks/results
 fi
