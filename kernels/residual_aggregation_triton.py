@@ -7,7 +7,8 @@ interpreter, ``TRITON_INTERPRET=1`` set before Triton is first imported: tests o
   ``a^T x`` with ``tl.dot`` into fp32; it never writes the (B, M, G, K) assignment. It also
   returns ``a_sum`` (B, K), the only tensor saved besides the inputs.
 * backward: one program per run of a video's row blocks recomputes the assignment (flash-attention style)
-  and writes the row-local gradients of x, logits and attention. No atomics, so the result is
+  and writes the row-local gradients of x, logits and attention, with the next row block's logits
+  loaded ahead and (on NVIDIA GPUs) its x asked of L2 ahead. No atomics, so the result is
   deterministic for a given tile.
 * tiles come from tables checked by compiling for sm_90 without a GPU
   (``benchmarks/kernel_compile.py``); autotuning only with ``NEXTVLAD_AUTOTUNE=1``.
