@@ -42,14 +42,13 @@ def _gate_and_probabilities(logits: Tensor, attention: Tensor, lengths: Tensor) 
     """``sigmoid(attention)``, the gate (the sigmoid, 0 on padded frames) and ``softmax_K(logits)``,
     in the compute dtype.
 
-    ``torch.where`` (not a multiplication) so that non-finite garbage in padded rows of
-    ``logits``/``attention`` cannot leak into the result or its gradient.
+    Padded rows of ``logits``/``attention`` are selected away (:func:`zero_padded_frames`), so that
+    non-finite garbage there cannot leak into the result or its gradient.
     """
     compute = compute_dtype(logits.dtype)
-    real = frame_mask(lengths, logits.shape[1])[:, :, None]  # (B, M, 1)
-    sigmoid = torch.sigmoid(torch.where(real, attention.to(compute), 0.0))
-    gate = torch.where(real, sigmoid, 0.0)
-    probabilities = torch.softmax(torch.where(real[..., None], logits.to(compute), 0.0), dim=-1)
+    sigmoid = torch.sigmoid(zero_padded_frames(attention.to(compute), lengths))
+    gate = zero_padded_frames(sigmoid, lengths)
+    probabilities = torch.softmax(zero_padded_frames(logits.to(compute), lengths), dim=-1)
     return sigmoid, gate, probabilities
 
 
