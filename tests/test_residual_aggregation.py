@@ -94,6 +94,15 @@ def with_grad(*tensors: torch.Tensor):
     return [t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
 
 
+def padded_with(value: float, lengths, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Copies of (B, M, ...) ``tensors`` holding ``value`` in every frame past ``lengths[b]``."""
+    copies = [t.clone() for t in tensors]
+    for video, length in enumerate(lengths):
+        for tensor in copies:
+            tensor[video, length:] = value
+    return copies
+
+
 @pytest.fixture
 def interpreter() -> None:
     """Skips unless Triton runs in interpreter mode (tests/conftest.py sets TRITON_INTERPRET=1 on
@@ -166,11 +175,7 @@ def test_padded_frames_contribute_nothing(backend: str, padding: float) -> None:
     upstream = torch.randn(shape.batch, shape.clusters, shape.dim, generator=torch.Generator().manual_seed(1))
     results = []
     for value in (0.0, padding):
-        frames = [t.clone() for t in (x, logits, attention)]
-        for tensor in frames:
-            for b, length in enumerate(shape.lengths):
-                tensor[b, length:] = value
-        leaves = with_grad(*frames, centroids)
+        leaves = with_grad(*padded_with(value, shape.lengths, x, logits, attention), centroids)
         y = residual_aggregation(*leaves[:3], lengths, leaves[3], backend=backend)
         results.append((y, *gradients(y, leaves, upstream)))
     for name, clean, dirty in zip(NAMES, *results):
@@ -221,12 +226,7 @@ def triton_and_reference(shape: Shape, dtype: torch.dtype, device: str = "cpu", 
     lengths = inputs[3]
     upstream = torch.randn(shape.batch, shape.clusters, shape.dim, generator=torch.Generator().manual_seed(seed + 2))
     upstream = upstream.to(device, dtype)
-    triton_inputs = list(inputs[:3])
-    if triton_padding is not None:
-        triton_inputs = [t.clone() for t in triton_inputs]
-        for video, length in enumerate(shape.lengths):
-            for tensor in triton_inputs:
-                tensor[video, length:] = triton_padding
+    triton_inputs = inputs[:3] if triton_padding is None else padded_with(triton_padding, shape.lengths, *inputs[:3])
     results = []
     for backend, frames in (("triton", triton_inputs), ("reference", inputs[:3])):
         x, logits, attention, centroids = with_grad(*frames, inputs[4])
