@@ -81,7 +81,7 @@ def compile_for_gpu(
     }
     if kind == "backward":
         constants["ONE_D_BLOCK"] = dim <= block_d
-        constants["PREFETCH_NEXT_X"] = ops._prefetches_next_x(dim <= block_d, k_pad)
+        constants["PREFETCH_NEXT_X"] = ops._prefetches_next_x(constants["ONE_D_BLOCK"], k_pad)
     else:
         constants["EVEN_K"] = clusters == k_pad
         constants["K_ALIGN"] = ops._cluster_alignment(clusters)
