@@ -22,7 +22,6 @@ Must run with Triton in compiled mode (not ``TRITON_INTERPRET=1``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import heapq
 import json
 import math
@@ -36,6 +35,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 # Triton 3.9 warns unless this is set; 1 keeps its (and Triton 3.6's) default, FMA fusion on.
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -526,33 +526,22 @@ def combined_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return combined
 
 
-@contextlib.contextmanager
-def backward_plan_without_tail():
+def backward_plan_without_tail() -> Any:
     """The backward planned as before change 12 (head runs only), for a measurement side by side
-    with the tail runs: the launcher's ``_backward_plan`` with its tail dropped."""
+    with the tail runs: a context in which the launcher's ``_backward_plan`` drops its tail."""
     plan = ops._backward_plan
 
     def head_runs_only(*args):
         head_run, _, _ = plan(*args)
         return head_run, 0, head_run
 
-    ops._backward_plan = head_runs_only
-    try:
-        yield
-    finally:
-        ops._backward_plan = plan
+    return mock.patch.object(ops, "_backward_plan", head_runs_only)
 
 
-@contextlib.contextmanager
-def backward_without_prefetch():
+def backward_without_prefetch() -> Any:
     """The backward without change 17's L2 prefetch of the next row block's x, for a measurement
-    side by side with it: the launcher's ``_prefetches_next_x`` answering no."""
-    prefetches = ops._prefetches_next_x
-    ops._prefetches_next_x = lambda one_d_block, k_pad: False
-    try:
-        yield
-    finally:
-        ops._prefetches_next_x = prefetches
+    side by side with it: a context in which the launcher's ``_prefetches_next_x`` answers no."""
+    return mock.patch.object(ops, "_prefetches_next_x", lambda one_d_block, k_pad: False)
 
 
 def measure(rows: list[dict[str, Any]]) -> None:
