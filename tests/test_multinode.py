@@ -19,8 +19,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 RECORDER = '''
-import json, os
+import faulthandler, json, os
 import lightning.pytorch as pl
+
+# imported by each node's CLI when it builds its callbacks: a hang dumps where every thread of
+# the rank waits and ends it, before the test's own deadline (as in tests/test_data_ddp.py)
+faulthandler.dump_traceback_later(200, exit=True)
 
 class RecordIds(pl.Callback):
     """Appends each batch's video ids to ids-<stage>-rank<r>.jsonl in OUT_DIR."""
