@@ -69,6 +69,25 @@ def _exp_minus_row_max(logits):
 
 
 @triton.jit
+def _gate_over_row_sum(attention, row_sum, row_valid, ONE_DIVISION: tl.constexpr):
+    """sigmoid(attention) / row_sum, 0 on rows past the video's end: the per-row scale that turns
+    the softmax's exponentials into the gated assignment (NOTES.md, change 18).
+
+    exp(-attention) as exp2 of a pre-scaled value: tl.sigmoid's exp negated, scaled and
+    range-checked it, 4 instructions per value on sm_90. ONE_DIVISION (half-type operands) takes
+    1 / (row_sum (1 + exp(-attention))), one division per row where there were two, each with its
+    range checks: the bf16 video forward loses 33 of 624 instructions per row block under Triton
+    3.6. The fp32 tiles keep two: there the single division made the compiler compute the gate
+    once per (row, thread) instead of once per row, and the TF32 K_PAD 128, D = 512 forward spilled.
+    Very negative attention makes exp(-attention) inf and the scale 0, the sigmoid's limit."""
+    minus_log2_e: tl.constexpr = -1.4426950408889634
+    if ONE_DIVISION:
+        return tl.where(row_valid, 1.0 / (row_sum * (1.0 + tl.exp2(attention * minus_log2_e))), 0.0)
+    gate = tl.where(row_valid, 1.0 / (1.0 + tl.exp2(attention * minus_log2_e)), 0.0)
+    return gate / row_sum
+
+
+@triton.jit
 def _x_row_offsets(rows, groups, x_stride_frame, x_stride_group, UNIFORM_X_ROWS: tl.constexpr):
     """Offsets of x's rows r = i*G + g within a video (see _uniform_x_rows)."""
     if UNIFORM_X_ROWS:
@@ -150,8 +169,8 @@ def residual_aggregation_forward_kernel(
       ACC_DTYPE: accumulator (fp32, fp64 for fp64 inputs); DOT_DTYPE: tl.dot operand type;
       INPUT_PRECISION: fp32 dot precision ("ieee"/"tf32", None for half types);
       UNIFORM_X_ROWS: x's rows have one stride (see _uniform_x_rows).
-      EVEN_K: K == K_PAD. Then the cluster masks are compile-time true and vanish, with the
-        softmax's -inf padding: 5% fewer instructions in this issue-bound loop (NOTES.md, change 9).
+      EVEN_K: K == K_PAD. Then the cluster masks are compile-time true and vanish (NOTES.md, change
+        9), and there are no padded columns to read as copies and weigh out of the row sum (change 18).
       K_ALIGN: the largest power of two dividing K, at most 16 (_cluster_alignment); below 16 the
         logits rows are declared aligned to it so that they load as vectors (_cluster_tile).
     """
@@ -177,8 +196,12 @@ def residual_aggregation_forward_kernel(
     offs_k = tl.arange(0, K_PAD)
     if EVEN_K:
         k_valid = tl.full((K_PAD,), 1, tl.int1)
+        logit_columns = offs_k
     else:
         k_valid = _cluster_mask(offs_k, clusters, K_ALIGN)
+        # Padded columns read a copy of a real one (k mod K, in runs of K_ALIGN as the real columns):
+        # the row max is unchanged and the loop needs no -inf select per element (see the row sum).
+        logit_columns = tl.max_contiguous(tl.multiple_of(offs_k % clusters, K_ALIGN), K_ALIGN)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_valid = offs_d < dim
     offs_r = tl.arange(0, BLOCK_R)
@@ -209,15 +232,19 @@ def residual_aggregation_forward_kernel(
         row_valid = rows < row_end
         attention = next_attention
         next_attention = tl.load(attention_video + rows + BLOCK_R, mask=rows + BLOCK_R < row_end, other=0.0)
-        # Soft assignment a = sigmoid(attention) * softmax_K(logits); padded K columns get -inf
-        # (probability 0), rows past the video's end get gate 0.
-        logits = tl.load(_cluster_tile(logits_ptr, video, rows_per_video, rows, clusters, offs_k, K_ALIGN),
-                         mask=row_valid[:, None] & k_valid[None, :], other=0.0).to(ACC_DTYPE)
-        logits = tl.where(k_valid[None, :], logits, float("-inf"))
+        # Soft assignment a = sigmoid(attention) * softmax_K(logits); rows past the video's end
+        # get gate 0. Padded K columns hold copies of real ones: they leave the row max as it is,
+        # are left out of the row sum by a 0 weight (an FFMA where the sum had an FADD), and their
+        # a (non-zero) reaches only a^T x's and a_sum's padded rows, which are never stored.
+        logits = tl.load(_cluster_tile(logits_ptr, video, rows_per_video, rows, clusters, logit_columns, K_ALIGN),
+                         mask=row_valid[:, None], other=0.0).to(ACC_DTYPE)
         unnormalised = _exp_minus_row_max(logits)
-        gate = tl.where(row_valid, tl.sigmoid(attention.to(ACC_DTYPE)), 0.0)
-        # One per-row scale folds the softmax normalisation and the gate.
-        assignment = unnormalised * (gate / tl.sum(unnormalised, axis=1))[:, None]
+        if EVEN_K:
+            row_sum = tl.sum(unnormalised, axis=1)
+        else:
+            row_sum = tl.sum(unnormalised * k_valid.to(ACC_DTYPE)[None, :], axis=1)
+        scale = _gate_over_row_sum(attention.to(ACC_DTYPE), row_sum, row_valid, ONE_DIVISION=TENSOR_CORE_SUM)
+        assignment = unnormalised * scale[:, None]
 
         x_rows = _x_row_offsets(rows, groups, x_stride_frame, x_stride_group, UNIFORM_X_ROWS)
         features = tl.load(

@@ -260,6 +260,34 @@ def test_triton_interpreter_normalize_and_half_precision(interpreter) -> None:
                                        msg=lambda m: f"{dtype} {name}: {m}")
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # exp(-attention) = inf, meant
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_interpreter_saturated_gates_and_padded_clusters(interpreter, dtype: torch.dtype) -> None:
+    """The forward's per-row scale sigmoid(attention) / row sum is one division of exp2 values
+    (half types) or two (fp32), and padded cluster columns hold copies of real ones (change 18):
+    attention far past where exp(-attention) overflows must give gate 0 (not NaN) or 1, and the
+    copies must leave the softmax as it is, at K = 20 (K_PAD 32, rows aligned to 4) and K = 12.
+    Oracle: the reference in float64 on the same (rounded) inputs."""
+    for shape in (Shape(2, 9, 2, 20, 16, (9, 4)), Shape(1, 33, 2, 12, 24, (33,))):
+        x, logits, attention, lengths, centroids = make_inputs(shape, seed=4)
+        levels = torch.tensor([-1e4, -200.0, -90.0, -30.0, 0.0, 30.0, 90.0, 200.0, 1e4])
+        attention = levels[torch.arange(attention.numel()) % len(levels)].reshape(attention.shape)
+        logits = logits * 30  # softmax rows dominated by one cluster, real or copied
+        inputs = [t.to(dtype) for t in (x, logits, attention)]
+        upstream = torch.randn(shape.batch, shape.clusters, shape.dim, generator=torch.Generator().manual_seed(6))
+        leaves = with_grad(*inputs, centroids)
+        y = residual_aggregation(leaves[0], leaves[1], leaves[2], lengths, leaves[3], backend="triton")
+        got = (y, *gradients(y, leaves, upstream.to(y.dtype)))
+        exact = with_grad(*(t.double() for t in inputs), centroids.double())
+        y64 = residual_aggregation_reference(exact[0], exact[1], exact[2], lengths, exact[3])
+        expected = (y64, *gradients(y64, exact, upstream.to(y.dtype).double()))
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        for name, got_value, expected_value in zip(NAMES, got, expected):
+            assert torch.isfinite(got_value).all(), f"{shape}: {name} not finite"
+            torch.testing.assert_close(got_value.double(), expected_value, rtol=tolerance, atol=tolerance,
+                                       msg=lambda m: f"{shape} {dtype}: {name}: {m}")
+
+
 def _large_mean_bfloat16_inputs(mean: float = 20.0):
     """bf16 features of a large mean with centroids near it (x ~ c: y and dL/da are small
     differences of large sums), the other inputs as usual; centroids stay fp32."""
