@@ -8,7 +8,9 @@ import importlib
 import math
 import os
 import pathlib
+import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
@@ -749,15 +751,23 @@ def test_triton_backend_rejects_more_than_512_clusters() -> None:
         residual_aggregation(*inputs, backend="triton")
 
 
+def _run_compiled(script: str) -> None:
+    """Runs ``script`` with Triton compiling (not interpreting) and benchmarks/ importable, in a
+    subprocess because this process's Triton may be in interpreter mode; fails with its output."""
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    environment["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks")
+    environment["TRITON_DEFAULT_FP_FUSION"] = "1"
+    result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 @pytest.mark.slow
 @requires_triton
 def test_kernels_compile_for_h100_without_register_spills() -> None:
     """Without a GPU, compile the kernels for sm_90 (Triton's bundled ptxas) at the paper's video
     stream and at awkward sizes: they must compile, fit in shared memory and not spill. Runs in a
     subprocess because this process's Triton may be in interpreter mode."""
-    import subprocess
-    import textwrap
-
     script = textwrap.dedent("""
         import torch
         from kernel_compile import compile_for_gpu, resource_usage
@@ -801,12 +811,27 @@ def test_kernels_compile_for_h100_without_register_spills() -> None:
                 expected = dim > block_d and k_pad < 512
                 assert ("CCTL.E.PF2" in sass(compiled)) == expected, (kind, clusters, dim)
     """)
-    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    environment["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks")
-    environment["TRITON_DEFAULT_FP_FUSION"] = "1"
-    result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
+    _run_compiled(script)
+
+
+@pytest.mark.slow
+@requires_triton
+def test_forward_padded_clusters_cost_no_selects_on_sm90() -> None:
+    """Change 18: padded cluster columns (K < K_PAD) load copies of real ones, weighed out of the
+    row sum, instead of -inf through a select per element (32 FSEL per thread and row block at
+    K=112). So the bf16 forward's row-block loop, compiled for sm_90, holds as many FSEL at K=112
+    as at K=128 (no padding) and at K=56 as at K=64."""
+    script = textwrap.dedent("""
+        import torch
+        from kernel_compile import compile_for_gpu
+        from kernel_model import KernelCode, sass
+        for (padded, even, dim) in ((112, 128, 256), (56, 64, 64)):
+            selects = [KernelCode.from_sass(sass(compile_for_gpu("forward", torch.bfloat16, clusters, dim))).loop_body
+                       .count("FSEL") for clusters in (padded, even)]
+            print(padded, even, selects)
+            assert selects[0] == selects[1], (padded, selects)
+    """)
+    _run_compiled(script)
 
 
 def test_auto_backend_on_cpu_is_the_reference() -> None:
