@@ -390,8 +390,7 @@ def compile_report(args: argparse.Namespace) -> list[dict[str, Any]]:
     from kernel_compile import compile_for_gpu, resource_usage
 
     from nextvlad.kernels.residual_aggregation_triton import (
-        _BACKWARD_TILES, _FORWARD_TILES, ROW_CONSTANT_WARPS, _padded_clusters, _tile_family, _tiles,
-        row_constant_block_d,
+        _BACKWARD_TILES, _FORWARD_TILES, GRAD_Y_WARPS, _padded_clusters, _tile_family, _tiles, grad_y_block_videos,
     )
 
     rows = []
@@ -406,10 +405,10 @@ def compile_report(args: argparse.Namespace) -> list[dict[str, Any]]:
                 rows.append({"K": clusters, "D": dim, "dtype": dtype_name, "family": family, "kernel": kind,
                              "BLOCK_R": tile[0], "BLOCK_D": tile[1], "warps": tile[2], **usage})
         for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):  # no dots: one per dtype
-            usage = resource_usage(compile_for_gpu("row_constant", dtype, clusters, dim))
-            rows.append({"K": clusters, "D": dim, "dtype": dtype_name, "family": "-", "kernel": "row_constant",
-                         "BLOCK_R": "-", "BLOCK_D": row_constant_block_d(_padded_clusters(clusters), dim),
-                         "warps": ROW_CONSTANT_WARPS, **usage})
+            usage = resource_usage(compile_for_gpu("grad_y", dtype, clusters, dim))
+            rows.append({"K": clusters, "D": dim, "dtype": dtype_name, "family": "-", "kernel": "grad_y",
+                         "BLOCK_R": f"{grad_y_block_videos(dim)} videos", "BLOCK_D": "all", "warps": GRAD_Y_WARPS,
+                         **usage})
     columns = list(rows[0])
     print(markdown_table(rows, columns))
     meta = {**environment("cpu"), "target": "sm_90 (compiled with Triton's bundled ptxas; no GPU used)"}

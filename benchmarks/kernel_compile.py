@@ -37,9 +37,10 @@ def compile_for_gpu(
     arch: int = 90,
     strided_x: bool = False,
 ) -> Any:
-    """Compile the forward, backward or row_constant kernel (``kind``) for an NVIDIA GPU of compute
+    """Compile the forward, backward or grad_y kernel (``kind``) for an NVIDIA GPU of compute
     capability ``arch`` (90 = H100) without one: ``triton.compile`` down to a cubin with the
-    bundled ptxas. The row_constant kernel takes its BLOCK_D from the launcher's rule (no tile).
+    bundled ptxas. The grad_y kernel (dL/dy's rounding and reductions) takes its BLOCK_V from the
+    launcher's rule (no tile).
 
     It specialises like a real launch would (16-byte-aligned pointers; K and D marked divisible by
     16 when they are), so register use and spills read off the cubin (``resource_usage``) are those
@@ -53,13 +54,14 @@ def compile_for_gpu(
     k_pad = ops._padded_clusters(clusters)
     pointer = _TRITON_POINTER_TYPES[dtype]
     accumulator = "*fp64" if dtype == torch.float64 else "*fp32"
-    if kind == "row_constant":  # dL/dy in the accumulator type (y under `normalize`), x in dtype
-        in_accumulator_type = ("grad_y_ptr", "centroids_ptr", "grad_assignment_sum_ptr", "row_constant_ptr")
-        constants = {"K_PAD": k_pad, "BLOCK_D": ops.row_constant_block_d(k_pad, dim),
+    if kind == "grad_y":  # dL/dy in the accumulator type (y under `normalize`), x in dtype
+        in_accumulator_type = ("grad_y_ptr", "centroids_ptr", "assignment_sum_ptr", "grad_assignment_sum_ptr",
+                               "row_constant_ptr", "grad_centroids_ptr")
+        constants = {"BLOCK_V": ops.grad_y_block_videos(dim), "D_PAD": ops._next_power_of_two(dim),
                      "ACC_DTYPE": ops._accumulator_dtype(dtype), "STORE_ROUNDED": accumulator != pointer,
                      "ROUND_BY_BITS": False, "HAS_GRAD_ASSIGNMENT_SUM": True}
-        return _compile(kernel, arch, ops.ROW_CONSTANT_WARPS, dict.fromkeys(in_accumulator_type, accumulator),
-                        pointer, {"clusters": clusters, "dim": dim}, constants)
+        return _compile(kernel, arch, ops.GRAD_Y_WARPS, dict.fromkeys(in_accumulator_type, accumulator),
+                        pointer, {"batch": 160, "clusters": clusters, "dim": dim}, constants)
     table = ops._FORWARD_TILES if kind == "forward" else ops._BACKWARD_TILES
     rows, block_d, warps = tile or ops._tiles(table, ops._tile_family(dtype, precision), k_pad, dim)[0]
     special_pointers = {

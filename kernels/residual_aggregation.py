@@ -229,16 +229,15 @@ def _residual_aggregation_backward_op(
     # dL/dy rounded to x's dtype (what the backward's dots take) and sum_d gy[b,k,d] c[k,d] minus
     # dL/da_sum: the part of dL/da shared by all of a video's rows, from the rounded gy like the
     # kernel's x gy^T it is subtracted from (with x ~ c a mismatch would be multiplied by the
-    # features' mean). One fused read of dL/dy.
-    grad_y_rounded, row_constant = triton_implementation.launch_grad_y_rounding_and_row_constant(
-        grad_y, centroids.to(compute), grad_assignment_sum, x.dtype)
+    # features' mean); and dL/dc[k,d] = -sum_b a_sum[b,k] gy[b,k,d] from the exact gy (no kernel
+    # term to cancel against), a deterministic reduction. One fused read of dL/dy.
+    grad_y_rounded, row_constant, grad_centroids = triton_implementation.launch_grad_y_rounding_and_reductions(
+        grad_y, centroids.to(compute), assignment_sum, grad_assignment_sum, x.dtype)
     grad_x, grad_logits, grad_attention = triton_implementation.launch_backward(
         x if x.stride(3) == 1 else x.contiguous(), logits.contiguous(), attention.contiguous(),
         lengths.contiguous(), grad_y_rounded, row_constant, precision,
     )
-    # dL/dc[k,d] = -sum_b a_sum[b,k] gy[b,k,d]: a deterministic reduction, no atomics; the exact gy
-    # (no kernel term to cancel against).
-    grad_centroids = (-torch.einsum("bk,bkd->kd", assignment_sum, grad_y.to(compute))).to(centroids.dtype)
+    grad_centroids = grad_centroids.to(centroids.dtype)
     return grad_x, grad_logits, grad_attention, grad_centroids
 
 

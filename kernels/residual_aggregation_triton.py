@@ -10,6 +10,8 @@ interpreter, ``TRITON_INTERPRET=1`` set before Triton is first imported: tests o
   and writes the row-local gradients of x, logits and attention, with the next row block's logits
   loaded ahead and (on NVIDIA GPUs) its x asked of L2 ahead. No atomics, so the result is
   deterministic for a given tile.
+* dL/dy pass, before the backward: one program per cluster rounds dL/dy to x's dtype and takes the
+  row constant and the centroid gradient from it, every sum inside one program.
 * tiles come from tables checked by compiling for sm_90 without a GPU
   (``benchmarks/kernel_compile.py``); autotuning only with ``NEXTVLAD_AUTOTUNE=1``.
 """
@@ -505,50 +507,88 @@ def residual_aggregation_backward_kernel(
 
 
 @triton.jit
-def grad_y_rounding_and_row_constant_kernel(
-    grad_y_ptr, centroids_ptr, grad_assignment_sum_ptr, grad_y_rounded_ptr, row_constant_ptr,
-    clusters, dim,
-    K_PAD: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, STORE_ROUNDED: tl.constexpr,
+def _grad_y_step_loads(grad_y_ptr, assignment_sum_ptr, grad_assignment_sum_ptr, video_start, batch, clusters, dim,
+                       cluster, offs_d, d_valid, BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                       HAS_GRAD_ASSIGNMENT_SUM: tl.constexpr):
+    """dL/dy[b, k, :], a_sum[b, k] and dL/da_sum[b, k] (zero without it) of the BLOCK_V videos from
+    ``video_start``, in the accumulator type; zeros past the batch."""
+    videos = video_start + tl.arange(0, BLOCK_V)
+    v_valid = videos < batch
+    rows = videos.to(tl.int64) * clusters + cluster
+    mask = v_valid[:, None] & d_valid[None, :]
+    grad_y = tl.load(grad_y_ptr + rows[:, None] * dim + offs_d[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+    assignment_sum = tl.load(assignment_sum_ptr + rows, mask=v_valid, other=0.0).to(ACC_DTYPE)
+    if HAS_GRAD_ASSIGNMENT_SUM:
+        grad_assignment_sum = tl.load(grad_assignment_sum_ptr + rows, mask=v_valid, other=0.0).to(ACC_DTYPE)
+    else:
+        grad_assignment_sum = tl.zeros((BLOCK_V,), dtype=ACC_DTYPE)
+    return grad_y, assignment_sum, grad_assignment_sum
+
+
+@triton.jit
+def grad_y_rounding_and_reductions_kernel(
+    grad_y_ptr, centroids_ptr, assignment_sum_ptr, grad_assignment_sum_ptr,
+    grad_y_rounded_ptr, row_constant_ptr, grad_centroids_ptr,
+    batch, clusters, dim,
+    BLOCK_V: tl.constexpr, D_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr, STORE_ROUNDED: tl.constexpr,
     ROUND_BY_BITS: tl.constexpr, HAS_GRAD_ASSIGNMENT_SUM: tl.constexpr,
 ):
-    """One program per video b, before the backward kernel: dL/dy[b] rounded to x's dtype (the
-    operand of the backward's dots) and the row constant sum_d gy_r[k,d] c[k,d] - dL/da_sum[b,k]
-    from those rounded values, in one read of dL/dy. In PyTorch this took a cast, a second cast of
-    the rounded copy back to fp32 and an einsum over it: about three times the bytes (NOTES.md,
-    change 8).
+    """One program per cluster k, before the backward kernel, in one read of dL/dy: dL/dy rounded
+    to x's dtype (the operand of the backward's dots), the row constant
+    sum_d gy_r[b,k,d] c[k,d] - dL/da_sum[b,k] from those rounded values, and the centroid
+    gradient dL/dc[k,:] = -sum_b a_sum[b,k] gy[b,k,:] from the exact dL/dy.
+
+    A program owns all of cluster k's (b, :) rows, so both reductions end inside it: the row
+    constant sums over D within a row, the centroid gradient over the videos in program order. No
+    atomics, no partial sums, deterministic. In PyTorch the rounding and the row constant took a
+    cast, a second cast back to fp32 and an einsum, and the centroid gradient one more einsum over
+    dL/dy: five launches and more than three times the bytes of this one (NOTES.md, changes 8 and
+    19).
 
     Arguments:
       grad_y_ptr: (B, K, D) contiguous dL/dy (y's dtype); centroids_ptr: (K, D) contiguous, in the
-        accumulator type; grad_assignment_sum_ptr: (B, K) dL/da_sum (read only when
-        HAS_GRAD_ASSIGNMENT_SUM).
+        accumulator type; assignment_sum_ptr: (B, K) a_sum from the forward, accumulator type;
+        grad_assignment_sum_ptr: (B, K) dL/da_sum (read only when HAS_GRAD_ASSIGNMENT_SUM).
       grad_y_rounded_ptr: (B, K, D) output in x's dtype, written only when STORE_ROUNDED (dL/dy
-        is not in x's dtype already); row_constant_ptr: (B, K) output in the accumulator type.
-      clusters, dim: K, D. K_PAD: K rounded up to a power of two >= 16; BLOCK_D: D block.
+        is not in x's dtype already); row_constant_ptr: (B, K) and grad_centroids_ptr: (K, D)
+        outputs in the accumulator type.
+      batch, clusters, dim: B, K, D. BLOCK_V: videos per step; D_PAD: D rounded up to a power of
+        two (a step's tile is (BLOCK_V, D_PAD): every row whole).
       ROUND_BY_BITS: round to bf16 with _round_to_bfloat16 (the interpreter, whose own conversion
         truncates; the GPU's rounds to nearest even, as torch does).
     """
-    video = tl.program_id(0).to(tl.int64)
-    offs_k = tl.arange(0, K_PAD)
-    k_valid = offs_k < clusters
-    row_constant = tl.zeros((K_PAD,), dtype=ACC_DTYPE)
-    for d_start in range(0, dim, BLOCK_D):
-        offs_d = d_start + tl.arange(0, BLOCK_D)
-        mask = k_valid[:, None] & (offs_d < dim)[None, :]
-        offsets = offs_k[:, None] * dim + offs_d[None, :]
-        grad_y = tl.load(grad_y_ptr + video * clusters * dim + offsets, mask=mask, other=0.0)
+    cluster = tl.program_id(0)
+    offs_d = tl.arange(0, D_PAD)
+    d_valid = offs_d < dim
+    centroids = tl.load(centroids_ptr + cluster * dim + offs_d, mask=d_valid, other=0.0).to(ACC_DTYPE)
+    # Per (video slot, d) sums, added up over the slots once at the end: no reduction across warps
+    # inside the loop.
+    grad_centroids = tl.zeros((BLOCK_V, D_PAD), dtype=ACC_DTYPE)
+    # Each step's loads are issued a step ahead (the next videos' rows load while these are
+    # reduced): the loop's only waits are then for bytes, not for a round trip per step.
+    grad_y, assignment_sum, grad_assignment_sum = _grad_y_step_loads(
+        grad_y_ptr, assignment_sum_ptr, grad_assignment_sum_ptr, 0, batch, clusters, dim, cluster, offs_d, d_valid,
+        BLOCK_V, ACC_DTYPE, HAS_GRAD_ASSIGNMENT_SUM)
+    for video_start in range(0, batch, BLOCK_V):
+        videos = video_start + tl.arange(0, BLOCK_V)
+        v_valid = videos < batch
+        rows = videos.to(tl.int64) * clusters + cluster  # (b, k) in the (B, K) tensors
+        offsets = rows[:, None] * dim + offs_d[None, :]
+        mask = v_valid[:, None] & d_valid[None, :]
+        next_grad_y, next_assignment_sum, next_grad_assignment_sum = _grad_y_step_loads(
+            grad_y_ptr, assignment_sum_ptr, grad_assignment_sum_ptr, video_start + BLOCK_V, batch, clusters, dim,
+            cluster, offs_d, d_valid, BLOCK_V, ACC_DTYPE, HAS_GRAD_ASSIGNMENT_SUM)
         if ROUND_BY_BITS:
             rounded = _round_to_bfloat16(grad_y.to(tl.float32)).to(ACC_DTYPE)
         else:
             rounded = grad_y.to(grad_y_rounded_ptr.dtype.element_ty).to(ACC_DTYPE)
         if STORE_ROUNDED:
-            tl.store(grad_y_rounded_ptr + video * clusters * dim + offsets,
-                     rounded.to(grad_y_rounded_ptr.dtype.element_ty), mask=mask)
-        centroids = tl.load(centroids_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-        row_constant += tl.sum(rounded * centroids, axis=1)
-    if HAS_GRAD_ASSIGNMENT_SUM:
-        row_constant -= tl.load(grad_assignment_sum_ptr + video * clusters + offs_k, mask=k_valid,
-                                other=0.0).to(ACC_DTYPE)
-    tl.store(row_constant_ptr + video * clusters + offs_k, row_constant, mask=k_valid)
+            tl.store(grad_y_rounded_ptr + offsets, rounded.to(grad_y_rounded_ptr.dtype.element_ty), mask=mask)
+        tl.store(row_constant_ptr + rows, tl.sum(rounded * centroids[None, :], axis=1) - grad_assignment_sum,
+                 mask=v_valid)
+        grad_centroids -= assignment_sum[:, None] * grad_y
+        grad_y, assignment_sum, grad_assignment_sum = next_grad_y, next_assignment_sum, next_grad_assignment_sum
+    tl.store(grad_centroids_ptr + cluster * dim + offs_d, tl.sum(grad_centroids, axis=0), mask=d_valid)
 
 
 # (BLOCK_R, BLOCK_D, num_warps) candidates by K_PAD and operand family. Every one compiles for
@@ -695,7 +735,7 @@ _AUTOTUNE_TIMER: Any = None
 
 
 _KERNELS = {"forward": residual_aggregation_forward_kernel, "backward": residual_aggregation_backward_kernel,
-            "row_constant": grad_y_rounding_and_row_constant_kernel}
+            "grad_y": grad_y_rounding_and_reductions_kernel}
 
 
 @functools.cache
@@ -943,39 +983,42 @@ def launch_backward(
     return grad_x, grad_logits, grad_attention
 
 
-# The row-constant kernel's warps, and the elements of its (K_PAD, BLOCK_D) tile (32 per thread
-# for dL/dy and as many for the centroids; BLOCK_D is at least 16).
-ROW_CONSTANT_WARPS = 4
-_ROW_CONSTANT_TILE = 4096
+# grad_y_rounding_and_reductions_kernel's warps and the elements of a step's (BLOCK_V, D_PAD)
+# tile: 32 per thread, 32 KB of fp32 dL/dy in flight per program. With about one program per SM
+# (K of them) that is what keeps HBM busy without a second stage (NOTES.md, change 19).
+GRAD_Y_WARPS = 8
+_GRAD_Y_TILE = 8192
 
 
-def row_constant_block_d(k_pad: int, dim: int) -> int:
-    """BLOCK_D of grad_y_rounding_and_row_constant_kernel."""
-    return min(_next_power_of_two(dim), max(16, _ROW_CONSTANT_TILE // k_pad))
+def grad_y_block_videos(dim: int) -> int:
+    """BLOCK_V of grad_y_rounding_and_reductions_kernel: whole rows of D, as many as fill a tile
+    (one when D_PAD alone exceeds it: that tile is D_PAD)."""
+    return max(1, _GRAD_Y_TILE // _next_power_of_two(dim))
 
 
-def launch_grad_y_rounding_and_row_constant(
-    grad_y: Tensor, centroids: Tensor, grad_assignment_sum: Tensor | None, x_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor]:
-    """(dL/dy rounded to ``x_dtype``, contiguous; the (B, K) row constant in the centroids' dtype,
-    the accumulator type): see grad_y_rounding_and_row_constant_kernel. dL/dy already in x's dtype
-    is returned as is (made contiguous)."""
+def launch_grad_y_rounding_and_reductions(
+    grad_y: Tensor, centroids: Tensor, assignment_sum: Tensor, grad_assignment_sum: Tensor | None,
+    x_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dL/dy rounded to ``x_dtype``, contiguous; the (B, K) row constant; dL/dc (K, D)), the last
+    two in the centroids' dtype, the accumulator type: see grad_y_rounding_and_reductions_kernel.
+    dL/dy already in x's dtype is returned as is (made contiguous)."""
     grad_y, centroids = grad_y.contiguous(), centroids.contiguous()
     batch, clusters, dim = grad_y.shape
     store_rounded = grad_y.dtype != x_dtype
     grad_y_rounded = torch.empty(grad_y.shape, dtype=x_dtype, device=grad_y.device) if store_rounded else grad_y
     row_constant = torch.empty((batch, clusters), dtype=centroids.dtype, device=grad_y.device)
-    if batch > 0:
-        k_pad = _padded_clusters(clusters)
-        block_d = row_constant_block_d(k_pad, dim)
-        interpret = triton_interpreter_enabled()
-        with _on_device(grad_y.device):
-            wrap_triton(grad_y_rounding_and_row_constant_kernel)[(batch,)](
-                grad_y, centroids,  # centroids: also the unread pointer when there is no dL/da_sum
-                grad_assignment_sum.contiguous() if grad_assignment_sum is not None else centroids,
-                grad_y_rounded, row_constant, clusters, dim,
-                K_PAD=k_pad, BLOCK_D=block_d, ACC_DTYPE=_accumulator_dtype(centroids.dtype),
-                STORE_ROUNDED=store_rounded, ROUND_BY_BITS=interpret and x_dtype == torch.bfloat16,
-                HAS_GRAD_ASSIGNMENT_SUM=grad_assignment_sum is not None, num_warps=ROW_CONSTANT_WARPS,
-            )
-    return grad_y_rounded, row_constant
+    grad_centroids = torch.empty_like(centroids)
+    interpret = triton_interpreter_enabled()
+    with _on_device(grad_y.device):
+        wrap_triton(grad_y_rounding_and_reductions_kernel)[(clusters,)](
+            grad_y, centroids, assignment_sum.contiguous(),
+            # the centroids: also the unread pointer when there is no dL/da_sum
+            grad_assignment_sum.contiguous() if grad_assignment_sum is not None else centroids,
+            grad_y_rounded, row_constant, grad_centroids, batch, clusters, dim,
+            BLOCK_V=grad_y_block_videos(dim), D_PAD=_next_power_of_two(dim),
+            ACC_DTYPE=_accumulator_dtype(centroids.dtype),
+            STORE_ROUNDED=store_rounded, ROUND_BY_BITS=interpret and x_dtype == torch.bfloat16,
+            HAS_GRAD_ASSIGNMENT_SUM=grad_assignment_sum is not None, num_warps=GRAD_Y_WARPS,
+        )
+    return grad_y_rounded, row_constant, grad_centroids

@@ -336,29 +336,36 @@ def test_triton_interpreter_grad_y_sums_use_the_rounded_grad_y(interpreter) -> N
         assert _relative_error(got_grad, expected_grad) < 1e-2, name
 
 
-@pytest.mark.parametrize("x_dtype, clusters, dim, with_grad_assignment_sum", [
-    (torch.bfloat16, 9, 40, True),  # one D block; dL/dy rounded and stored
-    (torch.bfloat16, 300, 40, False),  # K_PAD = 512: BLOCK_D 16, three D blocks, the last partial
-    (torch.float32, 300, 40, True),  # dL/dy already in x's dtype: used as is, nothing stored
+@pytest.mark.parametrize("x_dtype, batch, clusters, dim, with_grad_assignment_sum, steps", [
+    (torch.bfloat16, 2, 9, 40, True, 1),  # 128 videos a step, two real; dL/dy rounded and stored
+    (torch.bfloat16, 5, 3, 3000, False, 3),  # D_PAD 4096: two videos a step, the last step partial
+    (torch.float32, 3, 300, 40, True, 1),  # dL/dy already in x's dtype: used as is, nothing stored
+    (torch.float64, 7, 5, 2000, True, 2),  # D_PAD 2048: four videos a step
 ])
-def test_triton_interpreter_grad_y_rounding_and_row_constant(interpreter, x_dtype, clusters, dim,
-                                                             with_grad_assignment_sum) -> None:
+def test_triton_interpreter_grad_y_rounding_and_reductions(interpreter, x_dtype, batch, clusters, dim,
+                                                           with_grad_assignment_sum, steps) -> None:
     """The backward's fused prologue against float64: dL/dy rounded to x's dtype exactly as torch
-    rounds (to nearest even), and sum_d round(gy)[b,k,d] c[k,d] - dL/da_sum[b,k]."""
+    rounds (to nearest even), the row constant sum_d round(gy)[b,k,d] c[k,d] - dL/da_sum[b,k], and
+    the centroid gradient -sum_b a_sum[b,k] gy[b,k,d] from the exact dL/dy."""
     generator = torch.Generator().manual_seed(5)
-    grad_y = torch.randn(2, clusters, dim, generator=generator) * 3  # fp32, as after normalize
-    centroids = torch.randn(clusters, dim, generator=generator) + 20  # a large mean: no cancelling
-    grad_assignment_sum = torch.randn(2, clusters, generator=generator) if with_grad_assignment_sum else None
-    rounded, row_constant = triton_module.launch_grad_y_rounding_and_row_constant(
-        grad_y, centroids, grad_assignment_sum, x_dtype)
+    accumulator = torch.float64 if x_dtype == torch.float64 else torch.float32
+    grad_y = (torch.randn(batch, clusters, dim, generator=generator) * 3).to(accumulator)  # as after normalize
+    centroids = (torch.randn(clusters, dim, generator=generator) + 20).to(accumulator)  # a large mean
+    assignment_sum = (torch.rand(batch, clusters, generator=generator) * 300).to(accumulator)  # sums of M*G rows
+    grad_assignment_sum = torch.randn(batch, clusters, generator=generator) if with_grad_assignment_sum else None
+    assert math.ceil(batch / triton_module.grad_y_block_videos(dim)) == steps
+    rounded, row_constant, grad_centroids = triton_module.launch_grad_y_rounding_and_reductions(
+        grad_y, centroids, assignment_sum, grad_assignment_sum, x_dtype)
     assert rounded.dtype == x_dtype and torch.equal(rounded, grad_y.to(x_dtype))
     if x_dtype == grad_y.dtype:
         assert rounded.data_ptr() == grad_y.data_ptr()  # no copy
     expected = (grad_y.to(x_dtype).double() * centroids.double()).sum(-1)
     if grad_assignment_sum is not None:
         expected -= grad_assignment_sum.double()
-    assert row_constant.dtype == torch.float32
+    assert row_constant.dtype == grad_centroids.dtype == accumulator
     torch.testing.assert_close(row_constant.double(), expected, rtol=1e-5, atol=1e-3)
+    expected_centroids = -torch.einsum("bk,bkd->kd", assignment_sum.double(), grad_y.double())
+    torch.testing.assert_close(grad_centroids.double(), expected_centroids, rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize("plan", [(0, 3), (1, 3), (2, 2)], ids=["every-video", "last-two", "last-one"])
@@ -790,9 +797,9 @@ def test_kernels_compile_for_h100_without_register_spills() -> None:
                  ("forward", torch.float32, 512, 64, "tf32"), ("backward", torch.bfloat16, 512, 16, "ieee")]
         # the variant for an x whose frames are not back to back (a mixture's split GEMM output)
         cases += [("forward", torch.bfloat16, 112, 256, "strided"), ("backward", torch.bfloat16, 112, 256, "strided")]
-        # the backward's dL/dy rounding and row constant, at the paper's streams and K_PAD = 512
-        cases += [("row_constant", dtype, clusters, dim, "ieee") for dtype in (torch.bfloat16, torch.float64)
-                  for clusters, dim in ((128, 256), (56, 64), (512, 256))]
+        # the backward's dL/dy rounding and reductions, at the paper's streams, K_PAD = 512 and a wide D
+        cases += [("grad_y", dtype, clusters, dim, "ieee") for dtype in (torch.bfloat16, torch.float32)
+                  for clusters, dim in ((128, 256), (56, 64), (512, 256), (16, 8192))]
         for kind, dtype, clusters, dim, precision in cases:
             strided = precision == "strided"
             compiled = compile_for_gpu(kind, dtype, clusters, dim, strided_x=strided,
