@@ -564,19 +564,22 @@ def grad_y_rounding_and_reductions_kernel(
     # Per (video slot, d) sums, added up over the slots once at the end: no reduction across warps
     # inside the loop.
     grad_centroids = tl.zeros((BLOCK_V, D_PAD), dtype=ACC_DTYPE)
-    # Each step's loads are issued a step ahead (the next videos' rows load while these are
+    # Each step's loads are issued two steps ahead (the rows after next load while these are
     # reduced): the loop's only waits are then for bytes, not for a round trip per step.
     grad_y, assignment_sum, grad_assignment_sum = _grad_y_step_loads(
         grad_y_ptr, assignment_sum_ptr, grad_assignment_sum_ptr, 0, batch, clusters, dim, cluster, offs_d, d_valid,
         BLOCK_V, ACC_DTYPE, HAS_GRAD_ASSIGNMENT_SUM)
+    next_grad_y, next_assignment_sum, next_grad_assignment_sum = _grad_y_step_loads(
+        grad_y_ptr, assignment_sum_ptr, grad_assignment_sum_ptr, BLOCK_V, batch, clusters, dim, cluster, offs_d,
+        d_valid, BLOCK_V, ACC_DTYPE, HAS_GRAD_ASSIGNMENT_SUM)
     for video_start in range(0, batch, BLOCK_V):
         videos = video_start + tl.arange(0, BLOCK_V)
         v_valid = videos < batch
         rows = videos.to(tl.int64) * clusters + cluster  # (b, k) in the (B, K) tensors
         offsets = rows[:, None] * dim + offs_d[None, :]
         mask = v_valid[:, None] & d_valid[None, :]
-        next_grad_y, next_assignment_sum, next_grad_assignment_sum = _grad_y_step_loads(
-            grad_y_ptr, assignment_sum_ptr, grad_assignment_sum_ptr, video_start + BLOCK_V, batch, clusters, dim,
+        later_grad_y, later_assignment_sum, later_grad_assignment_sum = _grad_y_step_loads(
+            grad_y_ptr, assignment_sum_ptr, grad_assignment_sum_ptr, video_start + 2 * BLOCK_V, batch, clusters, dim,
             cluster, offs_d, d_valid, BLOCK_V, ACC_DTYPE, HAS_GRAD_ASSIGNMENT_SUM)
         if ROUND_BY_BITS:
             rounded = _round_to_bfloat16(grad_y.to(tl.float32)).to(ACC_DTYPE)
@@ -588,6 +591,8 @@ def grad_y_rounding_and_reductions_kernel(
                  mask=v_valid)
         grad_centroids -= assignment_sum[:, None] * grad_y
         grad_y, assignment_sum, grad_assignment_sum = next_grad_y, next_assignment_sum, next_grad_assignment_sum
+        next_grad_y, next_assignment_sum, next_grad_assignment_sum = (
+            later_grad_y, later_assignment_sum, later_grad_assignment_sum)
     tl.store(grad_centroids_ptr + cluster * dim + offs_d, tl.sum(grad_centroids, axis=0), mask=d_valid)
 
 
