@@ -1,9 +1,10 @@
 """Static performance model of the residual-aggregation kernels, no GPU needed.
 
-For each kernel (forward, backward) and default tile at the paper's shapes, compile for sm_90 with
-Triton's bundled ptxas (``kernel_compile.compile_for_gpu``), read registers / spills / shared
-memory and the SASS (the bundled ``cuobjdump -sass``), count the instructions of the row-block
-loop by class, and predict the time on an H100 and an H200 as
+For each kernel (forward; the backward's dL/dy pass, grad_y; backward) and default tile at the
+paper's shapes, compile for sm_90 with Triton's bundled ptxas (``kernel_compile.compile_for_gpu``),
+read registers / spills / shared memory and the SASS (the bundled ``cuobjdump -sass``), count the
+instructions of the main loop (row blocks; grad_y's steps over videos) by class, and predict the
+time on an H100 and an H200 as
 
     predicted = max(issue floor, MUFU floor, tensor-core floor, DRAM floor) * wave quantisation
                 + exposed latency
@@ -109,6 +110,10 @@ ASSUMPTIONS = [
     "runs' copy may still be in L2), and each program's first block is loaded whole up to the video's "
     "padded end (logits, attention, and x when D is one block), also past the real frames: both at "
     "DRAM bandwidth, added to the exposed time.",
+    "The backward's dL/dy pass (grad_y: dL/dy rounded to x's dtype, the row constant and dL/dc) is a "
+    "third kernel, run before the backward kernel: one program per cluster walking every video in "
+    "steps of BLOCK_V (its 'tile': BLOCK_V x D_PAD x warps), no tensor cores, the same at any lengths. "
+    "It is compiled with dL/da_sum read (the model layers have none: a few loads more than they run).",
     "Wave quantisation: the floors are multiplied by makespan / mean work per slot, for programs "
     "dispatched in order to the first free of SMs x CTAs-per-SM slots, each taking time in proportion "
     "to its row-block trips (for equal programs: ceil(waves) / waves). A slot keeps 1/CTAs-per-SM of "
@@ -137,6 +142,8 @@ class Stream:
 STREAMS = (Stream("video", (128, 112), 8, 256), Stream("audio", (64, 56), 4, 64))
 DTYPES = {"bf16": (torch.bfloat16, "ieee"), "fp32": (torch.float32, "tf32"), "fp32-ieee": (torch.float32, "ieee")}
 BATCH, FRAMES = 160, 300
+# the op's kernels in launch order: the forward; the backward's dL/dy pass, then its main kernel
+KERNELS = ("forward", "grad_y", "backward")
 
 
 def paper_lengths(kind: str, batch: int = BATCH, frames: int = FRAMES) -> list[int]:
@@ -313,11 +320,17 @@ def minimal_bytes(kind: str, lengths: list[int], groups: int, clusters: int, dim
     """Bytes a kernel must move at least: inputs read once over the real rows, outputs written once.
 
     forward reads x, logits, attention (real rows), lengths (int64), centroids (fp32) and writes y
-    (x's dtype) and a_sum (fp32). backward reads x, logits, attention (real rows), lengths, grad_y
+    (x's dtype) and a_sum (fp32). grad_y (the dL/dy pass before the backward) reads dL/dy (B, K, D)
+    in fp32 (y's dtype under `normalize`, the model layers' case), a_sum and the centroids, and
+    writes dL/dy rounded to x's dtype (not for fp32 x), the (B, K) row constant and dL/dc (K, D),
+    all fp32 but the copy. backward reads x, logits, attention (real rows), lengths, grad_y
     (B, K, D) in x's dtype and the (B, K) fp32 row constant, and writes grad_x, grad_logits and
     grad_attention for every row (padded rows get zeros).
     """
     batch = len(lengths)
+    if kind == "grad_y":
+        rounded_copy = batch * clusters * dim * element if element != 4 else 0
+        return batch * clusters * dim * 4 + rounded_copy + 2 * batch * clusters * 4 + 2 * clusters * dim * 4
     real_rows = sum(lengths) * groups
     reads = real_rows * (dim + clusters + 1) * element + batch * 8
     if kind == "forward":
@@ -402,7 +415,11 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
     # the backward walks runs of row blocks (its D loop nested inside, or none when D fits one
     # block); results/kernel_model_before.md was made by this script's first version, for the
     # older one-block-per-program backward
-    per_program, split_videos, splits = programs_and_trips(kind, lengths, stream.groups, stream.dim, tile, GPUS[0].sms)
+    if kind == "grad_y":  # one program per cluster, ceil(B / BLOCK_V) steps each, the same at any lengths
+        per_program, split_videos, splits = [math.ceil(len(lengths) / block_r)] * clusters, 0, 1
+    else:
+        per_program, split_videos, splits = programs_and_trips(kind, lengths, stream.groups, stream.dim, tile,
+                                                               GPUS[0].sms)
     programs = len(per_program)
     d_blocks = math.ceil(stream.dim / block_d)
     inner = classify(code.inner_body)
@@ -415,7 +432,8 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
     mufu_instructions = warps * (programs * outside["MUFU"] + loop_trips * body["MUFU"])
     # forward: one K_PAD x BLOCK_R x BLOCK_D dot per row block and D block; backward: two
     # BLOCK_R x K_PAD x BLOCK_D per D block (trips are D blocks, or row blocks of d_blocks each)
-    dots = loop_trips * (d_blocks if kind == "backward" else 1) * (1 if kind == "forward" else 2)
+    dots = 0 if kind == "grad_y" else (
+        loop_trips * (d_blocks if kind == "backward" else 1) * (1 if kind == "forward" else 2))
     mma_fma = dots * k_pad * block_r * block_d
     # lengths, then the first loads, [then x after the softmax], [then one per loop trip]; a
     # backward program past its video's end only stores (one round trip: the lengths)
@@ -426,7 +444,7 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
     per_trip = (code.exposed_cycles_per_trip(warps) + d_blocks * code.exposed_cycles_per_trip(warps, inner=True)
                 * nested) / LATENCY_CYCLES + copy_wait
     # the forward's first loads wait for the lengths (its loop bounds and masks), the backward's
-    # are issued with them (change 14): one round trip for both
+    # are issued with them (change 14): one round trip for both; grad_y reads no lengths
     first_wait = 2 if kind == "forward" else 1
     round_trips = sum(first_wait + (code.loads_after_softmax and not nested) + trips * per_trip
                       + (int(nested) - copy_wait) if trips else 1 for trips in per_program)
@@ -456,7 +474,8 @@ def model_case(kind: str, stream: Stream, clusters: int, dtype_name: str, length
         "outside_total": outside["total"],
         # a trip of the row-block loop; or (backward, one block per program) the program
         "instructions_per_row_block": body["total"],
-        "loop": "row blocks" + (f" (D loop nested, {d_blocks} trips)" if nested else ""),
+        "loop": ("videos, BLOCK_V a step" if kind == "grad_y"
+                 else "row blocks" + (f" (D loop nested, {d_blocks} trips)" if nested else "")),
         "sync_load_use_distance": min(code.sync_load_distances, default=None),
         "inner_sync_load_use_distance": min(code.inner_sync_load_distances, default=None), "loads_after_softmax": code.loads_after_softmax,
         "prefetches_to_l2": code.prefetches_to_l2,
@@ -499,6 +518,10 @@ def compile_case(kind: str, dtype_name: str, clusters: int, dim: int,
                  tile: tuple[int, int, int] | None = None) -> tuple[KernelCode, dict, tuple, str]:
     """Compile ``tile`` (default: the launcher's default tile) and read its SASS and resources."""
     dtype, precision = DTYPES[dtype_name]
+    if kind == "grad_y":  # no dots, no tile table: the launcher's rule
+        compiled = compile_for_gpu(kind, dtype, clusters, dim)
+        tile = (ops.grad_y_block_videos(dim), ops._next_power_of_two(dim), ops.GRAD_Y_WARPS)
+        return KernelCode.from_sass(sass(compiled)), resource_usage(compiled), tile, "ieee"
     family = ops._tile_family(dtype, precision)
     table = ops._FORWARD_TILES if kind == "forward" else ops._BACKWARD_TILES
     tile = tile or ops._tiles(table, family, ops._padded_clusters(clusters), dim)[0]
@@ -507,13 +530,14 @@ def compile_case(kind: str, dtype_name: str, clusters: int, dim: int,
 
 
 def combined_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """forward + backward per (stream, K, dtype, lengths): the figure the targets are stated in."""
+    """forward + backward (the dL/dy pass and the backward kernel) per (stream, K, dtype, lengths):
+    the figure the targets are stated in."""
     pairs = {}
     for row in rows:
         pairs.setdefault((row["stream"], row["K"], row["dtype"], row["lengths"]), {})[row["kernel"]] = row
     combined = []
     for (stream, clusters, dtype_name, lengths), kernels in pairs.items():
-        if set(kernels) != {"forward", "backward"}:
+        if set(kernels) != set(KERNELS):
             continue
         entry = {"stream": stream, "K": clusters, "dtype": dtype_name, "lengths": lengths}
         for gpu in ("h100", "h200"):
@@ -561,6 +585,12 @@ def measure(rows: list[dict[str, Any]]) -> None:
         if row["kernel"] == "forward":
             def run():
                 return ops.launch_forward(*args, dtype, precision)
+        elif row["kernel"] == "grad_y":  # dL/dy in fp32, as under `normalize`
+            grad_y = torch.randn(BATCH, row["K"], row["D"], device="cuda")
+            assignment_sum = torch.rand(BATCH, row["K"], device="cuda") * FRAMES * row["G"] / row["K"]
+
+            def run():
+                return ops.launch_grad_y_rounding_and_reductions(grad_y, centroids, assignment_sum, None, dtype)
         else:
             grad_y = torch.randn(BATCH, row["K"], row["D"], device="cuda", dtype=dtype)
             row_constant = torch.randn(BATCH, row["K"], device="cuda")
@@ -591,7 +621,7 @@ def run_model(streams: list[str], dtypes: list[str], lengths_kinds: list[str], c
     for stream in (s for s in STREAMS if s.name in streams):
         for k in (k for k in stream.clusters if clusters is None or k in clusters):
             for dtype_name in dtypes:
-                for kind in ("forward", "backward"):
+                for kind in KERNELS:
                     code, usage, tile, family = compile_case(kind, dtype_name, k, stream.dim)
                     for lengths_kind in lengths_kinds:
                         rows.append(model_case(kind, stream, k, dtype_name, lengths_kind, code, usage, tile, family))

@@ -161,8 +161,8 @@ def test_the_measurement_without_prefetch_switches_the_launchers_rule_off_and_ba
 
 @pytest.mark.slow
 def test_kernel_model_runs_for_the_video_stream_and_is_self_consistent(tmp_path) -> None:
-    """One real sm_90 compile (forward and backward, video K=128 bf16, full lengths) in a
-    subprocess without TRITON_INTERPRET; the bytes are computed here by hand."""
+    """One real sm_90 compile (forward, the dL/dy pass and backward, video K=128 bf16, full lengths)
+    in a subprocess without TRITON_INTERPRET; the bytes are computed here by hand."""
     environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "kernel_model.py"), "--streams", "video", "--clusters", "128",
@@ -172,7 +172,7 @@ def test_kernel_model_runs_for_the_video_stream_and_is_self_consistent(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     results = json.loads((tmp_path / "model.json").read_text())
     rows = {row["kernel"]: row for row in results["rows"]}
-    assert set(rows) == {"forward", "backward"}
+    assert set(rows) == {"forward", "grad_y", "backward"}
     assert results["assumptions"] and "assumptions" in (tmp_path / "model.md").read_text()
 
     # B=160 videos x 300 frames x G=8 rows, D=256, K=128, 2-byte elements
@@ -182,6 +182,12 @@ def test_kernel_model_runs_for_the_video_stream_and_is_self_consistent(tmp_path)
     backward_bytes = read + 160 * 128 * 256 * 2 + 160 * 128 * 4 + rows_real * (256 + 128 + 1) * 2
     assert rows["forward"]["bytes_MB"] == pytest.approx(forward_bytes / 1e6)
     assert rows["backward"]["bytes_MB"] == pytest.approx(backward_bytes / 1e6)
+    # the dL/dy pass: dL/dy in fp32 read, its bf16 copy written, a_sum read, the row constant
+    # written (B x K fp32 each), the centroids read and dL/dc written (K x D fp32 each)
+    grad_y_bytes = 160 * 128 * 256 * (4 + 2) + 2 * 160 * 128 * 4 + 2 * 128 * 256 * 4
+    assert rows["grad_y"]["bytes_MB"] == pytest.approx(grad_y_bytes / 1e6)
+    # one program per cluster, 32 videos (a tile of 8,192 values over whole rows of 256) a step
+    assert rows["grad_y"]["programs"] == 128 and rows["grad_y"]["tile"] == "32x256x8"
     # programs: forward one per (video, D block), the last wave's 28 videos (56 programs) in halves
     block_r, block_d, _ = (int(v) for v in rows["forward"]["tile"].split("x"))
     assert (block_r, block_d) == (64, 128) and rows["forward"]["programs"] == 2 * (132 + 28 * 2)
@@ -193,7 +199,7 @@ def test_kernel_model_runs_for_the_video_stream_and_is_self_consistent(tmp_path)
 
     for row in rows.values():
         assert row["spill_stack_bytes"] == 0
-        assert row["loop_HGMMA"] > 0 and row["loop_MUFU"] >= 0
+        assert (row["loop_HGMMA"] > 0) == (row["kernel"] != "grad_y") and row["loop_MUFU"] >= 0
         classes = sum(row[f"loop_{name}"] for name in (*kernel_model.CLASSES, "other"))
         assert classes == row["loop_total"]
         warps = int(row["tile"].split("x")[2])
@@ -211,5 +217,4 @@ def test_kernel_model_runs_for_the_video_stream_and_is_self_consistent(tmp_path)
     lower = trips * forward["loop_total"] * int(forward["tile"].split("x")[2]) / (4 * 132 * 1.755e9) * 1e6
     assert lower <= forward["h100_issue_us"] <= lower * 1.1  # the rest: code outside the loop
     combined = results["forward_plus_backward"][0]
-    assert combined["h200_predicted_us"] == pytest.approx(
-        rows["forward"]["h200_predicted_us"] + rows["backward"]["h200_predicted_us"])
+    assert combined["h200_predicted_us"] == pytest.approx(sum(row["h200_predicted_us"] for row in rows.values()))
