@@ -5,8 +5,10 @@ task per node). Every training and validation video is seen exactly once per epo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -82,15 +84,22 @@ def _srun(node: int, port: int, command: list[str]) -> tuple[list[str], dict]:
 
 
 def _outputs_within(nodes: list[subprocess.Popen], timeout: float) -> list[str]:
-    """Every node's output once all have exited; past ``timeout`` seconds in all, every node is
-    killed and the test fails with each node's last output (a hang shows where each rank was)."""
+    """Every node's output once all have exited; past ``timeout`` seconds in all, every node's
+    process group is killed and the test fails with each node's last output (a hang shows where
+    each rank was: the recorder's faulthandler dump).
+
+    The group, not the launcher alone: a rank's DataLoader worker (or the rank itself, under
+    torchrun) holds the output pipe open after the launcher has gone, and reading to its end
+    would then wait past the test's own timeout, losing the output."""
     try:
         deadline = time.monotonic() + timeout
         return [node.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for node in nodes]
     except subprocess.TimeoutExpired:
         for node in nodes:
-            node.kill()
-        tails = [f"node {rank}:\n{node.communicate()[0][-3000:]}" for rank, node in enumerate(nodes)]
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGKILL)  # the node was started in its own session
+        tails = [f"node {rank} (exit {node.wait()}):\n{node.communicate()[0][-6000:]}"
+                 for rank, node in enumerate(nodes)]
         pytest.fail(f"the nodes did not finish within {timeout:.0f} s\n" + "\n".join(tails))
 
 
@@ -110,7 +119,7 @@ def test_two_nodes_see_every_video_once_per_epoch(synthetic_data, tmp_path, laun
         command, extra_env = launch(node, port, ["lightning", "fit", "--config", str(config),
                                                  "--trainer.num_nodes", "2", "--trainer.devices", "1"])
         nodes.append(subprocess.Popen(command, env={**env, **extra_env}, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
     outputs = _outputs_within(nodes, timeout=220)
     for node, output in zip(nodes, outputs):
         assert node.returncode == 0, output[-3000:]
