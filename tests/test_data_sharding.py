@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 
 import numpy as np
 import pytest
@@ -191,3 +192,26 @@ def test_a_stale_lease_cannot_release_a_reused_buffer():
     second_lease.release()
     second_lease.release()  # idempotent
     assert pool.take(1)[1].slot == second_lease.slot
+
+
+def test_ddp_ranks_take_workers_from_a_forkserver_where_fork_can_deadlock(uneven_files, monkeypatch):
+    # CPython before 3.11.10 can leave a forked child blocked inside fork (gh-112275); a DDP
+    # rank's workers then come from a forkserver, and read exactly what forked ones read.
+    from nextvlad.data import dataset as dataset_module
+
+    training = YT8MFrameDataset(uneven_files, batch_size=4, num_classes=3, training=True, seed=3)
+
+    def rank_batches(affected: bool, world_size: int, **kwargs):
+        monkeypatch.setattr(dataset_module, "fork_can_deadlock_in_child", lambda: affected)
+        loader = YT8MDataLoader(training, context=lambda: (1, world_size - 1, world_size), num_workers=2, **kwargs)
+        batches = [batch["id"] for batch in loader]
+        context = loader.multiprocessing_context
+        return (context.get_start_method() if context is not None else None), batches
+
+    forked = rank_batches(False, world_size=2)
+    assert forked[0] is None  # torch's default (fork on Linux)
+    assert rank_batches(True, world_size=2) == ("forkserver", forked[1])
+    assert rank_batches(True, world_size=1)[0] is None  # one process: no collectives' threads
+    assert rank_batches(True, world_size=2, multiprocessing_context="spawn")[0] == "spawn"  # the user's
+    assert dataset_module.fork_can_deadlock_in_child() == (sys.platform.startswith("linux")
+                                                          and sys.version_info[:3] < (3, 11, 10))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -495,6 +496,26 @@ class _Reader:
         return videos
 
 
+def fork_can_deadlock_in_child() -> bool:
+    """Whether os.fork here can leave the child blocked for good inside fork itself: CPython
+    gh-112275 (3.11 before 3.11.10, and 3.10, taken as affected throughout; on Linux, where
+    DataLoader workers are forked).
+    The child waits for the interpreter's thread-state lock when another thread held it at the
+    instant of the fork, which a thread creating or deleting its thread state without the GIL
+    (a native thread entering Python) does. Seen in this project's 2-rank gloo runs: a worker
+    stuck in `PyOS_AfterFork_Child`, its rank waiting for its first batch for good."""
+    return sys.platform.startswith("linux") and sys.version_info[:3] < (3, 11, 10)
+
+
+def forkserver_context():
+    """A forkserver multiprocessing context whose server has imported this module (and torch),
+    so that each worker it forks starts at once: the server is single-threaded, so no lock can
+    be held when it forks."""
+    context = torch.multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 class YT8MDataLoader(StatefulDataLoader):
     """DataLoader over a `YT8MFrameDataset` (batch_size=None: the dataset batches) that tells the
     dataset its epoch and DDP rank each time an epoch's iteration starts, and whose position in
@@ -544,6 +565,11 @@ class YT8MDataLoader(StatefulDataLoader):
         else:
             epoch, (rank, world_size) = self._iterations, rank_and_world_size()
         self._iterations += 1
+        if world_size > 1 and self.num_workers > 0 and self.multiprocessing_context is None \
+                and fork_can_deadlock_in_child():
+            # Where the hang was seen: a rank of a multi-process run, whose native threads may
+            # enter Python while it forks. One process, as far as seen, has none that do.
+            self.multiprocessing_context = forkserver_context()
         self.dataset.set_distributed(rank, world_size)
         self.dataset.set_epoch(epoch)
         done = 0  # batches of this epoch already handed out (before a resume)
