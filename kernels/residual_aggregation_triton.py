@@ -565,7 +565,8 @@ def grad_y_rounding_and_reductions_kernel(
     # inside the loop.
     grad_centroids = tl.zeros((BLOCK_V, D_PAD), dtype=ACC_DTYPE)
     # Each step's loads are issued two steps ahead (the rows after next load while these are
-    # reduced): the loop's only waits are then for bytes, not for a round trip per step.
+    # reduced), so that a step waits for less than a round trip (where ptxas puts them decides
+    # how much less: NOTES.md, change 19).
     grad_y, assignment_sum, grad_assignment_sum = _grad_y_step_loads(
         grad_y_ptr, assignment_sum_ptr, grad_assignment_sum_ptr, 0, batch, clusters, dim, cluster, offs_d, d_valid,
         BLOCK_V, ACC_DTYPE, HAS_GRAD_ASSIGNMENT_SUM)
@@ -989,8 +990,9 @@ def launch_backward(
 
 
 # grad_y_rounding_and_reductions_kernel's warps and the elements of a step's (BLOCK_V, D_PAD)
-# tile: 32 per thread, 32 KB of fp32 dL/dy in flight per program. With about one program per SM
-# (K of them) that is what keeps HBM busy without a second stage (NOTES.md, change 19).
+# tile: 32 per thread, 32 KB of fp32 dL/dy a step and two steps' loads in flight per program,
+# which with about one program per SM (K of them) is more than HBM needs in flight (NOTES.md,
+# change 19).
 GRAD_Y_WARPS = 8
 _GRAD_Y_TILE = 8192
 
