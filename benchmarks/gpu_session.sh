@@ -145,7 +145,7 @@ if [ $dry_run = 1 ]; then
   stage tests 40 "$python" -m pytest -q -m gpu tests/test_residual_aggregation.py -p no:cacheprovider
   stage kernel 40 with_ceilings env TRITON_INTERPRET=1 "$python" benchmarks/bench_aggregation.py --quick \
     "${device[@]}" --threads 1 --providers reference triton --output-dir "$results" --no-plot
-  stage model 15 kernel_model
+  stage model 30 kernel_model
   stage train 60 with_ceilings "$python" benchmarks/bench_train.py --tiny --cost-split "${device[@]}" \
     --output-dir "$results"
   stage mix3 40 with_ceilings "$python" benchmarks/bench_train.py --tiny --config configs/nextvlad_mix3.yaml \
