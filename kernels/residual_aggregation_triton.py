@@ -507,14 +507,20 @@ def residual_aggregation_backward_kernel(
 
 
 @triton.jit
+def _grad_y_step_rows(video_start, batch, clusters, cluster, BLOCK_V: tl.constexpr):
+    """The (b, k) rows of the (B, K) tensors for the BLOCK_V videos from ``video_start``, and
+    which of them are in the batch."""
+    videos = video_start + tl.arange(0, BLOCK_V)
+    return videos.to(tl.int64) * clusters + cluster, videos < batch
+
+
+@triton.jit
 def _grad_y_step_loads(grad_y_ptr, assignment_sum_ptr, grad_assignment_sum_ptr, video_start, batch, clusters, dim,
                        cluster, offs_d, d_valid, BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr,
                        HAS_GRAD_ASSIGNMENT_SUM: tl.constexpr):
     """dL/dy[b, k, :], a_sum[b, k] and dL/da_sum[b, k] (zero without it) of the BLOCK_V videos from
     ``video_start``, in the accumulator type; zeros past the batch."""
-    videos = video_start + tl.arange(0, BLOCK_V)
-    v_valid = videos < batch
-    rows = videos.to(tl.int64) * clusters + cluster
+    rows, v_valid = _grad_y_step_rows(video_start, batch, clusters, cluster, BLOCK_V)
     mask = v_valid[:, None] & d_valid[None, :]
     grad_y = tl.load(grad_y_ptr + rows[:, None] * dim + offs_d[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
     assignment_sum = tl.load(assignment_sum_ptr + rows, mask=v_valid, other=0.0).to(ACC_DTYPE)
@@ -574,9 +580,7 @@ def grad_y_rounding_and_reductions_kernel(
         grad_y_ptr, assignment_sum_ptr, grad_assignment_sum_ptr, BLOCK_V, batch, clusters, dim, cluster, offs_d,
         d_valid, BLOCK_V, ACC_DTYPE, HAS_GRAD_ASSIGNMENT_SUM)
     for video_start in range(0, batch, BLOCK_V):
-        videos = video_start + tl.arange(0, BLOCK_V)
-        v_valid = videos < batch
-        rows = videos.to(tl.int64) * clusters + cluster  # (b, k) in the (B, K) tensors
+        rows, v_valid = _grad_y_step_rows(video_start, batch, clusters, cluster, BLOCK_V)
         offsets = rows[:, None] * dim + offs_d[None, :]
         mask = v_valid[:, None] & d_valid[None, :]
         later_grad_y, later_assignment_sum, later_grad_assignment_sum = _grad_y_step_loads(
