@@ -7,8 +7,11 @@ import logging
 import numpy as np
 import pytest
 
+from segment_wire import dequantized, frame_values, sequence_example, write_tfrecord
+
 from nextvlad.data import DataError, FramingError, YT8MFrameDataset, iter_videos, write_records
 from nextvlad.data import protos
+from nextvlad.data.dataset import STAT_NAMES
 from nextvlad.data.parsing import encode_frame_record, encode_video_level_record
 
 NUM_CLASSES = 10
@@ -62,6 +65,9 @@ BAD_RECORDS = {
                              f"label {NUM_CLASSES} is outside [0, num_classes={NUM_CLASSES})"),
     "negative label": (custom_record(labels=(-1,)), "label -1 is outside"),
     "0 frames": (custom_record(rgb_sizes=(), audio_sizes=()), "has 0 frames"),
+    # frames are counted on rgb (SPEC 1.1 step 6): audio alone is still a video of 0 frames
+    "0 rgb frames": (custom_record(rgb_sizes=(), audio_sizes=(128,) * 3),
+                     "has 0 frames (0 rgb frames, 3 audio frames)"),
     "video-level record": (encode_video_level_record("vl", np.zeros(1024), np.zeros(128), [1]),
                            "looks like a video-level record"),
 }
@@ -153,17 +159,75 @@ def test_pattern_matching_nothing(tmp_path):
         list(iter_videos(pattern))
 
 
-def test_frame_count_mismatch_uses_shorter_and_is_counted(tmp_path, caplog):
-    path = write(tmp_path, [custom_record(rgb_sizes=(1024,) * 5, audio_sizes=(128,) * 3),
-                            good_record(1)])
-    (first, _) = iter_videos(path, num_classes=NUM_CLASSES)
-    assert first["num_frames"] == 3 and first["rgb"].shape == (3, 1024)
-    dataset = YT8MFrameDataset(path, batch_size=2, num_classes=NUM_CLASSES, max_frames=4)
-    with caplog.at_level(logging.WARNING, logger="nextvlad.data"):
-        (batch,) = list(dataset)
-    assert batch["lengths"].tolist() == [3, 3]
-    assert batch["read_stats"].tolist() == [0, 1, 0]
-    assert "1 rgb/audio frame-count mismatches" in caplog.text
+# (rgb frames, audio frames) of records whose streams differ; read with max_frames = 6.
+MISMATCHED = {"short_audio": (5, 3), "long_audio": (3, 5), "no_audio": (4, 0), "both_cut": (8, 7)}
+MISMATCH_MAX_FRAMES = 6
+
+
+def mismatched_file(tmp_path) -> str:
+    """Records written by the independent wire encoder: rgb frame f is all f, audio frame f all f+1."""
+    records = [sequence_example(name, (frame_values(n_rgb)[0], frame_values(n_audio)[1]))
+               for name, (n_rgb, n_audio) in MISMATCHED.items()]
+    return write_tfrecord(tmp_path / "mismatch.tfrecord", records)
+
+
+def expected_matrix(quantized: np.ndarray, max_frames: int) -> np.ndarray:
+    """SPEC 1.1 steps 3-4 for one stream: dequantize, then cut or pad with 0.0 to max_frames."""
+    out = np.zeros((max_frames, quantized.shape[1]))
+    real = dequantized(quantized[:max_frames])
+    out[:len(real)] = real
+    return out
+
+
+@pytest.mark.parametrize("route", ["cpu", "device_path", "dequantize_in_workers", "worker_shm"])
+def test_rgb_audio_mismatch_follows_the_authors_reader(tmp_path, monkeypatch, route, caplog):
+    """SPEC 1.1 step 6 / 7.5: the mask length is the rgb frame count (capped at max_frames) and
+    the audio stream is padded (exactly 0.0, after dequantizing) or cut on its own."""
+    from nextvlad.data import YT8MDataModule, transforms
+    from nextvlad.data.transforms import finalize_batch
+
+    path = mismatched_file(tmp_path)
+    options = dict(num_classes=NUM_CLASSES, max_frames=MISMATCH_MAX_FRAMES)
+    if route == "device_path":  # the GPU's masked_fill dequantization, run on CPU tensors
+        monkeypatch.setattr(transforms, "_dequantize_padded_cpu", transforms._dequantize_padded_torch)
+    if route == "worker_shm":  # a DataLoader worker filling its shared-memory buffers
+        module = YT8MDataModule(val_pattern=path, eval_batch_size=4, num_workers=1, **options)
+        module.setup("validate")
+        raw = list(module.val_dataloader())
+        batches = [module.transform(batch) for batch in raw]
+        read_stats = [module.read_stats[name] for name in STAT_NAMES]
+    else:
+        dataset = YT8MFrameDataset(path, batch_size=4, **options,
+                                   dequantize_in_workers=route == "dequantize_in_workers")
+        with caplog.at_level(logging.WARNING, logger="nextvlad.data"):
+            raw = list(dataset)
+        batches = [finalize_batch(batch) for batch in raw]
+        read_stats = sum(batch["read_stats"] for batch in raw).tolist()
+        assert "4 rgb/audio frame-count mismatches" in caplog.text
+    (batch,) = batches
+    assert batch["id"] == list(MISMATCHED)  # the video without audio is read, not rejected
+    assert batch["lengths"].tolist() == [5, 3, 4, 6]
+    for row, (n_rgb, n_audio) in enumerate(MISMATCHED.values()):
+        for key, quantized in (("rgb", frame_values(n_rgb)[0]), ("audio", frame_values(n_audio)[1])):
+            want = expected_matrix(quantized, MISMATCH_MAX_FRAMES)
+            got = batch[key][row].double().numpy()
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=f"{key} {row}")
+            assert (got[want == 0] == 0).all()  # padding is 0.0, not Dequantize(0) = -1.99
+    # long_audio keeps its audio rows 3-4 past its mask, as the authors' 300-row matrix does
+    assert (batch["audio"][1, 3:5] != 0).all() and batch["lengths"][1] == 3
+    assert read_stats == [0, 4, 1]  # every record mismatched; both_cut lost frames to max_frames
+
+
+def test_iter_videos_shapes_for_mismatched_records(tmp_path):
+    videos = list(iter_videos(mismatched_file(tmp_path), max_frames=MISMATCH_MAX_FRAMES,
+                              num_classes=NUM_CLASSES))
+    assert [v["id"] for v in videos] == list(MISMATCHED)
+    for video, (n_rgb, n_audio) in zip(videos, MISMATCHED.values()):
+        n, a = min(n_rgb, MISMATCH_MAX_FRAMES), min(n_audio, MISMATCH_MAX_FRAMES)
+        assert video["num_frames"] == n
+        assert video["rgb"].shape == (n, 1024) and video["audio"].shape == (a, 128)
+        np.testing.assert_allclose(video["rgb"], dequantized(frame_values(n_rgb)[0][:n]), atol=1e-6)
+        np.testing.assert_allclose(video["audio"], dequantized(frame_values(n_audio)[1][:a]), atol=1e-6)
 
 
 def test_skipped_records_in_ddp_training_cannot_silently_unbalance_ranks(tmp_path):

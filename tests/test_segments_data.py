@@ -107,6 +107,39 @@ def test_candidate_segments_for_prediction(tmp_path, frames, starts, lengths):
     assert candidate_starts(0).size == 0
 
 
+def segment_rows(quantized: np.ndarray, start: int) -> np.ndarray:
+    """float64 oracle: rows [start, start+5) of one stream padded with 0.0 on its own."""
+    out = np.zeros((5, quantized.shape[1]))
+    real = quantized[start:start + 5]
+    out[:len(real)] = dequantized(real)
+    return out
+
+
+@pytest.mark.parametrize("segment_frames", ["real", 5])
+def test_rgb_audio_mismatch_segments_count_rgb_frames_and_pad_audio_on_its_own(tmp_path, segment_frames):
+    """SPEC_SEGMENTS 2.1 / SPEC.md 1.1 step 6: each stream is padded to 300 rows on its own
+    (0.0 after dequantizing) before segments are gathered; frames are counted on rgb."""
+    streams = {"short_audio": (frame_values(12)[0], frame_values(7)[1]),
+               "long_audio": (frame_values(6)[0], frame_values(12)[1])}
+    path = write_tfrecord(tmp_path / "v.tfrecord", [
+        sequence_example(name, pair, [0, 5, 10], [1, 2, 3], [1.0, 1.0, 1.0])
+        for name, pair in streams.items()])
+    batch = concat(batches(path, segment_frames=segment_frames))
+    assert batch["id"] == [f"{name}:{s}" for name in streams for s in (0, 5, 10)]
+    want = [5, 5, 2, 5, 1, 0] if segment_frames == "real" else [5] * 6
+    assert batch["lengths"].tolist() == want
+    for row, (name, start) in enumerate((name, s) for name in streams for s in (0, 5, 10)):
+        for key, quantized in zip(("rgb", "audio"), streams[name]):
+            expected, got = segment_rows(quantized, start), batch[key][row].double().numpy()
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6, err_msg=f"{key} {row}")
+            assert (got[expected == 0] == 0).all()  # 0.0 padding, never Dequantize(0)
+    # candidates for prediction: starts 0, 5, ... below the rgb frame count
+    predicted = concat(batches(path, split="predict"))
+    assert predicted["id"] == ["short_audio:0", "short_audio:5", "short_audio:10",
+                               "long_audio:0", "long_audio:5"]
+    assert predicted["lengths"].tolist() == [5, 5, 2, 5, 1]
+
+
 BAD = {
     "start + 5 > 300": (dict(starts=[296], classes=[1], scores=[1.0]), "start time 296 is outside"),
     "negative start": (dict(starts=[-5], classes=[1], scores=[1.0]), "start time -5 is outside"),

@@ -3,11 +3,12 @@
 It yields whole batches (use it with `YT8MDataLoader`, a ``DataLoader(batch_size=None)``),
 because only the dataset knows which batch sizes keep the DDP ranks in step (see `sharding`).
 A yielded batch is *quantized*: ``rgb`` uint8 (B, M, 1024), ``audio`` uint8 (B, M, 128) padded at
-the end, ``lengths`` int64, ``labels`` uint8 multi-hot, ``has_labels`` bool, ``id`` list[str], and
+the end, ``lengths`` int64 (rgb frames: the frame mask), ``audio_lengths`` int64 (audio rows, see
+`collate_quantized`), ``labels`` uint8 multi-hot, ``has_labels`` bool, ``id`` list[str], and
 ``read_stats`` int64 (3,) counters (skipped records, rgb/audio frame-count mismatches, videos
-truncated to max_frames) accumulated since the previous batch, and from DataLoader workers a
-``buffer_lease`` (see `shm_pool`). `transforms.finalize_batch` turns it into the float contract;
-`YT8MDataModule` does so in ``on_after_batch_transfer``. DataLoader workers also send
+with a stream cut to max_frames) accumulated since the previous batch, and from DataLoader
+workers a ``buffer_lease`` (see `shm_pool`). `transforms.finalize_batch` turns it into the float
+contract; `YT8MDataModule` does so in ``on_after_batch_transfer``. DataLoader workers also send
 `ReaderMessage`s (a DataError, or the counts of a worker left without a batch), which
 `YT8MDataLoader` takes out of the stream.
 """
@@ -84,10 +85,16 @@ def collate_quantized(videos: Sequence[QuantizedVideo], max_frames: int, num_cla
                       buffers: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """Pad/truncate videos to max_frames and stack them into a batch dict (frames uint8).
 
-    The uint8 padding value is irrelevant (0 is used): `dequantize_padded` zeroes every frame at
-    index >= length after dequantizing. With `dequantized`, frames are float32, dequantized and
-    zero-padded (the CPU float path). `buffers` are (rgb, audio) tensors to fill, e.g. shared
-    memory in a DataLoader worker; by default new ones are allocated.
+    As the authors' reader (SPEC 1.1 steps 4-6): ``lengths`` (the frame mask) counts the rgb
+    frames, and each stream is padded or cut to max_frames on its own, so a video whose audio is
+    shorter has audio padding inside its mask, and one whose audio is longer keeps audio rows past
+    its length (hidden by the mask; like the authors' padded rows they enter the cluster-BN
+    statistics and the mixture gate mean, SPEC 7.3). ``audio_lengths`` (B,) int64 holds the audio
+    rows. The uint8 padding value is irrelevant (0 is used): `dequantize_padded` zeroes every row
+    at index >= lengths (rgb) or audio_lengths (audio) after dequantizing. With `dequantized`,
+    frames are float32, dequantized and zero-padded (the CPU float path). `buffers` are
+    (rgb, audio) tensors to fill, e.g. shared memory in a DataLoader worker; by default new ones
+    are allocated.
     """
     size = len(videos)
     if buffers is None:
@@ -99,22 +106,23 @@ def collate_quantized(videos: Sequence[QuantizedVideo], max_frames: int, num_cla
     rgb, audio = buffers
     rgb_np, audio_np = rgb.numpy(), audio.numpy()
     lengths = np.empty(size, np.int64)
+    audio_lengths = np.empty(size, np.int64)
     labels = np.zeros((size, num_classes), np.uint8)
     has_labels = np.empty(size, np.bool_)
     for i, video in enumerate(videos):
-        n = min(video.num_frames, max_frames)
-        for out, frames in ((rgb_np, video.rgb), (audio_np, video.audio)):
+        n_rgb, n_audio = min(video.num_frames, max_frames), min(len(video.audio), max_frames)
+        for out, frames, n in ((rgb_np, video.rgb, n_rgb), (audio_np, video.audio, n_audio)):
             if dequantized:
                 dequantize_rows_into(out[i, :n], frames[:n])
             else:
                 out[i, :n] = frames[:n]
             out[i, n:] = 0
-        lengths[i] = n
+        lengths[i], audio_lengths[i] = n_rgb, n_audio
         labels[i, video.labels] = 1
         has_labels[i] = video.has_labels
     return {"id": [video.id for video in videos], "rgb": rgb, "audio": audio,
-            "lengths": torch.from_numpy(lengths), "labels": torch.from_numpy(labels),
-            "has_labels": torch.from_numpy(has_labels)}
+            "lengths": torch.from_numpy(lengths), "audio_lengths": torch.from_numpy(audio_lengths),
+            "labels": torch.from_numpy(labels), "has_labels": torch.from_numpy(has_labels)}
 
 
 class YT8MFrameDataset(IterableDataset):
@@ -275,7 +283,7 @@ class YT8MFrameDataset(IterableDataset):
         stats.records += 1
         if video.frame_count_mismatch:
             stats.frame_count_mismatches += 1
-        if video.num_frames > self.max_frames:
+        if max(len(video.rgb), len(video.audio)) > self.max_frames:
             stats.truncated_videos += 1
         return video
 
@@ -307,7 +315,8 @@ class YT8MFrameDataset(IterableDataset):
         if stats.skipped_records or stats.frame_count_mismatches:
             logger.warning(
                 "%s epoch %d: read %d records, skipped %d bad records%s, %d rgb/audio frame-count "
-                "mismatches (used the shorter stream)", where, self.epoch, stats.records,
+                "mismatches (frames counted on rgb, audio zero-padded or cut on its own, as the "
+                "authors' reader)", where, self.epoch, stats.records,
                 stats.skipped_records,
                 f" (e.g. {stats.skip_reasons[:3]})" if stats.skip_reasons else "",
                 stats.frame_count_mismatches)

@@ -28,11 +28,16 @@ def iter_videos(pattern_or_files: str | os.PathLike | Iterable[str], max_frames:
 
     Frame-level records (SPEC 1.1) give::
 
-        {"id": str, "rgb": float32 (n, 1024), "audio": float32 (n, 128), "num_frames": n,
+        {"id": str, "rgb": float32 (n, 1024), "audio": float32 (a, 128), "num_frames": n,
          "labels": float32 (num_classes,) multi-hot, "label_ids": list[int], "has_labels": bool}
 
-    with frames dequantized (``q*4/255 + 4/512 - 2``), *not* padded, truncated to max_frames,
-    and n = min(rgb frames, audio frames, max_frames). Video-level records (SPEC 1.2) give
+    with frames dequantized (``q*4/255 + 4/512 - 2``), *not* padded, each stream truncated to
+    max_frames on its own: n = min(rgb frames, max_frames) (frames are counted on rgb, as the
+    authors' reader does) and a = min(audio frames, max_frames). A record whose streams differ in
+    length has a != n: 10 rgb and 6 audio frames give rgb (10, 1024), audio (6, 128),
+    num_frames 10 (a batch pads the 4 missing audio rows with 0.0 inside the mask); 6 rgb and 10
+    audio frames give rgb (6, 1024), audio (10, 128), num_frames 6 (a batch keeps the 4 extra
+    audio rows, past the mask). Video-level records (SPEC 1.2) give
     ``mean_rgb`` (1024,) / ``mean_audio`` (128,) float32 instead of rgb/audio/num_frames.
     `level="auto"` decides per record: a record that is not a valid frame-level record but has a
     ``mean_rgb`` feature and no feature lists is video-level. Bad records raise DataError naming file and record (or are skipped with
@@ -74,8 +79,9 @@ def _decode(data: bytes, path: str, index: int, max_frames: int, num_classes: in
             return _video_level(data, path, index, num_classes)
         raise
     n = min(video.num_frames, max_frames)
-    return {"id": video.id, "rgb": dequantize(video.rgb[:n]), "audio": dequantize(video.audio[:n]),
-            "num_frames": n, **_labels(video.labels, video.has_labels, num_classes)}
+    return {"id": video.id, "rgb": dequantize(video.rgb[:n]),
+            "audio": dequantize(video.audio[:max_frames]), "num_frames": n,
+            **_labels(video.labels, video.has_labels, num_classes)}
 
 
 def _is_video_level(data: bytes) -> bool:

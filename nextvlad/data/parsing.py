@@ -40,8 +40,9 @@ class QuantizedVideo:
 
     @property
     def num_frames(self) -> int:
-        """Usable frames: the shorter of the two streams (an rgb/audio mismatch is reported)."""
-        return min(len(self.rgb), len(self.audio))
+        """The video's frames: its rgb frames, as the authors' reader counts them (SPEC 1.1 step 6,
+        7.5); the audio stream is padded with 0.0 or cut to the frame axis on its own."""
+        return len(self.rgb)
 
     @property
     def frame_count_mismatch(self) -> bool:
@@ -192,9 +193,9 @@ def video_from_message(message, num_classes: int, path: str, index: int) -> Quan
                                          f"(found {sorted(feature_lists)}){hint}")
         streams.append(decode_feature_list(raw, size, name, path, index))
     video = QuantizedVideo(video_id, streams[0], streams[1], labels, has_labels)
-    if video.num_frames == 0:
-        raise DataError(path, index, f"video {video_id!r} has 0 frames (rgb {len(video.rgb)}, "
-                                     f"audio {len(video.audio)})")
+    if video.num_frames == 0:  # frames are counted on rgb: audio alone gives the model no frame
+        raise DataError(path, index, f"video {video_id!r} has 0 frames (0 rgb frames, "
+                                     f"{len(video.audio)} audio frames)")
     return video
 
 

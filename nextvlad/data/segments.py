@@ -11,10 +11,12 @@ reader and uint8 path as video-level training:
 * **candidate** segments (any record, for prediction, SPEC_SEGMENTS 3): starts 0, 5, ... < n
   (at most 60), the last one partial; ids ``"<video id>:<start>"``.
 
-A segment's ``lengths`` is its number of real frames, ``min(5, n - start)`` (0 for a rated start
-at or past the end of the video: those are counted and logged), in training, evaluation and
-inference alike; ``segment_frames=5`` makes every length 5 as Google's reader does (the rows past
-the video are then 0.0 frames the model sees). Bad ratings (start < 0, start + 5 > 300, a class
+A segment's ``lengths`` is its number of real frames, ``min(5, n - start)`` with n the rgb frames
+(0 for a rated start at or past the end of the video: those are counted and logged), in training,
+evaluation and inference alike; its audio rows come from the audio stream padded (0.0) or cut to
+300 rows on its own, as Google's video matrix (SPEC.md 1.1 step 6); ``segment_frames=5`` makes
+every length 5 as Google's reader does (the rows past the video are then 0.0 frames the model
+sees). Bad ratings (start < 0, start + 5 > 300, a class
 out of range, a score outside [0, 1], lists of different lengths) are a DataError naming the file
 and record, skipped and counted with ``on_error="skip"``.
 
@@ -72,6 +74,12 @@ class SegmentVideo(QuantizedVideo):
     def segment_lengths(self) -> np.ndarray:
         """Real frames of each segment, ``min(5, n - start)``, 0 when the start is past the end."""
         return np.clip(self.usable_frames - self.starts, 0, SEGMENT_SIZE)
+
+    def audio_segment_lengths(self) -> np.ndarray:
+        """Real audio rows of each segment: the audio stream is padded or cut to 300 rows on its
+        own (SPEC.md 1.1 step 6), so its rows past the rgb frames are kept, and missing ones are
+        0.0 padding inside the segment's length."""
+        return np.clip(min(len(self.audio), VIDEO_FRAMES) - self.starts, 0, SEGMENT_SIZE)
 
 
 def _context_list(context, name: str, kind: str, path: str, index: int) -> np.ndarray:
@@ -172,7 +180,8 @@ def collate_segments(videos: Sequence[SegmentVideo], num_classes: int) -> dict:
     """Videos -> one quantized batch of all their segments (S = total segments).
 
     Keys as `dataset.collate_quantized` with M = 5 (``rgb`` uint8 (S, 5, 1024), ``audio``,
-    ``lengths`` = real frames, ``labels`` float32 scores, ``has_labels``: rated) plus
+    ``lengths`` = real (rgb) frames, ``audio_lengths`` = real audio rows, ``labels`` float32
+    scores, ``has_labels``: rated) plus
     ``label_weights`` float32 (S, C), 1 on rated entries; ``id`` are the segment ids
     ``"<video id>:<start>"``.
     """
@@ -180,26 +189,30 @@ def collate_segments(videos: Sequence[SegmentVideo], num_classes: int) -> dict:
     rgb = np.zeros((total, SEGMENT_SIZE, RGB_SIZE), np.uint8)
     audio = np.zeros((total, SEGMENT_SIZE, AUDIO_SIZE), np.uint8)
     lengths = np.zeros(total, np.int64)
+    audio_lengths = np.zeros(total, np.int64)
     labels = np.zeros((total, num_classes), np.float32)
     weights = np.zeros((total, num_classes), np.float32)
     has_labels = np.zeros(total, np.bool_)
     ids: list[str] = []
     first = 0
     for video in videos:
-        segment_lengths = video.segment_lengths()
-        for offset, (start, length) in enumerate(zip(video.starts.tolist(), segment_lengths.tolist())):
+        segment_lengths, audio_rows = video.segment_lengths(), video.audio_segment_lengths()
+        for offset, (start, length, audio_length) in enumerate(
+                zip(video.starts.tolist(), segment_lengths.tolist(), audio_rows.tolist())):
             rgb[first + offset, :length] = video.rgb[start:start + length]
-            audio[first + offset, :length] = video.audio[start:start + length]
+            audio[first + offset, :audio_length] = video.audio[start:start + audio_length]
             ids.append(f"{video.id}:{start}")
         count = len(video.starts)
         lengths[first:first + count] = segment_lengths
+        audio_lengths[first:first + count] = audio_rows
         labels[first + video.entry_segment, video.entry_class] = video.entry_score
         weights[first + video.entry_segment, video.entry_class] = 1.0
         has_labels[first:first + count] = video.rated
         first += count
     return {"id": ids, "rgb": torch.from_numpy(rgb), "audio": torch.from_numpy(audio),
-            "lengths": torch.from_numpy(lengths), "labels": torch.from_numpy(labels),
-            "label_weights": torch.from_numpy(weights), "has_labels": torch.from_numpy(has_labels)}
+            "lengths": torch.from_numpy(lengths), "audio_lengths": torch.from_numpy(audio_lengths),
+            "labels": torch.from_numpy(labels), "label_weights": torch.from_numpy(weights),
+            "has_labels": torch.from_numpy(has_labels)}
 
 
 def video_fold(video_id: str, num_folds: int, seed: int = 0) -> int:

@@ -1,11 +1,12 @@
 """Dequantization, padding, reverse whitening and random frame sampling (SPEC 1.1, 2; Table 1).
 
 Batches leave the DataLoader *quantized* (uint8 frames, padded at the end to max_frames, plus
-`lengths`) and `finalize_batch` turns them into the float batch contract on whatever device they
-are on. The arithmetic is the authors' float32 arithmetic:
+`lengths` and `audio_lengths`) and `finalize_batch` turns them into the float batch contract on
+whatever device they are on. The arithmetic is the authors' float32 arithmetic:
 
 * dequantize ``x = q * (4/255) + (4/512 - 2)`` (A:utils.py Dequantize: ``q*scalar + bias``);
-* frames at index >= length are exactly 0.0 (padding happens after dequantizing);
+* frames at index >= length are exactly 0.0 (padding happens after dequantizing); audio is
+  padded on its own, at its own length (the mask, ``lengths``, counts rgb frames);
 * reverse whitening (optional): ``rgb = (rgb - 4/512) * (sqrt(e[:1024]) + 1e-4)``, audio untouched,
   applied to the padded batch, so padded rgb rows become ``-(4/512) * scale`` (small negatives).
 """
@@ -134,15 +135,16 @@ def finalize_batch(batch: dict, whitening: ReverseWhitening | None = None,
 
     The input's rgb/audio are either uint8 (quantized, the default) or float32 already dequantized
     and zero-padded (`dequantize_in_workers`); whitening and frame sampling are applied here in
-    both cases, so call this exactly once per batch. Output keys: id (list[str]), rgb float32
-    (B, M, 1024), audio float32 (B, M, 128), lengths int64 (B,), labels float32 (B, C),
-    has_labels bool (B,).
+    both cases, so call this exactly once per batch. Audio rows at index >= ``audio_lengths``
+    (default: ``lengths``) become 0.0: the audio stream is padded on its own (SPEC 1.1 step 6).
+    Output keys: id (list[str]), rgb float32 (B, M, 1024), audio float32 (B, M, 128), lengths
+    int64 (B,), labels float32 (B, C), has_labels bool (B,).
     """
     lengths = batch["lengths"]
     rgb, audio = batch["rgb"], batch["audio"]
     if rgb.dtype == torch.uint8:
         rgb = dequantize_padded(rgb, lengths)
-        audio = dequantize_padded(audio, lengths)
+        audio = dequantize_padded(audio, batch.get("audio_lengths", lengths))
         lease = batch.get("buffer_lease")
         if lease is not None:  # the uint8 frames have been copied out: the worker may reuse them
             lease.release()
