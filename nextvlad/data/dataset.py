@@ -386,13 +386,18 @@ class _Reader:
         # A finished batch is held until the next good record arrives: if the reader ends first,
         # records skipped after its last video are added to its read_stats instead of being lost.
         held: dict | None = None
+        # A position saved at the `yield held` below already holds the next video. If that video
+        # completed a batch (always, with batch size 1), the batch is not made yet: make it now,
+        # or the loop would only ever see the batch over-full.
+        if self._pending_full():
+            held = self._make_batch()
         for index, video in self._shuffled():
             self.pending.append(video)
             position.pending.append(index)
             if held is not None:
                 yield held
                 held = None
-            if position.batches < len(sizes) and len(self.pending) == sizes[position.batches]:
+            if self._pending_full():
                 held = self._make_batch()
         if self.pending:  # records were skipped, so the planned batches could not all be filled
             held = self._make_batch()  # (nothing was held)
@@ -411,6 +416,10 @@ class _Reader:
                 f"fall out of step and hang. Fix or remove the bad files: "
                 f"{self.stats.skip_reasons[:5]}")
         dataset._report(self.stats, self.plan, position.worker, position.num_workers)
+
+    def _pending_full(self) -> bool:
+        sizes = self.plan.batch_sizes
+        return self.position.batches < len(sizes) and len(self.pending) == sizes[self.position.batches]
 
     def _make_batch(self) -> dict:
         batch = self.dataset._make_batch(self.pending, self.stats, self.reported, self.pool)
