@@ -5,6 +5,7 @@ from __future__ import annotations
 import filecmp
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,6 +69,30 @@ def test_command_line(tmp_path, capsys):
     assert result.returncode == 0 and "--num-classes" in result.stdout and not result.stderr
     with pytest.raises(ValueError, match="max_labels"):
         write_synthetic_dataset(tmp_path / "bad", num_classes=3, max_labels=5)
+
+
+@pytest.mark.parametrize("gzip", [False, True])
+def test_a_split_without_videos_writes_no_file(tmp_path, gzip):
+    """`nextvlad-synthetic --num-test 0`: the test split is left out, every file written is
+    readable, and reading the test pattern says it matches nothing."""
+    script = Path(sys.executable).with_name("nextvlad-synthetic")
+    result = subprocess.run([str(script), "--out-dir", str(tmp_path), "--num-train", "3",
+                             "--num-validate", "2", "--num-test", "0", "--num-classes", "6",
+                             "--min-frames", "2", "--max-frames", "4", *(["--gzip"] if gzip else [])],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "test           0 videos  0 files" in result.stdout
+    assert sorted(p.name for p in tmp_path.glob("*.tfrecord")) == [
+        "train0000.tfrecord", "train0001.tfrecord", "train0002.tfrecord",
+        "validate0000.tfrecord", "validate0001.tfrecord"]
+    videos = list(iter_videos(str(tmp_path / "*.tfrecord"), num_classes=6))
+    assert len(videos) == 5
+    with pytest.raises(FileNotFoundError, match="test"):
+        list(iter_videos(str(tmp_path / "test*.tfrecord"), num_classes=6))
+    assert open(tmp_path / "test_labels.csv").read() == "VideoId,Labels\n"
+    paths = write_synthetic_dataset(tmp_path / "api", num_train=0, num_validate=1, num_test=0,
+                                    num_classes=6, min_frames=2, max_frames=4)
+    assert paths["train"] == paths["test"] == [] and len(paths["validate"]) == 1
 
 
 def _gap(scores: torch.Tensor, labels: torch.Tensor, top_k: int = 20) -> float:

@@ -165,6 +165,8 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, num_train: int = 3000,
                             **options) -> dict[str, list[str]]:
     """Write train/validate/test TFRecords under `out_dir`; returns {split: [file paths]}.
 
+    A split of 0 videos writes no file (its list is empty).
+
     Deterministic: the same arguments give byte-identical files. `options` are the remaining
     `SyntheticConfig` fields (max_labels, prototypes_per_class, background_rate, prototype_scale,
     offset_scale, noise). Test records have no labels; their ground truth goes to
@@ -190,7 +192,9 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, num_train: int = 3000,
     test_labels: list[str] = []
     for split_code, split in enumerate(SPLITS):
         total = counts[split]
-        num_files = min(config.files_per_split, max(total, 1))
+        # A split without videos gets no file: an empty TFRecord file is an error to the readers
+        # (and its pattern matching nothing says so more clearly).
+        num_files = min(config.files_per_split, total)
         paths[split] = []
         for file_index in range(num_files):
             first, last = file_index * total // num_files, (file_index + 1) * total // num_files
@@ -238,8 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     paths = write_synthetic_dataset(out_dir, compression=compression, segments=segments, **args)
     for split, files in paths.items():
         size = sum(os.path.getsize(p) for p in files) / 1e6
+        where = f"{os.path.join(out_dir, split)}*.tfrecord" if files else "(no file)"
         print(f"{split:9s} {args[f'num_{split}']:6d} videos  {len(files)} files  {size:8.1f} MB  "
-              f"{os.path.join(out_dir, split)}*.tfrecord")
+              f"{where}")
 
 
 if __name__ == "__main__":
