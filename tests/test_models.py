@@ -357,3 +357,45 @@ def test_netvlad_works_in_float64(frames_and_lengths):
     assert out.dtype == torch.float64
     out.sum().backward()
     assert layer.cluster_logits.weight.grad.dtype == torch.float64
+
+
+def classifier_inputs(models: list[torch.nn.Module]) -> list[torch.Tensor]:
+    """Hooks recording what each model's classifier is fed (the hidden features), in call order."""
+    seen = []
+    for model in models:
+        model.classifier.register_forward_hook(lambda layer, args, output: seen.append(args[0].detach()))
+    return seen
+
+
+def logistic_float64(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return hidden.double() @ model.classifier.weight.double().T + model.classifier.bias.double()
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_logits_are_fp32_under_bf16_autocast(training):
+    """bf16 logits (8-bit mantissa) tie a video's top-20 and bias GAP down: the classifier and the
+    mixture's gated sum run in fp32 on the hidden features that the bf16 network computed."""
+    torch.manual_seed(0)
+    build = lambda: build_video_model(num_classes=50, rgb_size=16, audio_size=8, clusters=4, groups=2,
+                                      hidden_size=64, gating_reduction=4)
+    rgb, audio, lengths = torch.randn(4, 5, 16), torch.randn(4, 5, 8), torch.tensor([5, 3, 1, 4])
+    single = build().train(training)
+    hidden = classifier_inputs([single])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = single(rgb, audio, lengths)
+    assert logits.dtype == torch.float32
+    expected = logistic_float64(single, hidden[0])
+    torch.testing.assert_close(logits.double(), expected, rtol=1e-5, atol=1e-5)
+    # A bf16 classifier would be off by far more than that tolerance.
+    assert (logits.double() - expected.bfloat16().double()).abs().max() > 1e-3
+
+    branches = [build() for _ in range(3)]
+    mixture = MixtureOfNeXtVLAD(branches, input_size=24).train(training)
+    hidden = classifier_inputs(branches)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mixture.forward_all(rgb, audio, lengths)
+    assert out.logits.dtype == out.branch_logits.dtype == out.gate.dtype == torch.float32
+    branch_expected = [logistic_float64(branch, h) for branch, h in zip(branches, hidden)]
+    torch.testing.assert_close(out.branch_logits.double(), torch.stack(branch_expected), rtol=1e-5, atol=1e-5)
+    mixed = sum(out.gate[:, m:m + 1].double() * branch_expected[m] for m in range(3))
+    torch.testing.assert_close(out.logits.double(), mixed, rtol=1e-5, atol=1e-5)

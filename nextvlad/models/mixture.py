@@ -17,7 +17,7 @@ from nextvlad._validation import check_choice, check_positive
 from nextvlad.kernels import frame_mask
 from nextvlad.models.initialization import tf_batch_norm, tf_linear
 from nextvlad.models.nextvlad import NeXtVLAD
-from nextvlad.models.video_model import VideoModel
+from nextvlad.models.video_model import VideoModel, without_autocast
 
 GateInput = Literal["all", "masked", "per_frame"]
 
@@ -60,11 +60,7 @@ class MixtureOfNeXtVLAD(nn.Module):
     def gate(self, rgb: torch.Tensor, audio: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Softmax weights (B, num_branches) in the inputs' dtype; in fp32 under autocast, because
         they scale every logit (autocast would run the gate FC in bf16/fp16)."""
-        frames = torch.cat([rgb, audio], dim=-1)
-        if torch.is_autocast_enabled(frames.device.type):
-            with torch.autocast(frames.device.type, enabled=False):
-                return self._gate(at_least_float32(frames), lengths)
-        return self._gate(frames, lengths)
+        return without_autocast(self._gate, torch.cat([rgb, audio], dim=-1), lengths)
 
     def _gate(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if self.gate_input == "all":
@@ -88,7 +84,8 @@ class MixtureOfNeXtVLAD(nn.Module):
         else:
             branch_logits = torch.stack([branch(rgb, audio, lengths) for branch in self.branches])
         gate = self.gate(rgb, audio, lengths)
-        logits = torch.einsum("bm,mbc->bc", gate.to(branch_logits.dtype), branch_logits)
+        # In fp32 with the branch logits (autocast would run this einsum's bmm in bf16): see without_autocast.
+        logits = without_autocast(_gated_sum, gate, branch_logits)
         return MixtureOutput(logits, branch_logits, gate)
 
     def _nextvlad_branches(self, rgb: torch.Tensor, audio: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -108,6 +105,11 @@ class MixtureOfNeXtVLAD(nn.Module):
 
     def classifiers(self) -> list[nn.Linear]:
         return [branch.classifier for branch in self.branches]
+
+
+def _gated_sum(gate: torch.Tensor, branch_logits: torch.Tensor) -> torch.Tensor:
+    """z_e = sum_m gate[:, m] * z_m: (B, M) and (M, B, C) -> (B, C)."""
+    return torch.einsum("bm,mbc->bc", gate.to(branch_logits.dtype), branch_logits)
 
 
 def _shared_linear(inputs: torch.Tensor, layers: list[nn.Linear]) -> tuple[torch.Tensor, ...]:

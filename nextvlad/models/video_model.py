@@ -8,11 +8,12 @@ logistic classifier (with bias). It returns logits; probabilities are their sigm
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import nn
 
+from nextvlad._dtypes import at_least_float32
 from nextvlad._validation import check_choice, check_positive
 from nextvlad.models.gating import SEContextGating
 from nextvlad.models.initialization import tf_batch_norm, tf_linear
@@ -71,11 +72,26 @@ class VideoModel(nn.Module):
     def head(self, descriptor: torch.Tensor) -> torch.Tensor:
         """Video-level head on the concatenated (video, audio) descriptor: logits (B, C)."""
         hidden = self.hidden_activation(self.hidden_bn(self.hidden(self.dropout(descriptor))))
-        return self.classifier(self.context_gating(hidden))
+        return without_autocast(self.classifier, self.context_gating(hidden))
 
     def classifiers(self) -> list[nn.Linear]:
         """The layers whose weights and biases carry the L2 penalty (SPEC 4)."""
         return [self.classifier]
+
+
+def without_autocast(function: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+    """``function(*tensors)`` with autocast off and half-precision inputs in fp32; unchanged outside autocast.
+
+    For the logits (the classifier, the mixture's gated sum): bf16 keeps 8 mantissa bits, so a
+    video's top-20 scores would collapse onto a few values, the GAP tie rule (negatives first) would
+    bias validation GAP down and the submission would list tied scores. Costs the classifier's
+    B x H x C GEMM (160 x 2048 x 3862 in the paper's recipe, per branch) and its backward in fp32.
+    """
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return function(*tensors)
+    with torch.autocast(device, enabled=False):
+        return function(*(at_least_float32(t) if t.is_floating_point() else t for t in tensors))
 
 
 def build_video_model(
