@@ -164,6 +164,9 @@ class VideoClassifier(pl.LightningModule):
         })
         segment_stages = ("val", "test") if task == "segments" else ()
         self.segment_map = nn.ModuleDict({stage: SegmentMeanAveragePrecision(num_classes) for stage in segment_stages})
+        # Labelled videos of the running evaluation per stage (the metrics count every video):
+        # none at all is an error (_check_labelled_videos_seen). Not a buffer, so that DDP does not broadcast it.
+        self._labelled_videos: dict[str, torch.Tensor] = {}
         self.examples_seen = 0  # optimizer-step examples over all ranks; drives the LR schedule
         self._pending_examples = 0
 
@@ -291,28 +294,39 @@ class VideoClassifier(pl.LightningModule):
     def _evaluation_step(self, batch: dict[str, Any], stage: str) -> None:
         self._check_batch(batch)
         labelled = batch["has_labels"]
-        if not labelled.any():
-            return
-        labels = batch["labels"][labelled].float()
-        weights = self._loss_weights(batch)
+        self._labelled_videos[stage] = self._labelled_videos.get(stage, 0) + labelled.sum()
+        if self.hparams.task == "segments":
+            # Google's segment eval sees rated segments only (a video without ratings yields no
+            # example, SPEC_SEGMENTS 2); unrated rows are inference candidates and stay out.
+            if not labelled.any():
+                return
+            batch = {key: value[labelled] for key, value in batch.items() if torch.is_tensor(value)}
+        weights = self._loss_weights(batch)  # first: the clear error for a segment batch without label_weights
+        # Video task: every video counts, a label-less one with its all-zero labels, as in the
+        # authors' eval.py: PERR and Hit@1 score it 0, GAP ranks its top-k as negatives, the loss
+        # averages over all videos (SPEC 5, 7.17).
         branch_gaps = self.branch_gaps[stage]
         if branch_gaps:
             out = self.model.forward_all(batch["rgb"], batch["audio"], batch["lengths"])
-            logits = out.logits[labelled]
+            logits = out.logits
             for gap, branch_logits in zip(branch_gaps, out.branch_logits):
-                gap.update(torch.sigmoid(branch_logits[labelled].float()), labels)
+                gap.update(*self._metric_inputs(branch_logits, batch))
         else:
-            logits = self(batch["rgb"], batch["audio"], batch["lengths"])[labelled]
-        probabilities = torch.sigmoid(logits.float())
+            logits = self(batch["rgb"], batch["audio"], batch["lengths"])
         if self.hparams.task == "segments":
-            # Google's eval.py proxies: predictions times label_weights against the ratings.
-            rated = batch["label_weights"][labelled].float()
-            self.segment_map[stage].update(probabilities, labels, rated)
-            probabilities, labels = probabilities * rated, (labels > 0).float()
-            weights = None if weights is None else weights[labelled]
-        self._stage_metrics(stage).update(probabilities, labels)
-        loss_labels = batch["labels"][labelled].float()
-        self.log(f"{stage}/loss", summed_bce(logits, loss_labels, weights), batch_size=logits.shape[0], sync_dist=True)
+            self.segment_map[stage].update(torch.sigmoid(logits.float()), batch["labels"].float(),
+                                           batch["label_weights"].float())
+        self._stage_metrics(stage).update(*self._metric_inputs(logits, batch))
+        loss = summed_bce(logits, batch["labels"].float(), weights)
+        self.log(f"{stage}/loss", loss, batch_size=logits.shape[0], sync_dist=True)
+
+    def _metric_inputs(self, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probabilities, multi-hot labels) for the SPEC 5 metrics; for segments Google's eval.py
+        proxies (SPEC_SEGMENTS 6): probabilities times ``label_weights`` against the positive ratings."""
+        probabilities = torch.sigmoid(logits.float())
+        if self.hparams.task != "segments":
+            return probabilities, batch["labels"].float()
+        return probabilities * batch["label_weights"].float(), (batch["labels"] > 0).float()
 
     def on_validation_epoch_start(self) -> None:
         self._reset_metrics("val")
@@ -324,6 +338,7 @@ class VideoClassifier(pl.LightningModule):
         # Fresh state tensors: under ddp_spawn the module reaches the ranks in shared memory, and
         # in-place accumulation would add every rank's counts into the same tensors.
         self._stage_metrics(stage).reset()
+        self._labelled_videos[stage] = torch.zeros((), dtype=torch.long, device=self.device)
         for gap in self.branch_gaps[stage]:
             gap.reset()
         if stage in self.segment_map:
@@ -337,7 +352,7 @@ class VideoClassifier(pl.LightningModule):
 
     def _log_metrics(self, stage: str) -> None:
         metrics = self._stage_metrics(stage)
-        self._check_labelled_videos_seen(stage, metrics["hit_at_one"].videos)
+        self._check_labelled_videos_seen(stage, self._labelled_videos.get(stage, torch.zeros((), dtype=torch.long)))
         self.log_dict(metrics.compute(), prog_bar=True)
         metrics.reset()
         if stage in self.segment_map:

@@ -6,8 +6,10 @@ import copy
 import math
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 from toy_data import NUM_CLASSES, SMALL, collate, loader, toy_videos, trainer
 
 from nextvlad.module import VideoClassifier, clip_per_tensor_, summed_bce
@@ -274,3 +276,115 @@ def test_predict_step_breaks_ties_at_the_cut_off_by_lower_class_index():
     out = module.predict_step(batch, 0)
     assert out["classes"].tolist() == [[1, 2, 3], [1, 2, 3]]
     assert torch.allclose(out["scores"], torch.sigmoid(tied).gather(1, out["classes"]))
+
+
+def average_precision_float64(scores: np.ndarray, positive: np.ndarray, positives: float) -> float:
+    """SPEC 5: (1 / positives) * sum over positive ranks i of (positives in ranks 1..i) / i; 0 without positives."""
+    hits = positive[np.argsort(-scores, kind="stable")]
+    return float((np.cumsum(hits) / np.arange(1, len(hits) + 1) * hits).sum() / positives) if positives else 0.0
+
+
+def spec5_metrics_float64(p: np.ndarray, y: np.ndarray, top_k: int) -> dict[str, float]:
+    """The authors' eval.py metrics over every video (SPEC 5), written out in float64 numpy."""
+    rows, top = np.arange(len(p))[:, None], np.argsort(-p, axis=1, kind="stable")[:, :top_k]
+    in_top = np.zeros(p.shape, bool)
+    in_top[rows, top] = True
+    perr = [0.0 if n == 0 else float((y_b * (p_b > 0))[np.argsort(-p_b)[:n]].sum() / n)
+            for p_b, y_b, n in zip(p, y, y.sum(1).astype(int))]  # n = 0: precision 0, still counted
+    return {
+        "gap": average_precision_float64(p[in_top], y[in_top], y.sum()),
+        "hit_at_one": float(y[rows[:, 0], p.argmax(1)].mean()),
+        "perr": float(np.mean(perr)),
+        "map": float(np.mean([average_precision_float64(p[in_top[:, c], c], y[in_top[:, c], c], y[:, c].sum())
+                              for c in range(p.shape[1])])),
+    }
+
+
+@pytest.mark.parametrize("num_branches", [1, 3])
+def test_validation_counts_label_less_videos_as_the_authors_eval(num_branches):
+    """Labelled and label-less videos mixed in batches (and one batch without labels): the logged
+    metrics, branch GAPs and loss are SPEC 5's over every video, a label-less one as all-zero labels."""
+    torch.manual_seed(0)
+    module = VideoClassifier(**SMALL, num_branches=num_branches, top_k=5).eval()
+    videos = toy_videos(24, 3)
+    batch = collate(videos)
+    with torch.no_grad():
+        if num_branches == 1:
+            logits, branch_logits = module(batch["rgb"], batch["audio"], batch["lengths"]), []
+        else:
+            out = module.model.forward_all(batch["rgb"], batch["audio"], batch["lengths"])
+            logits, branch_logits = out.logits, out.branch_logits
+    # Labels the model's own ranking makes informative: half the labelled videos hit at rank 1,
+    # some have two labels. Videos 2, 5, ... and the whole last batch (16..23) have none.
+    g = torch.Generator().manual_seed(1)
+    for i, video in enumerate(videos):
+        video["labels"] = torch.zeros(NUM_CLASSES)
+        video["has_labels"] = torch.tensor(i < 16 and i % 3 != 2)
+        if video["has_labels"]:
+            first = int(logits[i].argmax()) if i % 2 == 0 else int(torch.randint(NUM_CLASSES, (1,), generator=g))
+            video["labels"][first] = 1.0
+            if i % 4 == 0:
+                video["labels"][int(torch.randint(NUM_CLASSES, (1,), generator=g))] = 1.0
+    y = np.stack([video["labels"].numpy() for video in videos]).astype(np.float64)
+    labelled = np.array([bool(video["has_labels"]) for video in videos])
+    probabilities = lambda z: torch.sigmoid(z.float()).numpy().astype(np.float64)  # the metrics' fp32 scores
+
+    logged = trainer().validate(module, DataLoader(videos, batch_size=8, collate_fn=collate), verbose=False)[0]
+    expected = spec5_metrics_float64(probabilities(logits), y, top_k=5)
+    for name, value in expected.items():
+        assert logged[f"val/{name}"] == pytest.approx(value, rel=1e-9, abs=1e-12), name
+    # Only over the labelled videos (the old behaviour) every one of them reads otherwise.
+    only_labelled = spec5_metrics_float64(probabilities(logits)[labelled], y[labelled], top_k=5)
+    assert all(abs(only_labelled[name] - value) > 1e-3 for name, value in expected.items())
+    z = logits.double().numpy()
+    loss = (np.logaddexp(0, z) - y * z).sum(1).mean()  # BCE from logits, summed over classes
+    assert logged["val/loss"] == pytest.approx(loss, rel=1e-6)
+    for m, branch in enumerate(branch_logits):
+        branch_gap = spec5_metrics_float64(probabilities(branch), y, top_k=5)["gap"]
+        assert logged[f"val/branch_{m}/gap"] == pytest.approx(branch_gap, rel=1e-9, abs=1e-12)
+
+
+def test_segment_validation_scores_rated_segments_with_the_same_proxy_for_branches():
+    """Segments (SPEC_SEGMENTS 2, 6): rows without ratings (inference candidates) stay out, and
+    the mixture and each branch are scored alike on probabilities x label_weights vs ratings > 0."""
+    from test_segments_training import collate_segments, toy_segments
+
+    torch.manual_seed(0)
+    module = VideoClassifier(**SMALL, num_branches=2, task="segments", top_k=5).eval()
+    items = toy_segments(24, 2)
+    for item in items[1::4]:  # candidates: no ratings
+        item.update(labels=torch.zeros(NUM_CLASSES), label_weights=torch.zeros(NUM_CLASSES), has_labels=torch.tensor(False))
+    batch = collate_segments(items)
+    with torch.no_grad():
+        out = module.model.forward_all(batch["rgb"], batch["audio"], batch["lengths"])
+    rated = batch["has_labels"].numpy()
+    y = (batch["labels"].numpy()[rated] > 0).astype(np.float64)
+    proxy = lambda z: (torch.sigmoid(z.float()) * batch["label_weights"]).numpy()[rated].astype(np.float64)
+
+    logged = trainer().validate(module, DataLoader(items, batch_size=8, collate_fn=collate_segments), verbose=False)[0]
+    for name, value in spec5_metrics_float64(proxy(out.logits), y, top_k=5).items():
+        assert logged[f"val/{name}"] == pytest.approx(value, rel=1e-9, abs=1e-12), name
+    for m in range(2):
+        gap = spec5_metrics_float64(proxy(out.branch_logits[m]), y, top_k=5)["gap"]
+        assert logged[f"val/branch_{m}/gap"] == pytest.approx(gap, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_ddp_validation_with_a_rank_of_label_less_videos():
+    """Two gloo ranks; the sampler deals videos alternately, so rank 1 sees only label-less ones:
+    the same metrics as one process over all videos. With no labels anywhere, every rank raises
+    (the count of labelled videos is a collective) instead of hanging."""
+    torch.manual_seed(0)
+    module = VideoClassifier(**SMALL)
+    videos = toy_videos(16, 3)
+    for video in videos[1::2]:
+        video.update(labels=torch.zeros(NUM_CLASSES), has_labels=torch.tensor(False))
+    data = DataLoader(videos, batch_size=4, collate_fn=collate)
+    single = trainer().validate(module, data, verbose=False)[0]
+    two_ranks = trainer(strategy="ddp_spawn", devices=2).validate(module, data, verbose=False)[0]
+    assert two_ranks.keys() == single.keys()
+    for name, value in single.items():
+        assert two_ranks[name] == pytest.approx(value, rel=1e-6), name
+    # The spawned rank's ValueError reaches here wrapped, with its message.
+    with pytest.raises(torch.multiprocessing.ProcessRaisedException, match="ValueError: no video of the validation data has labels"):
+        trainer(strategy="ddp_spawn", devices=2).validate(module, loader(16, labelled=False), verbose=False)
