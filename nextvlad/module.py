@@ -264,7 +264,8 @@ class VideoClassifier(pl.LightningModule):
         if self.hparams.task == "segments" and len(batch["lengths"]) < 2:
             # A segment batch can hold 0 or 1 segments (its videos had no ratings or are in the
             # validation fold); batch norm cannot train on fewer than 2 rows. A zero loss that
-            # touches every parameter keeps DDP's gradient all-reduce in step with the other ranks.
+            # touches every parameter keeps DDP's gradient all-reduce in step with the other ranks;
+            # when no rank trained on a batch, the optimizer makes no update (_no_update_without_examples).
             return sum(p.sum() for p in self.parameters()) * 0.0
         losses, logits = self.compute_losses(batch)
         batch_size = len(batch["lengths"])
@@ -405,10 +406,28 @@ class VideoClassifier(pl.LightningModule):
         learning_rate = self.current_learning_rate()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
-        optimizer.step(closure=optimizer_closure)
+        optimizer.step(closure=self._no_update_without_examples(optimizer_closure))
         # The closure ran the last accumulated training_step, so every micro-batch is counted now.
         self.examples_seen += self._pending_examples * self.trainer.world_size
         self._pending_examples = 0
+
+    def _no_update_without_examples(self, closure: Any) -> Any:
+        """The closure, then, in the segment task, every gradient dropped when no rank had a
+        segment batch to train on (training_step's zero loss): Adam would still move each weight
+        along its old moments; with no gradient it leaves the weights and its state untouched.
+        The count is summed over ranks, so that all of them skip the update together."""
+        if self.hparams.task != "segments" or closure is None:
+            return closure
+
+        def closure_then_drop_empty_gradients() -> Any:
+            loss = closure()
+            examples = torch.tensor(float(self._pending_examples), device=self.device)
+            if self.trainer.strategy.reduce(examples, reduce_op="sum").item() == 0:
+                for parameter in self.parameters():
+                    parameter.grad = None
+            return loss
+
+        return closure_then_drop_empty_gradients
 
     def configure_gradient_clipping(
         self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None

@@ -118,6 +118,24 @@ def test_batches_of_fewer_than_two_segments_give_a_zero_loss_on_every_parameter(
         assert all(p.grad is not None for p in module.parameters())
 
 
+def test_a_step_without_segments_leaves_the_weights_and_adam_state_as_they_were():
+    """Batches of 2 then 1 segments train exactly as the batch of 2 alone: the 1-segment step's
+    zero loss must not let Adam move the weights along its moments (nor count a step)."""
+    def fit(count: int) -> tuple[VideoClassifier, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        module = VideoClassifier(**SMALL, task="segments", learning_rate=1e-2)
+        run = trainer(max_epochs=1)
+        run.fit(module, segment_loader(count, batch_size=2))
+        return module, run.optimizers[0]
+
+    (two, two_optimizer), (three, three_optimizer) = fit(2), fit(3)
+    assert three.trainer.global_step == 2  # the empty step ran (closure, DDP all-reduce) ...
+    for (name, expected), actual in zip(two.state_dict().items(), three.state_dict().values()):
+        assert torch.equal(expected, actual), name  # ... and changed nothing
+    steps = {int(state["step"]) for state in three_optimizer.state.values()}
+    assert steps == {1} and len(three_optimizer.state) == len(two_optimizer.state)
+
+
 def test_predict_returns_every_segments_probabilities_and_needs_segment_batches():
     module = VideoClassifier(**SMALL, task="segments").eval()
     batch = collate_segments(toy_segments(3, 0))
