@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import pytest
-import torch
 
 from nextvlad.data import YT8MDataModule
 from nextvlad.module import VideoClassifier
