@@ -218,7 +218,7 @@ def cli_error(monkeypatch, capsys, *argv: str) -> str:
     (["--data.init_args.val_pattern", "nowhere/*.tfrecord"],
      "YT8MDataModule val_pattern: no files match 'nowhere/*.tfrecord'"),
     (["--data.init_args.eigenvalues_path", "missing/eigenvals.npy"], "eigenvalues_path: missing/eigenvals.npy does not exist"),
-    (["--data.init_args.max_frames", "0"], "max_frames must be >= 1, got 0"),
+    (["--data.init_args.max_frames", "0"], "max_frames must be an integer >= 1, got 0"),
     (["--data.init_args.num_classes", "50"],
      "model.init_args.num_classes = 100 but data.init_args.num_classes = 50: the classifier's outputs"),
     (["--data.init_args.num_classes", "5", "--model.init_args.num_classes", "5"],

@@ -101,6 +101,34 @@ def test_missing_pattern_is_a_clear_error():
         YT8MDataModule(train_pattern="x*").val_dataloader()
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (dict(eval_batch_size=0), "^eval_batch_size must be an integer >= 1, got 0$"),
+    (dict(eval_batch_size=-1), "^eval_batch_size must be an integer >= 1, got -1$"),
+    (dict(batch_size=0), "^batch_size must be an integer >= 1, got 0$"),
+    (dict(batch_size=-2, eval_batch_size=4), "^batch_size must be an integer >= 1, got -2$"),
+    (dict(shuffle_buffer=-5), r"^shuffle_buffer must be an integer >= 0 .*got -5$"),
+    (dict(max_frames=0), "^max_frames must be an integer >= 1, got 0$"),
+    (dict(compression="zip"), "^compression must be one of"),
+])
+def test_bad_arguments_are_named_at_construction(arguments, message):
+    """Before any file is read; eval_batch_size 0 must not silently become batch_size."""
+    with pytest.raises(ValueError, match=message):
+        YT8MDataModule(train_pattern="unused*.tfrecord", **arguments)
+
+
+def test_eval_batch_size_none_means_batch_size():
+    assert YT8MDataModule(batch_size=5).eval_batch_size == 5
+    assert YT8MDataModule(batch_size=5, eval_batch_size=3).eval_batch_size == 3
+    assert YT8MDataModule(shuffle_buffer=0).shuffle_buffer == 0  # 0: no shuffle buffer
+
+
+def test_dataset_refuses_a_negative_shuffle_buffer(synthetic_data):
+    from nextvlad.data import YT8MFrameDataset
+
+    with pytest.raises(ValueError, match="^shuffle_buffer must be an integer >= 0"):
+        YT8MFrameDataset(synthetic_data["train"], num_classes=10, shuffle_buffer=-1)
+
+
 def test_read_stats_are_counted_before_the_device_transfer(synthetic_data):
     """Counting read_stats after the transfer would read a device tensor back to the host:
     one GPU synchronisation per batch. They are consumed on the host, before the transfer."""

@@ -9,8 +9,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from nextvlad._distributed import gather_per_rank, rank_and_world_size
-from nextvlad._validation import check_choice, check_positive
-from nextvlad.data.dataset import STAT_NAMES, OnError, YT8MDataLoader, YT8MFrameDataset
+from nextvlad._validation import check_choice, check_positive, check_positive_int
+from nextvlad.data.dataset import (STAT_NAMES, OnError, YT8MDataLoader, YT8MFrameDataset,
+                                   check_shuffle_buffer)
 from nextvlad.data.records import Compression
 from nextvlad.data.transforms import ReverseWhitening, finalize_batch
 
@@ -24,7 +25,8 @@ class YT8MDataModule(L.LightningDataModule):
     What a LightningModule receives (after `on_after_batch_transfer`, on its device): a dict with
     ``id`` list[str], ``rgb`` float32 (B, M, 1024), ``audio`` float32 (B, M, 128) dequantized and
     zero-padded to M = max_frames (reverse-whitened when `eigenvalues_path` is set), ``lengths``
-    int64 (B,), ``labels`` float32 (B, num_classes) multi-hot (zeros without labels) and
+    int64 (B,) counting rgb frames (audio is zero-padded at its own length, SPEC 1.1 step 6),
+    ``labels`` float32 (B, num_classes) multi-hot (zeros without labels) and
     ``has_labels`` bool (B,). With `sample_frames`, M = sample_frames and lengths = sample_frames.
 
     Batches travel from the workers as uint8 and are dequantized on the device: a quarter of the
@@ -36,7 +38,7 @@ class YT8MDataModule(L.LightningDataModule):
         test_pattern: test TFRecords (may lack labels); never shuffled, nothing dropped.
         predict_pattern: TFRecords to predict on (may lack labels); in file order per rank.
         batch_size: training batch size (the authors: 160 = 2 GPUs x 80).
-        eval_batch_size: batch size for val/test/predict (default: batch_size).
+        eval_batch_size: batch size for val/test/predict (None: batch_size).
         num_workers: DataLoader worker processes per rank (each reads its own share of records).
         max_frames: frames per video after padding/truncation (the authors: 300).
         num_classes: label vocabulary size (YouTube-8M 2018: 3862).
@@ -47,7 +49,8 @@ class YT8MDataModule(L.LightningDataModule):
         on_error: "raise": a bad record stops with an error naming file and record index;
             "skip": it is skipped, counted and logged.
         drop_last: training drops the last incomplete batch (per rank); evaluation never drops.
-        shuffle_buffer: records per reader held for shuffling during training.
+        shuffle_buffer: records per reader held for shuffling during training (>= 0; 0 or 1:
+            no shuffling within files, whose order is still shuffled per epoch).
         compression: "auto" detects GZIP files by their magic bytes.
         dequantize_in_workers: ship float32 batches from the workers instead of uint8 (slower; for
             comparison or CPU-only setups that prefer it).
@@ -64,16 +67,23 @@ class YT8MDataModule(L.LightningDataModule):
                  shuffle_buffer: int = 512, compression: Compression = "auto",
                  dequantize_in_workers: bool = False):
         super().__init__()
+        # Checked here, each under its own name: the datasets are made later (setup), and a
+        # falsy eval_batch_size must not silently become batch_size (None does, by design).
+        check_positive_int(batch_size=batch_size, max_frames=max_frames, num_classes=num_classes)
+        if eval_batch_size is not None:
+            check_positive_int(eval_batch_size=eval_batch_size)
         if sample_frames is not None:
             check_positive(sample_frames=sample_frames)
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        check_shuffle_buffer(shuffle_buffer)
         check_choice("on_error", on_error, ("raise", "skip"))
+        check_choice("compression", compression, ("auto", "none", "gzip"))
         self.save_hyperparameters()
         self.patterns = {"fit": train_pattern, "validate": val_pattern, "test": test_pattern,
                          "predict": predict_pattern}
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         self.num_workers = num_workers
         self.max_frames = max_frames
         self.num_classes = num_classes

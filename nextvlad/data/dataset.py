@@ -80,6 +80,13 @@ class ReadStats:
             self.skip_reasons.append(str(error))
 
 
+def check_shuffle_buffer(shuffle_buffer: int) -> None:
+    """Raise ValueError unless shuffle_buffer is an integer >= 0 (0 and 1 hold nothing back)."""
+    if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
+        raise ValueError(f"shuffle_buffer must be an integer >= 0 (0 or 1: no shuffle buffer), "
+                         f"got {shuffle_buffer!r}")
+
+
 def collate_quantized(videos: Sequence[QuantizedVideo], max_frames: int, num_classes: int,
                       dequantized: bool = False,
                       buffers: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
@@ -157,6 +164,7 @@ class YT8MFrameDataset(IterableDataset):
         check_choice("on_error", on_error, ("raise", "skip"))
         check_choice("compression", compression, ("auto", "none", "gzip"))
         check_positive(batch_size=batch_size, max_frames=max_frames, num_classes=num_classes)
+        check_shuffle_buffer(shuffle_buffer)
         self.files = expand_paths(files)
         self.batch_size = batch_size
         self.max_frames = max_frames
