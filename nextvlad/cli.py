@@ -51,6 +51,16 @@ class NextVLADCLI(LightningCLI):
             **kwargs,
         )
 
+    def before_instantiate_classes(self) -> None:
+        """Only ``fit`` saves its config (in the run's log dir, beside its checkpoints).
+
+        validate / test / predict make no run of their own (configs/evaluate.yaml and predict*.yaml
+        set ``logger: false``), so Lightning would write the merged config to the working directory
+        as config.yaml, over a user's own file of that name. Their outputs need no config beside
+        them: the report names its checkpoint and the config that trained it is in fit's log dir."""
+        if self.subcommand != "fit":
+            self.save_config_callback = None
+
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` against the configured model, in place of LightningCLI's own step.
 

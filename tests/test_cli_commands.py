@@ -25,7 +25,8 @@ from nextvlad.module import VideoClassifier
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-DEMO, EVALUATE, PREDICT = (str(REPO / "configs" / f"{name}.yaml") for name in ("demo", "evaluate", "predict"))
+DEMO, EVALUATE, PREDICT, PREDICT_SEGMENTS = (str(REPO / "configs" / f"{name}.yaml")
+                                             for name in ("demo", "evaluate", "predict", "predict_segments"))
 CLASSES, MAX_FRAMES = 100, 60  # configs/demo.yaml
 #: A model small enough to build and run in a blink, on the demo's data (1024 + 128 features, 100 classes).
 TINY = dict(num_classes=CLASSES, clusters=4, groups=4, hidden_size=16, gating_reduction=4)
@@ -319,3 +320,21 @@ def test_readme_parameter_table_is_what_params_prints(capsys):
     for config, count in table.items():
         main(["params", "--config", str(REPO / "configs" / config)])
         assert printed_total(capsys.readouterr().out) == count, config
+
+
+# ------------------------------------------------------------------ what the commands must not touch
+def test_validate_test_predict_leave_a_users_config_yaml_alone(clone, tmp_path):
+    """LightningCLI saved the merged config as ./config.yaml (logger: false puts the log dir in the
+    working directory), over the user's own config of that name; only fit saves it, in its run."""
+    assert (clone / "runs" / "demo" / "version_0" / "config.yaml").is_file()  # fit's, in its log dir
+    (tmp_path / "data").symlink_to(clone / "data")
+    ckpt = tmp_path / "model.ckpt"
+    shutil.copyfile(checkpoints(clone) / "best.ckpt", ckpt)
+    mine = Path(DEMO).read_bytes() + b"# my own config, named as LightningCLI names its copy\n"
+    (tmp_path / "config.yaml").write_bytes(mine)
+    for command, extra in [("validate", ["--config", EVALUATE]), ("test", ["--config", EVALUATE]),
+                           ("predict", ["--config", PREDICT, "--trainer.callbacks.output_path=submission.csv"])]:
+        result = run("nextvlad", command, "--config", "config.yaml", *extra, "--ckpt_path", str(ckpt), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert (tmp_path / "config.yaml").read_bytes() == mine, command
+    assert (tmp_path / "model.validate.json").is_file() and (tmp_path / "submission.csv").is_file()
