@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def check_positive(**values: int | float) -> None:
     """Raise ValueError naming the first argument that is not >= 1."""
@@ -21,3 +23,11 @@ def check_choice(name: str, value: object, choices: tuple) -> None:
     """Raise ValueError unless value is one of choices."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def output_overwrites_input(output: str, inputs: dict[str, str | None]) -> str | None:
+    """The first of ``inputs`` (option -> path) that is the same file as ``output``, or None: a
+    command must not write its result over what it reads (paths compared resolved)."""
+    target = Path(output).resolve()
+    return next((option for option, path in inputs.items() if path is not None and Path(path).resolve() == target),
+                None)

@@ -36,6 +36,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
+from nextvlad._validation import output_overwrites_input
 from nextvlad.models.mixture import MixtureOfNeXtVLAD
 from nextvlad.models.nextvlad import NeXtVLAD
 from nextvlad.models.video_model import VideoModel
@@ -380,6 +381,9 @@ def main(argv: Sequence[str]) -> None:
                         help="skip optimizer slots (.../Adam), moving averages, global_step, beta powers")
     parser.add_argument("--scope", default=TF_SCOPE, help="outer TF variable scope (default: %(default)s; '' for none)")
     args = parser.parse_args(argv)
+    overwritten = output_overwrites_input(args.out, {"--variables": args.variables, "--config": args.config})
+    if overwritten:
+        parser.error(f"--out {args.out} is the {overwritten} file: it would be overwritten; write elsewhere")
     try:
         module = model_from_config(args.config)
         report = load_tf_variables(module, args.variables, ignore_extra=args.ignore_extra, scope=args.scope)

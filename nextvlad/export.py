@@ -10,6 +10,9 @@ axes are dynamic. Frames at index >= ``lengths[b]`` are ignored by the aggregati
 model gives the same output for any amount of padding. A mixture with the authors' gate
 (``gate_input="all"``) averages over all rows, padding included, divided by the frame count, so
 pad its inputs with 0.0 to the ``max_frames`` it was trained with (300), as the data layer does.
+A mixture with the 2018 competition gate (``gate_input="per_frame"``) has one gate input per frame,
+so its frame axis is fixed at ``gate_frames``: the output line and the ONNX metadata
+(``nextvlad.frames``) say so.
 
 Input preprocessing (SPEC 1.1, 2): the features are dequantized (``q * 4/255 + 4/512 - 2``) and
 zero-padded by the caller. Reverse whitening is baked into the graph when training used it (the
@@ -35,6 +38,7 @@ import torch
 import yaml
 from torch import nn
 
+from nextvlad._validation import output_overwrites_input
 from nextvlad.kernels.residual_aggregation import reference_decompositions
 
 __all__ = ["ExportableClassifier", "load_checkpoint", "load_classifier", "classifier_from_checkpoint",
@@ -122,7 +126,10 @@ def classifier_from_checkpoint(
             raise ValueError(f"{name}: no hyper_parameters saved; pass --config")
         # LightningCLI adds _class_path/_instantiator entries; they are not constructor arguments.
         module = VideoClassifier(**{k: v for k, v in saved.items() if not k.startswith("_")})
-    module.on_load_checkpoint(checkpoint)  # raises on another architecture
+    try:
+        module.on_load_checkpoint(checkpoint)  # raises on another architecture
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from error
     try:
         module.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
@@ -153,8 +160,20 @@ def whitening_note(in_graph: str | None, trained_with: str | None, recorded: boo
 
 
 # ---------------------------------------------------------------------------------- export
-def example_inputs(module: ExportableClassifier, batch: int = 2, frames: int = 6) -> tuple[torch.Tensor, ...]:
-    """Inputs to trace with; sizes > 1 so the exporter keeps both axes symbolic."""
+def fixed_frames(module: ExportableClassifier) -> int | None:
+    """The frame count a model takes, where it takes only one: a mixture gated per frame (2018
+    competition gate, one gate input per frame) needs exactly ``gate_frames`` frames. None: any."""
+    from nextvlad.models.mixture import MixtureOfNeXtVLAD
+
+    model = getattr(module.classifier, "model", None)
+    if isinstance(model, MixtureOfNeXtVLAD) and model.gate_input == "per_frame":
+        return model.gate_bn.num_features
+    return None
+
+
+def example_inputs(module: ExportableClassifier, batch: int = 2, frames: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Inputs to trace with; sizes > 1 so the exporter keeps the dynamic axes symbolic."""
+    frames = frames or fixed_frames(module) or 6
     hparams = module.classifier.hparams
     generator = torch.Generator().manual_seed(0)
     rgb = torch.randn(batch, frames, hparams.rgb_size, generator=generator)
@@ -164,12 +183,14 @@ def example_inputs(module: ExportableClassifier, batch: int = 2, frames: int = 6
 
 
 def export_program(module: ExportableClassifier) -> torch.export.ExportedProgram:
-    """``torch.export`` program with dynamic batch and frame axes (frames shared by rgb and audio).
+    """``torch.export`` program with dynamic batch and frame axes (frames shared by rgb and audio;
+    fixed where :func:`fixed_frames` says so).
 
     The model is traced as it runs (the registered aggregation op included); the op is then
     replaced by its PyTorch reference, so the program holds ATen ops only and runs without
     nextvlad and without Triton (ONNX, a .pt2 served elsewhere)."""
-    batch, frames = torch.export.Dim("batch"), torch.export.Dim("frames")
+    batch = torch.export.Dim("batch")
+    frames = None if fixed_frames(module) else torch.export.Dim("frames")  # None: static, as traced
     shapes = {"rgb": {0: batch, 1: frames}, "audio": {0: batch, 1: frames}, "lengths": {0: batch}}
     program = torch.export.export(module, example_inputs(module), dynamic_shapes=shapes)
     return program.run_decompositions(reference_decompositions())
@@ -189,9 +210,12 @@ def export_onnx(
     )
     # torch.onnx's own renaming (what it does when given axis names); rgb's two symbols are shared
     # by audio and lengths, whose shapes the program ties to them.
-    onnx_program._rename_dynamic_axes({"rgb": {0: "batch", 1: "frames"}, "audio": {}, "lengths": {}})
+    frames = fixed_frames(module)
+    onnx_program._rename_dynamic_axes({"rgb": {0: "batch"} if frames else {0: "batch", 1: "frames"},
+                                       "audio": {}, "lengths": {}})
     hparams = module.classifier.hparams
     onnx_program.model.metadata_props.update({
+        "nextvlad.frames": frames_note(frames),
         "nextvlad.inputs": "rgb float32 (batch, frames, rgb_size), audio float32 (batch, frames, audio_size): "
                            "dequantized, zero-padded; lengths int64 (batch,)",
         "nextvlad.reverse_whitening": whitening or ("in graph" if module.reverse_whitening else "not in graph"),
@@ -199,6 +223,13 @@ def export_onnx(
         "nextvlad.architecture": str(hparams.architecture),
     })
     onnx_program.save(str(path))
+
+
+def frames_note(frames: int | None) -> str:
+    """What the exported frame axis takes, for the metadata and the output line."""
+    if frames is None:
+        return "dynamic"
+    return f"fixed at {frames} (gate_input='per_frame': pad or cut every video to {frames} frames)"
 
 
 # ---------------------------------------------------------------------------------- command line
@@ -224,6 +255,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if args.config is not None and not Path(args.config).is_file():
         parser.error(f"config file not found: {args.config}")
+    overwritten = output_overwrites_input(args.output, {"--ckpt_path": args.ckpt_path, "--config": args.config,
+                                                        "--eigenvalues_path": args.eigenvalues_path})
+    if overwritten:
+        parser.error(f"--output {args.output} is the {overwritten} file: it would be overwritten; write elsewhere")
     checkpoint = load_checkpoint(args.ckpt_path)
     trained_with = training_eigenvalues(checkpoint, args.config)
     recorded = args.config is not None or "datamodule_hyper_parameters" in checkpoint
@@ -236,4 +271,4 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         torch.export.save(export_program(module), str(output))
     whitening = f"reverse whitening in graph ({eigenvalues})" if eigenvalues else "no reverse whitening in graph"
-    print(f"wrote {output} ({args.format}; {whitening})")
+    print(f"wrote {output} ({args.format}; frames {frames_note(fixed_frames(module))}; {whitening})")

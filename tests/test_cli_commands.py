@@ -338,3 +338,24 @@ def test_validate_test_predict_leave_a_users_config_yaml_alone(clone, tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         assert (tmp_path / "config.yaml").read_bytes() == mine, command
     assert (tmp_path / "model.validate.json").is_file() and (tmp_path / "submission.csv").is_file()
+
+
+def test_export_and_convert_tf_refuse_to_write_over_their_input(clone, tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    shutil.copyfile(checkpoints(clone) / "best.ckpt", ckpt)
+    before = ckpt.read_bytes()
+    result = run("nextvlad", "export", "--ckpt_path", "model.ckpt", "--output", "./model.ckpt", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "nextvlad export: error: --output ./model.ckpt is the --ckpt_path file: it would be overwritten; write elsewhere")
+    assert ckpt.read_bytes() == before
+
+    np.savez(tmp_path / "tf.npz", **export_tf_variables(VideoClassifier(**TINY, hidden_activation="none")))
+    variables = (tmp_path / "tf.npz").read_bytes()
+    write_model_config(tmp_path / "tf.yaml", **TINY, hidden_activation="none")
+    result = run("nextvlad", "convert-tf", "--variables", "tf.npz", "--config", "tf.yaml", "--out",
+                 str(tmp_path / "tf.npz"), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"nextvlad convert-tf: error: --out {tmp_path / 'tf.npz'} is the --variables file")
+    assert (tmp_path / "tf.npz").read_bytes() == variables

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from toy_data import SMALL, loader, trainer
 
 from nextvlad.cli import main as cli_main
+from nextvlad.convert import checkpoint_from_module
 from nextvlad.data.transforms import ReverseWhitening
 from nextvlad.module import VideoClassifier
 
@@ -192,3 +197,54 @@ def test_metadata_says_what_training_used_for_reverse_whitening(tmp_path):
     metadata = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
     assert metadata["nextvlad.reverse_whitening"] == (
         "not in graph: the rgb input must be reverse-whitened as in training (data/eigenvals.npy)")
+
+
+def run_console(*args: str) -> subprocess.CompletedProcess:
+    """``nextvlad <args>`` through the installed console script, as a user runs it."""
+    return subprocess.run([str(Path(sys.executable).parent / "nextvlad"), *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_per_frame_gated_mixture_exports_with_its_fixed_frame_axis(tmp_path):
+    """The 2018 competition gate (README: converted mixtures) takes exactly gate_frames frames: the
+    frame axis is exported fixed at that size, the output line and ONNX metadata say so, and the
+    exported models compute what PyTorch does."""
+    frames = 10
+    torch.manual_seed(0)
+    module = VideoClassifier(**SMALL, num_branches=2, gate_input="per_frame", gate_frames=frames, bn_momentum=0.5)
+    with torch.no_grad():  # training-mode passes, so BN running statistics are not the identity
+        for seed in range(3):
+            module(*videos(4, frames, SMALL["rgb_size"], seed))
+    module.eval()
+    ckpt = tmp_path / "per_frame.ckpt"
+    torch.save(checkpoint_from_module(module), ckpt)
+
+    onnx_path, program_path = tmp_path / "per_frame.onnx", tmp_path / "per_frame.pt2"
+    for output, export_format in [(onnx_path, "onnx"), (program_path, "torch_export")]:
+        result = run_console("export", "--ckpt_path", str(ckpt), "--format", export_format, "--output", str(output))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"frames fixed at {frames} (gate_input='per_frame'" in result.stdout
+    session = ort.InferenceSession(str(onnx_path))
+    assert session.get_inputs()[0].shape == ["batch", frames, SMALL["rgb_size"]]
+    assert session.get_modelmeta().custom_metadata_map["nextvlad.frames"].startswith(f"fixed at {frames}")
+    program = torch.export.load(str(program_path)).module()
+    for batch, seed in [(1, 7), (3, 8)]:  # batch stays dynamic
+        rgb, audio, lengths = videos(batch, frames, SMALL["rgb_size"], seed)
+        with torch.no_grad():
+            expected = torch.sigmoid(module(rgb, audio, lengths)).double().numpy()
+            program_out = program(rgb, audio, lengths).double().numpy()
+        (onnx_out,) = session.run(None, {"rgb": rgb.numpy(), "audio": audio.numpy(), "lengths": lengths.numpy()})
+        np.testing.assert_allclose(onnx_out, expected, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(program_out, expected, atol=1e-5, rtol=0)
+
+
+def test_config_of_another_architecture_names_the_checkpoint_on_the_command_line(tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    torch.save(checkpoint_from_module(VideoClassifier(**SMALL)), ckpt)
+    config = tmp_path / "other.yaml"
+    config.write_text("model:\n  class_path: nextvlad.VideoClassifier\n  init_args:\n"
+                      + "".join(f"    {k}: {v}\n" for k, v in {**SMALL, "clusters": 8}.items()))
+    result = run_console("export", "--config", str(config), "--ckpt_path", str(ckpt), "--output", str(tmp_path / "m.onnx"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"nextvlad export: error: {ckpt}: ") and "clusters: checkpoint 4 vs config 8" in line
