@@ -73,7 +73,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 raise
             raise IncompleteCheckpointError(
                 f"{path} is not a complete checkpoint ({type(error).__name__}: {error}); it was cut short while being "
-                f"written or copied. {_newest_other(Path(path))}") from error
+                f"written or copied. {newest_other_note(Path(path))}") from error
 
 
 def _is_local(path) -> bool:
@@ -89,12 +89,26 @@ def _is_whole_zip(path: Path) -> bool:
         return False
 
 
-def _newest_other(path: Path) -> str:
-    others = sorted((p for p in path.parent.glob("*.ckpt") if p != path),
+#: How torch.save's zip archive starts.
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def is_cut_short(path: Path) -> bool:
+    """The start of a torch.save archive (or an empty file) that is not a whole archive; a file of
+    other bytes is not a cut-short checkpoint but some other file."""
+    with open(path, "rb") as handle:
+        head = handle.read(len(ZIP_MAGIC))
+    return ZIP_MAGIC.startswith(head) and not _is_whole_zip(path)
+
+
+def newest_other_note(path: Path) -> str:
+    """A sentence naming the newest other checkpoint beside ``path``, to use instead of it."""
+    # By resolved path: best.ckpt / last.ckpt may be links to the very file that is cut short.
+    others = sorted((p for p in path.parent.glob("*.ckpt") if p.is_file() and p.resolve() != path.resolve()),
                     key=lambda p: p.stat().st_mtime_ns, reverse=True)
     if not others:
         return "No other checkpoint is in its folder."
-    return f"Resume from the newest other checkpoint in its folder instead: {others[0]}"
+    return f"Use the newest other checkpoint in its folder instead: {others[0]}"
 
 
 def _fsync_folder(folder: Path) -> None:

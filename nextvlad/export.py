@@ -39,6 +39,7 @@ import yaml
 from torch import nn
 
 from nextvlad._validation import output_overwrites_input
+from nextvlad.checkpoint_io import is_cut_short, newest_other_note
 from nextvlad.kernels.residual_aggregation import reference_decompositions
 
 __all__ = ["ExportableClassifier", "load_checkpoint", "load_classifier", "classifier_from_checkpoint",
@@ -83,6 +84,9 @@ def load_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors have many types; all mean "not our checkpoint"
+        if is_cut_short(path):  # the README's promise: name the newest other checkpoint beside it
+            raise ValueError(f"{path}: not a loadable checkpoint: cut short while being written or copied "
+                             f"({_load_error_detail(error)}). {newest_other_note(path)}") from error
         raise ValueError(f"{path}: not a loadable checkpoint, corrupt or not written by torch.save "
                          f"({_load_error_detail(error)})") from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:

@@ -451,10 +451,14 @@ class VideoClassifier(pl.LightningModule):
         Raises ValueError listing missing, unexpected and differently shaped parameters, and the
         architecture hyper-parameters that differ, when the checkpoint does not fit exactly.
         """
+        from nextvlad.export import load_checkpoint  # here: export imports this module
+
         try:
-            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+            checkpoint = load_checkpoint(checkpoint_path)
         except FileNotFoundError:
             raise FileNotFoundError(f"init_from: checkpoint {checkpoint_path} does not exist") from None
+        except ValueError as error:  # corrupt, cut short or not a checkpoint: the message names the file
+            raise ValueError(f"init_from: {error}") from error
         state = {key[len("model."):]: value for key, value in checkpoint.get("state_dict", {}).items()
                  if key.startswith("model.")}
         own = self.model.state_dict()

@@ -8,9 +8,11 @@ the videos read back from the TFRecords, and the source model evaluated in this 
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -359,3 +361,35 @@ def test_export_and_convert_tf_refuse_to_write_over_their_input(clone, tmp_path)
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"nextvlad convert-tf: error: --out {tmp_path / 'tf.npz'} is the --variables file")
     assert (tmp_path / "tf.npz").read_bytes() == variables
+
+
+def test_cut_short_checkpoint_is_refused_naming_the_newest_other_beside_it(clone, tmp_path):
+    """The README's promise, through --ckpt_path of validate (and of export)."""
+    whole = (checkpoints(clone) / "best.ckpt").read_bytes()
+    for age, name in [(300, "epoch0.ckpt"), (200, "epoch1.ckpt")]:
+        (tmp_path / name).write_bytes(whole)
+        os.utime(tmp_path / name, (time.time() - age,) * 2)
+    cut = tmp_path / "last.ckpt"
+    cut.write_bytes(whole[: len(whole) // 2])
+    validated = error_line(run("nextvlad", "validate", "--config", DEMO, "--config", EVALUATE, "--ckpt_path",
+                               str(cut), cwd=clone))
+    assert validated.startswith(f"nextvlad validate: error: {cut}: not a loadable checkpoint: cut short")
+    assert str(tmp_path / "epoch1.ckpt") in validated and "epoch0" not in validated
+    exported = error_line(run("nextvlad", "export", "--ckpt_path", str(cut), "--output", str(tmp_path / "m.onnx"),
+                              cwd=clone))
+    assert f"{cut}: not a loadable checkpoint: cut short" in exported and str(tmp_path / "epoch1.ckpt") in exported
+
+
+
+def test_init_from_a_corrupt_or_foreign_file_is_one_line_naming_it(clone, tmp_path):
+    """`fit --model.init_args.init_from` (the segment fine-tuning start) goes through the same
+    checkpoint loading as --ckpt_path: one line naming the file, not torch.load's traceback."""
+    (tmp_path / "data").symlink_to(clone / "data")  # a failed fit still makes its run folder: not in clone
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes((checkpoints(clone) / "best.ckpt").read_bytes()[:100_000])
+    (tmp_path / "table.csv").write_text("VideoId,LabelConfidencePairs\n")
+    for path, reason in [(cut, "not a loadable checkpoint: cut short"),
+                         (tmp_path / "table.csv", "not a loadable checkpoint, corrupt or not written by torch.save")]:
+        line = error_line(run("nextvlad", "fit", "--config", DEMO, "--trainer.max_steps", "1",
+                              f"--model.init_args.init_from={path}", cwd=tmp_path))
+        assert line.startswith(f"nextvlad fit: error: init_from: {path}: {reason}"), line
