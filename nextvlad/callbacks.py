@@ -2,8 +2,9 @@
 
 * :class:`SubmissionWriter` streams ``predict`` results to the challenge CSV (SPEC 6), and
   optionally a human-readable twin with label names from the YouTube-8M ``vocabulary.csv``.
-* :class:`EvaluationReport` prints GAP@k, Hit@1, PERR, MAP and the loss after ``validate`` /
-  ``test``, and writes them as JSON plus a PNG of per-class AP against class frequency.
+* :class:`EvaluationReport` prints GAP@k, Hit@1, PERR, MAP (segment mAP for a segment model) and
+  the loss after ``validate`` / ``test``, and writes them as JSON plus a PNG of per-class AP
+  against class frequency.
 
 Both are used from the command line by naming them in a config (``configs/predict.yaml``) or with
 ``--trainer.callbacks+=nextvlad.callbacks.SubmissionWriter --trainer.callbacks.output_path=...``.
@@ -142,6 +143,7 @@ class SubmissionWriter(BasePredictionWriter):
         super().setup(trainer, pl_module, stage)
         if stage != TrainerFn.PREDICTING.value:
             return
+        check_prediction_task(self, pl_module, "video")
         if self.vocabulary_path is not None:
             self.vocabulary = read_vocabulary(self.vocabulary_path)
             self._check_vocabulary_covers(pl_module)
@@ -277,6 +279,22 @@ class SubmissionWriter(BasePredictionWriter):
         self._parts.clear()
 
 
+#: The predict config whose writer takes each task's predictions.
+_PREDICT_CONFIGS = {"video": "configs/predict.yaml", "segments": "configs/predict_segments.yaml"}
+
+
+def check_prediction_task(writer: Callback, pl_module: pl.LightningModule, task: str) -> None:
+    """A writer of ``task`` predictions (``"video"`` or ``"segments"``) refuses a model of the other
+    task in its ``setup``, before any data is read: its ``predict_step`` returns another kind of
+    result, which would otherwise fail with a TypeError only after the first batch."""
+    model_task = (getattr(pl_module, "hparams", None) or {}).get("task", "video")
+    if model_task != task:
+        raise ValueError(
+            f"{type(writer).__name__} writes the submission of task={task!r} models, but the model has "
+            f"task={model_task!r}: predict with {_PREDICT_CONFIGS.get(model_task, 'a writer for that task')} "
+            f"instead of {_PREDICT_CONFIGS[task]}")
+
+
 def _names_writer(handle: IO[str]) -> Any:
     return csv.writer(handle, lineterminator="\n")
 
@@ -312,10 +330,11 @@ _STAGES = {TrainerFn.VALIDATING: ("validate", "val/", "val_metrics"), TrainerFn.
 class EvaluationReport(Callback):
     """After ``validate`` / ``test``: a table of the challenge metrics, a JSON file and a plot.
 
-    Prints GAP@k, Hit@1, PERR, MAP and the loss (as the LightningModule logged them under
-    ``val/`` or ``test/``), writes them as ``<checkpoint stem>.<stage>.json`` next to the evaluated
-    checkpoint (or ``<stage>_metrics.json`` in the log directory when there is none) together with
-    the per-class AP and positive counts, and a PNG ``<...>.<stage>_class_ap.png`` of per-class AP
+    Prints GAP@k, Hit@1, PERR, MAP, the segment mAP (``segment_map``, a segment model's main
+    metric) and the loss (as the LightningModule logged them under ``val/`` or ``test/``), writes
+    them as ``<checkpoint stem>.<stage>.json`` next to the evaluated checkpoint (or
+    ``<stage>_metrics.json`` in the log directory when there is none) together with the per-class
+    AP and positive counts, and a PNG ``<...>.<stage>_class_ap.png`` of per-class AP
     against the number of positive videos of each class in the evaluated set.
 
     The per-class values come from the module's ``MeanAveragePrecision`` (found in its
@@ -375,7 +394,8 @@ class EvaluationReport(Callback):
             return
         name, prefix, _ = stage
         top_k = getattr(pl_module, "hparams", {}).get("top_k", 20)
-        labels = {"gap": f"GAP@{top_k}", "hit_at_one": "Hit@1", "perr": "PERR", "map": "MAP", "loss": "loss"}
+        labels = {"gap": f"GAP@{top_k}", "hit_at_one": "Hit@1", "perr": "PERR", "map": "MAP",
+                  "segment_map": "segment mAP", "loss": "loss"}  # segment_map: task="segments" only
         logged = trainer.callback_metrics
         values = {key: float(logged[prefix + key]) for key in labels if prefix + key in logged}
         checkpoint = str(trainer.ckpt_path) if trainer.ckpt_path else None

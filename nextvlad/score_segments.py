@@ -173,6 +173,13 @@ def main(argv: Sequence[str] | None = None) -> float:
     if no_positives:
         print(f"{len(no_positives)} listed classes have no rated positive and are not scored: "
               f"{no_positives[:20]}", file=sys.stderr)
+    if not per_class:  # a mean over no class is no score: 0.0 would read as a (very bad) result
+        if not ratings.scores:
+            reason = "has no rated segment (segment_labels / segment_scores): nothing to score"
+        else:
+            reason = (f"has no rated positive of any {'whitelisted' if args.mean_over == 'whitelist' else 'listed'} "
+                      "class: no class can be scored")
+        raise ValueError(f"--data {args.data} {reason}")
     print(f"mAP@{args.top_n or 'all'} over {len(per_class)} classes ({args.mean_over}): {mean:.6f}",
           file=sys.stderr)
     print(f"{mean:.6f}")

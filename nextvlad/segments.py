@@ -35,6 +35,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.trainer.states import TrainerFn
 
+from nextvlad.callbacks import check_prediction_task
 from nextvlad.data.segments import VIDEO_FRAMES
 from nextvlad.metrics import _top_k_mask
 
@@ -332,6 +333,7 @@ class SegmentSubmissionWriter(BasePredictionWriter):
         super().setup(trainer, pl_module, stage)
         if stage != TrainerFn.PREDICTING.value:
             return
+        check_prediction_task(self, pl_module, "segments")
         num_classes = getattr(pl_module, "hparams", {}).get("num_classes", 3862)
         whitelist = read_class_whitelist(self.whitelist_path, num_classes)
         if self.output_path.is_dir():

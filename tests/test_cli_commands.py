@@ -393,3 +393,23 @@ def test_init_from_a_corrupt_or_foreign_file_is_one_line_naming_it(clone, tmp_pa
         line = error_line(run("nextvlad", "fit", "--config", DEMO, "--trainer.max_steps", "1",
                               f"--model.init_args.init_from={path}", cwd=tmp_path))
         assert line.startswith(f"nextvlad fit: error: init_from: {path}: {reason}"), line
+
+
+# ------------------------------------------------------------------ a predict config of the other task
+def test_predict_config_of_the_other_task_is_one_line_before_any_batch(clone, tmp_path):
+    whitelist = tmp_path / "segment_label_ids.csv"
+    whitelist.write_text("Index\n" + "".join(f"{c}\n" for c in range(CLASSES)))
+    video = error_line(run("nextvlad", "predict", "--config", DEMO, "--config", PREDICT_SEGMENTS, "--ckpt_path",
+                           str(checkpoints(clone) / "best.ckpt"), f"--trainer.callbacks.whitelist_path={whitelist}",
+                           f"--trainer.callbacks.output_path={tmp_path / 'segments.csv'}", cwd=clone))
+    assert video.startswith("nextvlad predict: error: SegmentSubmissionWriter writes the submission of "
+                            "task='segments' models, but the model has task='video': predict with configs/predict.yaml")
+
+    torch.save(checkpoint_from_module(VideoClassifier(**TINY, task="segments")), tmp_path / "segments.ckpt")
+    config = write_model_config(tmp_path / "segments.yaml", **TINY, task="segments")
+    segments = error_line(run("nextvlad", "predict", "--config", DEMO, "--config", str(config), "--config", PREDICT,
+                              "--ckpt_path", str(tmp_path / "segments.ckpt"),
+                              f"--trainer.callbacks.output_path={tmp_path / 'videos.csv'}", cwd=clone))
+    assert segments.startswith("nextvlad predict: error: SubmissionWriter writes the submission of task='video' "
+                               "models, but the model has task='segments': predict with configs/predict_segments.yaml")
+    assert not any(tmp_path.glob("*.csv.*")) and not (tmp_path / "videos.csv").exists()

@@ -176,3 +176,39 @@ def test_class_ap_plot_labels_its_log_axis_across_the_range(tmp_path, low, high,
     assert set(expected) <= set(labels)
     assert len(labels) <= 12  # still readable
     assert (tmp_path / "ap.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_segment_model_report_has_segment_map_through_the_console_script(tmp_path):
+    """``nextvlad validate --config <segment config> --config configs/evaluate.yaml --ckpt_path ...``:
+    the segment task's main metric (the one its checkpoints are selected on) is in the table and the
+    JSON, with the value Lightning's own results table logged as val/segment_map."""
+    import re
+    import subprocess
+    import sys
+
+    import yaml
+
+    from nextvlad.convert import checkpoint_from_module
+    from nextvlad.data import write_synthetic_dataset
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    write_synthetic_dataset(tmp_path / "data" / "synthetic", num_train=0, num_validate=40, num_test=0,
+                            num_classes=100, files_per_split=1, min_frames=10, max_frames=60, seed=2, segments=True)
+    tiny = dict(num_classes=100, clusters=4, groups=4, hidden_size=16, gating_reduction=4, task="segments")
+    torch.manual_seed(0)
+    torch.save(checkpoint_from_module(VideoClassifier(**tiny)), tmp_path / "segments.ckpt")
+    config = yaml.safe_load((repo / "configs" / "demo_segments.yaml").read_text())
+    config["model"]["init_args"] = tiny
+    (tmp_path / "segments.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [str(pathlib.Path(sys.executable).parent / "nextvlad"), "validate", "--config", "segments.yaml", "--config",
+         str(repo / "configs" / "evaluate.yaml"), "--ckpt_path", "segments.ckpt", "--data.init_args.num_workers=0",
+         "--trainer.enable_progress_bar=false"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    logged = float(re.search(r"val/segment_map[\s│|]*([0-9.]+)", result.stdout).group(1))
+    reported = json.loads((tmp_path / "segments.validate.json").read_text())["metrics"]["segment_map"]
+    assert 0 < reported <= 1 and reported == pytest.approx(logged, abs=1e-6)
+    table_value = float(re.search(r"^segment mAP\s+([0-9.]+)$", result.stdout, re.M).group(1))
+    assert table_value == pytest.approx(reported, abs=5e-7)

@@ -173,3 +173,20 @@ def test_console_script_as_the_readme_shows(tmp_path, rated):
                              "--data", rated, "--top-n", "100000"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.strip()) == pytest.approx(2 / 3, abs=1e-6)
+
+
+@pytest.mark.parametrize("records, reason", [
+    ([sequence_example("a", 10), sequence_example("b", 10)], "has no rated segment"),
+    ([sequence_example("a", 10, [0], [7], [1.0])], "has no rated positive of any listed class"),
+], ids=["no_ratings", "no_listed_positive"])
+def test_nothing_to_score_is_an_error_naming_data_not_a_map_of_zero(tmp_path, records, reason):
+    script = Path(sys.executable).parent / "nextvlad"
+    if not script.exists():
+        pytest.skip(f"{script} is not installed")
+    data = write_tfrecord(tmp_path / "unrated.tfrecord", records)
+    result = subprocess.run([str(script), "score-segments", "--submission", write(tmp_path, "3,a:0 b:0\n"),
+                             "--data", data, "--output", str(tmp_path / "score.json")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"nextvlad score-segments: error: --data {data} {reason}")
+    assert result.stdout == "" and not (tmp_path / "score.json").exists()
