@@ -47,18 +47,20 @@ SEGMENT_MAX_PRED = 100_000
 def read_class_whitelist(path: str | os.PathLike, num_classes: int) -> np.ndarray:
     """The sorted class ids of a ``segment_label_ids.csv`` (header ``Index``, one id per line).
 
-    Raises ValueError naming the file and line for a line that is not an integer, an id outside
-    [0, num_classes), a repeated id or a file without ids.
+    Blank lines and a UTF-8 byte order mark (what editors leave) are ignored. Raises ValueError
+    naming the file and line for a line that is not an integer, an id outside [0, num_classes), a
+    repeated id or a file without ids (Google's reader skips any line int() refuses, so a typo
+    would silently drop a class).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"class whitelist {path} does not exist (segment_label_ids.csv of "
                                 "Google's starter code; the package ships no copy)")
     ids: dict[int, int] = {}
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:
         for line_number, line in enumerate(handle, start=1):
             text = line.strip()
-            if line_number == 1 and text == "Index":
+            if not text or (line_number == 1 and text == "Index"):
                 continue
             try:
                 class_id = int(text)

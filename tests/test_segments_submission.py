@@ -79,6 +79,13 @@ def test_the_shared_whitelist_reads_as_1000_classes():
     assert (np.diff(whitelist) > 0).all()
 
 
+def test_whitelist_as_an_editor_saves_it_reads_the_same(tmp_path):
+    """A byte order mark, CRLF line ends and blank lines (a trailing one above all) change nothing."""
+    path = tmp_path / "ids.csv"
+    path.write_bytes(b"\xef\xbb\xbfIndex\r\n7\r\n\r\n3\r\n\r\n")
+    np.testing.assert_array_equal(read_class_whitelist(path, 3862), [3, 7])
+
+
 @pytest.mark.parametrize("text, message", [
     ("Index\n3\nx\n", "line 3: 'x' is not a class id"),
     ("Index\n3\n3862\n", "line 3: class 3862 is outside"),
