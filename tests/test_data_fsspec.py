@@ -10,9 +10,10 @@ import uuid
 import fsspec
 import pytest
 import torch
+from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
 from nextvlad.data import YT8MDataLoader, YT8MFrameDataset
-from nextvlad.data.records import DataError, expand_paths, scan_records
+from nextvlad.data.records import READ_AHEAD_BYTES, DataError, expand_paths, is_gzip, open_binary, scan_records
 
 
 @pytest.fixture()
@@ -67,3 +68,60 @@ def test_bad_remote_input_names_the_url(memory_copy):
     scan = scan_records(memory_copy + "/cut.tfrecord")
     assert scan.num_records == 39 and isinstance(scan.error, DataError)
     assert f"{memory_copy}/cut.tfrecord, record 39: truncated file" in str(scan.error)
+
+
+class RangedFileSystem(AbstractFileSystem):
+    """In-memory files fetched by byte ranges, as gcsfs and s3fs files are (fsspec's buffered file
+    and its caches over _fetch_range); every range asked for is recorded. memory:// has no caches."""
+
+    protocol = "ranged"
+    files: dict[str, bytes] = {}
+    fetched: list[tuple[str, int, int]] = []
+
+    def ls(self, path, detail=True, **kwargs):
+        entries = [{"name": name, "size": len(data), "type": "file"} for name, data in self.files.items()
+                   if name.rsplit("/", 1)[0] == self._strip_protocol(path).rstrip("/")]
+        return entries if detail else [entry["name"] for entry in entries]
+
+    def info(self, path, **kwargs):
+        name = self._strip_protocol(path)
+        if name not in self.files:
+            raise FileNotFoundError(path)
+        return {"name": name, "size": len(self.files[name]), "type": "file"}
+
+    def _open(self, path, mode="rb", block_size=None, cache_type="readahead", **kwargs):
+        return RangedFile(self, self._strip_protocol(path), mode, block_size=block_size, cache_type=cache_type,
+                          size=len(self.files[self._strip_protocol(path)]))
+
+
+class RangedFile(AbstractBufferedFile):
+    def _fetch_range(self, start, end):
+        self.fs.fetched.append((self.path, start, end))
+        return self.fs.files[self.path][start:end]
+
+
+def test_remote_files_are_fetched_in_read_ahead_blocks_and_probed_for_gzip_by_a_few_bytes(synthetic_data):
+    """A file of a bucket is read in few large ranged requests (README: 16 MiB read-ahead blocks),
+    and telling GZIP from plain files costs a few bytes, not a block, per open."""
+    fsspec.register_implementation("ranged", RangedFileSystem, clobber=True)
+    local = synthetic_data["train"][:2]
+    RangedFileSystem.files = {f"/bucket/{os.path.basename(path)}": open(path, "rb").read() for path in local}
+    RangedFileSystem.fetched = []
+    urls = [f"ranged:///bucket/{os.path.basename(path)}" for path in local]
+    assert [is_gzip(url) for url in urls] == [False, False]
+    assert sum(end - start for _, start, end in RangedFileSystem.fetched) <= 2 * 8
+    RangedFileSystem.fetched = []
+    batches = _batches(urls, workers=0)
+    assert [b["id"] for b in batches] == [b["id"] for b in _batches(local, workers=0)]
+    size = sum(len(data) for data in RangedFileSystem.files.values())
+    fetched = sum(end - start for _, start, end in RangedFileSystem.fetched)
+    # counting pass + reading pass, each about the file once (two probes of a few bytes each)
+    assert 2 * size <= fetched <= 2 * size + 64
+    # a file larger than the block, read as the reader does (1 MiB at a time): 16 MiB ranges
+    RangedFileSystem.files["/bucket/large"] = bytes(40 << 20)
+    RangedFileSystem.fetched = []
+    with open_binary("ranged:///bucket/large") as handle:
+        while handle.read(1 << 20):
+            pass
+    ranges = [end - start for _, start, end in RangedFileSystem.fetched]
+    assert sum(ranges) == 40 << 20 and len(ranges) == 3 and max(ranges) == READ_AHEAD_BYTES + (1 << 20)

@@ -101,11 +101,15 @@ def _glob_url(pattern: str) -> list[str]:
 READ_AHEAD_BYTES = 16 << 20
 
 
-def open_binary(path: str) -> BinaryIO:
-    """A local file (1 MiB buffer) or an fsspec URL (read-ahead blocks) opened for reading."""
+def open_binary(path: str, read_ahead: int = READ_AHEAD_BYTES) -> BinaryIO:
+    """A local file (1 MiB buffer) or an fsspec URL opened for reading; a URL's reads fetch
+    ``read_ahead`` bytes beyond what they ask for (a few to look at a header, not a whole block)."""
     if not is_url(path):
         return open(path, "rb", buffering=1 << 20)
-    return fsspec.open(path, "rb", block_size=READ_AHEAD_BYTES, cache_type="readahead").open()
+    # Through the file system's open: fsspec.open() would hand these options to the file system's
+    # constructor, where gcsfs takes block_size and s3fs takes neither.
+    fs, stripped = fsspec.core.url_to_fs(path)
+    return fs.open(stripped, "rb", block_size=read_ahead, cache_type="readahead")
 
 
 def file_size(path: str) -> int:
@@ -117,7 +121,7 @@ def file_size(path: str) -> int:
 
 def is_gzip(path: str) -> bool:
     """Whether the file starts with the GZIP magic bytes."""
-    with open_binary(path) as f:
+    with open_binary(path, read_ahead=len(_GZIP_MAGIC)) as f:  # not 16 MiB of a remote file for 2 bytes
         return f.read(2) == _GZIP_MAGIC
 
 
