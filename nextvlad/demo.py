@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> None:
           + f"; chance level (random scores): {chance:.4f}")
     print(f"TensorBoard logs: {trainer.logger.log_dir}   (tensorboard --logdir {trainer.logger.save_dir})")
     if checkpoint is not None:
-        print(f"best checkpoint:  {checkpoint.best_model_path}")
+        # best.ckpt (ModelCheckpointWithBest's link), the name the README's next commands use
+        best_link = os.path.join(checkpoint.dirpath, "best.ckpt")
+        shown = best_link if os.path.exists(best_link) else checkpoint.best_model_path
+        print(f"best checkpoint:  {shown}  ({os.path.basename(checkpoint.best_model_path)})")
         print(f"last checkpoint:  {checkpoint.last_model_path}")
     print(f"total time: {time.perf_counter() - start:.0f} s")
 

@@ -28,6 +28,8 @@ def test_demo_trains_and_reports_where_outputs_are(tmp_path, capsys):
     checkpoints = list((tmp_path / "runs" / "demo").glob("version_*/checkpoints/last.ckpt"))
     assert logs and checkpoints
     assert f"last checkpoint:  {checkpoints[0]}" in out
+    best = checkpoints[0].with_name("best.ckpt")
+    assert f"best checkpoint:  {best}  ({best.resolve().name})" in out and best.resolve().name.startswith("epoch")
 
 
 def test_chance_gap_of_random_scores_is_low(tmp_path):
