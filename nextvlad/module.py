@@ -300,6 +300,9 @@ class VideoClassifier(pl.LightningModule):
             # Google's segment eval sees rated segments only (a video without ratings yields no
             # example, SPEC_SEGMENTS 2); unrated rows are inference candidates and stay out.
             if not labelled.any():
+                # Logged all the same (a weight of 0 adds nothing): under DDP the epoch's loss is
+                # a collective, which a rank that never logged it would leave the others waiting in.
+                self.log(f"{stage}/loss", torch.zeros((), device=self.device), batch_size=0, sync_dist=True)
                 return
             batch = {key: value[labelled] for key, value in batch.items() if torch.is_tensor(value)}
         weights = self._loss_weights(batch)  # first: the clear error for a segment batch without label_weights
