@@ -37,6 +37,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from nextvlad._validation import output_overwrites_input
+from nextvlad.checkpoint_io import AtomicCheckpointIO
 from nextvlad.models.mixture import MixtureOfNeXtVLAD
 from nextvlad.models.nextvlad import NeXtVLAD
 from nextvlad.models.video_model import VideoModel
@@ -389,9 +390,9 @@ def main(argv: Sequence[str]) -> None:
         report = load_tf_variables(module, args.variables, ignore_extra=args.ignore_extra, scope=args.scope)
     except (FileNotFoundError, ValueError, TypeError) as error:
         sys.exit(f"nextvlad convert-tf: error: {error}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint_from_module(module, source=str(args.variables)), out)
+    # Written aside and renamed (as training's checkpoints): a crash leaves no half file, and an
+    # --out that is a link (best.ckpt) is replaced, not written through to the checkpoint it names.
+    AtomicCheckpointIO().save_checkpoint(checkpoint_from_module(module, source=str(args.variables)), args.out)
     print(f"loaded {len(report.loaded)} TF variables from {args.variables} into {type(module).__name__}")
     if report.ignored:
         print(f"ignored {len(report.ignored)} training-state variables: {', '.join(report.ignored)}")
@@ -399,4 +400,4 @@ def main(argv: Sequence[str]) -> None:
     if hparams.get("num_branches", 1) == 1:
         print(f"note: hidden_activation={hparams.get('hidden_activation')!r} (the authors' HEAD code has none, "
               "the paper-era code a ReLU): it must match the code that trained these weights")
-    print(f"wrote {out}")
+    print(f"wrote {args.out}")

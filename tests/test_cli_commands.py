@@ -363,6 +363,25 @@ def test_export_and_convert_tf_refuse_to_write_over_their_input(clone, tmp_path)
     assert (tmp_path / "tf.npz").read_bytes() == variables
 
 
+def test_convert_tf_out_that_is_a_link_replaces_the_link_not_the_checkpoint_it_names(clone, tmp_path):
+    torch.manual_seed(2)
+    source = VideoClassifier(**TINY).eval()
+    np.savez(tmp_path / "tf.npz", **export_tf_variables(source))
+    config = yaml.safe_load(Path(DEMO).read_text())
+    config["model"]["init_args"] = dict(TINY)
+    (tmp_path / "tf.yaml").write_text(yaml.safe_dump(config))
+    trained = tmp_path / "epoch3.ckpt"
+    shutil.copyfile(checkpoints(clone) / "best.ckpt", trained)
+    (tmp_path / "best.ckpt").symlink_to(trained.name)
+    before = trained.read_bytes()
+    converted = run("nextvlad", "convert-tf", "--variables", str(tmp_path / "tf.npz"), "--config",
+                    str(tmp_path / "tf.yaml"), "--out", str(tmp_path / "best.ckpt"), cwd=clone)
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    assert trained.read_bytes() == before and not (tmp_path / "best.ckpt").is_symlink()
+    weights = torch.load(tmp_path / "best.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(weights[key], value) for key, value in source.state_dict().items())
+    assert not list(tmp_path.glob(".best.ckpt*"))  # no partial file left
+
 def test_cut_short_checkpoint_is_refused_naming_the_newest_other_beside_it(clone, tmp_path):
     """The README's promise, through --ckpt_path of validate (and of export)."""
     whole = (checkpoints(clone) / "best.ckpt").read_bytes()
