@@ -418,7 +418,9 @@ class VideoClassifier(pl.LightningModule):
         """The closure, then, in the segment task, every gradient dropped when no rank had a
         segment batch to train on (training_step's zero loss): Adam would still move each weight
         along its old moments; with no gradient it leaves the weights and its state untouched.
-        The count is summed over ranks, so that all of them skip the update together."""
+        The count is summed over ranks, so that all of them skip the update together. The closure
+        then returns None, Lightning's "backward skipped": with fp16's GradScaler, unscaling and
+        stepping an optimizer without gradients would fail ("No inf checks were recorded")."""
         if self.hparams.task != "segments" or closure is None:
             return closure
 
@@ -428,6 +430,7 @@ class VideoClassifier(pl.LightningModule):
             if self.trainer.strategy.reduce(examples, reduce_op="sum").item() == 0:
                 for parameter in self.parameters():
                     parameter.grad = None
+                return None
             return loss
 
         return closure_then_drop_empty_gradients
