@@ -174,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> float:
         print(f"{len(no_positives)} listed classes have no rated positive and are not scored: "
               f"{no_positives[:20]}", file=sys.stderr)
     if not per_class:  # a mean over no class is no score: 0.0 would read as a (very bad) result
+        if args.mean_over == "submitted" and not submission:
+            raise ValueError(f"--submission {args.submission} lists no class: nothing to score")
         if not ratings.scores:
             reason = "has no rated segment (segment_labels / segment_scores): nothing to score"
         else:

@@ -190,3 +190,16 @@ def test_nothing_to_score_is_an_error_naming_data_not_a_map_of_zero(tmp_path, re
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"nextvlad score-segments: error: --data {data} {reason}")
     assert result.stdout == "" and not (tmp_path / "score.json").exists()
+
+
+@pytest.mark.parametrize("text", ["Class,Segments\n", ""], ids=["header_only", "empty"])
+def test_a_submission_without_classes_is_an_error_naming_it(tmp_path, rated, text):
+    script = Path(sys.executable).parent / "nextvlad"
+    if not script.exists():
+        pytest.skip(f"{script} is not installed")
+    submission = write(tmp_path, text)
+    result = subprocess.run([str(script), "score-segments", "--submission", submission, "--data", rated],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and result.stdout == ""
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"nextvlad score-segments: error: --submission {submission} lists no class")
