@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from numbers import Integral
 from pathlib import Path
 
 
@@ -12,10 +13,15 @@ def check_positive(**values: int | float) -> None:
             raise ValueError(f"{name} must be >= 1, got {value}")
 
 
+def is_integer(value: object) -> bool:
+    """An int or a NumPy integer (numbers.Integral), not a bool."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
 def check_positive_int(**values: int) -> None:
     """Raise ValueError naming the first argument that is not an integer >= 1 (a bool is not one)."""
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_integer(value) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 

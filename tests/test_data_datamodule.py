@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from jsonargparse import ArgumentParser
@@ -120,6 +121,15 @@ def test_eval_batch_size_none_means_batch_size():
     assert YT8MDataModule(batch_size=5).eval_batch_size == 5
     assert YT8MDataModule(batch_size=5, eval_batch_size=3).eval_batch_size == 3
     assert YT8MDataModule(shuffle_buffer=0).shuffle_buffer == 0  # 0: no shuffle buffer
+
+
+def test_numpy_integers_are_integers_and_bools_are_not():
+    """A script's np.int64 (from a config array, a sweep) is an integer; True is not a batch size."""
+    module = YT8MDataModule(batch_size=np.int64(8), eval_batch_size=np.int32(4), max_frames=np.int64(300),
+                            shuffle_buffer=np.int64(0))
+    assert (module.batch_size, module.eval_batch_size, module.max_frames) == (8, 4, 300)
+    with pytest.raises(ValueError, match="^batch_size must be an integer >= 1, got True$"):
+        YT8MDataModule(batch_size=True)
 
 
 def test_dataset_refuses_a_negative_shuffle_buffer(synthetic_data):

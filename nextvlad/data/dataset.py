@@ -29,7 +29,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from nextvlad._distributed import gather_per_rank, rank_and_world_size
-from nextvlad._validation import check_choice, check_positive
+from nextvlad._validation import check_choice, check_positive, is_integer
 from nextvlad.data import sharding
 from nextvlad.data.parsing import AUDIO_SIZE, RGB_SIZE, QuantizedVideo, parse_frame_record
 from nextvlad.data.records import (Compression, DataError, FileScan, FramingError, expand_paths,
@@ -82,7 +82,7 @@ class ReadStats:
 
 def check_shuffle_buffer(shuffle_buffer: int) -> None:
     """Raise ValueError unless shuffle_buffer is an integer >= 0 (0 and 1 hold nothing back)."""
-    if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
+    if not is_integer(shuffle_buffer) or shuffle_buffer < 0:
         raise ValueError(f"shuffle_buffer must be an integer >= 0 (0 or 1: no shuffle buffer), "
                          f"got {shuffle_buffer!r}")
 
