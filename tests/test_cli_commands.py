@@ -400,6 +400,21 @@ def test_cut_short_checkpoint_is_refused_naming_the_newest_other_beside_it(clone
 
 
 
+def test_ckpt_path_last_that_is_cut_short_is_one_line_naming_the_newest_other(clone, tmp_path):
+    """Lightning resolves --ckpt_path last itself (past the CLI's own check): the checkpoint IO of
+    the configs refuses the cut-short file, and the CLI shows that as its one-line error."""
+    (tmp_path / "data").symlink_to(clone / "data")
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    whole = (checkpoints(clone) / "last.ckpt").read_bytes()
+    (folder / "epoch0.ckpt").write_bytes(whole)
+    os.utime(folder / "epoch0.ckpt", (time.time() - 100,) * 2)
+    (folder / "last.ckpt").write_bytes(whole[: len(whole) // 2])
+    line = error_line(run("lightning", "fit", "--config", DEMO, f"--trainer.callbacks.dirpath={folder}",
+                          "--ckpt_path", "last", "--trainer.max_steps", "1", cwd=tmp_path))
+    assert line.startswith(f"lightning fit: error: {folder / 'last.ckpt'} is not a complete checkpoint"), line
+    assert f"newest other checkpoint in its folder instead: {folder / 'epoch0.ckpt'}" in line
+
 def test_init_from_a_corrupt_or_foreign_file_is_one_line_naming_it(clone, tmp_path):
     """`fit --model.init_args.init_from` (the segment fine-tuning start) goes through the same
     checkpoint loading as --ckpt_path: one line naming the file, not torch.load's traceback."""
