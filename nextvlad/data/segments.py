@@ -73,13 +73,17 @@ class SegmentVideo(QuantizedVideo):
 
     def segment_lengths(self) -> np.ndarray:
         """Real frames of each segment, ``min(5, n - start)``, 0 when the start is past the end."""
-        return np.clip(self.usable_frames - self.starts, 0, SEGMENT_SIZE)
+        return self._rows_per_segment(self.usable_frames)
 
     def audio_segment_lengths(self) -> np.ndarray:
         """Real audio rows of each segment: the audio stream is padded or cut to 300 rows on its
         own (SPEC.md 1.1 step 6), so its rows past the rgb frames are kept, and missing ones are
         0.0 padding inside the segment's length."""
-        return np.clip(min(len(self.audio), VIDEO_FRAMES) - self.starts, 0, SEGMENT_SIZE)
+        return self._rows_per_segment(min(len(self.audio), VIDEO_FRAMES))
+
+    def _rows_per_segment(self, rows: int) -> np.ndarray:
+        """Of a stream with ``rows`` real rows, how many each segment holds (0 past the end)."""
+        return np.clip(rows - self.starts, 0, SEGMENT_SIZE)
 
 
 def _context_list(context, name: str, kind: str, path: str, index: int) -> np.ndarray:
