@@ -295,7 +295,7 @@ class VideoClassifier(pl.LightningModule):
     def _evaluation_step(self, batch: dict[str, Any], stage: str) -> None:
         self._check_batch(batch)
         labelled = batch["has_labels"]
-        self._labelled_videos[stage] = self._labelled_videos.get(stage, 0) + labelled.sum()
+        self._labelled_videos[stage] = self._labelled_videos[stage] + labelled.sum()  # reset at the epoch's start
         if self.hparams.task == "segments":
             # Google's segment eval sees rated segments only (a video without ratings yields no
             # example, SPEC_SEGMENTS 2); unrated rows are inference candidates and stay out.
@@ -356,7 +356,7 @@ class VideoClassifier(pl.LightningModule):
 
     def _log_metrics(self, stage: str) -> None:
         metrics = self._stage_metrics(stage)
-        self._check_labelled_videos_seen(stage, self._labelled_videos.get(stage, torch.zeros((), dtype=torch.long)))
+        self._check_labelled_videos_seen(stage, self._labelled_videos[stage])
         self.log_dict(metrics.compute(), prog_bar=True)
         metrics.reset()
         if stage in self.segment_map:
