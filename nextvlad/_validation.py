@@ -6,13 +6,6 @@ from numbers import Integral
 from pathlib import Path
 
 
-def check_positive(**values: int | float) -> None:
-    """Raise ValueError naming the first argument that is not >= 1."""
-    for name, value in values.items():
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-
-
 def is_integer(value: object) -> bool:
     """An int or a NumPy integer (numbers.Integral), not a bool."""
     return isinstance(value, Integral) and not isinstance(value, bool)

@@ -19,7 +19,7 @@ from torchmetrics import MetricCollection
 
 from nextvlad._distributed import gather_per_rank, rank_and_world_size, rng_states, set_rng_states
 from nextvlad._dtypes import at_least_float32
-from nextvlad._validation import check_choice, check_positive
+from nextvlad._validation import check_choice, check_positive_int
 from nextvlad.metrics_segments import SegmentMeanAveragePrecision
 from nextvlad.metrics import (
     GlobalAveragePrecision,
@@ -135,7 +135,7 @@ class VideoClassifier(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        check_positive(num_branches=num_branches, top_k=top_k, lr_decay_examples=lr_decay_examples)
+        check_positive_int(num_branches=num_branches, top_k=top_k, lr_decay_examples=lr_decay_examples)
         check_choice("gradient_clip", gradient_clip, ("per_tensor", "global", "off"))
         check_choice("adam_epsilon", adam_epsilon, ("tf1", "torch"))
         if temperature < 0:

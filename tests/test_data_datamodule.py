@@ -109,6 +109,7 @@ def test_missing_pattern_is_a_clear_error():
     (dict(batch_size=-2, eval_batch_size=4), "^batch_size must be an integer >= 1, got -2$"),
     (dict(shuffle_buffer=-5), r"^shuffle_buffer must be an integer >= 0 .*got -5$"),
     (dict(max_frames=0), "^max_frames must be an integer >= 1, got 0$"),
+    (dict(sample_frames=2.5), "^sample_frames must be an integer >= 1, got 2.5$"),
     (dict(compression="zip"), "^compression must be one of"),
 ])
 def test_bad_arguments_are_named_at_construction(arguments, message):
@@ -132,11 +133,17 @@ def test_numpy_integers_are_integers_and_bools_are_not():
         YT8MDataModule(batch_size=True)
 
 
-def test_dataset_refuses_a_negative_shuffle_buffer(synthetic_data):
+@pytest.mark.parametrize("arguments, message", [
+    (dict(shuffle_buffer=-1), "^shuffle_buffer must be an integer >= 0"),
+    (dict(batch_size=2.5), "^batch_size must be an integer >= 1, got 2.5$"),
+    (dict(max_frames=30.0), "^max_frames must be an integer >= 1, got 30.0$"),
+])
+def test_dataset_refuses_bad_arguments_by_name(synthetic_data, arguments, message):
+    """The dataset is public on its own: the same checks as the data module's."""
     from nextvlad.data import YT8MFrameDataset
 
-    with pytest.raises(ValueError, match="^shuffle_buffer must be an integer >= 0"):
-        YT8MFrameDataset(synthetic_data["train"], num_classes=10, shuffle_buffer=-1)
+    with pytest.raises(ValueError, match=message):
+        YT8MFrameDataset(synthetic_data["train"], num_classes=10, **arguments)
 
 
 def test_read_stats_are_counted_before_the_device_transfer(synthetic_data):

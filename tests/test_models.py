@@ -270,13 +270,17 @@ def test_netvlad_matches_plain_vlad_formula(frames_and_lengths):
     "factory, message",
     [
         (lambda: NeXtVLAD(128, 8, groups=3), "groups=3 must divide"),
-        (lambda: NeXtVLAD(128, 0, groups=8), "clusters must be >= 1"),
+        (lambda: NeXtVLAD(128, 0, groups=8), "clusters must be an integer >= 1, got 0"),
+        (lambda: NeXtVLAD(128, 8.5, groups=8), "clusters must be an integer >= 1, got 8.5"),
+        (lambda: NeXtVLAD(128, 8, groups=8, expansion=2.0), "expansion must be an integer >= 1, got 2.0"),
+        (lambda: NetVLAD(10, 4.0), "clusters must be an integer >= 1, got 4.0"),
+        (lambda: SEContextGating(100.0, 4), "hidden_size must be an integer >= 1, got 100.0"),
         (lambda: NeXtVLAD(128, 8, 8, cluster_bn_statistics="some"), "cluster_bn_statistics"),
         (lambda: build_video_model("nextvlad", groups=1), "audio_groups"),
         (lambda: build_video_model("resnet"), "architecture"),
         (lambda: SEContextGating(100, 8), "gating_reduction=8 must divide"),
         (lambda: NetVLAD(10, 4, input_reduction=4), "input_reduction=4 must divide"),
-        (lambda: MixtureOfNeXtVLAD([]), "num_branches must be >= 1"),
+        (lambda: MixtureOfNeXtVLAD([]), "num_branches must be an integer >= 1, got 0"),
     ],
 )
 def test_impossible_configurations_raise(factory, message):

@@ -112,8 +112,10 @@ def test_zero_temperature_is_sum_of_cross_entropies_plus_l2():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(top_k=0), "top_k must be >= 1"),
-        (dict(num_branches=0), "num_branches must be >= 1"),
+        (dict(top_k=0), "top_k must be an integer >= 1, got 0"),
+        (dict(top_k=2.5), "top_k must be an integer >= 1, got 2.5"),
+        (dict(num_branches=0), "num_branches must be an integer >= 1, got 0"),
+        (dict(lr_decay_examples=4e6), "lr_decay_examples must be an integer >= 1, got 4000000.0"),
         (dict(temperature=-1.0), "temperature must be >= 0"),
         (dict(num_branches=3, predict_branch=3), "predict_branch"),
         (dict(gradient_clip="sometimes"), "gradient_clip"),

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from nextvlad._distributed import gather_per_rank, rank_and_world_size
-from nextvlad._validation import check_choice, check_positive, check_positive_int
+from nextvlad._validation import check_choice, check_positive_int
 from nextvlad.data.dataset import (STAT_NAMES, OnError, YT8MDataLoader, YT8MFrameDataset,
                                    check_shuffle_buffer)
 from nextvlad.data.records import Compression
@@ -73,7 +73,7 @@ class YT8MDataModule(L.LightningDataModule):
         if eval_batch_size is not None:
             check_positive_int(eval_batch_size=eval_batch_size)
         if sample_frames is not None:
-            check_positive(sample_frames=sample_frames)
+            check_positive_int(sample_frames=sample_frames)
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         check_shuffle_buffer(shuffle_buffer)

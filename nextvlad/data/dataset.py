@@ -29,7 +29,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from nextvlad._distributed import gather_per_rank, rank_and_world_size
-from nextvlad._validation import check_choice, check_positive, is_integer
+from nextvlad._validation import check_choice, check_positive_int, is_integer
 from nextvlad.data import sharding
 from nextvlad.data.parsing import AUDIO_SIZE, RGB_SIZE, QuantizedVideo, parse_frame_record
 from nextvlad.data.records import (Compression, DataError, FileScan, FramingError, expand_paths,
@@ -163,7 +163,7 @@ class YT8MFrameDataset(IterableDataset):
         super().__init__()
         check_choice("on_error", on_error, ("raise", "skip"))
         check_choice("compression", compression, ("auto", "none", "gzip"))
-        check_positive(batch_size=batch_size, max_frames=max_frames, num_classes=num_classes)
+        check_positive_int(batch_size=batch_size, max_frames=max_frames, num_classes=num_classes)
         check_shuffle_buffer(shuffle_buffer)
         self.files = expand_paths(files)
         self.batch_size = batch_size

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nextvlad._validation import check_positive
+from nextvlad._validation import check_positive_int
 from nextvlad.models.initialization import tf_batch_norm, tf_linear
 
 
@@ -17,7 +17,7 @@ class SEContextGating(nn.Module):
 
     def __init__(self, hidden_size: int, reduction: int = 8) -> None:
         super().__init__()
-        check_positive(hidden_size=hidden_size, gating_reduction=reduction)
+        check_positive_int(hidden_size=hidden_size, gating_reduction=reduction)
         if hidden_size % reduction:
             raise ValueError(f"gating_reduction={reduction} must divide hidden_size={hidden_size}")
         squeezed = hidden_size // reduction

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from nextvlad._dtypes import at_least_float32
-from nextvlad._validation import check_choice, check_positive
+from nextvlad._validation import check_choice, check_positive_int
 from nextvlad.kernels import frame_mask
 from nextvlad.models.initialization import tf_batch_norm, tf_linear
 from nextvlad.models.nextvlad import NeXtVLAD
@@ -46,7 +46,7 @@ class MixtureOfNeXtVLAD(nn.Module):
 
     def __init__(self, branches: list[VideoModel], input_size: int = 1152, gate_input: GateInput = "all") -> None:
         super().__init__()
-        check_positive(num_branches=len(branches))
+        check_positive_int(num_branches=len(branches))
         check_choice("gate_input", gate_input, ("all", "masked", "per_frame"))
         self.branches = nn.ModuleList(branches)
         self.gate_input = gate_input

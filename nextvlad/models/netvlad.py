@@ -14,7 +14,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from nextvlad._dtypes import at_least_float32
-from nextvlad._validation import check_choice, check_positive
+from nextvlad._validation import check_choice, check_positive_int
 from nextvlad.kernels import residual_aggregation
 from nextvlad.kernels import frame_mask
 from nextvlad.models.initialization import MaskedBatchNorm1d, tf_linear, variance_scaling_
@@ -45,7 +45,7 @@ class NetVLAD(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        check_positive(feature_size=feature_size, clusters=clusters, input_reduction=input_reduction)
+        check_positive_int(feature_size=feature_size, clusters=clusters, input_reduction=input_reduction)
         if feature_size % input_reduction:
             raise ValueError(f"input_reduction={input_reduction} must divide feature_size={feature_size}")
         check_choice("cluster_bn_statistics", cluster_bn_statistics, ("all", "masked"))

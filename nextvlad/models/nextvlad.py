@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from nextvlad._validation import check_choice, check_positive
+from nextvlad._validation import check_choice, check_positive_int
 from nextvlad.kernels import residual_aggregation
 from nextvlad.kernels import frame_mask
 from nextvlad.models.initialization import (
@@ -48,7 +48,7 @@ class NeXtVLAD(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        check_positive(feature_size=feature_size, clusters=clusters, groups=groups, expansion=expansion)
+        check_positive_int(feature_size=feature_size, clusters=clusters, groups=groups, expansion=expansion)
         expanded = expansion * feature_size
         if expanded % groups:
             raise ValueError(

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from nextvlad._dtypes import at_least_float32
-from nextvlad._validation import check_choice, check_positive
+from nextvlad._validation import check_choice, check_positive_int
 from nextvlad.models.gating import SEContextGating
 from nextvlad.models.initialization import tf_batch_norm, tf_linear
 from nextvlad.models.netvlad import NetVLAD
@@ -49,7 +49,7 @@ class VideoModel(nn.Module):
         hidden_activation: HiddenActivation = "relu",
     ) -> None:
         super().__init__()
-        check_positive(num_classes=num_classes, hidden_size=hidden_size)
+        check_positive_int(num_classes=num_classes, hidden_size=hidden_size)
         check_choice("hidden_activation", hidden_activation, ("relu", "none"))
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
