@@ -12,7 +12,7 @@ import pytest
 import torch
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
-from nextvlad.data import YT8MDataLoader, YT8MFrameDataset
+from nextvlad.data import YT8MDataLoader, YT8MFrameDataset, iter_videos
 from nextvlad.data.records import READ_AHEAD_BYTES, DataError, expand_paths, is_gzip, open_binary, scan_records
 
 
@@ -125,3 +125,18 @@ def test_remote_files_are_fetched_in_read_ahead_blocks_and_probed_for_gzip_by_a_
             pass
     ranges = [end - start for _, start, end in RangedFileSystem.fetched]
     assert sum(ranges) == 40 << 20 and len(ranges) == 3 and max(ranges) == READ_AHEAD_BYTES + (1 << 20)
+
+
+def test_a_file_under_several_spellings_is_read_once(synthetic_data, tmp_path, monkeypatch):
+    """Overlapping patterns (relative and absolute, a link, file://) must not feed a file's videos
+    twice: each file once, under the first name it was matched by."""
+    data_dir = synthetic_data["dir"]
+    (tmp_path / "link.tfrecord").symlink_to(os.path.join(data_dir, "train0000.tfrecord"))
+    monkeypatch.chdir(data_dir)
+    patterns = ["train*.tfrecord", os.path.join(data_dir, "train000[01].tfrecord"), "./train0002.tfrecord",
+                "file://" + os.path.join(data_dir, "train0001.tfrecord"), str(tmp_path / "link.tfrecord")]
+    assert expand_paths(patterns) == ["train0000.tfrecord", "train0001.tfrecord", "train0002.tfrecord"]
+    assert expand_paths(",".join(reversed(patterns[1:]))) == sorted(
+        [str(tmp_path / "link.tfrecord"), "./train0002.tfrecord", "file://" + os.path.join(data_dir, "train0001.tfrecord")])
+    videos = [video["id"] for video in iter_videos(patterns, num_classes=10)]
+    assert sorted(videos) == sorted(video["id"] for video in iter_videos(synthetic_data["train"], num_classes=10))

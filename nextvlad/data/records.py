@@ -22,6 +22,7 @@ from typing import BinaryIO, Literal
 
 import fsspec
 import google_crc32c
+from fsspec.implementations.local import LocalFileSystem
 
 Compression = Literal["auto", "none", "gzip"]
 
@@ -65,8 +66,9 @@ def expand_paths(pattern_or_files: str | os.PathLike | Iterable[str | os.PathLik
     """Glob patterns / paths (a string, possibly comma-separated, or a list) -> sorted unique files.
 
     A pattern with a scheme (``gs://``, ``s3://``, ``file://``, ``memory://``...) is listed through
-    fsspec and its files keep the scheme. Raises FileNotFoundError naming the pattern when a
-    pattern matches nothing.
+    fsspec and its files keep the scheme. A file matched under several spellings (relative and
+    absolute, through a link, as ``file://``) is listed once, under the first. Raises
+    FileNotFoundError naming the pattern when a pattern matches nothing.
     """
     if isinstance(pattern_or_files, (str, os.PathLike)):
         patterns = [p for p in str(pattern_or_files).split(",") if p.strip()]
@@ -74,15 +76,27 @@ def expand_paths(pattern_or_files: str | os.PathLike | Iterable[str | os.PathLik
         patterns = [str(p) for p in pattern_or_files]
     if not patterns:
         raise FileNotFoundError("no data files given (empty pattern / file list)")
-    files: set[str] = set()
+    files: dict[str, str] = {}  # the file itself -> the name it was first matched under
     for pattern in patterns:
         pattern = os.path.expanduser(pattern.strip())
         matches = _glob_url(pattern) if is_url(pattern) else [
             m for m in glob.glob(pattern) if os.path.isfile(m)]
         if not matches:
             raise FileNotFoundError(f"no files match {pattern!r}")
-        files.update(matches)
-    return sorted(files)
+        for match in sorted(matches):
+            files.setdefault(_file_identity(match), match)
+    return sorted(files.values())
+
+
+def _file_identity(path: str) -> str:
+    """One key per file however it is named: a local file (also as file://) by its resolved path,
+    so that overlapping patterns do not feed its videos twice; a remote one by its URL."""
+    if is_url(path):
+        fs, stripped = fsspec.core.url_to_fs(path)
+        if not isinstance(fs, LocalFileSystem):
+            return fs.unstrip_protocol(stripped)
+        path = stripped
+    return os.path.realpath(path)
 
 
 def is_url(path: str | os.PathLike) -> bool:
