@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
 
-from nextvlad._distributed import gather_per_rank, rank_and_world_size, rng_states, set_rng_states
+from nextvlad._distributed import (destroy_process_group_at_exit, gather_per_rank, rank_and_world_size, rng_states,
+                                   set_rng_states)
 from nextvlad._dtypes import at_least_float32
 from nextvlad._validation import check_choice, check_positive_int
 from nextvlad.metrics_segments import SegmentMeanAveragePrecision
@@ -446,6 +447,7 @@ class VideoClassifier(pl.LightningModule):
 
     # ----------------------------------------------------------------------------- checkpoints
     def setup(self, stage: str) -> None:
+        destroy_process_group_at_exit()  # on every rank of every command (ddp_spawn workers too)
         # In setup, before Lightning restores a --ckpt_path: resuming a fine-tuning run keeps
         # its own weights, a fresh one starts from init_from.
         if stage == "fit" and self.hparams.init_from:

@@ -71,3 +71,24 @@ def test_shutdown_process_group_destroys_the_group_and_is_a_no_op_without_one(tm
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_a_process_destroys_its_group_when_it_exits(tmp_path):
+    """ddp_spawn workers end inside Lightning, which destroys a gloo group at exit only for NCCL;
+    a gloo group left alive now and then aborted its rank in the destructor. The hook registered
+    in VideoClassifier.setup destroys it; checked here by an exit hook that runs after it (atexit
+    runs hooks last-registered first), and registering twice runs it once."""
+    script = textwrap.dedent(f"""
+        import atexit
+        import torch.distributed as dist
+        from nextvlad._distributed import destroy_process_group_at_exit
+
+        atexit.register(lambda: print("alive at exit:", dist.is_initialized()))
+        dist.init_process_group("gloo", store=dist.FileStore({str(tmp_path / "store")!r}, 1), rank=0, world_size=1)
+        destroy_process_group_at_exit()
+        destroy_process_group_at_exit()
+        print("alive before exit:", dist.is_initialized())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["alive before exit: True", "alive at exit: False"]

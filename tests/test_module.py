@@ -391,3 +391,23 @@ def test_ddp_validation_with_a_rank_of_label_less_videos():
     with pytest.raises(torch.multiprocessing.ProcessRaisedException, match="ValueError: no video of the validation data has labels"):
         trainer(strategy="ddp_spawn", devices=2).validate(module, loader(16, labelled=False), verbose=False)
 
+
+@pytest.mark.slow
+def test_ddp_segment_validation_with_a_rank_of_unrated_segments():
+    """Two gloo ranks; rank 1 is dealt only unrated segments (inference candidates), which the
+    segment metrics leave out: the same metrics as one process, not a rank waiting in the loss's
+    collective for one that never logged it. (It also aborted now and then at exit, in gloo's
+    destructor, until every rank destroyed its group at exit: destroy_process_group_at_exit.)"""
+    from test_segments_training import collate_segments, toy_segments
+
+    torch.manual_seed(0)
+    module = VideoClassifier(**SMALL, task="segments", top_k=5)
+    items = toy_segments(16, 4)
+    for item in items[1::2]:
+        item.update(labels=torch.zeros(NUM_CLASSES), label_weights=torch.zeros(NUM_CLASSES), has_labels=torch.tensor(False))
+    data = DataLoader(items, batch_size=4, collate_fn=collate_segments)
+    single = trainer().validate(module, data, verbose=False)[0]
+    two_ranks = trainer(strategy="ddp_spawn", devices=2).validate(module, data, verbose=False)[0]
+    assert two_ranks.keys() == single.keys() and "val/loss" in single
+    for name, value in single.items():
+        assert two_ranks[name] == pytest.approx(value, rel=1e-6), name
