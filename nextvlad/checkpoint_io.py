@@ -11,13 +11,14 @@ name (``.last.ckpt.partial-<pid>``) does not end in ``.ckpt``, so ``--ckpt_path 
 save of the same checkpoint. Object stores (``gs://``, ``s3://``) make an upload visible only
 when it is complete, so remote paths keep Lightning's own upload.
 
-Loading refuses a file that is not a complete checkpoint (truncated by a writer without this
-plugin, or by a full disk) with an error naming it and the newest other checkpoint beside it.
+Loading refuses a local file that is not a whole checkpoint with an error naming it: one cut short
+(by a writer without this plugin, or a full disk) also names the newest other checkpoint beside it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,12 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 PARTIAL_MARK = ".partial-"
 
 
-class IncompleteCheckpointError(RuntimeError):
-    """A checkpoint file that cannot be read back whole."""
+class UnloadableCheckpointError(ValueError):
+    """A local checkpoint file that torch.load cannot read: corrupt, or not written by torch.save."""
+
+
+class IncompleteCheckpointError(UnloadableCheckpointError):
+    """A checkpoint cut short while being written or copied (the start of a torch.save archive)."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -68,12 +73,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except FileNotFoundError:
             raise
-        except (RuntimeError, OSError, EOFError) as error:
+        except Exception as error:  # unpickling errors have many types
             if not _is_local(path) or _is_whole_zip(Path(path)):
-                raise
-            raise IncompleteCheckpointError(
-                f"{path} is not a complete checkpoint ({type(error).__name__}: {error}); it was cut short while being "
-                f"written or copied. {newest_other_note(Path(path))}") from error
+                raise  # remote, or a whole archive refused for another reason: torch's error says which
+            raise unloadable_checkpoint_error(Path(path), error) from error
 
 
 def _is_local(path) -> bool:
@@ -99,6 +102,27 @@ def is_cut_short(path: Path) -> bool:
     with open(path, "rb") as handle:
         head = handle.read(len(ZIP_MAGIC))
     return ZIP_MAGIC.startswith(head) and not _is_whole_zip(path)
+
+
+def unloadable_checkpoint_error(path: Path, error: Exception) -> UnloadableCheckpointError:
+    """The error for a local file that torch.load failed on, naming it: one cut short says so and
+    names the newest other checkpoint beside it (what to use instead); any other is corrupt."""
+    detail = _load_error_detail(error)
+    if is_cut_short(path):
+        return IncompleteCheckpointError(f"{path}: not a loadable checkpoint: cut short while being written or "
+                                         f"copied ({detail}). {newest_other_note(path)}")
+    return UnloadableCheckpointError(f"{path}: not a loadable checkpoint, corrupt or not written by torch.save "
+                                     f"({detail})")
+
+
+def _load_error_detail(error: Exception) -> str:
+    """torch.load's reason without its advice to retry with weights_only=False: these checkpoints
+    hold only tensors and plain containers, so that advice would only open the door to pickled code."""
+    text = str(error)
+    reason = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\n\n|$)", text, re.S)
+    if reason:
+        return f"{type(error).__name__}: {reason.group(1).strip()}"
+    return f"{type(error).__name__}: {text.strip().splitlines()[0] if text.strip() else 'no message'}"
 
 
 def newest_other_note(path: Path) -> str:

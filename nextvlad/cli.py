@@ -25,7 +25,6 @@ from lightning.pytorch.cli import LightningCLI, instantiate_class
 from lightning.pytorch import LightningDataModule, LightningModule
 
 from nextvlad._distributed import shutdown_process_group
-from nextvlad.checkpoint_io import IncompleteCheckpointError
 from nextvlad.models.video_model import count_parameters
 
 #: Tools beside the Lightning subcommands: name -> ("module:function" taking argv, help). Each tool
@@ -138,10 +137,9 @@ def _import_object(dotted_path: str) -> Any:
     return getattr(importlib.import_module(module_name), name)
 
 
-#: Exceptions that are user errors (files, values, records, checkpoints): one line, no traceback.
-# IncompleteCheckpointError: a cut-short checkpoint reached through Lightning's own names
-# (--ckpt_path last / best), which the CLI's own check of --ckpt_path does not see.
-USER_ERRORS = (OSError, ValueError, IncompleteCheckpointError)
+#: Exceptions that are user errors (files, values, records, checkpoints: the checkpoint IO's
+#: UnloadableCheckpointError is a ValueError): one line, no traceback.
+USER_ERRORS = (OSError, ValueError)
 #: torch re-raises an error of a DataLoader worker as RuntimeError("Caught <class> in DataLoader worker
 #: ...") when the class cannot be rebuilt from that text (DataError takes path, index, reason).
 _WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker")

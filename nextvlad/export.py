@@ -30,7 +30,6 @@ understands; the result equals the Triton kernel's up to float rounding.
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,7 +38,7 @@ import yaml
 from torch import nn
 
 from nextvlad._validation import output_overwrites_input
-from nextvlad.checkpoint_io import is_cut_short, newest_other_note
+from nextvlad.checkpoint_io import unloadable_checkpoint_error
 from nextvlad.kernels.residual_aggregation import reference_decompositions
 
 __all__ = ["ExportableClassifier", "load_checkpoint", "load_classifier", "classifier_from_checkpoint",
@@ -84,24 +83,10 @@ def load_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors have many types; all mean "not our checkpoint"
-        if is_cut_short(path):  # the README's promise: name the newest other checkpoint beside it
-            raise ValueError(f"{path}: not a loadable checkpoint: cut short while being written or copied "
-                             f"({_load_error_detail(error)}). {newest_other_note(path)}") from error
-        raise ValueError(f"{path}: not a loadable checkpoint, corrupt or not written by torch.save "
-                         f"({_load_error_detail(error)})") from error
+        raise unloadable_checkpoint_error(path, error) from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
     return checkpoint
-
-
-def _load_error_detail(error: Exception) -> str:
-    """torch.load's reason without its advice to retry with weights_only=False: these checkpoints
-    hold only tensors and plain containers, so that advice would only open the door to pickled code."""
-    text = str(error)
-    reason = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\n\n|$)", text, re.S)
-    if reason:
-        return f"{type(error).__name__}: {reason.group(1).strip()}"
-    return f"{type(error).__name__}: {text.strip().splitlines()[0] if text.strip() else 'no message'}"
 
 
 def load_classifier(ckpt_path: str | Path, config_path: str | Path | None = None) -> nn.Module:

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from nextvlad.checkpoint_io import AtomicCheckpointIO, IncompleteCheckpointError
+from nextvlad.checkpoint_io import AtomicCheckpointIO, IncompleteCheckpointError, UnloadableCheckpointError
 
 KILLED_WRITER = textwrap.dedent('''
     import os, signal, sys
@@ -66,9 +66,23 @@ def test_truncated_checkpoint_is_refused_naming_the_previous(tmp_path, keep):
     with pytest.raises(IncompleteCheckpointError) as error:
         io.load_checkpoint(tmp_path / "last.ckpt")
     message = str(error.value)
-    assert str(tmp_path / "last.ckpt") in message and "not a complete checkpoint" in message
+    assert message.startswith(f"{tmp_path / 'last.ckpt'}: not a loadable checkpoint: cut short while being written")
     assert str(tmp_path / "step1.ckpt") in message
     assert io.load_checkpoint(tmp_path / "step1.ckpt")["step"] == 1
+
+
+@pytest.mark.parametrize("content", [b"step,loss\n1,0.5\n", b"\x80\x02}q\x00.garbage"])
+def test_a_file_that_is_not_a_checkpoint_is_called_corrupt_not_cut_short(tmp_path, content):
+    """Only the start of a torch.save archive is a checkpoint cut short (and points to another
+    checkpoint); any other file is named as corrupt, as `nextvlad export` and init_from say."""
+    (tmp_path / "step1.ckpt").write_bytes(b"")
+    (tmp_path / "last.ckpt").write_bytes(content)
+    with pytest.raises(UnloadableCheckpointError) as error:
+        AtomicCheckpointIO().load_checkpoint(tmp_path / "last.ckpt")
+    assert not isinstance(error.value, IncompleteCheckpointError)
+    assert str(error.value).startswith(
+        f"{tmp_path / 'last.ckpt'}: not a loadable checkpoint, corrupt or not written by torch.save (")
+    assert "step1.ckpt" not in str(error.value) and "weights_only" not in str(error.value)
 
 
 def test_missing_checkpoint_is_still_file_not_found(tmp_path):
@@ -93,7 +107,7 @@ def test_trainer_refuses_a_truncated_checkpoint_and_resumes_from_the_previous(tm
     previous, newest = tmp_path / "step=2.ckpt", tmp_path / "step=4.ckpt"
     data = newest.read_bytes()
     newest.write_bytes(data[: len(data) * 2 // 3])
-    with pytest.raises(IncompleteCheckpointError, match="step=4.ckpt is not a complete") as error:
+    with pytest.raises(IncompleteCheckpointError, match="step=4.ckpt: not a loadable checkpoint: cut short") as error:
         trainer(6).fit(BoringModel(), ckpt_path=newest)
     assert str(previous) in str(error.value)  # the newest other one, named
     resumed = trainer(6)

@@ -412,7 +412,7 @@ def test_ckpt_path_last_that_is_cut_short_is_one_line_naming_the_newest_other(cl
     (folder / "last.ckpt").write_bytes(whole[: len(whole) // 2])
     line = error_line(run("lightning", "fit", "--config", DEMO, f"--trainer.callbacks.dirpath={folder}",
                           "--ckpt_path", "last", "--trainer.max_steps", "1", cwd=tmp_path))
-    assert line.startswith(f"lightning fit: error: {folder / 'last.ckpt'} is not a complete checkpoint"), line
+    assert line.startswith(f"lightning fit: error: {folder / 'last.ckpt'}: not a loadable checkpoint: cut short"), line
     assert f"newest other checkpoint in its folder instead: {folder / 'epoch0.ckpt'}" in line
 
 def test_init_from_a_corrupt_or_foreign_file_is_one_line_naming_it(clone, tmp_path):
