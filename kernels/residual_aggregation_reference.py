@@ -108,7 +108,7 @@ def residual_aggregation_reference_forward(
     compute dtype (what the Triton forward returns too)."""
     batch, max_frames, groups, dim = x.shape
     compute = compute_dtype(x.dtype)
-    assignment = soft_assignment(logits, attention, lengths).reshape(batch, max_frames * groups, -1)
+    assignment = soft_assignment(logits, attention, lengths).flatten(1, 2)  # (B, M * G, K)
     assignment_sum = assignment.sum(dim=1)
     features = zero_padded_frames(x.to(compute), lengths).reshape(batch, max_frames * groups, dim)
     y = assignment.transpose(1, 2) @ features

@@ -403,3 +403,16 @@ def test_logits_are_fp32_under_bf16_autocast(training):
     torch.testing.assert_close(out.branch_logits.double(), torch.stack(branch_expected), rtol=1e-5, atol=1e-5)
     mixed = sum(out.gate[:, m:m + 1].double() * branch_expected[m] for m in range(3))
     torch.testing.assert_close(out.logits.double(), mixed, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["nextvlad", "netvlad", "mixture"])
+def test_an_empty_batch_gives_empty_scores_in_eval(architecture):
+    """B = 0 in inference (an empty shard): (0, classes) scores, no reshape error on 0 elements."""
+    torch.manual_seed(0)
+    kwargs = dict(num_classes=7, rgb_size=16, audio_size=8, clusters=4, groups=2, hidden_size=8, gating_reduction=2)
+    if architecture == "mixture":
+        model = MixtureOfNeXtVLAD([build_video_model("nextvlad", **kwargs) for _ in range(2)], input_size=24)
+    else:
+        model = build_video_model(architecture, **kwargs)
+    logits = model.eval()(torch.randn(0, 5, 16), torch.randn(0, 5, 8), torch.zeros(0, dtype=torch.long))
+    assert logits.shape == (0, 7)

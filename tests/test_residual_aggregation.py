@@ -188,6 +188,22 @@ def test_padded_frames_contribute_nothing(backend: str, padding: float) -> None:
             assert torch.all(grad[b, length:] == 0), f"{backend}: {name} of padded frames"
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("backend", ["auto", "reference", "einsum", "triton"])
+def test_empty_batch_gives_empty_output_and_gradients(backend: str, normalize: bool) -> None:
+    """B = 0 (an empty last shard, a filtered batch): a (0, K, D) output and zero-size gradients
+    on every backend, as for any other batch size."""
+    if backend == "triton" and not triton_interpreter_enabled():
+        pytest.skip("the Triton backend runs on CPU tensors only under TRITON_INTERPRET=1")
+    shape = Shape(0, 5, 2, 3, 4, ())
+    x, logits, attention, lengths, centroids = with_grad(*make_inputs(shape))
+    y = residual_aggregation(x, logits, attention, lengths, centroids, backend=backend, normalize=normalize)
+    assert y.shape == (0, 3, 4) and y.dtype == x.dtype
+    grads = gradients(y, (x, logits, attention, centroids), torch.ones_like(y))
+    assert [tuple(g.shape) for g in grads] == [(0, 5, 2, 4), (0, 5, 2, 3), (0, 5, 2), (3, 4)]
+    assert torch.equal(grads[3], torch.zeros(3, 4))  # no video: nothing flows to the centroids
+
+
 def test_half_precision_output_dtype_and_fp32_accumulation() -> None:
     shape = Shape(2, 300, 2, 8, 16, (300, 150))
     inputs = make_inputs(shape)

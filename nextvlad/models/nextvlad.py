@@ -88,7 +88,7 @@ class NeXtVLAD(nn.Module):
         """
         batch, max_frames, _ = expanded.shape
         attention = self.group_attention(expanded)
-        logits = self.cluster_logits(expanded).reshape(batch * max_frames, -1)
+        logits = self.cluster_logits(expanded).flatten(0, 1)  # (B * M, G * K)
         mask = frame_mask(lengths, max_frames).reshape(-1) if self.cluster_bn_statistics == "masked" else None
         logits = self.cluster_bn(logits, mask)
         vlad = residual_aggregation(
@@ -105,5 +105,5 @@ class NeXtVLAD(nn.Module):
 
 def flatten_like_tf(vlad: torch.Tensor) -> torch.Tensor:
     """(B, K, D) -> (B, D*K) with flat index d*K + k, the authors' layout (checkpoints port as-is)."""
-    return vlad.transpose(1, 2).reshape(vlad.shape[0], -1)
+    return vlad.transpose(1, 2).flatten(1)
 
