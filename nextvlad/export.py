@@ -40,6 +40,7 @@ from torch import nn
 from nextvlad._validation import output_overwrites_input
 from nextvlad.checkpoint_io import unloadable_checkpoint_error
 from nextvlad.kernels.residual_aggregation import reference_decompositions
+from nextvlad.models import NetVLAD, NeXtVLAD
 
 __all__ = ["ExportableClassifier", "load_checkpoint", "load_classifier", "classifier_from_checkpoint",
            "export_onnx", "export_program", "main"]
@@ -123,7 +124,17 @@ def classifier_from_checkpoint(
         module.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
         raise ValueError(f"{name}: weights do not fit the model: {error}") from error
-    return module.eval()
+    return _aggregating_with_reference(module).eval()
+
+
+def _aggregating_with_reference(module: nn.Module) -> nn.Module:
+    """Set every aggregation layer to the backend "auto", which on the CPU tensors of a loaded
+    classifier is the PyTorch reference: a model trained with ``aggregation_backend: triton``
+    (CUDA only) exports and evaluates with the same weights and math."""
+    for layer in module.modules():
+        if isinstance(layer, (NeXtVLAD, NetVLAD)):
+            layer.backend = "auto"
+    return module
 
 
 def training_eigenvalues(checkpoint: dict[str, Any], config_path: str | Path | None) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -248,3 +249,31 @@ def test_config_of_another_architecture_names_the_checkpoint_on_the_command_line
     assert result.returncode == 1 and "Traceback" not in result.stderr
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith(f"nextvlad export: error: {ckpt}: ") and "clusters: checkpoint 4 vs config 8" in line
+
+
+@pytest.mark.parametrize("with_config", [False, True], ids=["saved-hparams", "config"])
+def test_a_model_trained_with_the_triton_backend_exports_on_the_cpu(tmp_path, with_config):
+    """aggregation_backend: triton runs on CUDA only; export (always on the CPU) aggregates with the
+    reference, so the exported graph computes what the same weights compute with backend auto."""
+    torch.manual_seed(0)
+    module = VideoClassifier(**SMALL, aggregation_backend="triton").eval()
+    ckpt = tmp_path / "triton.ckpt"
+    torch.save(checkpoint_from_module(module), ckpt)
+    args = ["export", "--ckpt_path", str(ckpt), "--output", str(tmp_path / "m.onnx")]
+    if with_config:
+        config = tmp_path / "triton.yaml"
+        config.write_text("model:\n  class_path: nextvlad.VideoClassifier\n  init_args:\n"
+                          + "".join(f"    {k}: {v}\n" for k, v in {**SMALL, "aggregation_backend": "triton"}.items()))
+        args[1:1] = ["--config", str(config)]
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as on a user's CPU machine
+    result = subprocess.run([str(Path(sys.executable).parent / "nextvlad"), *args], capture_output=True, text=True,
+                            timeout=600, env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = VideoClassifier(**SMALL).eval()
+    reference.load_state_dict(module.state_dict())
+    rgb, audio, lengths = videos(3, 7, SMALL["rgb_size"], seed=2)
+    (onnx_out,) = ort.InferenceSession(str(tmp_path / "m.onnx")).run(
+        None, {"rgb": rgb.numpy(), "audio": audio.numpy(), "lengths": lengths.numpy()})
+    with torch.no_grad():
+        expected = torch.sigmoid(reference(rgb, audio, lengths)).double().numpy()
+    np.testing.assert_allclose(onnx_out, expected, atol=1e-5, rtol=0)
