@@ -335,12 +335,14 @@ class EvaluationReport(Callback):
     them as ``<checkpoint stem>.<stage>.json`` next to the evaluated checkpoint (or
     ``<stage>_metrics.json`` in the log directory when there is none) together with the per-class
     AP and positive counts, and a PNG ``<...>.<stage>_class_ap.png`` of per-class AP
-    against the number of positive videos of each class in the evaluated set.
+    against the number of positives of each class in the evaluated set.
 
-    The per-class values come from the module's ``MeanAveragePrecision`` (found in its
-    ``val_metrics`` / ``test_metrics`` collection), read in ``on_*_epoch_end`` before the module
-    resets it: Lightning runs callback hooks before the LightningModule's. Only ``validate`` and
-    ``test`` runs are reported, not the validation epochs inside ``fit``.
+    The per-class values are those of the model's main metric: for a segment model (``task:
+    segments``) its ``SegmentMeanAveragePrecision`` (rated segments; positives are segments), else
+    the ``MeanAveragePrecision`` of its ``val_metrics`` / ``test_metrics`` collection (positives
+    are videos); the JSON's ``per_class.metric`` names which. They are read in ``on_*_epoch_end``
+    before the module resets them: Lightning runs callback hooks before the LightningModule's.
+    Only ``validate`` and ``test`` runs are reported, not the validation epochs inside ``fit``.
 
     Args:
         output_dir: write here instead of next to the checkpoint / in the log directory.
@@ -351,6 +353,7 @@ class EvaluationReport(Callback):
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.plot = plot
         self._per_class: tuple[np.ndarray, np.ndarray] | None = None
+        self._per_class_metric = "map"  # the logged name of the metric they come from
 
     # -- hooks ----------------------------------------------------------------------------------
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -377,9 +380,7 @@ class EvaluationReport(Callback):
         stage = self._stage(trainer)
         if stage is None:
             return
-        collection = getattr(pl_module, stage[2], None)
-        metrics = list(collection.values()) if hasattr(collection, "values") else []
-        average_precision = next((m for m in metrics if isinstance(m, MeanAveragePrecision)), None)
+        average_precision = self._main_average_precision(pl_module, stage)
         if average_precision is None:
             rank_zero_warn(f"EvaluationReport: {type(pl_module).__name__}.{stage[2]} has no MeanAveragePrecision; "
                            "no per-class AP in the report")
@@ -387,6 +388,17 @@ class EvaluationReport(Callback):
         # Called on every rank, also one that saw no labelled video: it is a collective under DDP.
         per_class_ap, positives = average_precision.compute_per_class()
         self._per_class = (per_class_ap.cpu().numpy(), positives.cpu().numpy())
+
+    def _main_average_precision(self, pl_module: pl.LightningModule, stage: tuple[str, str, str]):
+        """The segment metric of a segment model, else the MAP of the stage's collection."""
+        segment_map = getattr(pl_module, "segment_map", {})
+        if stage[1].rstrip("/") in segment_map:
+            self._per_class_metric = "segment_map"
+            return segment_map[stage[1].rstrip("/")]
+        self._per_class_metric = "map"
+        collection = getattr(pl_module, stage[2], None)
+        metrics = list(collection.values()) if hasattr(collection, "values") else []
+        return next((m for m in metrics if isinstance(m, MeanAveragePrecision)), None)
 
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stage = self._stage(trainer)
@@ -405,12 +417,15 @@ class EvaluationReport(Callback):
         report: dict[str, Any] = {"stage": name, "checkpoint": checkpoint, "top_k": top_k, "metrics": values}
         if self._per_class is not None:
             per_class_ap, positives = self._per_class
-            report["per_class"] = {"average_precision": per_class_ap.tolist(), "positives": positives.tolist()}
+            report["per_class"] = {"metric": self._per_class_metric, "average_precision": per_class_ap.tolist(),
+                                   "positives": positives.tolist()}
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=1) + "\n")
         print(f"{name} metrics written to {json_path}")
         if self.plot and self._per_class is not None and self._per_class[1].any():
-            plot_class_average_precision(*self._per_class, plot_path, title=f"{name}: {Path(checkpoint).name if checkpoint else 'no checkpoint'}")
+            plot_class_average_precision(*self._per_class, plot_path,
+                                         title=f"{name}: {Path(checkpoint).name if checkpoint else 'no checkpoint'}",
+                                         positives_of="segments" if self._per_class_metric == "segment_map" else "videos")
             print(f"per-class AP plot written to {plot_path}")
 
     def _output_paths(self, trainer: pl.Trainer, stage: str, checkpoint: str | None) -> tuple[Path, Path]:
@@ -433,9 +448,11 @@ def format_table(stage: str, checkpoint: str | None, values: dict[str, float]) -
 
 
 def plot_class_average_precision(
-    average_precision: np.ndarray, positives: np.ndarray, path: str | os.PathLike, title: str = ""
+    average_precision: np.ndarray, positives: np.ndarray, path: str | os.PathLike, title: str = "",
+    positives_of: str = "videos",
 ) -> Figure:
-    """Scatter of per-class AP against the class's positive videos (log x), with binned means.
+    """Scatter of per-class AP against the class's positive ``positives_of`` (videos, or rated
+    segments for the segment metric; log x), with binned means.
 
     Classes without positives have no defined AP and are left out (their count is in the legend).
     Returns the saved figure.
@@ -476,7 +493,7 @@ def plot_class_average_precision(
     if counts.size and span == 1:  # one count: matplotlib would widen the axis to two decades
         axes.set_xlim(counts.min() / 2, counts.max() * 2)
     axes.set_ylim(-0.02, 1.02)
-    axes.set_xlabel("positive videos of the class in the evaluated set")
+    axes.set_xlabel(f"positive {positives_of} of the class in the evaluated set")
     axes.set_ylabel("average precision")
     absent = int((~present).sum())
     axes.set_title(title + (f"  ({absent} classes without positives left out)" if absent else ""), fontsize=9)

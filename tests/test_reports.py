@@ -212,3 +212,10 @@ def test_segment_model_report_has_segment_map_through_the_console_script(tmp_pat
     assert 0 < reported <= 1 and reported == pytest.approx(logged, abs=1e-6)
     table_value = float(re.search(r"^segment mAP\s+([0-9.]+)$", result.stdout, re.M).group(1))
     assert table_value == pytest.approx(reported, abs=5e-7)
+    # Per-class AP and the plot are the segment metric's (rated segments), not the proxy MAP's.
+    report = json.loads((tmp_path / "segments.validate.json").read_text())
+    per_class = report["per_class"]
+    assert per_class["metric"] == "segment_map"
+    average_precision, positives = np.array(per_class["average_precision"]), np.array(per_class["positives"])
+    assert average_precision[positives > 0].mean() == pytest.approx(reported, abs=1e-6)
+    assert abs(report["metrics"]["map"] - reported) > 1e-3  # the proxy differs: the check above tells them apart
