@@ -7,8 +7,10 @@ twice in a line counts once, a listed class without rated positives is reported 
 number of classes may be listed. What stays as Google does it:
 
 * ratings: ``(segment id, class) -> score`` with a later duplicate overwriting an earlier one;
-  score > 0 is positive; P_c counts every rated positive of class c, also those no submission can
-  list (starts past the video's frames or not a multiple of 5);
+  score > 0 is positive; every rating counts as it is stored (only a class outside
+  ``--num-classes`` or parallel lists of different lengths make a bad record), so P_c counts
+  every rated positive of class c, also those no submission can list (starts past the video's
+  frames, past 295 or not a multiple of 5) and scores above 1;
 * with ``--top-n`` N > 0 only the first N (distinct) ids of a line are kept, *before* unrated ids
   are dropped; then the unrated ids are dropped and the rest keep their file order;
 * ``AP_c = (1/P_c) * sum over kept positions i with a positive of (positives in 1..i) / i``;
@@ -16,7 +18,8 @@ number of classes may be listed. What stays as Google does it:
   whitelisted class with a rated positive, an unlisted one counting 0 (``--mean-over whitelist``).
 
 A class listed on two lines, a line that is not ``<class>,<ids>`` or a blank line is an error
-naming the file and line.
+naming the file and line. The ratings are read first, so that of the submission only the rated
+ids' scores are kept (memory bounded by the ratings and one line, not by the submission's size).
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
 from nextvlad.data.parsing import _context_id, parse_sequence_example
-from nextvlad.data.records import DataError, expand_paths, read_records
-from nextvlad.data.segments import parse_ratings
+from nextvlad.data.records import DataError, FramingError, expand_paths, read_records
+from nextvlad.data.segments import rating_lists
 from nextvlad.segments import read_class_whitelist
 
 logger = logging.getLogger("nextvlad.score_segments")
@@ -53,27 +57,31 @@ class Ratings:
 
 def read_ratings(pattern: str | Sequence[str], num_classes: int = 3862,
                  on_error: str = "raise") -> Ratings:
-    """Every segment rating of the records (SPEC_SEGMENTS 5.1), through the CRC-checked reader."""
+    """Every segment rating of the records (SPEC_SEGMENTS 5.1), through the CRC-checked reader.
+
+    With ``on_error="skip"`` a bad record is skipped and counted, and so is the rest of a file
+    that cannot be read further (empty, truncated or badly framed: nothing after it can be
+    located), as the training reader does.
+    """
     scores: dict[tuple[str, int], float] = {}
     skipped = 0
+
+    def skip(error: DataError, what: str) -> None:
+        nonlocal skipped
+        if on_error == "raise":
+            raise error
+        logger.warning("skipped %s: %s", what, error)
+        skipped += 1
+
     for path in expand_paths(pattern):
-        for index, data in enumerate(read_records(path, yield_errors=on_error == "skip")):
-            try:
-                if isinstance(data, DataError):
-                    raise data
-                message = parse_sequence_example(data, path, index)
-                video_id = _context_id(message.context, path, index)
-                starts, entry_segment, entry_class, entry_score = parse_ratings(
-                    message.context, num_classes, path, index)
-            except DataError as error:
-                if on_error == "raise":
-                    raise
-                logger.warning("skipped %s", error)
-                skipped += 1
-                continue
-            for start, class_id, score in zip(starts[entry_segment].tolist(), entry_class.tolist(),
-                                              entry_score.tolist()):
-                scores[(f"{video_id}:{start}", class_id)] = score
+        try:
+            for index, data in enumerate(read_records(path, yield_errors=on_error == "skip")):
+                try:
+                    scores.update(_record_ratings(data, num_classes, path, index))
+                except DataError as error:
+                    skip(error, "a bad record")
+        except FramingError as error:
+            skip(error, "the rest of the file")
     positives: dict[int, int] = defaultdict(int)
     for (_, class_id), score in scores.items():
         if score > 0:
@@ -81,13 +89,39 @@ def read_ratings(pattern: str | Sequence[str], num_classes: int = 3862,
     return Ratings(scores, dict(positives), skipped)
 
 
-def read_submission(path: str | Path, top_n: int = 0) -> tuple[dict[int, list[str]], int]:
-    """``{class: segment ids}`` of a ``Class,Segments`` file, and the number of repeated ids dropped."""
+def _record_ratings(data: bytes | DataError, num_classes: int, path: str,
+                    index: int) -> dict[tuple[str, int], float]:
+    """``{(segment id, class): score}`` of one record, a later entry overwriting an earlier one.
+
+    Every entry counts as it is stored, as in Google's ``read_labels`` (SPEC_SEGMENTS 5.1): a start
+    past the video or past 295 and a score outside [0, 1] are scored (score > 0: positive), not
+    checked as the training reader checks them; only a class out of range or parallel lists of
+    different lengths make the record bad.
+    """
+    if isinstance(data, DataError):
+        raise data
+    message = parse_sequence_example(data, path, index)
+    video_id = _context_id(message.context, path, index)
+    classes, starts, scores = rating_lists(message.context, num_classes, path, index)
+    return {(f"{video_id}:{start}", class_id): score
+            for class_id, start, score in zip(classes.tolist(), starts.tolist(), scores.tolist())}
+
+
+def read_submission(path: str | Path, ratings: Ratings, top_n: int = 0
+                    ) -> tuple[dict[int, list[float]], int]:
+    """``{class: rated scores of its listed ids, in file order}`` of a ``Class,Segments`` file,
+    and the number of repeated ids dropped.
+
+    Of each line only the first `top_n` distinct ids (all with 0) are looked at, and of those only
+    the rated ones are kept, as their scores: the ranking of the metric (SPEC_SEGMENTS 5.2-5.3)
+    needs nothing else, and a full submission's tens of millions of ids are never held at once.
+    """
     path = Path(path)
-    lines: dict[int, list[str]] = {}
+    lines: dict[int, list[float]] = {}
     line_of: dict[int, int] = {}
     repeats = 0
-    with path.open(encoding="utf-8", newline="") as handle:
+    # utf-8-sig: a file saved with a byte-order mark still has its header recognised
+    with path.open(encoding="utf-8-sig", newline="") as handle:
         for line_number, line in enumerate(handle, start=1):
             text = line.rstrip("\r\n")
             if line_number == 1 and text.strip() in HEADERS:
@@ -103,9 +137,12 @@ def read_submission(path: str | Path, top_n: int = 0) -> tuple[dict[int, list[st
             if class_id in lines:
                 raise ValueError(f"{path}, line {line_number}: class {class_id} is listed again "
                                  f"(first on line {line_of[class_id]})")
-            ids = list(dict.fromkeys(ids_text.split()))
-            repeats += len(ids_text.split()) - len(ids)
-            lines[class_id] = ids[:top_n] if top_n > 0 else ids
+            listed = ids_text.split()
+            distinct = dict.fromkeys(listed)
+            repeats += len(listed) - len(distinct)
+            kept = islice(distinct, top_n) if top_n > 0 else distinct
+            lines[class_id] = [score for segment in kept
+                               if (score := ratings.scores.get((segment, class_id))) is not None]
             line_of[class_id] = line_number
     return lines, repeats
 
@@ -119,10 +156,11 @@ def average_precision(rated_scores: Sequence[float], num_positives: int) -> floa
     return float((np.cumsum(hits)[hits] / ranks[hits]).sum() / num_positives)
 
 
-def score_submission(submission: dict[int, list[str]], ratings: Ratings,
+def score_submission(submission: dict[int, list[float]], ratings: Ratings,
                      mean_over: str = "submitted", whitelist: Sequence[int] | None = None
                      ) -> tuple[float, dict[int, float], list[int]]:
-    """(mAP, per-class AP, listed classes skipped for having no rated positive)."""
+    """(mAP, per-class AP, listed classes skipped for having no rated positive) of what
+    `read_submission` keeps."""
     per_class: dict[int, float] = {}
     no_positives = []
     for class_id in sorted(submission):
@@ -130,9 +168,7 @@ def score_submission(submission: dict[int, list[str]], ratings: Ratings,
         if not positives:
             no_positives.append(class_id)
             continue
-        kept = [ratings.scores[(segment, class_id)] for segment in submission[class_id]
-                if (segment, class_id) in ratings.scores]
-        per_class[class_id] = average_precision(kept, positives)
+        per_class[class_id] = average_precision(submission[class_id], positives)
     if mean_over == "whitelist":
         if whitelist is None:
             raise ValueError("--mean-over whitelist needs --whitelist")
@@ -163,11 +199,12 @@ def main(argv: Sequence[str] | None = None) -> float:
     if args.mean_over == "whitelist" and not args.whitelist:
         parser.error("--mean-over whitelist needs --whitelist")
     whitelist = read_class_whitelist(args.whitelist, args.num_classes).tolist() if args.whitelist else None
-    submission, repeats = read_submission(args.submission, args.top_n)
     ratings = read_ratings(args.data, args.num_classes, args.on_error)
+    submission, repeats = read_submission(args.submission, ratings, args.top_n)
     mean, per_class, no_positives = score_submission(submission, ratings, args.mean_over, whitelist)
     if ratings.skipped_records:
-        print(f"skipped {ratings.skipped_records} bad records (--on-error skip)", file=sys.stderr)
+        print(f"skipped {ratings.skipped_records} bad records (--on-error skip; the unreadable rest of "
+              "a file counts as one)", file=sys.stderr)
     if repeats:
         print(f"{repeats} repeated segment ids within lines counted once", file=sys.stderr)
     if no_positives:

@@ -7,6 +7,7 @@ import json
 import random
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 from segment_wire import sequence_example, write_tfrecord
 
 from nextvlad.data import DataError
-from nextvlad.score_segments import main, read_ratings
+from nextvlad.score_segments import main, read_ratings, read_submission
 
 C = 20
 
@@ -95,14 +96,91 @@ def test_bad_submission_lines_are_named(tmp_path, rated, text, message):
 
 
 def test_bad_records_are_named_or_skipped(tmp_path, rated, capsys):
-    bad = write_tfrecord(tmp_path / "bad.tfrecord", [sequence_example("z", 10, [300], [3], [1.0])])
-    with pytest.raises(DataError, match="bad.tfrecord, record 0: segment start time 300"):
+    bad = write_tfrecord(tmp_path / "bad.tfrecord", [sequence_example("z", 10, [0], [C], [1.0])])
+    with pytest.raises(DataError, match=f"bad.tfrecord, record 0: segment label {C} is outside"):
         read_ratings(bad, C)
-    value = main(["--submission", write(tmp_path, "3,a:0\n"), "--data", f"{rated},{bad}", "--on-error", "skip"])
+    lengths = write_tfrecord(tmp_path / "lengths.tfrecord", [sequence_example("z", 10, [0, 5], [3], [1.0])])
+    with pytest.raises(DataError, match="lengths.tfrecord, record 0: segment lists of different lengths"):
+        read_ratings(lengths, C)
+    value = main(["--submission", write(tmp_path, "3,a:0\n"), "--data", f"{rated},{bad}", "--on-error", "skip",
+                  "--num-classes", str(C)])
     assert value == pytest.approx(1 / 3)
     assert "skipped 1 bad records" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--submission", write(tmp_path, "3,a:0\n"), "--data", rated, "--mean-over", "whitelist"])
+
+
+def console(*args: str) -> subprocess.CompletedProcess:
+    """``nextvlad score-segments`` as a user runs it."""
+    script = Path(sys.executable).parent / "nextvlad"
+    if not script.exists():
+        pytest.skip(f"{script} is not installed")
+    return subprocess.run([str(script), "score-segments", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_on_error_skip_goes_on_past_a_truncated_and_an_empty_file(tmp_path, rated):
+    """A truncated file keeps its intact records (f:0 is a positive of class 3) and its cut record
+    is skipped with the rest of the file, counted as one, as the training reader does; an empty
+    file is another one. Class 3: positives a, c, d, f (P = 4); listed a (+), f (+):
+    AP = (1/1 + 2/2) / 4 = 1/2."""
+    truncated = tmp_path / "truncated.tfrecord"
+    write_tfrecord(truncated, [sequence_example("f", 10, [0], [3], [1.0]),
+                               sequence_example("g", 10, [0], [3], [1.0])])
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    (tmp_path / "empty.tfrecord").write_bytes(b"")
+    data = f"{rated},{truncated},{tmp_path / 'empty.tfrecord'}"
+    submission = write(tmp_path, "Class,Segments\n3,a:0 f:0 g:0\n")
+    result = console("--submission", submission, "--data", data, "--on-error", "skip")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout) == pytest.approx(0.5, abs=1e-6)
+    assert "skipped 2 bad records" in result.stderr
+    stopped = console("--submission", submission, "--data", f"{rated},{truncated}")  # --on-error raise
+    assert stopped.returncode == 1 and "Traceback" not in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1].startswith(
+        f"nextvlad score-segments: error: {truncated}, record 1: truncated file")
+
+
+def test_every_rating_counts_as_googles_metric_counts_it(tmp_path, rated):
+    """SPEC_SEGMENTS 5.1: Google's read_labels keys every entry, whatever its start or score, and
+    counts score > 0 as positive. Here z:300 (start past 295) and z:10 (score 2.5) are positives of
+    class 3 and w:-5 (score -1) a rated negative, so P_3 = 5 (a, c, d, z:300, z:10). Listed
+    z:300 (+), w:-5 (-), a:0 (+), b:5 (-), z:10 (+): AP = (1/1 + 2/3 + 3/5) / 5."""
+    extra = write_tfrecord(tmp_path / "edges.tfrecord", [
+        sequence_example("z", 10, [300, 10], [3, 3], [1.0, 2.5]),
+        sequence_example("w", 10, [-5], [3], [-1.0]),
+    ])
+    result = console("--submission", write(tmp_path, "3,z:300 w:-5 a:0 b:5 z:10\n"), "--data", f"{rated},{extra}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout) == pytest.approx((1 + 2 / 3 + 3 / 5) / 5, abs=1e-6)
+
+
+def test_a_submission_saved_with_a_byte_order_mark_has_its_header_skipped(tmp_path, rated):
+    path = tmp_path / "bom.csv"
+    path.write_bytes("Class,Segments\r\n3,a:0 c:0\r\n".encode("utf-8-sig"))  # as Excel saves it
+    result = console("--submission", str(path), "--data", rated)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout) == pytest.approx(2 / 3, abs=1e-6)  # a (+), c (+) of P = 3
+
+
+def test_reading_a_submission_holds_the_rated_entries_not_every_listed_id(tmp_path, rated):
+    """Memory: 8 times the lines of unrated ids must not take 8 times the memory (each line is
+    dropped once its rated ids are looked up); what is kept is one score per rated listed id."""
+    ratings = read_ratings(rated, C)
+
+    def read_peak(num_lines: int) -> tuple[dict, int]:
+        path = tmp_path / f"{num_lines}.csv"
+        path.write_text("Class,Segments\n" + "".join(
+            f"{c},a:0 " + " ".join(f"unrated{c}_{i}:0" for i in range(2000)) + " c:0\n" for c in range(num_lines)))
+        tracemalloc.start()
+        submission, _ = read_submission(path, ratings)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return submission, peak
+
+    (_, few), (submission, many) = read_peak(5), read_peak(40)
+    assert many < 2 * few, (few, many)
+    assert submission[3] == [1.0, 1.0] and submission[4] == [1.0]  # the rated a:0 / c:0 only
+    assert all(scores == [] for c, scores in submission.items() if c not in (3, 4))
 
 
 # -- Google's procedure, transcribed from SPEC_SEGMENTS 5 (with str ids: the Python 3 bytes bug

@@ -58,8 +58,8 @@ def random_ranking_map(workdir: Path) -> float:
         ids = [f"{video['id']}:{s}" for s in candidate_starts(video["num_frames"])]
         ranking.add(ids, rng.random((len(ids), 100), dtype=np.float32))
     ranking.write(workdir / "random.csv")
-    submission, _ = read_submission(workdir / "random.csv", 100_000)
     ratings = read_ratings(str(workdir / "data/synthetic/test*.tfrecord"), 100)
+    submission, _ = read_submission(workdir / "random.csv", ratings, 100_000)
     return score_submission(submission, ratings)[0]
 
 

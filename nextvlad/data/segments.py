@@ -18,7 +18,8 @@ evaluation and inference alike; its audio rows come from the audio stream padded
 every length 5 as Google's reader does (the rows past the video are then 0.0 frames the model
 sees). Bad ratings (start < 0, start + 5 > 300, a class
 out of range, a score outside [0, 1], lists of different lengths) are a DataError naming the file
-and record, skipped and counted with ``on_error="skip"``.
+and record, skipped and counted with ``on_error="skip"``. (``nextvlad score-segments`` reads the
+ratings with `rating_lists` instead: Google's metric counts every start and score, SPEC_SEGMENTS 5.1.)
 
 Batches hold a fixed number of *videos* (records), as video-level batches do, so the sharding over
 DDP ranks and workers and its equal step counts (`sharding`) carry over unchanged; the number of
@@ -97,12 +98,13 @@ def _context_list(context, name: str, kind: str, path: str, index: int) -> np.nd
     return np.asarray(values, np.float32 if kind == "float_list" else np.int64)
 
 
-def parse_ratings(context, num_classes: int, path: str, index: int
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The segment ratings of one record -> (starts, entry_segment, entry_class, entry_score).
+def rating_lists(context, num_classes: int, path: str, index: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three parallel rating lists of one record as stored -> (classes, starts, scores).
 
-    ``starts`` are the distinct start times in order of first occurrence (Google's ``tf.unique``);
-    each rated entry points at its segment; a repeated (start, class) keeps its last score.
+    Checked only for what every reader of them needs: equal lengths and classes in
+    [0, num_classes). ``nextvlad score-segments`` counts every entry as it is (SPEC_SEGMENTS 5.1);
+    the training reader (`parse_ratings`) also checks the starts and scores.
     """
     classes = _context_list(context, "segment_labels", "int64_list", path, index)
     starts = _context_list(context, "segment_start_times", "int64_list", path, index)
@@ -111,7 +113,22 @@ def parse_ratings(context, num_classes: int, path: str, index: int
         raise DataError(path, index, f"segment lists of different lengths: segment_labels "
                                      f"{len(classes)}, segment_start_times {len(starts)}, "
                                      f"segment_scores {len(scores)}")
-    _check_ratings(classes, starts, scores, num_classes, path, index)
+    bad_class = (classes < 0) | (classes >= num_classes)
+    if bad_class.any():
+        raise DataError(path, index, f"segment label {int(classes[bad_class][0])} is outside "
+                                     f"[0, num_classes={num_classes})")
+    return classes, starts, scores
+
+
+def parse_ratings(context, num_classes: int, path: str, index: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The segment ratings of one record -> (starts, entry_segment, entry_class, entry_score).
+
+    ``starts`` are the distinct start times in order of first occurrence (Google's ``tf.unique``);
+    each rated entry points at its segment; a repeated (start, class) keeps its last score.
+    """
+    classes, starts, scores = rating_lists(context, num_classes, path, index)
+    _check_training_ratings(starts, scores, path, index)
     if not len(starts):
         empty = np.zeros(0, np.int64)
         return empty, empty, empty, np.zeros(0, np.float32)
@@ -127,12 +144,8 @@ def parse_ratings(context, num_classes: int, path: str, index: int
     return distinct[by_first], segment_of_entry[keep], classes[keep], scores[keep]
 
 
-def _check_ratings(classes: np.ndarray, starts: np.ndarray, scores: np.ndarray, num_classes: int,
-                   path: str, index: int) -> None:
-    bad_class = (classes < 0) | (classes >= num_classes)
-    if bad_class.any():
-        raise DataError(path, index, f"segment label {int(classes[bad_class][0])} is outside "
-                                     f"[0, num_classes={num_classes})")
+def _check_training_ratings(starts: np.ndarray, scores: np.ndarray, path: str, index: int) -> None:
+    """Starts whose 5 frames lie in the 300 a video is cut to, scores that are targets in [0, 1]."""
     bad_start = (starts < 0) | (starts + SEGMENT_SIZE > VIDEO_FRAMES)
     if bad_start.any():
         raise DataError(path, index, f"segment start time {int(starts[bad_start][0])} is outside "
