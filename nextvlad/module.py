@@ -92,7 +92,7 @@ class VideoClassifier(pl.LightningModule):
     that `SegmentSubmissionWriter` needs. ``unrated`` "ignore" takes the loss on rated entries only;
     "negative" trains unrated classes as negatives, as Google's train.py does. ``init_from`` is a
     checkpoint (e.g. a video-level model) whose weights initialise the model when ``fit`` starts;
-    every parameter name and shape must match.
+    every parameter name and shape, and the architecture hyper-parameters, must match.
     """
 
     def __init__(
@@ -474,11 +474,14 @@ class VideoClassifier(pl.LightningModule):
         problems += [f"unexpected {key}" for key in state if key not in own]
         problems += [f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(value.shape)}"
                      for key, value in own.items() if key in state and state[key].shape != value.shape]
-        if problems:
-            mismatch = architecture_mismatch(checkpoint.get("hyper_parameters") or {}, self.hparams)
-            raise ValueError(f"init_from {checkpoint_path}: the checkpoint's model does not fit this one "
-                             f"({len(problems)} problems: {'; '.join(problems[:6])})"
-                             + (f"; {mismatch}" if mismatch else ""))
+        # Checked even when every shape fits: weights of another activation or gate load without
+        # a shape problem but compute something else (--ckpt_path refuses them the same way).
+        mismatch = architecture_mismatch(checkpoint.get("hyper_parameters") or {}, self.hparams)
+        if problems or mismatch:
+            misfit = (f"the checkpoint's model does not fit this one ({len(problems)} problems: "
+                      f"{'; '.join(problems[:6])})" if problems else None)
+            raise ValueError(f"init_from {checkpoint_path}: "
+                             + "; ".join(reason for reason in (misfit, mismatch) if reason))
         self.model.load_state_dict(state, strict=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -3,13 +3,21 @@ the three model families, validation metrics and prediction rows."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from lightning.pytorch.plugins.precision import MixedPrecision
 from toy_data import NUM_CLASSES, SMALL, loader, trainer
 from torch.utils.data import DataLoader
 
+from nextvlad.data import write_synthetic_dataset
 from nextvlad.module import VideoClassifier
+
+REPO = Path(__file__).resolve().parents[1]
 
 FAMILIES = {
     "nextvlad": dict(SMALL),
@@ -97,6 +105,40 @@ def test_init_from_with_other_shapes_is_a_clear_error(tmp_path):
         module.setup("fit")
     with pytest.raises(FileNotFoundError, match="init_from: checkpoint .*missing.ckpt does not exist"):
         VideoClassifier(**SMALL, task="segments", init_from=str(tmp_path / "missing.ckpt")).setup("fit")
+
+
+def test_init_from_another_activation_is_refused_although_every_shape_fits(tmp_path):
+    checkpoint = video_checkpoint(tmp_path, "nextvlad")  # hidden_activation "relu" (the default)
+    module = VideoClassifier(**SMALL, hidden_activation="none", task="segments", init_from=checkpoint)
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    with pytest.raises(ValueError) as error:
+        module.setup("fit")
+    assert str(error.value) == (f"init_from {checkpoint}: the checkpoint is of another architecture "
+                                "(hidden_activation: checkpoint 'relu' vs config 'none')")
+    assert all(torch.equal(v, before[k]) for k, v in module.model.state_dict().items())  # nothing loaded
+
+
+@pytest.mark.slow
+def test_init_from_another_activation_is_one_line_through_the_console_script(tmp_path):
+    """The README's fine-tuning command with a changed hidden_activation: every shape fits, but
+    `fit` stops with one line naming both values, as --ckpt_path does."""
+    script = Path(sys.executable).parent / "nextvlad"
+    if not script.exists():
+        pytest.skip(f"{script} is not installed")
+    write_synthetic_dataset(tmp_path / "data" / "synthetic", num_train=0, num_validate=20, num_test=0,
+                            num_classes=100, files_per_split=1, min_frames=5, max_frames=60, segments=True)
+    video_model = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["model"]["init_args"]
+    video = VideoClassifier(**video_model)  # configs/demo.yaml's model: hidden_activation relu
+    checkpoint = tmp_path / "video.ckpt"
+    torch.save({"state_dict": video.state_dict(), "hyper_parameters": dict(video.hparams)}, checkpoint)
+    result = subprocess.run([str(script), "fit", "--config", str(REPO / "configs" / "demo_segments.yaml"),
+                             f"--model.init_args.init_from={checkpoint}", "--model.init_args.hidden_activation=none",
+                             "--trainer.fast_dev_run=1", "--trainer.logger=false"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"nextvlad fit: error: init_from {checkpoint}: the checkpoint is of another architecture "
+        "(hidden_activation: checkpoint 'relu' vs config 'none')")
 
 
 def test_fine_tuning_learns_the_rated_segments():
