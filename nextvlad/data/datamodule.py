@@ -29,6 +29,11 @@ class YT8MDataModule(L.LightningDataModule):
     ``labels`` float32 (B, num_classes) multi-hot (zeros without labels) and
     ``has_labels`` bool (B,). With `sample_frames`, M = sample_frames and lengths = sample_frames.
 
+    A checkpoint holds the training data's position in the epoch (see `state_dict`). Resuming
+    inside an epoch needs the settings that epoch was planned with: the same ranks, num_workers,
+    train files (names and record counts), seed, batch_size, drop_last and shuffle_buffer; another
+    value is refused with an error naming it. At an epoch's end any of them may change.
+
     Batches travel from the workers as uint8 and are dequantized on the device: a quarter of the
     bytes to copy and pin, and the float work moves off the CPU (see benchmarks/bench_data.py).
 

@@ -15,6 +15,8 @@ contract; `YT8MDataModule` does so in ``on_after_batch_transfer``. DataLoader wo
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -78,6 +80,24 @@ class ReadStats:
         self.skipped_records += 1
         if len(self.skip_reasons) < max_reasons:
             self.skip_reasons.append(str(error))
+
+
+def files_fingerprint(files: Sequence[str], counts: Sequence[int]) -> str:
+    """The files of an epoch plan in a few characters: how many, their records, and a digest of
+    each file's name and record count in order. Folders are left out: a run may be resumed from a
+    copy of the same files elsewhere (another machine's local disk)."""
+    named = [[os.path.basename(path.rstrip("/")), count] for path, count in zip(files, counts)]
+    digest = hashlib.sha256(json.dumps(named).encode()).hexdigest()[:12]
+    return f"[{len(files)} files, {sum(counts)} records, digest {digest}]"
+
+
+def describe_changes(saved: dict, now: dict, what: str) -> str | None:
+    """'saved with a=1, b=2, this <what> has a=3, b=4' for the settings that differ, or None."""
+    changed = [name for name in saved if saved[name] != now.get(name)]
+    if not changed:
+        return None
+    return (f"saved with {', '.join(f'{name}={saved[name]}' for name in changed)}, this {what} has "
+            f"{', '.join(f'{name}={now.get(name)}' for name in changed)}")
 
 
 def check_shuffle_buffer(shuffle_buffer: int) -> None:
@@ -180,6 +200,7 @@ class YT8MFrameDataset(IterableDataset):
         self.rank, self.world_size = 0, 1
         self.scan_errors: list[FramingError] = []  # counted as skips every epoch (see _Reader)
         self.counts = self._count_records()
+        self.files_fingerprint = files_fingerprint(self.files, self.counts)
         self._reader: _Reader | None = None  # the epoch being read (in this process)
         self._resume_from: dict | None = None  # a position to continue from (load_state_dict)
 
@@ -222,6 +243,16 @@ class YT8MFrameDataset(IterableDataset):
         return sharding.num_batches(self.counts, self.world_size, self.rank, self.batch_size,
                                     self.training, self.drop_last)
 
+    def epoch_plan(self) -> dict:
+        """The settings that, with the epoch, ranks and workers, decide which records each reader
+        reads, in which order and batches: a position saved inside an epoch holds only under the
+        same ones. max_frames, num_classes, on_error and compression are not among them: they
+        change what a video becomes, not which videos come when (a scan's early end for
+        on_error="skip" shows in the record counts)."""
+        return {"files": self.files_fingerprint, "training": self.training, "seed": self.seed,
+                "batch_size": self.batch_size, "drop_last": self.drop_last,
+                "shuffle_buffer": self.shuffle_buffer}
+
     def plan(self, worker: int = 0, num_workers: int = 1) -> sharding.ReaderPlan:
         order = sharding.epoch_file_order(len(self.files), self.seed, self.epoch, self.training)
         return sharding.plan_reader(self.counts, order, self.world_size, self.rank, num_workers,
@@ -231,7 +262,8 @@ class YT8MFrameDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        position = ReaderPosition(self.epoch, self.rank, self.world_size, worker, num_workers)
+        position = ReaderPosition(self.epoch, self.rank, self.world_size, worker, num_workers,
+                                  plan=self.epoch_plan())
         if self._resume_from:
             position = self._checked_resume(position, self._resume_from)
         self._resume_from = None
@@ -267,14 +299,18 @@ class YT8MFrameDataset(IterableDataset):
 
     def _checked_resume(self, expected: ReaderPosition, state: dict) -> ReaderPosition:
         saved = ReaderPosition(**state)
-        for name in ("epoch", "rank", "world_size", "worker", "num_workers"):
-            if getattr(saved, name) != getattr(expected, name):
-                raise ValueError(
-                    f"cannot continue the saved data position: it was saved with {name}="
-                    f"{getattr(saved, name)}, this reader has {name}={getattr(expected, name)} "
-                    f"(saved: epoch {saved.epoch}, rank {saved.rank} of {saved.world_size}, worker "
-                    f"{saved.worker} of {saved.num_workers}). Resume with the same number of ranks "
-                    "and workers, or from a checkpoint saved at the end of an epoch.")
+        names = ("epoch", "rank", "world_size", "worker", "num_workers")
+        was = {name: getattr(saved, name) for name in names} | (saved.plan or {})
+        now = {name: getattr(expected, name) for name in names} | expected.plan
+        # A position saved before the plan was recorded (plan None) is taken as made under this one.
+        changes = describe_changes(was, now, "reader")
+        if changes:
+            raise ValueError(
+                f"cannot continue the saved data position: it was {changes} (saved: epoch "
+                f"{saved.epoch}, rank {saved.rank} of {saved.world_size}, worker {saved.worker} of "
+                f"{saved.num_workers}). Resume with the same ranks, workers, files, seed and "
+                "batching, or from a checkpoint saved at the end of an epoch.")
+        saved.plan = expected.plan
         return saved
 
     def _parse(self, data: bytes | DataError, path: str, index: int,
@@ -363,6 +399,7 @@ class ReaderPosition:
     rng: dict | None = None  # the shuffle generator's bit_generator.state
     stats: dict = field(default_factory=dict)  # ReadStats fields so far
     reported: dict = field(default_factory=dict)  # ReadStats fields already sent with batches
+    plan: dict | None = None  # YT8MFrameDataset.epoch_plan() (None: saved before it was recorded)
 
 
 class _Reader:
@@ -553,9 +590,11 @@ class YT8MDataLoader(StatefulDataLoader):
     The position is torchdata's StatefulDataLoader state: after each batch it snapshots the
     producing worker's `YT8MFrameDataset.state_dict()` and keeps, per worker, the snapshot of the
     last batch handed out, so batches prefetched by the workers are not counted as consumed.
-    `state_dict` adds every rank's state (Lightning saves rank 0's hooks only); resuming mid-epoch
-    needs the same ranks and workers and is refused with a clear error otherwise. Lightning keeps
-    the state in its fit loop's state; `YT8MDataModule` keeps it too (see its `state_dict`).
+    `state_dict` adds every rank's state (Lightning saves rank 0's hooks only) and the settings
+    the epoch was planned with (`YT8MFrameDataset.epoch_plan`); resuming mid-epoch needs the same
+    ranks, workers, files, seed and batching and is refused with a clear error otherwise.
+    Lightning keeps the state in its fit loop's state; `YT8MDataModule` keeps it too (see its
+    `state_dict`).
     """
 
     def __init__(self, dataset: YT8MFrameDataset, context=None, on_unreported_read_stats=None, **kwargs):
@@ -605,7 +644,8 @@ class YT8MDataLoader(StatefulDataLoader):
             super().load_state_dict(rank_state.get("loader", {}))
             done = rank_state.get("batches", 0)
         self._position = {"epoch": epoch, "rank": rank, "world_size": world_size,
-                          "num_workers": self.num_workers, "batches": done, "total": len(self.dataset)}
+                          "num_workers": self.num_workers, "batches": done,
+                          "total": len(self.dataset), "plan": self.dataset.epoch_plan()}
         self.unreported_read_stats = torch.zeros(len(STAT_NAMES), dtype=torch.int64)
         for item in super().__iter__():
             if isinstance(item, ReaderMessage):
@@ -632,11 +672,15 @@ class YT8MDataLoader(StatefulDataLoader):
         return {"ranks": gather_per_rank(local)}  # {} per rank: no epoch started yet
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from `state` at the next iteration (checked against its epoch and ranks)."""
+        """Continue from `state` at the next iteration (checked against its epoch, ranks, workers
+        and plan)."""
         self._to_load = state
 
     def _saved_rank_state(self, saved: dict, epoch: int, rank: int, world_size: int) -> dict:
-        """This rank's saved position, {} (start afresh) if that epoch was complete."""
+        """This rank's saved position, {} (start afresh) if that epoch was complete. A position
+        inside the epoch must have been saved under this loader's ranks, workers and plan; one
+        saved before the plan was recorded is taken as planned alike (with a warning): refusing it
+        would leave a run that predates the check no way to continue its epoch."""
         ranks = saved["ranks"]
         if not all(ranks):  # saved before an epoch started
             return {}
@@ -648,11 +692,19 @@ class YT8MDataLoader(StatefulDataLoader):
         if first["epoch"] != epoch:
             raise ValueError(f"the checkpoint's data position ({where}) is not in the epoch being "
                              f"resumed ({epoch})")
-        if len(ranks) != world_size or first["num_workers"] != self.num_workers:
+        saved_plan = first.get("plan")
+        if saved_plan is None:
+            logger.warning("the checkpoint's data position (%s) predates the record of the files, "
+                           "seed and batching it was planned with: it is continued as if they were "
+                           "unchanged (other values would repeat or skip videos)", where)
+        was = {"ranks": len(ranks), "num_workers": first["num_workers"]} | (saved_plan or {})
+        now = {"ranks": world_size, "num_workers": self.num_workers} | self.dataset.epoch_plan()
+        changes = describe_changes(was, now, "run")
+        if changes:
             raise ValueError(
-                f"cannot resume mid-epoch with {world_size} ranks x {self.num_workers} DataLoader "
-                f"workers: the checkpoint was saved at {where}, and each rank and worker reads its "
-                "own share of the epoch's records (re-sharding them would repeat or skip videos). "
-                f"Resume with {len(ranks)} ranks (--trainer.devices/--trainer.num_nodes) and "
-                f"num_workers {first['num_workers']}, or from a checkpoint saved at an epoch's end.")
+                f"cannot resume mid-epoch: the checkpoint's data position ({where}) was {changes}; "
+                "each rank and worker continues its own share of the epoch as planned with the "
+                "saved files, seed and batching, so other ones would repeat or skip videos. Resume "
+                "with the saved values (ranks: --trainer.devices/--trainer.num_nodes), or from a "
+                "checkpoint saved at an epoch's end.")
         return ranks[rank]
