@@ -406,6 +406,9 @@ class VideoClassifier(pl.LightningModule):
         hp = self.hparams
         return hp.learning_rate * hp.lr_decay ** math.floor(self.examples_seen / hp.lr_decay_examples)
 
+    def on_train_start(self) -> None:
+        check_validation_between_accumulated_steps(self.trainer)
+
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         learning_rate = self.current_learning_rate()
         for group in optimizer.param_groups:
@@ -513,6 +516,24 @@ def architecture_mismatch(saved: Mapping[str, Any], configured: Mapping[str, Any
     if not mismatched:
         return None
     return f"the checkpoint is of another architecture ({', '.join(mismatched)})"
+
+
+def check_validation_between_accumulated_steps(trainer: pl.Trainer) -> None:
+    """ValueError when a validation, and so the checkpoints written after it, can fall between
+    the accumulated micro-batches of one optimizer step: their gradients and example count are in
+    no checkpoint, so a resume from it could not continue that step exactly (README: exact resume).
+    Validation at an epoch's end is on a step (Lightning steps on the last batch)."""
+    accumulate, every = trainer.accumulate_grad_batches, trainer.val_check_batch
+    if accumulate == 1 or not trainer.enable_validation or every == float("inf"):
+        return
+    epoch_end_only = (every is not None and every >= trainer.num_training_batches
+                      and trainer.check_val_every_n_epoch is not None)
+    if epoch_end_only or (isinstance(every, int) and every % accumulate == 0):
+        return
+    when = "by time" if every is None else f"every {every} batches"
+    raise ValueError(f"accumulate_grad_batches={accumulate} with validation {when}: a checkpoint written at a "
+                     f"validation would hold a half-accumulated step, which a resume cannot continue exactly; "
+                     f"validate every multiple of {accumulate} batches (--trainer.val_check_interval)")
 
 
 def summed_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
