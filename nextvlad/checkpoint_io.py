@@ -8,7 +8,8 @@ it, ``os.replace`` it over the target (atomic on POSIX) and fsync the folder, so
 killed at any point leaves either the previous file or the new one, never a mix. The temporary
 name (``.last.ckpt.partial-<pid>``) does not end in ``.ckpt``, so ``--ckpt_path last`` and
 ``ModelCheckpoint`` never pick up a leftover; one left by a killed writer is removed by the next
-save of the same checkpoint. Object stores (``gs://``, ``s3://``) make an upload visible only
+save of the same checkpoint. A write that fails (a full disk) raises its OSError naming the
+checkpoint; the previous file stays. Object stores (``gs://``, ``s3://``) make an upload visible only
 when it is complete, so remote paths keep Lightning's own upload.
 
 Loading refuses a local file that is not a whole checkpoint with an error naming it: one cut short
@@ -55,8 +56,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             self._write(checkpoint, partial)
             os.replace(partial, target)
-        except BaseException:
+        except BaseException as error:
             partial.unlink(missing_ok=True)
+            if isinstance(error, OSError) and error.errno is not None:
+                raise failed_write_error(error, target) from error
             raise
         _fsync_folder(target.parent)
 
@@ -77,6 +80,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if not _is_local(path) or _is_whole_zip(Path(path)):
                 raise  # remote, or a whole archive refused for another reason: torch's error says which
             raise unloadable_checkpoint_error(Path(path), error) from error
+
+
+def failed_write_error(error: OSError, target: Path) -> OSError:
+    """``error`` (same class and errno) naming the checkpoint it failed to write, not the temporary
+    file or none: a full disk is reported by the write of a file object, which knows no name."""
+    reason = f"{error.strerror} (the checkpoint was not written; a previous file of that name is unchanged)"
+    return type(error)(error.errno, reason, str(target))
 
 
 def _is_local(path) -> bool:

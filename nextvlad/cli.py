@@ -5,11 +5,14 @@ fit/validate/test/predict are LightningCLI (configs/*.yaml name the model and da
 
 Known user errors (a missing file, a bad value, a record that does not parse, a checkpoint of
 another model) end with one ``nextvlad <command>: error: ...`` line and exit status 1; ``--debug``
-(anywhere on the command line) or ``NEXTVLAD_DEBUG=1`` shows the traceback instead.
+(anywhere on the command line) or ``NEXTVLAD_DEBUG=1`` shows the traceback instead. A run stopped
+by SIGTERM (preemption) exits with status 143. ``--ckpt_path last`` / ``best`` are the newest
+``last.ckpt`` / ``best.ckpt`` in any version of the run (an error when there is none).
 """
 
 from __future__ import annotations
 
+import glob
 import importlib
 import os
 import re
@@ -19,10 +22,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI, instantiate_class
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from nextvlad._distributed import shutdown_process_group
 from nextvlad.models.video_model import count_parameters
@@ -68,43 +74,60 @@ class NextVLADCLI(LightningCLI):
         line without a word: ``--model.init_args.predict_branch 0`` would be ignored and a
         contradicting ``--model.init_args.clusters`` replaced. Here the config and the command line
         build the model, so inference options (predict_branch, top_k, aggregation_backend) and
-        training options apply as given, and an architecture hyper-parameter that contradicts the checkpoint is an error that
-        names both values. The checkpoint is loaded weights-only with errors that name the file.
+        training options apply as given, and an architecture hyper-parameter or a reverse whitening
+        that contradicts the checkpoint is an error that names both values (see
+        :meth:`_checked_checkpoint`). ``last`` and ``best`` are found once the trainer exists
+        (:meth:`after_instantiate_classes`).
         """
         self._checkpoint = None
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or not _is_local_checkpoint(str(ckpt_path)):
-            return  # Lightning's "best"/"last"/"hpc"/"registry" and remote paths: Lightning resolves them
+        if not ckpt_path or not _is_local_checkpoint(str(ckpt_path)) or str(ckpt_path) in RUN_CHECKPOINTS:
+            return  # "hpc"/"registry" and remote paths: Lightning resolves them
+        if self.config[subcommand].get("model") is None:  # no model configured: build the checkpoint's own
+            from nextvlad.export import load_checkpoint
+
+            load_checkpoint(ckpt_path)  # errors that name the file
+            return super()._parse_ckpt_path()
+        self._checkpoint = self._checked_checkpoint(subcommand, ckpt_path)
+
+    def _checked_checkpoint(self, subcommand: str, ckpt_path: str) -> dict[str, Any]:
+        """The checkpoint, loaded weights-only with errors that name the file, after checking that
+        it is of the configured model's class and architecture and was trained with the configured
+        reverse whitening (:func:`whitening_mismatch`)."""
         from nextvlad.export import load_checkpoint
         from nextvlad.module import architecture_mismatch
 
         checkpoint = load_checkpoint(ckpt_path)
-        model = self.config[subcommand].get("model")
-        if model is None:  # no model configured: build the checkpoint's own (LightningCLI's way)
-            return super()._parse_ckpt_path()
+        model = self.config[subcommand].model
         saved = checkpoint.get("hyper_parameters") or {}
         saved_class = saved.get("_class_path")
         if saved_class and _import_object(saved_class) is not _import_object(model.class_path):
             raise ValueError(f"{ckpt_path}: a checkpoint of {saved_class}, but the config's model is {model.class_path}")
         mismatch = architecture_mismatch(saved, model.init_args.as_dict() if model.init_args else {})
+        data = self.config[subcommand].get("data")
+        mismatch = mismatch or whitening_mismatch(checkpoint, (data.get("init_args") or {}) if data else {})
         if mismatch:
             raise ValueError(f"{ckpt_path}: {mismatch}")
-        self._checkpoint = checkpoint
+        return checkpoint
 
     def after_instantiate_classes(self) -> None:
         """A model whose classes differ from the data's, or a checkpoint whose weights do not fit
         the model (e.g. saved without hyper-parameters by another LightningModule), is a clear
-        error here, before the data is scanned."""
+        error here, before the data is scanned. ``--ckpt_path last``/``best`` become a file here."""
         model_classes = (getattr(getattr(self, "model", None), "hparams", None) or {}).get("num_classes")
         data_classes = getattr(getattr(self, "datamodule", None), "num_classes", None)  # none: `params`
         if None not in (model_classes, data_classes) and model_classes != data_classes:
             raise ValueError(f"model.init_args.num_classes = {model_classes} but data.init_args.num_classes = "
                              f"{data_classes}: the classifier's outputs and the labels must have the same classes")
         checkpoint, self._checkpoint = getattr(self, "_checkpoint", None), None
+        ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
+        if ckpt_path in RUN_CHECKPOINTS:
+            ckpt_path = self._resolve_run_checkpoint(str(ckpt_path))
+            if self.config[self.subcommand].get("model") is not None:
+                checkpoint = self._checked_checkpoint(self.subcommand, ckpt_path)
         if checkpoint is None:
             return
-        ckpt_path = self.config[self.subcommand].ckpt_path
         expected = {key: tuple(value.shape) for key, value in self.model.state_dict().items()}
         given = {key: tuple(getattr(value, "shape", ())) for key, value in checkpoint["state_dict"].items()}
         problems = [f"missing {key}" for key in expected if key not in given]
@@ -114,6 +137,26 @@ class NextVLADCLI(LightningCLI):
         if problems:
             raise ValueError(f"{ckpt_path}: its weights do not fit {type(self.model).__name__} "
                              f"({len(problems)} differences, first: {'; '.join(problems[:3])})")
+
+    def _resolve_run_checkpoint(self, name: str) -> str:
+        """``--ckpt_path last`` or ``best``: the newest ``last.ckpt`` / ``best.ckpt`` of the run,
+        which becomes the command's ``ckpt_path`` (and is said on the console).
+
+        Lightning looks for "last" only in this process's own checkpoint folder, which for a
+        logger with automatic versions is the new, empty ``version_N+1/checkpoints``: it warns and
+        trains from scratch. "best" it takes from a ``ModelCheckpoint`` of this process, which has
+        none before it trains. Here both are looked for in every version of the logger's run
+        (``<save_dir>/<name>/*/checkpoints``) and in the checkpoint callbacks' own folders; none
+        found is an error, never a fresh start."""
+        folders = run_checkpoint_folders(self.trainer)
+        found = newest_checkpoint_named(name, folders)
+        if found is None:
+            where = ", ".join(folders) or "nowhere: the trainer has no ModelCheckpoint callback"
+            raise FileNotFoundError(f"--ckpt_path {name}: no {name}.ckpt in {where}; pass a checkpoint file, "
+                                    f"or train from scratch without --ckpt_path")
+        rank_zero_info(f"--ckpt_path {name}: {found} (the newest {name}.ckpt of the run)")
+        self.config[self.subcommand].ckpt_path = self.config_init[self.subcommand].ckpt_path = found
+        return found
 
 
 class ParamsCLI(NextVLADCLI):
@@ -128,8 +171,64 @@ class ParamsCLI(NextVLADCLI):
             self.model = instantiate_class((), self.config["model"].as_dict())
 
 
+#: ``--ckpt_path`` values that name a checkpoint of the run (:meth:`NextVLADCLI._resolve_run_checkpoint`).
+RUN_CHECKPOINTS = ("last", "best")
+
+
 def _is_local_checkpoint(ckpt_path: str) -> bool:
-    return ckpt_path not in ("best", "last", "hpc") and not ckpt_path.startswith("registry") and "://" not in ckpt_path
+    return ckpt_path != "hpc" and not ckpt_path.startswith("registry") and "://" not in ckpt_path
+
+
+def run_checkpoint_folders(trainer: Trainer) -> list[str]:
+    """Where the trainer's ``ModelCheckpoint`` callbacks write, in every version of the run: a
+    callback's own ``dirpath``, else ``checkpoints`` in each version folder of the first logger
+    (``<save_dir>/<name>/*``, as Lightning places them), else in ``default_root_dir``."""
+    folders = []
+    for callback in trainer.checkpoint_callbacks:
+        if getattr(callback, "dirpath", None) is not None:
+            folders.append(str(callback.dirpath))
+        elif trainer.loggers:
+            logger = trainer.loggers[0]
+            folders.append(os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), "*", "checkpoints"))
+        else:
+            folders.append(os.path.join(trainer.default_root_dir, "checkpoints"))
+    return list(dict.fromkeys(folders))
+
+
+def newest_checkpoint_named(name: str, folders: Sequence[str]) -> str | None:
+    """The most recently written ``<name>.ckpt`` (or Lightning's versioned ``<name>-vN.ckpt``) in
+    ``folders`` (glob patterns), as Lightning picks among last checkpoints; None when there is none."""
+    pattern = re.compile(rf"{re.escape(name)}(-v\d+)?\.ckpt")
+    found = {path for folder in folders for path in glob.glob(os.path.join(folder, f"{name}*.ckpt"))
+             if pattern.fullmatch(os.path.basename(path)) and os.path.isfile(path)}
+    return max(found, key=lambda path: os.stat(path).st_mtime_ns, default=None)
+
+
+def whitening_mismatch(checkpoint: dict[str, Any], data_args: dict[str, Any]) -> str | None:
+    """What a checkpoint's reverse whitening and the configured data's disagree on, naming both
+    values; None when they agree or the checkpoint does not record it (converted weights).
+
+    Both on agree when the two files hold the same eigenvalues (what the weights saw), whatever
+    their paths: a serving machine keeps the file elsewhere. When the checkpoint's file is not
+    there to compare, the config's is taken on trust, with a warning."""
+    from nextvlad.data.transforms import whitening_scale
+    from nextvlad.export import training_eigenvalues
+
+    if "datamodule_hyper_parameters" not in checkpoint:
+        return None
+    trained_with, configured = training_eigenvalues(checkpoint, None), data_args.get("eigenvalues_path")
+    if trained_with == configured:
+        return None
+    values = f"eigenvalues_path: checkpoint {trained_with!r} vs config {configured!r}"
+    if not (trained_with and configured):
+        return f"the checkpoint's reverse whitening is not the config's ({values}; None: off)"
+    if not os.path.isfile(trained_with):
+        warnings.warn(f"{trained_with}, the eigenvalues the checkpoint was trained with, is not here to compare "
+                      f"with {configured}: taken to hold the same values")
+        return None
+    if np.array_equal(whitening_scale(trained_with), whitening_scale(configured)):
+        return None
+    return f"the checkpoint's reverse whitening is not the config's ({values}: files of other values)"
 
 
 def _import_object(dotted_path: str) -> Any:
@@ -140,6 +239,8 @@ def _import_object(dotted_path: str) -> Any:
 #: Exceptions that are user errors (files, values, records, checkpoints: the checkpoint IO's
 #: UnloadableCheckpointError is a ValueError): one line, no traceback.
 USER_ERRORS = (OSError, ValueError)
+#: The exit status of a command that SIGTERM stopped (preemption): 128 + 15, the shell's convention.
+SIGTERM_EXIT_STATUS = 128 + 15
 #: torch re-raises an error of a DataLoader worker as RuntimeError("Caught <class> in DataLoader worker
 #: ...") when the class cannot be rebuilt from that text (DataError takes path, index, reason).
 _WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker")
@@ -164,17 +265,23 @@ def main(argv: Sequence[str] | None = None) -> LightningCLI | None:
 def console_main() -> None:
     """The ``nextvlad`` and ``lightning`` console scripts (current Lightning ships no ``lightning``
     command, so ``lightning fit --config configs/nextvlad.yaml`` is ours). Returns None: a returned
-    object would become exit status 1."""
+    object would become exit status 1. A run stopped by SIGTERM exits with status 143."""
     argv = [arg for arg in sys.argv[1:] if arg != "--debug"]
     debug = len(argv) < len(sys.argv) - 1 or os.environ.get("NEXTVLAD_DEBUG", "0") not in ("", "0")
     sys.argv[1:] = argv
+    command = " ".join([Path(sys.argv[0]).name] + argv[:1])
     try:
         main()
         shutdown_process_group()
+    except SIGTERMException:
+        # Lightning stops the loops on SIGTERM with a SystemExit without a code, i.e. status 0: a
+        # preempted run would look finished to a requeueing wrapper. 128 + 15, as if killed by it.
+        print(f"{command}: stopped by SIGTERM before the end; resume with --ckpt_path last "
+              f"(the newest last.ckpt of the run)", file=sys.stderr)
+        sys.exit(SIGTERM_EXIT_STATUS)
     except Exception as error:
         if debug or not is_user_error(error):
             raise
-        command = " ".join([Path(sys.argv[0]).name] + argv[:1])
         sys.exit(f"{command}: error: {error_message(error)} (--debug shows the traceback)")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -11,7 +12,9 @@ import textwrap
 import pytest
 import torch
 
-from nextvlad.checkpoint_io import AtomicCheckpointIO, IncompleteCheckpointError, UnloadableCheckpointError
+from nextvlad import checkpoint_io
+from nextvlad.checkpoint_io import (PARTIAL_MARK, AtomicCheckpointIO, IncompleteCheckpointError,
+                                    UnloadableCheckpointError)
 
 KILLED_WRITER = textwrap.dedent('''
     import os, signal, sys
@@ -53,6 +56,29 @@ def test_writer_killed_mid_write_leaves_previous_checkpoint(tmp_path):
     io.save_checkpoint({"step": 3, "w": torch.ones(1000)}, path)
     assert sorted(os.listdir(tmp_path)) == ["last.ckpt", "writer.py"]  # the next save cleans up
     assert io.load_checkpoint(path)["step"] == 3
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_full_disk_is_an_oserror_naming_the_checkpoint_and_the_previous_stays(tmp_path, monkeypatch):
+    """/dev/full fails every write with ENOSPC, as a full disk does: the new checkpoint's bytes go
+    there (torch.save, flush and fsync as written), the rest of the file system is untouched."""
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.zeros(1000)}, path)
+
+    def open_on_a_full_disk(file, mode="r", *args, **kwargs):
+        return open("/dev/full" if PARTIAL_MARK in str(file) else file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_io, "open", open_on_a_full_disk, raising=False)
+    with pytest.raises(OSError) as error:
+        io.save_checkpoint({"step": 2, "w": torch.ones(100_000)}, path)
+    assert type(error.value) is OSError and error.value.errno == errno.ENOSPC
+    assert error.value.filename == str(path)
+    assert str(error.value).startswith(f"[Errno {errno.ENOSPC}] No space left on device (the checkpoint was not written")
+    assert str(error.value).endswith(f": '{path}'")
+    monkeypatch.undo()
+    assert io.load_checkpoint(path)["step"] == 1  # the previous one, whole
+    assert os.listdir(tmp_path) == ["last.ckpt"]
 
 
 @pytest.mark.parametrize("keep", [0, 10, 0.5, -3])

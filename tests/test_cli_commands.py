@@ -9,7 +9,9 @@ the videos read back from the TFRecords, and the source model evaluated in this 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -414,6 +416,128 @@ def test_ckpt_path_last_that_is_cut_short_is_one_line_naming_the_newest_other(cl
                           "--ckpt_path", "last", "--trainer.max_steps", "1", cwd=tmp_path))
     assert line.startswith(f"lightning fit: error: {folder / 'last.ckpt'}: not a loadable checkpoint: cut short"), line
     assert f"newest other checkpoint in its folder instead: {folder / 'epoch0.ckpt'}" in line
+
+# ------------------------------------------------------------------ --ckpt_path last / best, preemption
+def test_fit_ckpt_path_last_resumes_from_the_newest_last_ckpt_of_the_runs_versions(clone, tmp_path):
+    """The configs' logger numbers each run (version_N): `--ckpt_path last` is the newest last.ckpt
+    of any version, named on the console, and training continues from its weights, not from
+    scratch in the new, empty version. Oracle: the newest one's classifier bias is shifted by 1,
+    far more than a training step moves it (Adam, learning rate 0.003)."""
+    copy = tmp_path / "clone"
+    shutil.copytree(clone, copy, symlinks=True)
+    runs = copy / "runs" / "demo"
+    older, newer = runs / "version_0" / "checkpoints" / "last.ckpt", runs / "version_90" / "checkpoints" / "last.ckpt"
+    newer.parent.mkdir(parents=True)
+    checkpoint = torch.load(older, weights_only=True)
+    bias = checkpoint["state_dict"]["model.classifier.bias"].clone()
+    checkpoint["state_dict"]["model.classifier.bias"] += 1.0
+    torch.save(checkpoint, newer)
+    os.utime(older, (time.time() - 200,) * 2)
+    os.utime(newer, (time.time() - 100,) * 2)
+
+    result = run("lightning", "fit", "--config", DEMO, "--trainer.max_steps", "3", "--trainer.enable_progress_bar",
+                 "false", "--ckpt_path", "last", cwd=copy)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--ckpt_path last: runs/demo/version_90/checkpoints/last.ckpt" in result.stdout + result.stderr
+    resumed = max(runs.glob("version_*"), key=lambda path: int(path.name.split("_")[1]))
+    assert resumed.name == "version_91"
+    trained = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]["model.classifier.bias"]
+    assert torch.allclose(trained - bias, torch.ones_like(bias), atol=0.1)  # from scratch: about 0
+
+
+def test_fit_ckpt_path_last_without_a_last_ckpt_is_an_error_not_a_fresh_start(clone, tmp_path):
+    (tmp_path / "data").symlink_to(clone / "data")
+    line = error_line(run("lightning", "fit", "--config", DEMO, "--trainer.max_steps", "1", "--ckpt_path", "last",
+                          cwd=tmp_path))
+    assert line.startswith("lightning fit: error: --ckpt_path last: no last.ckpt in runs/demo/*/checkpoints; "), line
+    assert not list(tmp_path.glob("runs/**/*.ckpt"))  # nothing trained
+
+
+def test_ckpt_path_best_is_the_newest_best_ckpt_of_the_run(clone, tmp_path):
+    """Lightning's "best" is the best of a ModelCheckpoint of this process, which a new process has
+    not got: `best`, as `last`, is the run's newest best.ckpt. Oracle: the validation loss of the
+    weights in that file (the classifier bias shifted, so unlike any other), computed here."""
+    from nextvlad.export import classifier_from_checkpoint
+
+    copy = tmp_path / "clone"
+    shutil.copytree(clone, copy, symlinks=True)
+    checkpoint = torch.load(checkpoints(copy) / "last.ckpt", weights_only=True)
+    checkpoint["state_dict"]["model.classifier.bias"] -= 2.0
+    newest = copy / "runs" / "demo" / "version_40" / "checkpoints" / "best.ckpt"
+    newest.parent.mkdir(parents=True)
+    torch.save(checkpoint, newest)
+
+    result = run("nextvlad", "validate", "--config", DEMO, "--ckpt_path", "best", cwd=copy)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "--ckpt_path best: runs/demo/version_40/checkpoints/best.ckpt" in output
+    ids, rgb, audio, lengths = padded_videos(str(copy / "data/synthetic/validate*.tfrecord"))
+    labels = torch.stack([torch.from_numpy(v["labels"]) for v in iter_videos(
+        str(copy / "data/synthetic/validate*.tfrecord"), max_frames=MAX_FRAMES, num_classes=CLASSES)]).double()
+    with torch.no_grad():
+        logits = classifier_from_checkpoint(checkpoint, str(newest))(rgb, audio, lengths).double()
+    expected_loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(1).mean()
+    assert float(re.search(r"val/loss\s+([0-9.]+)", output).group(1)) == pytest.approx(float(expected_loss), rel=1e-5)
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_stops_fit_with_exit_status_143(clone, tmp_path):
+    """A preempted run (SIGTERM) must not look finished to a requeueing wrapper: status 128 + 15,
+    and a line that says so. The signal comes once training is under way (a last.ckpt exists)."""
+    (tmp_path / "data").symlink_to(clone / "data")
+    process = subprocess.Popen([str(BIN / "nextvlad"), "fit", "--config", DEMO, "--trainer.max_epochs", "1000",
+                                "--trainer.enable_progress_bar", "false"], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while not list(tmp_path.glob("runs/demo/version_0/checkpoints/last.ckpt")) and process.poll() is None:
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        stderr = process.communicate(timeout=300)[1]
+    finally:
+        process.kill()
+    assert process.returncode == 143, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("nextvlad fit: stopped by SIGTERM before the end; "
+                                                      "resume with --ckpt_path last")
+    assert "Traceback" not in stderr
+
+
+def with_whitening(source: Path, target: Path, eigenvalues_path: str | None) -> Path:
+    """``source`` as LightningCLI would have saved it with ``data.init_args.eigenvalues_path``."""
+    checkpoint = torch.load(source, weights_only=True)
+    checkpoint["datamodule_hyper_parameters"]["eigenvalues_path"] = eigenvalues_path
+    torch.save(checkpoint, target)
+    return target
+
+
+def test_evaluating_with_another_reverse_whitening_than_the_checkpoint_is_an_error(clone, monkeypatch, capsys, tmp_path):
+    """Reverse whitening changes every rgb input the weights see: on vs off, or other eigenvalues,
+    is an error naming both values; the same eigenvalues in a file at another path are the same."""
+    monkeypatch.chdir(clone)
+    eigenvalues = np.linspace(4.0, 0.5, 2048, dtype=np.float32)
+    np.save(tmp_path / "eigenvals.npy", eigenvalues)
+    np.save(tmp_path / "same_eigenvals.npy", eigenvalues)
+    np.save(tmp_path / "other_eigenvals.npy", eigenvalues * 2)
+    plain = checkpoints(clone) / "last.ckpt"
+    assert torch.load(plain, weights_only=True)["datamodule_hyper_parameters"]["eigenvalues_path"] is None
+    whitened = with_whitening(plain, tmp_path / "whitened.ckpt", str(tmp_path / "eigenvals.npy"))
+
+    message = cli_error(monkeypatch, capsys, "predict", "--config", DEMO, "--config", PREDICT, "--ckpt_path", str(whitened))
+    assert message.startswith(f"nextvlad predict: error: {whitened}: the checkpoint's reverse whitening is not the "
+                              f"config's (eigenvalues_path: checkpoint '{tmp_path / 'eigenvals.npy'}' vs config None")
+    message = cli_error(monkeypatch, capsys, "validate", "--config", DEMO, "--config", EVALUATE, "--ckpt_path", str(plain),
+                        f"--data.init_args.eigenvalues_path={tmp_path / 'eigenvals.npy'}")
+    assert f"eigenvalues_path: checkpoint None vs config '{tmp_path / 'eigenvals.npy'}'" in message
+    message = cli_error(monkeypatch, capsys, "test", "--config", DEMO, "--config", EVALUATE, "--ckpt_path", str(whitened),
+                        f"--data.init_args.eigenvalues_path={tmp_path / 'other_eigenvals.npy'}")
+    assert (f"(eigenvalues_path: checkpoint '{tmp_path / 'eigenvals.npy'}' vs config "
+            f"'{tmp_path / 'other_eigenvals.npy'}': files of other values") in message
+
+    same = run("nextvlad", "predict", "--config", DEMO, "--config", PREDICT, "--ckpt_path", str(whitened),
+               f"--data.init_args.eigenvalues_path={tmp_path / 'same_eigenvals.npy'}",
+               f"--trainer.callbacks.output_path={tmp_path / 'submission.csv'}", cwd=clone)
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert len((tmp_path / "submission.csv").read_text().splitlines()) == 1 + 20  # the 20 test videos
+
 
 def test_init_from_a_corrupt_or_foreign_file_is_one_line_naming_it(clone, tmp_path):
     """`fit --model.init_args.init_from` (the segment fine-tuning start) goes through the same
