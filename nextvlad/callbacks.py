@@ -1,12 +1,15 @@
-"""Lightning callbacks for what follows training: the Kaggle submission and evaluation reports.
+"""Lightning callbacks: checkpoints of long runs, the Kaggle submission and evaluation reports.
 
 * :class:`SubmissionWriter` streams ``predict`` results to the challenge CSV (SPEC 6), and
   optionally a human-readable twin with label names from the YouTube-8M ``vocabulary.csv``.
 * :class:`EvaluationReport` prints GAP@k, Hit@1, PERR, MAP (segment mAP for a segment model) and
   the loss after ``validate`` / ``test``, and writes them as JSON plus a PNG of per-class AP
   against class frequency.
+* :class:`PeriodicCheckpoint` and :class:`ModelCheckpointWithBest` (the paper configs' checkpoints)
+  keep a killed and resumed run the same as an uninterrupted one, and ``best.ckpt`` beside them.
 
-Both are used from the command line by naming them in a config (``configs/predict.yaml``) or with
+The writers and the report are used from the command line by naming them in a config
+(``configs/predict.yaml``) or with
 ``--trainer.callbacks+=nextvlad.callbacks.SubmissionWriter --trainer.callbacks.output_path=...``.
 """
 
@@ -25,6 +28,7 @@ from typing import IO, TYPE_CHECKING, Any, Sequence
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol, get_filesystem
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
@@ -34,7 +38,8 @@ from nextvlad.metrics import MeanAveragePrecision
 if TYPE_CHECKING:  # matplotlib is imported only when a plot is drawn
     from matplotlib.figure import Figure
 
-__all__ = ["SubmissionWriter", "EvaluationReport", "ModelCheckpointWithBest", "read_vocabulary", "submission_rows"]
+__all__ = ["SubmissionWriter", "EvaluationReport", "ModelCheckpointWithBest", "PeriodicCheckpoint", "read_vocabulary",
+           "submission_rows"]
 
 SUBMISSION_HEADER = "VideoId,LabelConfidencePairs\n"
 #: What follows ``.<output name>`` in the hidden parts of :meth:`SubmissionWriter._part_path`.
@@ -300,7 +305,91 @@ def _names_writer(handle: IO[str]) -> Any:
 
 
 # ------------------------------------------------------------------------------------ checkpoints
-class ModelCheckpointWithBest(ModelCheckpoint):
+class PeriodicCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` for the checkpoint every N steps of a long run, with two changes
+    that keep a killed and resumed run the same as an uninterrupted one. All arguments are Lightning's.
+
+    * A step that also validates is saved after its validation, not before. Lightning saves in
+      ``on_train_batch_end``, before that step's validation, and a run resumed from that checkpoint
+      counts the validation as done: killed during it, the run never validated that step (no
+      ``val/gap``, no top-k file). Saved after it, the checkpoint holds the validated state (and the
+      random generators after validation, which the uninterrupted run continues with); killed
+      during it, the run resumes from the previous checkpoint and validates again.
+    * The final step saves ``last`` too (Lightning saves at the end only when nothing was saved
+      during the whole run), so that ``last.ckpt`` holds the final weights. A run stopped by
+      ``max_steps`` saves at that step's end, as a periodic save, not at the end of training, where
+      the loop counts the epoch as done: resumed with a larger ``max_steps``, it continues the epoch.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._validation_follows = False  # inside on_train_batch_end of a step that validates next
+        self._held: set[str] = set()  # that step's saves ("top_k", "last"), made after its validation
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # Lightning's own rules decide whether this step saves; its saves are held (see the _save_*
+        # methods below) when the loop validates right after this batch, until Lightning's own save
+        # after validation: on_validation_end, or the epoch's end for a once-per-epoch validation.
+        epoch_loop = trainer.fit_loop.epoch_loop
+        self._validation_follows = epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher) or (
+            self._should_save_on_train_epoch_end(trainer) and epoch_loop.batch_progress.is_last_batch)
+        try:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            if 0 <= trainer.max_steps <= trainer.global_step:
+                self._save_final(trainer)
+        finally:
+            self._validation_follows = False
+
+    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        if self._validation_follows:
+            self._held.add("top_k")
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        if self._validation_follows:
+            self._held.add("last")
+            return
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_held(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._save_held(trainer)
+
+    def _save_held(self, trainer: pl.Trainer) -> None:
+        held, self._held = self._held, set()
+        if held and not self._should_skip_saving_checkpoint(trainer):  # skipped: saved at this step already
+            monitor_candidates = self._monitor_candidates(trainer)
+            if "top_k" in held:
+                self._save_topk_checkpoint(trainer, monitor_candidates)
+            if "last" in held:
+                self._save_last_checkpoint(trainer, monitor_candidates)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save_final(trainer)  # a run that ended otherwise than by max_steps (max_epochs, a stop)
+
+    def _save_final(self, trainer: pl.Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer) and not self._written_by_another(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _written_by_another(self, trainer: pl.Trainer) -> bool:
+        """Whether another PeriodicCheckpoint already wrote this one's last checkpoint file at this step
+        (the configs' two callbacks share ``last.ckpt``): one write of the final weights is enough. Not
+        another kind of callback, which may have saved this step before its validation. The same
+        answer on every rank, as saving needs."""
+        path = self.format_checkpoint_name(self._monitor_candidates(trainer), self.CHECKPOINT_NAME_LAST)
+        return any(other is not self and other._last_global_step_saved == trainer.global_step
+                   and other.last_model_path == path
+                   for other in trainer.checkpoint_callbacks if isinstance(other, PeriodicCheckpoint))
+
+
+class ModelCheckpointWithBest(PeriodicCheckpoint):
     """Lightning's ``ModelCheckpoint`` that also keeps ``best.ckpt`` in its directory: a link to the
     best checkpoint so far (a copy where links are not allowed), so that validate / predict / export
     can name it without looking up scores.
@@ -308,9 +397,54 @@ class ModelCheckpointWithBest(ModelCheckpoint):
     Lightning links ``last.ckpt`` (``save_last="link"``) but has no such option for the best one, and
     a second ModelCheckpoint with ``filename: best`` is refused (two callbacks with the same monitor
     and mode share a state key), hence this subclass. Needs ``monitor``; all arguments are Lightning's.
+
+    A resumed run keeps the scores of the run it resumed from. Lightning forgets them when the
+    checkpoint folder changed, as it does for every resume into a new ``version_N``, so the first
+    validation after a resume became "best". Here the saved top-k is restored, less the files that
+    no longer exist; ``best.ckpt`` may then link to the earlier run's folder. Files of another folder
+    leave the top-k when better ones come but are never deleted: they belong to the earlier run.
+    Also :class:`PeriodicCheckpoint`'s save after validation and of the final weights.
     """
 
     BEST_NAME = "best"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._restored_top_k: dict[str, torch.Tensor] | None = None  # checked for existence at train start
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._restored_top_k = dict(state_dict.get("best_k_models") or {})
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self._restored_top_k is not None:
+            paths = list(self._restored_top_k)
+            # rank 0 looks, every rank follows: the top-k decisions must agree across ranks
+            exists = [get_filesystem(path).exists(path) for path in paths] if trainer.is_global_zero else None
+            exists = trainer.strategy.broadcast(exists)
+            self._set_top_k({path: self._restored_top_k[path] for path, kept in zip(paths, exists) if kept})
+            self._restored_top_k = None
+
+    def _set_top_k(self, scores: dict[str, torch.Tensor]) -> None:
+        """The top-k state Lightning derives from ``best_k_models``, from these scores (best first,
+        at most ``save_top_k``)."""
+        ranked = sorted(scores, key=lambda path: float(scores[path]), reverse=self.mode == "max")
+        if self.save_top_k >= 0:
+            ranked = ranked[:self.save_top_k]
+        self.best_k_models = {path: scores[path] for path in ranked}
+        self.best_model_path = ranked[0] if ranked else ""
+        self.best_model_score = scores[ranked[0]] if ranked else None
+        if ranked and len(ranked) == self.save_top_k:  # full: a new score must beat the k-th
+            self.kth_best_model_path, self.kth_value = ranked[-1], scores[ranked[-1]]
+        else:
+            self.kth_best_model_path = ""
+
+    def _should_remove_checkpoint(self, trainer: pl.Trainer, previous: str, current: str) -> bool:
+        # Lightning keeps files outside dirpath on local disks only; the same on any filesystem.
+        in_folder = os.path.dirname(str(previous)) == str(self.dirpath).rstrip("/")
+        return super()._should_remove_checkpoint(trainer, previous, current) and (
+            _is_local_file_protocol(previous) or in_folder)
 
     def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
         super()._save_topk_checkpoint(trainer, monitor_candidates)

@@ -1,7 +1,8 @@
 """Exact mid-epoch resume: runs killed with SIGKILL at seeded random points (during a step, while a
 checkpoint is written, during validation) and resumed from last.ckpt take exactly the steps of one
 uninterrupted run: same videos per rank in the same order, same learning rate and examples count,
-bitwise equal final weights (CPU, deterministic algorithms, one thread per process)."""
+the same validations, bitwise equal final weights (CPU, deterministic algorithms, one thread per
+process). The checkpoints are the paper configs' PeriodicCheckpoint."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ SCRIPT = textwrap.dedent('''
     import json, os, signal, sys
     import lightning.pytorch as pl
     import torch
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from nextvlad import VideoClassifier
+    from nextvlad.callbacks import PeriodicCheckpoint
     from nextvlad._distributed import shutdown_process_group
     from nextvlad.checkpoint_io import AtomicCheckpointIO
     from nextvlad.data import YT8MDataModule
@@ -62,6 +63,10 @@ SCRIPT = textwrap.dedent('''
             if kill.get("at") == "validation" and trainer.global_step >= kill["step"] and batch_idx == 1:
                 die()
 
+        def on_validation_end(self, trainer, module):  # a validation that was not cut short
+            with open(os.path.join(out, f"rank{trainer.global_rank}-validations.jsonl"), "a") as f:
+                f.write(json.dumps(trainer.global_step) + "\\n")
+
         def on_train_end(self, trainer, module):
             if trainer.global_rank == 0:
                 torch.save(module.state_dict(), os.path.join(out, "final.pt"))
@@ -77,8 +82,8 @@ SCRIPT = textwrap.dedent('''
                                 gating_reduction=4, learning_rate=1e-2, lr_decay=0.5,
                                 lr_decay_examples=50)
         # every 4 steps: with 20 steps per epoch on one rank, some resumes start at an epoch's end
-        checkpoints = ModelCheckpoint(dirpath=os.path.join(out, "checkpoints"), every_n_train_steps=4,
-                                      save_top_k=0, save_last=True)
+        checkpoints = PeriodicCheckpoint(dirpath=os.path.join(out, "checkpoints"), every_n_train_steps=4,
+                                         save_top_k=0, save_last=True)
         trainer = pl.Trainer(accelerator="cpu", devices=devices,
                              strategy="ddp" if devices > 1 else "auto", max_epochs=2,
                              val_check_interval=7, check_val_every_n_epoch=None, limit_val_batches=3,
@@ -129,13 +134,34 @@ def _kill_points(seed: int, kinds: list[str], total_steps: int) -> list[dict]:
                                             (2, ["step"])], ids=["1rank", "ddp2"])
 def test_killed_and_resumed_runs_equal_one_uninterrupted_run(synthetic_data, tmp_path, devices,
                                                              kinds):
+    total_steps = 2 * 120 // (6 * devices)  # 2 epochs of 120 videos in batches of 6 per rank
+    kills = _kill_points(15 + devices, kinds, total_steps)
+    firsts = _compare_interrupted_with_uninterrupted(synthetic_data, tmp_path, devices, kills, total_steps)
+    # each resumed run started right after the last checkpoint (every 4 steps) before its kill,
+    # not from the start of the epoch
+    assert all(first > 1 for first in firsts[1:]), (firsts, kills)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_validation_cut_short_on_a_checkpoint_step_is_run_again(synthetic_data, tmp_path):
+    """Step 28 checkpoints (every 4) and validates (every 7). Killed during that validation, the run
+    resumes from step 24 and validates step 28; killed at step 30, it resumes from the checkpoint
+    written after that validation. Both take the uninterrupted run's steps and validations."""
+    kills = [{"at": "validation", "step": 28}, {"at": "step", "step": 30}]
+    firsts = _compare_interrupted_with_uninterrupted(synthetic_data, tmp_path, 1, kills, 40)
+    assert firsts == [1, 25, 29]
+
+
+def _compare_interrupted_with_uninterrupted(synthetic_data, tmp_path, devices: int, kills: list[dict],
+                                            total_steps: int) -> list[int]:
+    """One uninterrupted run and one killed at each of ``kills`` and resumed each time, compared;
+    returns the interrupted runs' first steps (rank 0)."""
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     data_dir, workers = synthetic_data["dir"], 2
-    total_steps = 2 * 120 // (6 * devices)  # 2 epochs of 120 videos in batches of 6 per rank
     _run(script, data_dir, tmp_path / "reference", devices, workers, {})
     interrupted = tmp_path / "interrupted"
-    kills = _kill_points(15 + devices, kinds, total_steps)
     for run, kill in enumerate(kills):
         _run(script, data_dir, interrupted, devices, workers, kill, run)
     _run(script, data_dir, interrupted, devices, workers, {}, len(kills))
@@ -144,14 +170,14 @@ def test_killed_and_resumed_runs_equal_one_uninterrupted_run(synthetic_data, tmp
         reference, _ = _steps(tmp_path / "reference", rank)
         resumed, firsts = _steps(interrupted, rank)
         assert sorted(reference) == list(range(1, total_steps + 1))
-        # each resumed run started right after the last checkpoint (every 4 steps) before its
-        # kill, not from the start of the epoch
         assert firsts[0] == 1 and len(firsts) == len(kills) + 1
-        assert all((first - 1) % 4 == 0 for first in firsts)
-        assert all(first > 1 for first in firsts[1:]), (firsts, kills)
+        assert all((first - 1) % 4 == 0 for first in firsts)  # each run resumed from a checkpoint
         assert resumed == reference  # videos in order, LR, examples count, epoch: every step
         epoch_ids = [i for r in reference.values() if r["epoch"] == 0 for i in r["ids"]]
         assert len(epoch_ids) == len(set(epoch_ids))  # no video twice within an epoch
+        # every validation of the uninterrupted run ran to its end, none skipped (a run resumed
+        # from before a finished validation validates again)
+        assert sorted(set(_validations(interrupted, rank))) == _validations(tmp_path / "reference", rank)
     final = torch.load(tmp_path / "reference" / "final.pt")
     resumed_final = torch.load(interrupted / "final.pt")
     assert final.keys() == resumed_final.keys()
@@ -159,6 +185,12 @@ def test_killed_and_resumed_runs_equal_one_uninterrupted_run(synthetic_data, tmp
         assert torch.equal(value, resumed_final[name]), name  # bitwise
     names = sorted(p.name for p in (interrupted / "checkpoints").iterdir())
     assert names[0] == "last.ckpt" and all(".partial-" not in n for n in names[1:]), names
+    return _steps(interrupted, 0)[1]
+
+
+def _validations(out: Path, rank: int) -> list[int]:
+    """The steps of the validations that ran to their end, in order of the runs."""
+    return [json.loads(line) for line in (out / f"rank{rank}-validations.jsonl").read_text().splitlines()]
 
 
 # -- the loader alone: every position of an epoch, changed ranks or workers ----------------------
