@@ -468,7 +468,8 @@ class EvaluationReport(Callback):
     metric) and the loss (as the LightningModule logged them under ``val/`` or ``test/``), writes
     them as ``<checkpoint stem>.<stage>.json`` next to the evaluated checkpoint (or
     ``<stage>_metrics.json`` in the log directory when there is none) together with the per-class
-    AP and positive counts, and a PNG ``<...>.<stage>_class_ap.png`` of per-class AP
+    AP and positive counts and the file the checkpoint named then (``checkpoint_file``: best.ckpt
+    is a link that moves), and a PNG ``<...>.<stage>_class_ap.png`` of per-class AP
     against the number of positives of each class in the evaluated set.
 
     The per-class values are those of the model's main metric: for a segment model (``task:
@@ -548,7 +549,10 @@ class EvaluationReport(Callback):
         print(format_table(name, checkpoint, {labels[key]: value for key, value in values.items()}))
 
         json_path, plot_path = self._output_paths(trainer, name, checkpoint)
-        report: dict[str, Any] = {"stage": name, "checkpoint": checkpoint, "top_k": top_k, "metrics": values}
+        # checkpoint_file: the file evaluated; best.ckpt / last.ckpt are links that move as a run goes on.
+        checkpoint_file = str(Path(checkpoint).resolve()) if checkpoint and "://" not in checkpoint else None
+        report: dict[str, Any] = {"stage": name, "checkpoint": checkpoint, "checkpoint_file": checkpoint_file,
+                                  "top_k": top_k, "metrics": values}
         if self._per_class is not None:
             per_class_ap, positives = self._per_class
             report["per_class"] = {"metric": self._per_class_metric, "average_precision": per_class_ap.tolist(),

@@ -115,7 +115,7 @@ def test_report_without_checkpoint_goes_to_the_log_dir(tmp_path):
     module = VideoClassifier(**SMALL)
     trainer(default_root_dir=tmp_path, callbacks=[EvaluationReport(plot=False)]).test(module, loader(16), verbose=False)
     report = json.loads((tmp_path / "test_metrics.json").read_text())
-    assert report["checkpoint"] is None
+    assert report["checkpoint"] is report["checkpoint_file"] is None
     assert set(report["metrics"]) == {"gap", "hit_at_one", "perr", "map", "loss"}
     assert len(report["per_class"]["positives"]) == NUM_CLASSES
     assert not (tmp_path / "test_class_ap.png").exists()
@@ -219,3 +219,17 @@ def test_segment_model_report_has_segment_map_through_the_console_script(tmp_pat
     average_precision, positives = np.array(per_class["average_precision"]), np.array(per_class["positives"])
     assert average_precision[positives > 0].mean() == pytest.approx(reported, abs=1e-6)
     assert abs(report["metrics"]["map"] - reported) > 1e-3  # the proxy differs: the check above tells them apart
+
+
+def test_report_names_the_file_a_checkpoint_link_pointed_to(trained):
+    """best.ckpt is a link that moves as training goes on: the report keeps the name evaluated
+    (its file names follow it) and the file it was at that time."""
+    module, ckpt = trained
+    folder = pathlib.Path(ckpt).parent
+    link = folder / "best.ckpt"
+    link.unlink(missing_ok=True)
+    link.symlink_to(pathlib.Path(ckpt).name)
+    trainer(default_root_dir=folder, callbacks=[EvaluationReport(plot=False)]).validate(
+        module, loader(16), ckpt_path=str(link), verbose=False)
+    report = json.loads((folder / "best.validate.json").read_text())
+    assert report["checkpoint"] == str(link) and report["checkpoint_file"] == str(pathlib.Path(ckpt).resolve())
