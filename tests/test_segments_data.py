@@ -208,3 +208,29 @@ def test_workers_and_ddp_ranks_read_every_rated_segment_once(tmp_path):
         dataset.set_distributed(rank, 2)
         per_rank.append([i for batch in dataset for i in batch["id"]])
     assert sorted(per_rank[0] + per_rank[1]) == sorted(single) and not set(per_rank[0]) & set(per_rank[1])
+
+
+def test_a_mid_epoch_resume_with_another_fold_is_refused(tmp_path):
+    """The fold selection decides which videos' segments train: changed inside an epoch, the rest of
+    it would train other videos (maybe validated ones). Refused like another seed; at the same
+    folds the position continues."""
+    from nextvlad.data.segments import FoldSelection, YT8MSegmentDataset
+
+    write_tfrecord(tmp_path / "v.tfrecord", [sequence_example(f"v{i}", 12, [0, 5], [1, 2], [1.0, 0.0]) for i in range(9)])
+
+    def dataset(val_fold):
+        made = YT8MSegmentDataset(str(tmp_path / "v.tfrecord"), batch_size=2, num_classes=C,
+                                  folds=FoldSelection(3, val_fold, seed=0, validation=False))
+        made.set_epoch(0)
+        return made
+
+    saved = dataset(0)
+    batches = iter(saved)
+    next(batches), next(batches)
+    same, other = dataset(0), dataset(1)
+    same.load_state_dict(saved.state_dict())
+    assert next(iter(same))["id"] == next(batches)["id"]
+    other.load_state_dict(saved.state_dict())
+    with pytest.raises(ValueError, match="cannot continue the saved data position: it was saved with folds=") as error:
+        next(iter(other))
+    assert "'val_fold': 0" in str(error.value) and "'val_fold': 1" in str(error.value)

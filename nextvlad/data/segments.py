@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -277,6 +277,13 @@ class YT8MSegmentDataset(YT8MFrameDataset):
         self.mode = mode
         self.folds = folds
         self.past_end_segments = 0  # rated segments starting at or past the real frames
+
+    def epoch_plan(self) -> dict:
+        """The parent's plan and which videos' segments are read (mode, fold selection): another
+        fold mid-epoch would train the rest of the epoch on other videos (and could train on the
+        ones validated), though the records and batches stay the same."""
+        folds = asdict(self.folds) if self.folds is not None else None
+        return super().epoch_plan() | {"mode": self.mode, "folds": folds}
 
     def _parse_record(self, data: bytes, path: str, index: int) -> SegmentVideo:
         video = parse_segment_record(data, self.num_classes, self.mode, path, index)
