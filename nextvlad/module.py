@@ -523,17 +523,22 @@ def check_validation_between_accumulated_steps(trainer: pl.Trainer) -> None:
     the accumulated micro-batches of one optimizer step: their gradients and example count are in
     no checkpoint, so a resume from it could not continue that step exactly (README: exact resume).
     Validation at an epoch's end is on a step (Lightning steps on the last batch)."""
-    accumulate, every = trainer.accumulate_grad_batches, trainer.val_check_batch
+    accumulate, every, batches = trainer.accumulate_grad_batches, trainer.val_check_batch, trainer.num_training_batches
     if accumulate == 1 or not trainer.enable_validation or every == float("inf"):
         return
-    epoch_end_only = (every is not None and every >= trainer.num_training_batches
-                      and trainer.check_val_every_n_epoch is not None)
-    if epoch_end_only or (isinstance(every, int) and every % accumulate == 0):
+    if every is None:  # by time: anywhere
+        on_steps = False
+    elif trainer.check_val_every_n_epoch is not None:  # counted within each epoch, whose last batch steps
+        on_steps = every >= batches or every % accumulate == 0
+    else:  # counted across epochs: steps restart each epoch, so they line up only if the epoch does
+        on_steps = every % batches == 0 or (every % accumulate == 0 and batches % accumulate == 0)
+    if on_steps:
         return
-    when = "by time" if every is None else f"every {every} batches"
+    when = "by time" if every is None else f"every {every} batches (epochs of {batches})"
     raise ValueError(f"accumulate_grad_batches={accumulate} with validation {when}: a checkpoint written at a "
                      f"validation would hold a half-accumulated step, which a resume cannot continue exactly; "
-                     f"validate every multiple of {accumulate} batches (--trainer.val_check_interval)")
+                     f"validate every multiple of {accumulate} batches (--trainer.val_check_interval), with "
+                     f"check_val_every_n_epoch null also in epochs of a multiple of {accumulate} batches")
 
 
 def summed_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

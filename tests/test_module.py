@@ -42,25 +42,31 @@ def test_clip_per_tensor_is_tf_clip_by_norm_per_variable():
     assert torch.allclose(big.grad, torch.tensor([[0.6, 0.0], [0.0, 0.8]]))
 
 
-@pytest.mark.parametrize("val_check_interval, videos, refused", [
-    (3, 64, True),  # validation after batches 3 and 6: inside steps of 2 batches
-    (4, 64, False),  # after batches 4 and 8: on steps
-    (1.0, 56, False),  # at the epoch's end only (7 batches): Lightning steps on the last batch
+@pytest.mark.parametrize("val_check_interval, per_epoch, videos, refused", [
+    (3, 1, 64, True),  # validation after batches 3 and 6: inside steps of 2 batches
+    (4, 1, 64, False),  # after batches 4 and 8: on steps
+    (1.0, 1, 56, False),  # at the epoch's end only (7 batches): Lightning steps on the last batch
+    # counted across epochs (the paper configs): epochs of 7 batches end on a step of 1 batch, so
+    # the validation after global batch 8 (epoch 1's first) falls inside a step
+    (4, None, 56, True),
+    (4, None, 64, False),  # epochs of 8 batches: steps line up
+    (7, None, 56, False),  # every epoch's end
 ])
-def test_validation_inside_an_accumulated_step_is_refused(val_check_interval, videos, refused):
+def test_validation_inside_an_accumulated_step_is_refused(val_check_interval, per_epoch, videos, refused):
     """A checkpoint written at a validation between the micro-batches of one step would miss their
     gradients and examples: a resume from it could not be exact, so fit refuses to start."""
     module = VideoClassifier(**SMALL)
-    run = trainer(max_epochs=1, accumulate_grad_batches=2, val_check_interval=val_check_interval,
-                  limit_val_batches=1, num_sanity_val_steps=0)
+    run = trainer(max_epochs=2, accumulate_grad_batches=2, val_check_interval=val_check_interval,
+                  check_val_every_n_epoch=per_epoch, limit_val_batches=1, num_sanity_val_steps=0)
     if refused:
-        with pytest.raises(ValueError, match="^accumulate_grad_batches=2 with validation every 3 batches: "
-                                             "a checkpoint written at a validation would hold a half-accumulated"):
+        with pytest.raises(ValueError, match=f"^accumulate_grad_batches=2 with validation every "
+                                             f"{val_check_interval} batches .epochs of {videos // 8}.: a checkpoint "
+                                             "written at a validation would hold a half-accumulated"):
             run.fit(module, loader(videos), loader(16))
         assert module.trainer.global_step == 0
     else:
         run.fit(module, loader(videos), loader(16))
-        assert module.trainer.global_step == videos // 16 + (videos % 16 > 0)
+        assert module.trainer.global_step == 2 * (videos // 16 + (videos % 16 > 0))
 
 
 def test_staircase_lr_counts_examples_over_accumulation():
