@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+import fsspec
 import numpy as np
 import torch
 import yaml
@@ -152,8 +153,8 @@ class NextVLADCLI(LightningCLI):
         found = newest_checkpoint_named(name, folders)
         if found is None:
             where = ", ".join(folders) or "nowhere: the trainer has no ModelCheckpoint callback"
-            raise FileNotFoundError(f"--ckpt_path {name}: no {name}.ckpt in {where}; pass a checkpoint file, "
-                                    f"or train from scratch without --ckpt_path")
+            start = ", or start the run without --ckpt_path" if self.subcommand == "fit" else ""
+            raise FileNotFoundError(f"--ckpt_path {name}: no {name}.ckpt in {where}; pass a checkpoint file{start}")
         rank_zero_info(f"--ckpt_path {name}: {found} (the newest {name}.ckpt of the run)")
         self.config[self.subcommand].ckpt_path = self.config_init[self.subcommand].ckpt_path = found
         return found
@@ -199,9 +200,26 @@ def newest_checkpoint_named(name: str, folders: Sequence[str]) -> str | None:
     """The most recently written ``<name>.ckpt`` (or Lightning's versioned ``<name>-vN.ckpt``) in
     ``folders`` (glob patterns), as Lightning picks among last checkpoints; None when there is none."""
     pattern = re.compile(rf"{re.escape(name)}(-v\d+)?\.ckpt")
-    found = {path for folder in folders for path in glob.glob(os.path.join(folder, f"{name}*.ckpt"))
-             if pattern.fullmatch(os.path.basename(path)) and os.path.isfile(path)}
-    return max(found, key=lambda path: os.stat(path).st_mtime_ns, default=None)
+    found = {path: written for folder in folders for path, written in _checkpoints_in(folder, name, pattern).items()}
+    return max(found, key=found.__getitem__, default=None)
+
+
+def _checkpoints_in(folder: str, name: str, pattern: re.Pattern) -> dict[str, float]:
+    """{path: when written (seconds)} of the files in ``folder`` (a glob pattern, local or an fsspec
+    URL such as gs://) whose name matches ``pattern``."""
+    if "://" not in folder:
+        return {path: os.stat(path).st_mtime for path in glob.glob(os.path.join(folder, f"{name}*.ckpt"))
+                if pattern.fullmatch(os.path.basename(path)) and os.path.isfile(path)}
+    fs, root = fsspec.core.url_to_fs(folder)
+    found = {}
+    for path in fs.glob(f"{root.rstrip('/')}/{name}*.ckpt"):
+        if pattern.fullmatch(path.rsplit("/", 1)[-1]) and fs.isfile(path):
+            try:
+                found[fs.unstrip_protocol(path)] = fs.modified(path).timestamp()
+            except NotImplementedError:
+                raise OSError(f"--ckpt_path {name}: {type(fs).__name__} does not say when {path} was written, "
+                              "so the newest cannot be chosen; pass the checkpoint file") from None
+    return found
 
 
 def whitening_mismatch(checkpoint: dict[str, Any], data_args: dict[str, Any]) -> str | None:
@@ -276,8 +294,9 @@ def console_main() -> None:
     except SIGTERMException:
         # Lightning stops the loops on SIGTERM with a SystemExit without a code, i.e. status 0: a
         # preempted run would look finished to a requeueing wrapper. 128 + 15, as if killed by it.
-        print(f"{command}: stopped by SIGTERM before the end; resume with --ckpt_path last "
-              f"(the newest last.ckpt of the run)", file=sys.stderr)
+        again = ("continue it with --ckpt_path last (the newest last.ckpt of the run; without it while "
+                 "none has been written yet)" if argv[:1] == ["fit"] else "run it again")
+        print(f"{command}: stopped by SIGTERM before the end; {again}", file=sys.stderr)
         sys.exit(SIGTERM_EXIT_STATUS)
     except Exception as error:
         if debug or not is_user_error(error):

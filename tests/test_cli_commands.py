@@ -449,8 +449,13 @@ def test_fit_ckpt_path_last_without_a_last_ckpt_is_an_error_not_a_fresh_start(cl
     (tmp_path / "data").symlink_to(clone / "data")
     line = error_line(run("lightning", "fit", "--config", DEMO, "--trainer.max_steps", "1", "--ckpt_path", "last",
                           cwd=tmp_path))
-    assert line.startswith("lightning fit: error: --ckpt_path last: no last.ckpt in runs/demo/*/checkpoints; "), line
+    assert line.startswith("lightning fit: error: --ckpt_path last: no last.ckpt in runs/demo/*/checkpoints; "
+                           "pass a checkpoint file, or start the run without --ckpt_path"), line
     assert not list(tmp_path.glob("runs/**/*.ckpt"))  # nothing trained
+    # Outside fit there is nothing to start: the advice is the file only.
+    line = error_line(run("nextvlad", "validate", "--config", DEMO, "--ckpt_path", "best", cwd=tmp_path))
+    assert line.startswith("nextvlad validate: error: --ckpt_path best: no best.ckpt in runs/demo/*/checkpoints; "
+                           "pass a checkpoint file ("), line
 
 
 def test_ckpt_path_best_is_the_newest_best_ckpt_of_the_run(clone, tmp_path):
@@ -497,7 +502,7 @@ def test_sigterm_stops_fit_with_exit_status_143(clone, tmp_path):
         process.kill()
     assert process.returncode == 143, stderr[-3000:]
     assert stderr.strip().splitlines()[-1].startswith("nextvlad fit: stopped by SIGTERM before the end; "
-                                                      "resume with --ckpt_path last")
+                                                      "continue it with --ckpt_path last")
     assert "Traceback" not in stderr
 
 
@@ -571,3 +576,22 @@ def test_predict_config_of_the_other_task_is_one_line_before_any_batch(clone, tm
     assert segments.startswith("nextvlad predict: error: SubmissionWriter writes the submission of task='video' "
                                "models, but the model has task='segments': predict with configs/predict_segments.yaml")
     assert not any(tmp_path.glob("*.csv.*")) and not (tmp_path / "videos.csv").exists()
+
+
+def test_the_newest_last_ckpt_is_found_on_remote_storage_too():
+    """A callback dirpath or logger save_dir on an object store (gs://, s3://): the run's versions
+    are listed through fsspec, not the local disk (memory:// here); Lightning's -vN names count."""
+    import uuid
+
+    import fsspec
+
+    from nextvlad.cli import newest_checkpoint_named
+
+    fs, root = fsspec.filesystem("memory"), f"/{uuid.uuid4().hex}"
+    for path in ["version_0/checkpoints/last.ckpt", "version_2/checkpoints/last-v1.ckpt",
+                 "version_1/checkpoints/last.ckpt", "version_1/checkpoints/lastly.ckpt"]:
+        fs.pipe(f"{root}/{path}", b"x")
+        time.sleep(0.01)  # distinct creation times, in this order
+    assert newest_checkpoint_named("last", [f"memory://{root}/*/checkpoints"]) == \
+        f"memory://{root}/version_1/checkpoints/last.ckpt"
+    assert newest_checkpoint_named("best", [f"memory://{root}/*/checkpoints"]) is None
