@@ -316,7 +316,8 @@ class PeriodicCheckpoint(ModelCheckpoint):
       random generators after validation, which the uninterrupted run continues with); killed
       during it, the run resumes from the previous checkpoint and validates again.
     * The final step saves ``last`` too (Lightning saves at the end only when nothing was saved
-      during the whole run), so that ``last.ckpt`` holds the final weights. A run stopped by
+      during the whole run), so that ``last.ckpt`` holds the final weights (with ``save_last=True``;
+      ``"link"`` keeps Lightning's meaning, a link to the newest checkpoint saved). A run stopped by
       ``max_steps`` saves at that step's end, as a periodic save, not at the end of training, where
       the loop counts the epoch as done: resumed with a larger ``max_steps``, it continues the epoch.
     """
@@ -355,7 +356,10 @@ class PeriodicCheckpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
+        # Saving at the train epoch's end (save_on_train_epoch_end) waits only for the epoch's last
+        # batch: a mid-epoch validation's held saves are due now, not steps later.
+        mid_epoch = not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if mid_epoch or not self._should_save_on_train_epoch_end(trainer):
             self._save_held(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -188,3 +188,39 @@ def test_top_k_never_deletes_files_of_another_folder_on_a_remote_filesystem():
     assert callback._should_remove_checkpoint(trainer, callback.dirpath + "/step10-gap0.4000.ckpt", current)
     assert not callback._should_remove_checkpoint(trainer, "memory://runs/tiny/version_0/checkpoints/step8-gap0.4500.ckpt",
                                                   current)
+
+
+PROBE = textwrap.dedent('''
+    import json
+    import torch
+    import lightning.pytorch as pl
+
+    class LastStepAt(pl.Callback):
+        """Writes last.ckpt's global_step as it is when the training step ``at`` starts."""
+        def __init__(self, at: int, folder: str):
+            self.at, self.folder = at, folder
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == self.at:
+                step = torch.load(self.folder + "/last.ckpt", weights_only=False)["global_step"]
+                open(self.folder + "/probe.json", "w").write(json.dumps(step))
+''')
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_mid_epoch_validation_saves_its_held_step_also_when_saving_at_epoch_ends(synthetic_data, tmp_path):
+    """save_on_train_epoch_end moves only the epoch's last validation's save to the epoch's end: the
+    periodic save held for a mid-epoch validation (step 3 of a 15-step epoch) is written right after
+    it, not at the epoch's end (step 15) as a first version of the hold did."""
+    (tmp_path / "probe.py").write_text(PROBE)
+    folder = str(tmp_path / "checkpoints")
+    config = tiny_config(synthetic_data, tmp_path, every_n_train_steps=3, max_steps=6, val_check_interval=3,
+                         callbacks=({"class_path": "probe.LastStepAt", "init_args": {"at": 5, "folder": folder}},))
+    settings = yaml.safe_load(config.read_text())
+    periodic, probe = settings["trainer"]["callbacks"][1:]  # alone: the top-k callback saves last.ckpt too
+    periodic["init_args"]["save_on_train_epoch_end"] = True
+    settings["trainer"]["callbacks"] = [periodic, probe]
+    config.write_text(yaml.safe_dump(settings))
+    fit(config)
+    assert (tmp_path / "checkpoints" / "probe.json").read_text() == "3"
