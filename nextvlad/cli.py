@@ -152,9 +152,10 @@ class NextVLADCLI(LightningCLI):
         folders = run_checkpoint_folders(self.trainer)
         found = newest_checkpoint_named(name, folders)
         if found is None:
-            where = ", ".join(folders) or "nowhere: the trainer has no ModelCheckpoint callback"
             start = ", or start the run without --ckpt_path" if self.subcommand == "fit" else ""
-            raise FileNotFoundError(f"--ckpt_path {name}: no {name}.ckpt in {where}; pass a checkpoint file{start}")
+            where = (f"no {name}.ckpt in {', '.join(folders)}" if folders else
+                     "the config has no ModelCheckpoint callback to find the run's checkpoints by")
+            raise FileNotFoundError(f"--ckpt_path {name}: {where}; pass a checkpoint file{start}")
         rank_zero_info(f"--ckpt_path {name}: {found} (the newest {name}.ckpt of the run)")
         self.config[self.subcommand].ckpt_path = self.config_init[self.subcommand].ckpt_path = found
         return found

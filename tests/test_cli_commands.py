@@ -595,3 +595,16 @@ def test_the_newest_last_ckpt_is_found_on_remote_storage_too():
     assert newest_checkpoint_named("last", [f"memory://{root}/*/checkpoints"]) == \
         f"memory://{root}/version_1/checkpoints/last.ckpt"
     assert newest_checkpoint_named("best", [f"memory://{root}/*/checkpoints"]) is None
+
+
+@pytest.mark.parametrize("extra", [EVALUATE, PREDICT])
+def test_evaluation_configs_resolve_best_in_no_stray_folder(clone, tmp_path, extra):
+    """evaluate.yaml / predict.yaml drop the run's checkpoint callback: --ckpt_path best has no run
+    to look in, and must not take Lightning's default ./checkpoints (a stray best.ckpt here)."""
+    (tmp_path / "data").symlink_to(clone / "data")
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copy(checkpoints(clone) / "last.ckpt", tmp_path / "checkpoints" / "best.ckpt")
+    command = "validate" if extra == EVALUATE else "predict"
+    line = error_line(run("nextvlad", command, "--config", DEMO, "--config", extra, "--ckpt_path", "best", cwd=tmp_path))
+    assert line.startswith(f"nextvlad {command}: error: --ckpt_path best: the config has no ModelCheckpoint callback "
+                           "to find the run's checkpoints by; pass a checkpoint file ("), line
