@@ -31,13 +31,15 @@ import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
 from nextvlad.data.parsing import _context_id, parse_sequence_example
-from nextvlad.data.records import DataError, FramingError, expand_paths, read_records
+from nextvlad.data.iterate import parse_records
+from nextvlad.data.records import DataError
 from nextvlad.data.segments import rating_lists
 from nextvlad.segments import read_class_whitelist
 
@@ -64,33 +66,18 @@ def read_ratings(pattern: str | Sequence[str], num_classes: int = 3862,
     located), as the training reader does.
     """
     scores: dict[tuple[str, int], float] = {}
-    skipped = 0
-
-    def skip(error: DataError, what: str) -> None:
-        nonlocal skipped
-        if on_error == "raise":
-            raise error
-        logger.warning("skipped %s: %s", what, error)
-        skipped += 1
-
-    for path in expand_paths(pattern):
-        try:
-            for index, data in enumerate(read_records(path, yield_errors=on_error == "skip")):
-                try:
-                    scores.update(_record_ratings(data, num_classes, path, index))
-                except DataError as error:
-                    skip(error, "a bad record")
-        except FramingError as error:
-            skip(error, "the rest of the file")
+    skips: list[DataError] = []
+    for record_scores in parse_records(pattern, partial(_record_ratings, num_classes=num_classes), on_error,
+                                       on_skip=skips.append):
+        scores.update(record_scores)
     positives: dict[int, int] = defaultdict(int)
     for (_, class_id), score in scores.items():
         if score > 0:
             positives[class_id] += 1
-    return Ratings(scores, dict(positives), skipped)
+    return Ratings(scores, dict(positives), len(skips))
 
 
-def _record_ratings(data: bytes | DataError, num_classes: int, path: str,
-                    index: int) -> dict[tuple[str, int], float]:
+def _record_ratings(data: bytes, path: str, index: int, num_classes: int) -> dict[tuple[str, int], float]:
     """``{(segment id, class): score}`` of one record, a later entry overwriting an earlier one.
 
     Every entry counts as it is stored, as in Google's ``read_labels`` (SPEC_SEGMENTS 5.1): a start
@@ -98,8 +85,6 @@ def _record_ratings(data: bytes | DataError, num_classes: int, path: str,
     checked as the training reader checks them; only a class out of range or parallel lists of
     different lengths make the record bad.
     """
-    if isinstance(data, DataError):
-        raise data
     message = parse_sequence_example(data, path, index)
     video_id = _context_id(message.context, path, index)
     classes, starts, scores = rating_lists(message.context, num_classes, path, index)

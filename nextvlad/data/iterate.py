@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator
-from typing import Literal
+from collections.abc import Callable, Iterable, Iterator
+from typing import Literal, TypeVar
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -19,6 +19,7 @@ from nextvlad.data.transforms import ReverseWhitening, dequantize, finalize_batc
 logger = logging.getLogger("nextvlad.data")
 
 Level = Literal["auto", "frame", "video"]
+T = TypeVar("T")
 
 
 def iter_videos(pattern_or_files: str | os.PathLike | Iterable[str], max_frames: int = 300,
@@ -48,24 +49,42 @@ def iter_videos(pattern_or_files: str | os.PathLike | Iterable[str], max_frames:
         for video in iter_videos("data/yt8m/frame/validate00.tfrecord"):
             print(video["id"], video["num_frames"], video["label_ids"])
     """
+    yield from parse_records(
+        pattern_or_files, lambda data, path, index: _decode(data, path, index, max_frames, num_classes, level),
+        on_error, compression)
+
+
+def parse_records(pattern_or_files: str | os.PathLike | Iterable[str], parse: Callable[[bytes, str, int], T],
+                  on_error: OnError = "raise", compression: Compression = "auto",
+                  on_skip: Callable[[DataError], object] | None = None) -> Iterator[T]:
+    """``parse(data, path, index)`` of every record of the files, in file order, through the
+    CRC-checked reader.
+
+    A bad record (a DataError of the reader or of ``parse``) raises, or with ``on_error="skip"``
+    is logged, handed to ``on_skip`` (to count it) and skipped; so is the rest of a file whose
+    framing breaks (empty, truncated: nothing after it can be located), as one skip.
+    """
     for path in expand_paths(pattern_or_files):
-        records = read_records(path, compression, yield_errors=on_error == "skip")
-        index = 0
         try:
-            for data in records:
+            for index, data in enumerate(read_records(path, compression, yield_errors=on_error == "skip")):
                 try:
                     if isinstance(data, DataError):
                         raise data
-                    yield _decode(data, path, index, max_frames, num_classes, level)
+                    parsed = parse(data, path, index)
                 except DataError as error:
-                    if on_error == "raise":
-                        raise
-                    logger.warning("on_error=skip: skipped %s", error)
-                index += 1
+                    _skip(error, "skipped", on_error, on_skip)
+                    continue
+                yield parsed
         except FramingError as error:
-            if on_error == "raise":
-                raise
-            logger.warning("on_error=skip: gave up the rest of the file: %s", error)
+            _skip(error, "gave up the rest of the file:", on_error, on_skip)
+
+
+def _skip(error: DataError, what: str, on_error: OnError, on_skip: Callable[[DataError], object] | None) -> None:
+    if on_error == "raise":
+        raise error
+    logger.warning("on_error=skip: %s %s", what, error)
+    if on_skip is not None:
+        on_skip(error)
 
 
 def _decode(data: bytes, path: str, index: int, max_frames: int, num_classes: int,
