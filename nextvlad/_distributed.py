@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import random
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 
 def rank_and_world_size() -> tuple[int, int]:
     """(rank, world size) from torch.distributed when it is initialized, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _has_process_group():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
@@ -26,11 +27,12 @@ def shutdown_process_group() -> None:
     with a non-zero exit (and Lightning's process observer kills the launching rank). Call on
     every rank, after the run succeeded; a no-op without a process group.
     """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _has_process_group():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
+@functools.cache  # registered once per process
 def destroy_process_group_at_exit() -> None:
     """Have this process destroy its process group when it exits, if it has one by then.
 
@@ -41,18 +43,16 @@ def destroy_process_group_at_exit() -> None:
     40 with the group destroyed (no barrier needed). No barrier here: at exit after an error the
     other ranks may never come. Registered once per process; a no-op without a group.
     """
-    global _exit_hook_registered
-    if not _exit_hook_registered:
-        atexit.register(_destroy_process_group_if_any)
-        _exit_hook_registered = True
-
-
-_exit_hook_registered = False
+    atexit.register(_destroy_process_group_if_any)
 
 
 def _destroy_process_group_if_any() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _has_process_group():
         torch.distributed.destroy_process_group()
+
+
+def _has_process_group() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def gather_per_rank(state: Any) -> list[Any]:
