@@ -129,15 +129,11 @@ class NextVLADCLI(LightningCLI):
                 checkpoint = self._checked_checkpoint(self.subcommand, ckpt_path)
         if checkpoint is None:
             return
-        expected = {key: tuple(value.shape) for key, value in self.model.state_dict().items()}
-        given = {key: tuple(getattr(value, "shape", ())) for key, value in checkpoint["state_dict"].items()}
-        problems = [f"missing {key}" for key in expected if key not in given]
-        problems += [f"unexpected {key}" for key in given if key not in expected]
-        problems += [f"{key} has shape {given[key]}, the model {shape}"
-                     for key, shape in expected.items() if key in given and given[key] != shape]
-        if problems:
-            raise ValueError(f"{ckpt_path}: its weights do not fit {type(self.model).__name__} "
-                             f"({len(problems)} differences, first: {'; '.join(problems[:3])})")
+        from nextvlad.module import weights_misfit
+
+        misfit = weights_misfit(self.model.state_dict(), checkpoint["state_dict"])
+        if misfit:
+            raise ValueError(f"{ckpt_path}: its weights do not fit {type(self.model).__name__} ({misfit})")
 
     def _resolve_run_checkpoint(self, name: str) -> str:
         """``--ckpt_path last`` or ``best``: the newest ``last.ckpt`` / ``best.ckpt`` of the run,

@@ -104,7 +104,7 @@ def classifier_from_checkpoint(
     checkpoint: dict[str, Any], name: str, config_path: str | Path | None = None
 ) -> nn.Module:
     """:func:`load_classifier` for a checkpoint already loaded; ``name`` is used in errors."""
-    from nextvlad.module import VideoClassifier
+    from nextvlad.module import VideoClassifier, weights_misfit
 
     if config_path is not None:
         from nextvlad.cli import model_from_config
@@ -120,10 +120,10 @@ def classifier_from_checkpoint(
         module.on_load_checkpoint(checkpoint)  # raises on another architecture
     except ValueError as error:
         raise ValueError(f"{name}: {error}") from error
-    try:
-        module.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:
-        raise ValueError(f"{name}: weights do not fit the model: {error}") from error
+    misfit = weights_misfit(module.state_dict(), checkpoint["state_dict"])
+    if misfit:
+        raise ValueError(f"{name}: its weights do not fit {type(module).__name__} ({misfit})")
+    module.load_state_dict(checkpoint["state_dict"])
     return _aggregating_with_reference(module).eval()
 
 

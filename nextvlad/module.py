@@ -472,17 +472,12 @@ class VideoClassifier(pl.LightningModule):
             raise ValueError(f"init_from: {error}") from error
         state = {key[len("model."):]: value for key, value in checkpoint.get("state_dict", {}).items()
                  if key.startswith("model.")}
-        own = self.model.state_dict()
-        problems = [f"missing {key}" for key in own if key not in state]
-        problems += [f"unexpected {key}" for key in state if key not in own]
-        problems += [f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(value.shape)}"
-                     for key, value in own.items() if key in state and state[key].shape != value.shape]
+        misfit = weights_misfit(self.model.state_dict(), state)
         # Checked even when every shape fits: weights of another activation or gate load without
         # a shape problem but compute something else (--ckpt_path refuses them the same way).
         mismatch = architecture_mismatch(checkpoint.get("hyper_parameters") or {}, self.hparams)
-        if problems or mismatch:
-            misfit = (f"the checkpoint's model does not fit this one ({len(problems)} problems: "
-                      f"{'; '.join(problems[:6])})" if problems else None)
+        if misfit or mismatch:
+            misfit = f"the checkpoint's model does not fit this one ({misfit})" if misfit else None
             raise ValueError(f"init_from {checkpoint_path}: "
                              + "; ".join(reason for reason in (misfit, mismatch) if reason))
         self.model.load_state_dict(state, strict=True)
@@ -503,6 +498,22 @@ class VideoClassifier(pl.LightningModule):
             rank, world_size = rank_and_world_size()
             if len(rng_states) == world_size:
                 set_rng_states(rng_states[rank])
+
+
+def weights_misfit(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any]) -> str | None:
+    """How the weights ``given`` (a checkpoint's state dict) do not fit a model's state dict
+    (``expected``): how many entries are missing, unexpected or of another shape, and the first
+    three; None when they fit exactly (as ``load_state_dict(strict=True)`` needs)."""
+    def shape(value: Any) -> tuple[int, ...]:
+        return tuple(getattr(value, "shape", ()))
+
+    problems = [f"missing {key}" for key in expected if key not in given]
+    problems += [f"unexpected {key}" for key in given if key not in expected]
+    problems += [f"{key}: checkpoint {shape(given[key])} vs model {shape(value)}"
+                 for key, value in expected.items() if key in given and shape(given[key]) != shape(value)]
+    if not problems:
+        return None
+    return f"{len(problems)} differences, first: {'; '.join(problems[:3])}"
 
 
 def architecture_mismatch(saved: Mapping[str, Any], configured: Mapping[str, Any]) -> str | None:

@@ -160,6 +160,24 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_weights_that_do_not_fit_are_named_before_anything_loads(tmp_path):
+    """Hyper-parameters that agree but weights edited: one line naming the entries, as `--ckpt_path`."""
+    checkpoint = torch.load(trained_checkpoint(tmp_path), weights_only=True)
+    state = checkpoint["state_dict"]
+    dropped = next(key for key in state if key.endswith("centroids"))
+    resized = next(key for key in state if key.endswith("classifier.weight"))
+    del state[dropped]
+    expected_shape = tuple(state[resized].shape)
+    state[resized] = state[resized][:-1]
+    torch.save(checkpoint, tmp_path / "edited.ckpt")
+    with pytest.raises(ValueError) as error:
+        cli_main(["export", "--ckpt_path", str(tmp_path / "edited.ckpt"), "--output", str(tmp_path / "m.onnx")])
+    shorter = (expected_shape[0] - 1, *expected_shape[1:])
+    assert str(error.value) == (f"{tmp_path / 'edited.ckpt'}: its weights do not fit VideoClassifier (2 differences, "
+                                f"first: missing {dropped}; {resized}: checkpoint {shorter} vs model {expected_shape})")
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_unknown_format_is_rejected_by_the_parser(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["export", "--ckpt_path", "x.ckpt", "--format", "tflite", "--output", "m"])

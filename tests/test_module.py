@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from toy_data import NUM_CLASSES, SMALL, collate, loader, toy_videos, trainer
 
-from nextvlad.module import VideoClassifier, clip_per_tensor_, summed_bce
+from nextvlad.module import VideoClassifier, clip_per_tensor_, summed_bce, weights_misfit
 from nextvlad.optim import TF1Adam
 
 
@@ -22,6 +22,15 @@ def test_summed_bce_matches_float64_formula():
     p = torch.sigmoid(logits.double())
     expected = -(labels * torch.log(p) + (1 - labels) * torch.log(1 - p)).sum(1).mean()
     assert summed_bce(logits, labels).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_weights_misfit_counts_missing_unexpected_and_reshaped_entries():
+    model = {"a": torch.zeros(2, 3), "b": torch.zeros(4), "c": torch.zeros(1), "d": torch.zeros(5)}
+    given = {"a": torch.zeros(3, 2), "b": torch.zeros(4), "e": torch.zeros(1), "f": 7.0, "d": torch.zeros(5, 1)}
+    assert weights_misfit(model, given) == "5 differences, first: missing c; unexpected e; unexpected f"
+    assert weights_misfit(model, {k: given[k] for k in ("a", "b", "d")} | {"c": torch.ones(1)}) == (
+        "2 differences, first: a: checkpoint (3, 2) vs model (2, 3); d: checkpoint (5, 1) vs model (5,)")
+    assert weights_misfit(model, {key: torch.ones_like(value) for key, value in model.items()}) is None
 
 
 def test_l2_is_half_sum_of_squares_of_classifier_weights_and_bias():
