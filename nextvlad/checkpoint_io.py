@@ -114,11 +114,12 @@ def is_cut_short(path: Path) -> bool:
     return ZIP_MAGIC.startswith(head) and not _is_whole_zip(path)
 
 
-def unloadable_checkpoint_error(path: Path, error: Exception) -> UnloadableCheckpointError:
-    """The error for a local file that torch.load failed on, naming it: one cut short says so and
-    names the newest other checkpoint beside it (what to use instead); any other is corrupt."""
+def unloadable_checkpoint_error(path: Path | str, error: Exception) -> UnloadableCheckpointError:
+    """The error for a file that torch.load failed on, naming it: a local one (a ``Path``) cut
+    short says so and names the newest other checkpoint beside it (what to use instead); any other
+    is corrupt (a URL's is not looked into again: that would download it twice)."""
     detail = _load_error_detail(error)
-    if is_cut_short(path):
+    if isinstance(path, Path) and is_cut_short(path):
         return IncompleteCheckpointError(f"{path}: not a loadable checkpoint: cut short while being written or "
                                          f"copied ({detail}). {newest_other_note(path)}")
     return UnloadableCheckpointError(f"{path}: not a loadable checkpoint, corrupt or not written by torch.save "

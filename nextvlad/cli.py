@@ -7,7 +7,8 @@ Known user errors (a missing file, a bad value, a record that does not parse, a 
 another model) end with one ``nextvlad <command>: error: ...`` line and exit status 1; ``--debug``
 (anywhere on the command line) or ``NEXTVLAD_DEBUG=1`` shows the traceback instead. A run stopped
 by SIGTERM (preemption) exits with status 143. ``--ckpt_path last`` / ``best`` are the newest
-``last.ckpt`` / ``best.ckpt`` in any version of the run (an error when there is none).
+``last.ckpt`` / ``best.ckpt`` in any version of the run with the command's settings (an error when
+there is none at all).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import yaml
 from lightning.pytorch.cli import LightningCLI, instantiate_class
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from nextvlad._distributed import shutdown_process_group
 from nextvlad.models.video_model import count_parameters
@@ -92,14 +93,15 @@ class NextVLADCLI(LightningCLI):
             return super()._parse_ckpt_path()
         self._checkpoint = self._checked_checkpoint(subcommand, ckpt_path)
 
-    def _checked_checkpoint(self, subcommand: str, ckpt_path: str) -> dict[str, Any]:
-        """The checkpoint, loaded weights-only with errors that name the file, after checking that
-        it is of the configured model's class and architecture and was trained with the configured
-        reverse whitening (:func:`whitening_mismatch`)."""
+    def _checked_checkpoint(self, subcommand: str, ckpt_path: str,
+                            checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The checkpoint (loaded weights-only with errors that name the file, unless given), after
+        checking that it is of the configured model's class and architecture and was trained with
+        the configured reverse whitening (:func:`whitening_mismatch`)."""
         from nextvlad.export import load_checkpoint
         from nextvlad.module import architecture_mismatch
 
-        checkpoint = load_checkpoint(ckpt_path)
+        checkpoint = load_checkpoint(ckpt_path) if checkpoint is None else checkpoint
         model = self.config[subcommand].model
         saved = checkpoint.get("hyper_parameters") or {}
         saved_class = saved.get("_class_path")
@@ -124,9 +126,11 @@ class NextVLADCLI(LightningCLI):
         checkpoint, self._checkpoint = getattr(self, "_checkpoint", None), None
         ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
         if ckpt_path in RUN_CHECKPOINTS:
-            ckpt_path = self._resolve_run_checkpoint(str(ckpt_path))
+            ckpt_path, checkpoint = self._resolve_run_checkpoint(str(ckpt_path))
             if self.config[self.subcommand].get("model") is not None:
-                checkpoint = self._checked_checkpoint(self.subcommand, ckpt_path)
+                checkpoint = self._checked_checkpoint(self.subcommand, ckpt_path, checkpoint)
+            else:
+                checkpoint = None  # the checkpoint's own model: nothing to check it against
         if checkpoint is None:
             return
         from nextvlad.module import weights_misfit
@@ -135,26 +139,56 @@ class NextVLADCLI(LightningCLI):
         if misfit:
             raise ValueError(f"{ckpt_path}: its weights do not fit {type(self.model).__name__} ({misfit})")
 
-    def _resolve_run_checkpoint(self, name: str) -> str:
-        """``--ckpt_path last`` or ``best``: the newest ``last.ckpt`` / ``best.ckpt`` of the run,
-        which becomes the command's ``ckpt_path`` (and is said on the console).
+    def _set_seed(self) -> None:
+        """Lightning's, remembering the configured seed (None for none or a random one): the run's
+        seed is one of the settings ``--ckpt_path last`` tells runs apart by."""
+        configured = self._get(self.config, "seed_everything")
+        self._configured_seed = None if isinstance(configured, bool) else configured
+        super()._set_seed()
+
+    def _resolve_run_checkpoint(self, name: str) -> tuple[str, dict[str, Any]]:
+        """``--ckpt_path last`` or ``best``: the newest ``last.ckpt`` / ``best.ckpt`` of the run
+        trained with this command's settings, which becomes the command's ``ckpt_path`` (and is
+        said on the console), and the checkpoint, loaded.
 
         Lightning looks for "last" only in this process's own checkpoint folder, which for a
         logger with automatic versions is the new, empty ``version_N+1/checkpoints``: it warns and
         trains from scratch. "best" it takes from a ``ModelCheckpoint`` of this process, which has
         none before it trains. Here both are looked for in every version of the logger's run
         (``<save_dir>/<name>/*/checkpoints``) and in the checkpoint callbacks' own folders; none
-        found is an error, never a fresh start."""
+        found is an error, never a fresh start. Runs sharing a logger name (a sweep, requeued job
+        by job) are told apart by their settings (:func:`settings_differences`): a newer
+        checkpoint of other settings is passed over, and when no checkpoint has these settings the
+        newest is taken (a resume with a setting changed on purpose) with the differences said."""
         folders = run_checkpoint_folders(self.trainer)
-        found = newest_checkpoint_named(name, folders)
-        if found is None:
+        found = run_checkpoints_named(name, folders)
+        if not found:
             start = ", or start the run without --ckpt_path" if self.subcommand == "fit" else ""
             where = (f"no {name}.ckpt in {', '.join(folders)}" if folders else
                      "the config has no ModelCheckpoint callback to find the run's checkpoints by")
             raise FileNotFoundError(f"--ckpt_path {name}: {where}; pass a checkpoint file{start}")
-        rank_zero_info(f"--ckpt_path {name}: {found} (the newest {name}.ckpt of the run)")
-        self.config[self.subcommand].ckpt_path = self.config_init[self.subcommand].ckpt_path = found
-        return found
+        from nextvlad.export import load_checkpoint
+
+        passed_over, newest = [], None
+        for path in found:
+            checkpoint = load_checkpoint(path)
+            newest = newest or checkpoint
+            differences = settings_differences(checkpoint, getattr(self.model, "hparams", None),
+                                               getattr(self.datamodule, "hparams", None), self._configured_seed)
+            if not differences:
+                break
+            passed_over.append(f"{path} ({'; '.join(differences)})")
+        else:
+            path, checkpoint = found[0], newest
+            rank_zero_warn(f"--ckpt_path {name}: no {name}.ckpt of the run has this command's settings; continuing "
+                           f"the newest with these settings: {passed_over[0]}")
+            passed_over = []
+        rank_zero_info(f"--ckpt_path {name}: {path} (the newest {name}.ckpt of the run with these settings)")
+        if passed_over:
+            rank_zero_info(f"--ckpt_path {name}: passed over newer checkpoints of other settings: "
+                           + ", ".join(passed_over))
+        self.config[self.subcommand].ckpt_path = self.config_init[self.subcommand].ckpt_path = path
+        return path, checkpoint
 
 
 class ParamsCLI(NextVLADCLI):
@@ -193,12 +227,41 @@ def run_checkpoint_folders(trainer: Trainer) -> list[str]:
     return list(dict.fromkeys(folders))
 
 
-def newest_checkpoint_named(name: str, folders: Sequence[str]) -> str | None:
-    """The most recently written ``<name>.ckpt`` (or Lightning's versioned ``<name>-vN.ckpt``) in
-    ``folders`` (glob patterns), as Lightning picks among last checkpoints; None when there is none."""
+def run_checkpoints_named(name: str, folders: Sequence[str]) -> list[str]:
+    """The ``<name>.ckpt`` files (and Lightning's versioned ``<name>-vN.ckpt``) in ``folders``
+    (glob patterns), the most recently written first, as Lightning orders last checkpoints."""
     pattern = re.compile(rf"{re.escape(name)}(-v\d+)?\.ckpt")
     found = {path: written for folder in folders for path, written in _checkpoints_in(folder, name, pattern).items()}
-    return max(found, key=found.__getitem__, default=None)
+    return sorted(found, key=found.__getitem__, reverse=True)
+
+
+#: Hyper-parameters that say how a run is served or read, not which run it is (the evaluation and
+#: prediction configs change them): runs differing only in these have the same settings.
+NOT_RUN_SETTINGS = {
+    "model": {"aggregation_backend", "predict_branch", "top_k"},
+    "data": {"val_pattern", "test_pattern", "predict_pattern", "eval_batch_size", "num_workers", "on_error",
+             "compression", "dequantize_in_workers", "predict_rated",
+             "eigenvalues_path"},  # compared by value (whitening_mismatch), not by where the file is
+}
+
+
+def settings_differences(checkpoint: dict[str, Any], model_hparams: dict[str, Any] | None,
+                         data_hparams: dict[str, Any] | None, seed: int | None) -> list[str]:
+    """How the run that wrote ``checkpoint`` was set up otherwise than this command: its model and
+    data hyper-parameters (less :data:`NOT_RUN_SETTINGS`) and ``seed_everything`` (``seed``; None:
+    not compared), each as "what: checkpoint X vs config Y". Settings a checkpoint does not record
+    are not compared."""
+    differences = []
+    for part, saved, now in (("model", checkpoint.get("hyper_parameters"), model_hparams),
+                             ("data", checkpoint.get("datamodule_hyper_parameters"), data_hparams)):
+        for key, value in (now or {}).items():
+            if not key.startswith("_") and key not in NOT_RUN_SETTINGS[part] and key in (saved or {}) \
+                    and saved[key] != value:
+                differences.append(f"{part} {key}: checkpoint {saved[key]!r} vs config {value!r}")
+    saved_seed = checkpoint.get("seed_everything")
+    if None not in (seed, saved_seed) and saved_seed != seed:
+        differences.append(f"seed_everything: checkpoint {saved_seed} vs config {seed}")
+    return differences
 
 
 def _checkpoints_in(folder: str, name: str, pattern: re.Pattern) -> dict[str, float]:

@@ -33,6 +33,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
+import fsspec
 import torch
 import yaml
 from torch import nn
@@ -77,16 +78,24 @@ class ExportableClassifier(nn.Module):
 
 # ---------------------------------------------------------------------------------- loading
 def load_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` of a Lightning checkpoint, with errors that name the file."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    """``torch.load(weights_only=True)`` of a Lightning checkpoint, with errors that name the file.
+
+    A URL (``gs://``, ``s3://``, any fsspec protocol) is read through fsspec, as Lightning reads it."""
+    if "://" in str(ckpt_path):
+        fs, path = fsspec.core.url_to_fs(str(ckpt_path))
+        name, is_file, source = str(ckpt_path), fs.isfile(path), lambda: fs.open(path, "rb")
+    else:
+        path = name = Path(ckpt_path)
+        is_file, source = path.is_file(), lambda: open(path, "rb")
+    if not is_file:
+        raise FileNotFoundError(f"checkpoint not found: {name}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with source() as handle:
+            checkpoint = torch.load(handle, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors have many types; all mean "not our checkpoint"
-        raise unloadable_checkpoint_error(path, error) from error
+        raise unloadable_checkpoint_error(name, error) from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+        raise ValueError(f"{name}: not a Lightning checkpoint (no 'state_dict')")
     return checkpoint
 
 

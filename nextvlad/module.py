@@ -9,6 +9,7 @@ staircase decay 0.8 every 2,000,000 examples, per-tensor gradient clipping at 1.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Literal, Mapping
 
 import lightning.pytorch as pl
@@ -487,6 +488,10 @@ class VideoClassifier(pl.LightningModule):
         # Dropout draws from the global generators: a resumed run continues them (Lightning saves
         # none of them), so that it takes the same steps as the uninterrupted run.
         checkpoint["rng_states"] = gather_per_rank(rng_states())
+        # Which run this is, with the hyper-parameters: `--ckpt_path last` prefers a checkpoint of
+        # the same settings among concurrent runs (seed_everything sets this variable).
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        checkpoint["seed_everything"] = None if seed is None else int(seed)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         mismatch = architecture_mismatch(checkpoint.get("hyper_parameters") or {}, self.hparams)

@@ -445,6 +445,52 @@ def test_fit_ckpt_path_last_resumes_from_the_newest_last_ckpt_of_the_runs_versio
     assert torch.allclose(trained - bias, torch.ones_like(bias), atol=0.1)  # from scratch: about 0
 
 
+def test_fit_ckpt_path_last_passes_over_newer_checkpoints_of_other_runs_under_the_same_name(clone, tmp_path):
+    """A sweep under one logger name, each job requeued with `--ckpt_path last`: the newest
+    last.ckpt may be another job's. A newer one of another learning rate (its classifier bias
+    shifted by 1) and one of another seed (shifted by 2) are passed over, each named with the
+    setting that differs; the run resumes its own (oracle: the bias moved by about 0)."""
+    copy = tmp_path / "clone"
+    shutil.copytree(clone, copy, symlinks=True)
+    runs = copy / "runs" / "demo"
+    own = runs / "version_0" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(own, weights_only=True)
+    bias = checkpoint["state_dict"]["model.classifier.bias"].clone()
+    others = {"version_80": ("seed_everything", 7, 2.0), "version_90": ("learning_rate", 0.5, 1.0)}
+    for age, (version, (setting, value, shift)) in enumerate(others.items()):
+        other = torch.load(own, weights_only=True)
+        (other if setting == "seed_everything" else other["hyper_parameters"])[setting] = value
+        other["state_dict"]["model.classifier.bias"] += shift
+        path = runs / version / "checkpoints" / "last.ckpt"
+        path.parent.mkdir(parents=True)
+        torch.save(other, path)
+        os.utime(path, (time.time() - 100 + age,) * 2)
+    os.utime(own, (time.time() - 200,) * 2)
+
+    result = run("lightning", "fit", "--config", DEMO, "--trainer.max_steps", "3", "--trainer.enable_progress_bar",
+                 "false", "--ckpt_path", "last", cwd=copy)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = result.stdout + result.stderr
+    assert "--ckpt_path last: runs/demo/version_0/checkpoints/last.ckpt (the newest last.ckpt of the run with " \
+           "these settings)" in said
+    assert ("passed over newer checkpoints of other settings: runs/demo/version_90/checkpoints/last.ckpt "
+            "(model learning_rate: checkpoint 0.5 vs config 0.003), runs/demo/version_80/checkpoints/last.ckpt "
+            "(seed_everything: checkpoint 7 vs config 0)") in said
+    trained = torch.load(runs / "version_91" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert torch.allclose(trained["state_dict"]["model.classifier.bias"], bias, atol=0.1)
+    assert trained["seed_everything"] == 0
+
+    # No checkpoint of these settings: the newest is continued with them, the differences said.
+    result = run("lightning", "fit", "--config", DEMO, "--trainer.max_steps", "3", "--trainer.enable_progress_bar",
+                 "false", "--ckpt_path", "last", "--model.init_args.learning_rate", "0.25", "--seed_everything", "7",
+                 cwd=copy)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = result.stdout + result.stderr
+    assert ("--ckpt_path last: no last.ckpt of the run has this command's settings; continuing the newest with these "
+            "settings: runs/demo/version_91/checkpoints/last.ckpt (model learning_rate: checkpoint 0.003 vs config "
+            "0.25; seed_everything: checkpoint 0 vs config 7)") in " ".join(said.split())
+
+
 def test_fit_ckpt_path_last_without_a_last_ckpt_is_an_error_not_a_fresh_start(clone, tmp_path):
     (tmp_path / "data").symlink_to(clone / "data")
     line = error_line(run("lightning", "fit", "--config", DEMO, "--trainer.max_steps", "1", "--ckpt_path", "last",
@@ -585,16 +631,17 @@ def test_the_newest_last_ckpt_is_found_on_remote_storage_too():
 
     import fsspec
 
-    from nextvlad.cli import newest_checkpoint_named
+    from nextvlad.cli import run_checkpoints_named
 
     fs, root = fsspec.filesystem("memory"), f"/{uuid.uuid4().hex}"
     for path in ["version_0/checkpoints/last.ckpt", "version_2/checkpoints/last-v1.ckpt",
                  "version_1/checkpoints/last.ckpt", "version_1/checkpoints/lastly.ckpt"]:
         fs.pipe(f"{root}/{path}", b"x")
         time.sleep(0.01)  # distinct creation times, in this order
-    assert newest_checkpoint_named("last", [f"memory://{root}/*/checkpoints"]) == \
-        f"memory://{root}/version_1/checkpoints/last.ckpt"
-    assert newest_checkpoint_named("best", [f"memory://{root}/*/checkpoints"]) is None
+    assert run_checkpoints_named("last", [f"memory://{root}/*/checkpoints"]) == [
+        f"memory://{root}/version_1/checkpoints/last.ckpt", f"memory://{root}/version_2/checkpoints/last-v1.ckpt",
+        f"memory://{root}/version_0/checkpoints/last.ckpt"]
+    assert run_checkpoints_named("best", [f"memory://{root}/*/checkpoints"]) == []
 
 
 @pytest.mark.parametrize("extra", [EVALUATE, PREDICT])

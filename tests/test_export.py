@@ -178,6 +178,29 @@ def test_weights_that_do_not_fit_are_named_before_anything_loads(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_a_checkpoint_on_remote_storage_is_read_through_fsspec(tmp_path):
+    """`--ckpt_path last` on a gs:// / s3:// run folder, and export or init_from of such a file, load
+    it by URL (memory:// here); a missing or foreign one is named by its URL."""
+    import uuid
+
+    import fsspec
+
+    from nextvlad.export import load_checkpoint
+
+    local = trained_checkpoint(tmp_path)
+    root = f"memory://{uuid.uuid4().hex}"
+    fs = fsspec.filesystem("memory")
+    fs.pipe(f"{root}/last.ckpt", Path(local).read_bytes())
+    fs.pipe(f"{root}/junk.ckpt", b"not a checkpoint")
+    remote, expected = load_checkpoint(f"{root}/last.ckpt"), torch.load(local, weights_only=True)
+    assert remote["hyper_parameters"] == expected["hyper_parameters"]
+    assert all(torch.equal(value, expected["state_dict"][key]) for key, value in remote["state_dict"].items())
+    with pytest.raises(FileNotFoundError, match=f"checkpoint not found: {root}/nope.ckpt"):
+        load_checkpoint(f"{root}/nope.ckpt")
+    with pytest.raises(ValueError, match=f"{root}/junk.ckpt: not a loadable checkpoint"):
+        load_checkpoint(f"{root}/junk.ckpt")
+
+
 def test_unknown_format_is_rejected_by_the_parser(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["export", "--ckpt_path", "x.ckpt", "--format", "tflite", "--output", "m"])
