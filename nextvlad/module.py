@@ -21,6 +21,7 @@ from torchmetrics import MetricCollection
 from nextvlad._distributed import (destroy_process_group_at_exit, gather_per_rank, rank_and_world_size, rng_states,
                                    set_rng_states)
 from nextvlad._dtypes import at_least_float32
+from nextvlad._fit_loop import resume_finished_epochs_as_the_next
 from nextvlad._validation import check_choice, check_positive_int
 from nextvlad.metrics_segments import SegmentMeanAveragePrecision
 from nextvlad.metrics import (
@@ -452,6 +453,8 @@ class VideoClassifier(pl.LightningModule):
     # ----------------------------------------------------------------------------- checkpoints
     def setup(self, stage: str) -> None:
         destroy_process_group_at_exit()  # on every rank of every command (ddp_spawn workers too)
+        if stage == "fit":  # before Lightning restores a --ckpt_path's loop state
+            resume_finished_epochs_as_the_next(self.trainer)
         # In setup, before Lightning restores a --ckpt_path: resuming a fine-tuning run keeps
         # its own weights, a fresh one starts from init_from.
         if stage == "fit" and self.hparams.init_from:
