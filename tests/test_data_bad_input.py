@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import pickle
 
 import numpy as np
 import pytest
@@ -273,3 +275,100 @@ def test_iter_videos_skips_are_logged_with_file_and_record(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="nextvlad.data"):
         assert ids_read(path, on_error="skip") == ["good0"]
     assert f"{path}, record 1" in caplog.text and f"{path}, record 2: truncated" in caplog.text
+
+
+def write_eigenvalues(tmp_path, name: str, array) -> str:
+    path = str(tmp_path / name)
+    np.save(path, np.asarray(array), allow_pickle=True)
+    return path
+
+
+def good_eigenvalues(dtype=np.float32) -> np.ndarray:
+    return np.linspace(4.0, 0.5, 2048).astype(dtype)[:, None]
+
+
+def one_line_error(path: str) -> str:
+    from nextvlad.data.transforms import whitening_scale
+
+    with pytest.raises(ValueError) as error:
+        whitening_scale(path)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{path}: ")
+    return message
+
+
+@pytest.mark.parametrize("bad_value, shown", [(np.inf, "inf"), (1e300, "1e+300")])
+def test_eigenvalues_not_finite_as_float32_are_refused_naming_the_first(tmp_path, bad_value, shown):
+    """inf, or a float64 beyond float32's range (inf once cast), passes "> 0" but would turn every
+    rgb input into inf/NaN: an error naming the file, the first bad index and its value."""
+    eigenvalues = good_eigenvalues(np.float64)
+    eigenvalues[[7, 900], 0] = bad_value
+    message = one_line_error(write_eigenvalues(tmp_path, "eigenvals.npy", eigenvalues))
+    assert f"eigenvalue 7 is {shown}, not a finite float32" in message
+
+
+def test_eigenvalues_beyond_the_first_1024_are_not_checked(tmp_path):
+    """Only e[:1024] scales rgb (SPEC 2): an inf further on is harmless."""
+    from nextvlad.data.transforms import whitening_scale
+
+    eigenvalues = good_eigenvalues(np.float64)
+    eigenvalues[1500, 0] = np.inf
+    scale = whitening_scale(write_eigenvalues(tmp_path, "eigenvals.npy", eigenvalues))
+    np.testing.assert_array_equal(scale, np.sqrt(eigenvalues[:1024, 0].astype(np.float32)) + np.float32(1e-4))
+
+
+def npy_bytes(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array), allow_pickle=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("content, expected", [
+    (npy_bytes(good_eigenvalues())[:600], "not a readable .npy array of eigenvalues (Failed to read all data"),
+    (npy_bytes(good_eigenvalues())[:20], "not a readable .npy array of eigenvalues"),  # cut in the header
+    (npy_bytes(np.array([1.0] * 2048, dtype=object)),
+     "not a readable .npy array of eigenvalues (Object arrays cannot be loaded"),
+    (b"", "not a .npy file"),
+    (b"0.5\n0.4\n", "not a .npy file"),
+    (pickle.dumps(good_eigenvalues()), "not a .npy file"),
+], ids=["truncated", "truncated header", "pickled objects", "empty", "text", "pickle"])
+def test_unreadable_eigenvalues_file_is_one_line_naming_it(tmp_path, content, expected):
+    path = tmp_path / "eigenvals.npy"
+    path.write_bytes(content)
+    assert expected in one_line_error(str(path))
+
+
+def test_npz_archive_as_eigenvalues_is_refused(tmp_path):
+    path = str(tmp_path / "eigenvals.npz")
+    np.savez(path, eigenvalues=good_eigenvalues())
+    assert "not a .npy file" in one_line_error(path)
+
+
+@pytest.mark.parametrize("array, dtype", [
+    (np.ones(2048, dtype=bool), "bool"),
+    (np.ones((2048, 1), dtype=np.complex64), "complex64"),
+    (np.array(["1.5"] * 2048), "<U3"),
+    (np.array([b"1.5"] * 2048), "|S3"),
+])
+def test_non_numeric_eigenvalues_are_refused(tmp_path, array, dtype):
+    message = one_line_error(write_eigenvalues(tmp_path, "eigenvals.npy", array))
+    assert message.endswith(f"eigenvalues must be real numbers, got dtype {dtype}")
+
+
+def test_integer_eigenvalues_are_accepted(tmp_path):
+    """Integers are real numbers: the scale is float32 sqrt(e) + 1e-4 as for floats."""
+    from nextvlad.data.transforms import whitening_scale
+
+    scale = whitening_scale(write_eigenvalues(tmp_path, "eigenvals.npy", np.arange(2048, 0, -1, dtype=np.int64)))
+    assert scale.dtype == np.float32
+    np.testing.assert_allclose(scale[[0, 1023]], [np.sqrt(2048) + 1e-4, np.sqrt(1025) + 1e-4], rtol=1e-6)
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.ones((1000, 1), np.float32), "expected at least 1024 eigenvalues of shape (N, 1) or (N,), got shape (1000, 1)"),
+    (np.ones((2048, 2), np.float32), "got shape (2048, 2)"),
+    (np.concatenate([np.ones(5), [np.nan], np.ones(2042)]), "the first 1024 eigenvalues must be > 0"),
+    (np.concatenate([np.ones(5), [0.0], np.ones(2042)]), "the first 1024 eigenvalues must be > 0"),
+])
+def test_existing_eigenvalue_errors_are_kept(tmp_path, array, message):
+    assert message in one_line_error(write_eigenvalues(tmp_path, "eigenvals.npy", array))

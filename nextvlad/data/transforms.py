@@ -44,21 +44,46 @@ def whitening_scale(eigenvalues_path: str | os.PathLike) -> np.ndarray:
     """float32 (1024,) ``sqrt(e[:1024]) + 1e-4`` from the PCA eigenvalues file (SPEC 2).
 
     The file is `eigenvals.npy` from Google's `yt8m_pca` (shape (2048, 1) or (2048,), descending).
+    A file that is not such an array of real numbers, with the first 1024 > 0 and finite as
+    float32, is a ValueError naming it: a bad value would silently make every rgb input inf/NaN.
     """
     if not os.path.isfile(eigenvalues_path):
         raise FileNotFoundError(
             f"eigenvalues_path: {eigenvalues_path} does not exist (the yt8m_pca eigenvals.npy for "
             "reverse whitening, see the README's 'Getting the data'; null turns whitening off)"
         )
-    loaded = np.load(eigenvalues_path)
+    loaded = _load_eigenvalues(eigenvalues_path)
     eigenvalues = loaded[:, 0] if loaded.ndim == 2 and loaded.shape[1] == 1 else loaded
     if eigenvalues.ndim != 1 or eigenvalues.shape[0] < RGB_SIZE:
         raise ValueError(f"{eigenvalues_path}: expected at least {RGB_SIZE} eigenvalues of shape "
                          f"(N, 1) or (N,), got shape {loaded.shape}")
     if not np.all(eigenvalues[:RGB_SIZE] > 0):
         raise ValueError(f"{eigenvalues_path}: the first {RGB_SIZE} eigenvalues must be > 0")
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf: refused below
+        used = eigenvalues[:RGB_SIZE].astype(np.float32)
+    if not np.all(np.isfinite(used)):  # passes "> 0", then makes every rgb input inf/NaN
+        index = int(np.argmin(np.isfinite(used)))
+        raise ValueError(f"{eigenvalues_path}: eigenvalue {index} is {float(eigenvalues[index])}, not a "
+                         "finite float32 (reverse whitening would turn every rgb input into inf/NaN)")
     # float32 sqrt then + 1e-4 in float32, as the authors' graph computes it.
-    return np.sqrt(eigenvalues[:RGB_SIZE].astype(np.float32)) + WHITENING_EPSILON
+    return np.sqrt(used) + WHITENING_EPSILON
+
+
+def _load_eigenvalues(eigenvalues_path: str | os.PathLike) -> np.ndarray:
+    """The array in an existing .npy file, refused (naming the file) unless it is real numbers."""
+    with open(eigenvalues_path, "rb") as file:
+        is_npy = file.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX
+    if not is_npy:  # text, pickle, .npz, empty: numpy's own errors would not name the file
+        raise ValueError(f"{eigenvalues_path}: not a .npy file (expected the eigenvalues array "
+                         "as np.save writes it)")
+    try:
+        loaded = np.load(eigenvalues_path, allow_pickle=False)
+    except (ValueError, EOFError) as error:  # truncated, a broken header, an object array
+        raise ValueError(f"{eigenvalues_path}: not a readable .npy array of eigenvalues "
+                         f"({error})") from error
+    if loaded.dtype.kind not in "iuf":  # bool, complex, strings: not eigenvalues
+        raise ValueError(f"{eigenvalues_path}: eigenvalues must be real numbers, got dtype {loaded.dtype}")
+    return loaded
 
 
 class ReverseWhitening:
