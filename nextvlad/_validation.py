@@ -18,6 +18,15 @@ def check_positive_int(**values: int) -> None:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
+def check_in_range(name: str, value: float, low: float, high: float = float("inf"), low_open: bool = False) -> None:
+    """Raise ValueError naming the argument unless ``low <= value <= high`` (``low < value`` with
+    ``low_open``); a NaN is never in range."""
+    above = value > low if low_open else value >= low
+    if not (above and value <= high):
+        interval = f"{'(' if low_open else '['}{low}, {high}{']' if high != float('inf') else ')'}"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+
+
 def check_choice(name: str, value: object, choices: tuple) -> None:
     """Raise ValueError unless value is one of choices."""
     if value not in choices:

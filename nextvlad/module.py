@@ -22,7 +22,7 @@ from nextvlad._distributed import (destroy_process_group_at_exit, gather_per_ran
                                    set_rng_states)
 from nextvlad._dtypes import at_least_float32
 from nextvlad._fit_loop import resume_finished_epochs_as_the_next
-from nextvlad._validation import check_choice, check_positive_int
+from nextvlad._validation import check_choice, check_in_range, check_positive_int
 from nextvlad.metrics_segments import SegmentMeanAveragePrecision
 from nextvlad.metrics import (
     GlobalAveragePrecision,
@@ -143,6 +143,13 @@ class VideoClassifier(pl.LightningModule):
         check_choice("adam_epsilon", adam_epsilon, ("tf1", "torch"))
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 disables distillation), got {temperature}")
+        # A negative clip norm flips every gradient, a negative decay flips every other period's
+        # learning rate: training would run, climbing the loss.
+        check_in_range("learning_rate", learning_rate, 0.0, low_open=True)
+        check_in_range("lr_decay", lr_decay, 0.0, 1.0, low_open=True)
+        check_in_range("gradient_clip_norm", gradient_clip_norm, 0.0, low_open=True)
+        check_in_range("l2_penalty", l2_penalty, 0.0)
+        check_in_range("cl_lambda", cl_lambda, 0.0)
         if predict_branch is not None and not 0 <= predict_branch < num_branches:
             raise ValueError(f"predict_branch must be in [0, {num_branches}), got {predict_branch}")
         check_choice("task", task, ("video", "segments"))
@@ -150,8 +157,7 @@ class VideoClassifier(pl.LightningModule):
         if task == "segments" and num_branches > 1 and gate_input == "per_frame" and gate_frames != 5:
             raise ValueError(f"gate_input='per_frame' over gate_frames={gate_frames} frames cannot take "
                              "5-frame segments: use gate_input 'all' or 'masked' for task='segments'")
-        if not 0.0 < bn_momentum <= 1.0:
-            raise ValueError(f"bn_momentum must be in (0, 1], got {bn_momentum}")
+        check_in_range("bn_momentum", bn_momentum, 0.0, 1.0, low_open=True)
         self.model = self._build_model()
         for layer in self.model.modules():  # one knob for every BN (TF decay = 1 - momentum)
             if isinstance(layer, nn.modules.batchnorm._BatchNorm):
@@ -320,6 +326,7 @@ class VideoClassifier(pl.LightningModule):
                 gap.update(*self._metric_inputs(branch_logits, batch))
         else:
             logits = self(batch["rgb"], batch["audio"], batch["lengths"])
+        check_finite_scores(logits, batch.get("id"), getattr(self._trainer, "ckpt_path", None))
         if self.hparams.task == "segments":
             self.segment_map[stage].update(torch.sigmoid(logits.float()), batch["labels"].float(),
                                            batch["label_weights"].float())
@@ -389,6 +396,7 @@ class VideoClassifier(pl.LightningModule):
         ``task="segments"`` every segment's probabilities (S, C), which the segment submission
         masks with the class whitelist before taking each segment's top 20 (SPEC_SEGMENTS 4.2)."""
         probabilities = torch.sigmoid(self(batch["rgb"], batch["audio"], batch["lengths"]).float())
+        check_finite_scores(probabilities, batch["id"], getattr(self._trainer, "ckpt_path", None))
         if self.hparams.task == "segments":
             return {"id": list(batch["id"]), "probabilities": probabilities.cpu()}
         # A stable sort, so that a tie at the k-th score keeps the lower class index (topk leaves
@@ -410,6 +418,10 @@ class VideoClassifier(pl.LightningModule):
 
     def on_train_start(self) -> None:
         check_validation_between_accumulated_steps(self.trainer)
+        if self.trainer.gradient_clip_val is not None:  # configure_gradient_clipping has its own
+            raise ValueError(f"trainer.gradient_clip_val = {self.trainer.gradient_clip_val} is not used: the model "
+                             "clips as set by model.init_args.gradient_clip (per_tensor, global, off) and "
+                             "gradient_clip_norm; remove it and set those")
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         learning_rate = self.current_learning_rate()
@@ -455,6 +467,9 @@ class VideoClassifier(pl.LightningModule):
         destroy_process_group_at_exit()  # on every rank of every command (ddp_spawn workers too)
         if stage == "fit":  # before Lightning restores a --ckpt_path's loop state
             resume_finished_epochs_as_the_next(self.trainer)
+        if self.trainer.precision in CAST_PRECISIONS:
+            raise ValueError(f"trainer.precision = {self.trainer.precision!r}: the model runs in 32-true, bf16-mixed, "
+                             "16-mixed or 64-true (its logits and losses stay at least float32, as the metrics need)")
         # In setup, before Lightning restores a --ckpt_path: resuming a fine-tuning run keeps
         # its own weights, a fresh one starts from init_from.
         if stage == "fit" and self.hparams.init_from:
@@ -487,6 +502,7 @@ class VideoClassifier(pl.LightningModule):
         self.model.load_state_dict(state, strict=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_finite_weights(self, f"at step {self.trainer.global_step}: not saved")
         checkpoint["examples_seen"] = self.examples_seen
         # Dropout draws from the global generators: a resumed run continues them (Lightning saves
         # none of them), so that it takes the same steps as the uninterrupted run.
@@ -506,6 +522,36 @@ class VideoClassifier(pl.LightningModule):
             rank, world_size = rank_and_world_size()
             if len(rng_states) == world_size:
                 set_rng_states(rng_states[rank])
+
+
+#: Trainer precisions that cast the whole model to 16 bits, logits included.
+CAST_PRECISIONS = ("bf16-true", "16-true")
+
+
+def check_finite_weights(module: nn.Module, when: str) -> None:
+    """ValueError naming the first parameter or buffer that holds NaN or inf: a run that diverged
+    stops at its next checkpoint instead of saving it (the weights are the same on every rank, so
+    every rank stops alike). One device sync per call: at saves only."""
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors if t.is_floating_point()]) if tensors else None
+    if finite is None or bool(finite.all()):
+        return
+    name = next(name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    raise ValueError(f"the model's weights are not finite {when} (first: {name}): training diverged; resume from an "
+                     "earlier checkpoint with a lower learning_rate")
+
+
+def check_finite_scores(scores: torch.Tensor, ids: Any, ckpt_path: str | None) -> None:
+    """ValueError naming the first video whose scores (logits or probabilities, (B, ...)) hold NaN
+    (inf logits give probabilities 0 or 1, which rank fine): a submission or metric of NaN scores
+    would rank them first without a word. One device sync per batch, as the metrics' own checks."""
+    bad = torch.isnan(scores).flatten(1).any(1) if scores.numel() else torch.zeros(0, dtype=torch.bool)
+    if not bool(bad.any()):
+        return
+    first = int(bad.nonzero()[0])
+    video = ids[first] if ids is not None else f"row {first} of the batch"
+    raise ValueError(f"the model's scores are NaN for video {video} ({int(bad.sum())} of the batch's "
+                     f"{len(bad)}): the weights of {ckpt_path or 'the model'} or that video's features are not finite")
 
 
 def weights_misfit(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any]) -> str | None:

@@ -175,3 +175,27 @@ def test_loader_length_follows_the_current_trainer(synthetic_data):
         dm.setup("validate")
         loader = dm.val_dataloader()
         assert len(loader) == len(list(loader))
+
+
+def test_64_true_precision_gets_float64_batches_and_trains(synthetic_data):
+    """Lightning converts a batch to the trainer's precision before the transfer hooks, while it is
+    uint8: the float batch made on the device must be converted too (it was float32, and the
+    float64 model's first layer raised a dtype mismatch)."""
+    from nextvlad import VideoClassifier
+
+    class Inputs(L.Callback):
+        dtypes: list = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.dtypes.append((batch["rgb"].dtype, batch["audio"].dtype))
+
+    data = YT8MDataModule(train_pattern=synthetic_data["dir"] + "/train*.tfrecord",
+                          val_pattern=synthetic_data["dir"] + "/validate*.tfrecord", batch_size=8, num_workers=0,
+                          max_frames=60, num_classes=10)
+    model = VideoClassifier(num_classes=10, clusters=4, groups=2, hidden_size=16, gating_reduction=4)
+    inputs = Inputs()
+    L.Trainer(accelerator="cpu", precision="64-true", max_steps=2, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
+              callbacks=[inputs]).fit(model, data)
+    assert inputs.dtypes == [(torch.float64, torch.float64)] * 2
+    assert all(p.dtype == torch.float64 and torch.isfinite(p).all() for p in model.parameters())

@@ -447,3 +447,56 @@ def test_ddp_segment_validation_with_a_rank_of_unrated_segments():
     assert two_ranks.keys() == single.keys() and "val/loss" in single
     for name, value in single.items():
         assert two_ranks[name] == pytest.approx(value, rel=1e-6), name
+
+
+# ------------------------------------------------------------------ settings that would train wrongly, non-finite weights
+@pytest.mark.parametrize("name,value", [("learning_rate", 0.0), ("lr_decay", -0.8), ("lr_decay", 1.5),
+                                        ("gradient_clip_norm", -1.0), ("gradient_clip_norm", 0.0),
+                                        ("l2_penalty", -1e-5), ("cl_lambda", -9.0), ("learning_rate", float("nan"))])
+def test_optimisation_settings_out_of_range_are_refused(name, value):
+    with pytest.raises(ValueError, match=rf"^{name} must be in [(\[]0\.0, .*got {value}"):
+        VideoClassifier(**SMALL, **{name: value})
+
+
+def test_trainer_gradient_clip_val_is_refused_not_ignored():
+    """The module clips per tensor (SPEC 4) in configure_gradient_clipping; Lightning's own clip
+    options would do nothing without a word."""
+    with pytest.raises(ValueError, match=r"trainer.gradient_clip_val = 0.01 is not used: .*gradient_clip_norm"):
+        trainer(max_steps=1, gradient_clip_val=0.01).fit(VideoClassifier(**SMALL), loader(8))
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_precisions_that_cast_the_logits_are_refused(precision):
+    with pytest.raises(ValueError, match=rf"trainer.precision = '{precision}': the model runs in 32-true, bf16-mixed"):
+        trainer(max_steps=1, precision=precision).predict(VideoClassifier(**SMALL), loader(8))
+
+
+class PoisonWeights(pl.Callback):
+    """Sets one weight to NaN after step ``at``, as a diverged step would."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_train_batch_end(self, trainer, module, *args):
+        if trainer.global_step == self.at:
+            with torch.no_grad():
+                module.model.hidden.weight[0, 0] = float("nan")
+
+
+def test_a_diverged_run_stops_at_its_next_checkpoint_without_writing_it(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saves = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="step{step}")
+    run = trainer(max_steps=6, enable_checkpointing=True, callbacks=[PoisonWeights(at=3), saves])
+    with pytest.raises(ValueError, match=r"weights are not finite at step 4: not saved \(first: model\."):
+        run.fit(VideoClassifier(**SMALL), loader(64))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["stepstep=2.ckpt"]  # steps 4 and 6 never written
+
+
+@pytest.mark.parametrize("command", ["predict", "validate"])
+def test_nan_scores_name_the_video_instead_of_ranking_first(command):
+    module = VideoClassifier(**SMALL)
+    with torch.no_grad():
+        module.model.hidden.weight[0, 0] = float("nan")  # every video's logits become NaN
+    with pytest.raises(ValueError, match=r"the model's scores are NaN for video v0 \(8 of the batch's 8\)"):
+        getattr(trainer(), command)(module, loader(8))

@@ -208,7 +208,10 @@ class YT8MDataModule(L.LightningDataModule):
         if "read_stats" in batch:  # called without on_before_batch_transfer
             batch = self.on_before_batch_transfer(batch, dataloader_idx)
         generator = self._generator(batch["lengths"].device) if self.sample_frames else None
-        return finalize_batch(batch, self.whitening, self.sample_frames, generator)
+        batch = finalize_batch(batch, self.whitening, self.sample_frames, generator)
+        # Lightning converts a batch to the trainer's precision (64-true: float64) before the
+        # transfer hooks, while it is still uint8: the floats made here are converted now.
+        return batch if self.trainer is None else self.trainer.precision_plugin.convert_input(batch)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
