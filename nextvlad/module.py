@@ -502,7 +502,11 @@ class VideoClassifier(pl.LightningModule):
         self.model.load_state_dict(state, strict=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_finite_weights(self, f"at step {self.trainer.global_step}: not saved")
+        if self._trainer is not None:  # convert-tf saves without one
+            check_finite_weights(self, f"at step {self._trainer.global_step}: not saved",
+                                 "training diverged: resume from an earlier checkpoint with a lower learning_rate")
+        else:
+            check_finite_weights(self, "in the checkpoint to write: not saved")
         checkpoint["examples_seen"] = self.examples_seen
         # Dropout draws from the global generators: a resumed run continues them (Lightning saves
         # none of them), so that it takes the same steps as the uninterrupted run.
@@ -528,7 +532,7 @@ class VideoClassifier(pl.LightningModule):
 CAST_PRECISIONS = ("bf16-true", "16-true")
 
 
-def check_finite_weights(module: nn.Module, when: str) -> None:
+def check_finite_weights(module: nn.Module, when: str, advice: str = "") -> None:
     """ValueError naming the first parameter or buffer that holds NaN or inf: a run that diverged
     stops at its next checkpoint instead of saving it (the weights are the same on every rank, so
     every rank stops alike). One device sync per call: at saves only."""
@@ -537,8 +541,7 @@ def check_finite_weights(module: nn.Module, when: str) -> None:
     if finite is None or bool(finite.all()):
         return
     name = next(name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all()))
-    raise ValueError(f"the model's weights are not finite {when} (first: {name}): training diverged; resume from an "
-                     "earlier checkpoint with a lower learning_rate")
+    raise ValueError(f"the model's weights are not finite {when} (first: {name})" + (f"; {advice}" if advice else ""))
 
 
 def check_finite_scores(scores: torch.Tensor, ids: Any, ckpt_path: str | None) -> None:

@@ -464,3 +464,18 @@ def test_cli_errors_name_the_file_and_the_first_mismatch(tmp_path):
         cli_main(["convert-tf", "--variables", str(tmp_path / "slots.npz"), "--config",
                   str(write_config(tmp_path / "tf.yaml")), "--out", str(tmp_path / "x.ckpt")])
     assert not (tmp_path / "x.ckpt").exists()
+
+
+def test_non_finite_tf_weights_are_refused_naming_the_tensor():
+    """A NaN in the TF variables would make a checkpoint whose every score is NaN."""
+    from nextvlad.convert import checkpoint_from_module
+
+    variables = export_tf_variables(VideoClassifier(**TINY).eval())
+    name = next(key for key in variables if key.endswith("hidden1_weights"))
+    variables[name] = variables[name].copy()
+    variables[name][0, 0] = np.nan
+    target = VideoClassifier(**TINY).eval()
+    load_tf_variables(target, variables)
+    with pytest.raises(ValueError, match=r"^the model's weights are not finite in the checkpoint to write: not saved "
+                                         r"\(first: model\.hidden\.weight\)$"):
+        checkpoint_from_module(target, "vars.npz")
