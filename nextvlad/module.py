@@ -465,10 +465,11 @@ class VideoClassifier(pl.LightningModule):
     # ----------------------------------------------------------------------------- checkpoints
     def setup(self, stage: str) -> None:
         destroy_process_group_at_exit()  # on every rank of every command (ddp_spawn workers too)
-        if stage == "fit":  # before Lightning restores a --ckpt_path's loop state
-            resume_finished_epochs_as_the_next(self.trainer)
-        if self.trainer.precision in CAST_PRECISIONS:
-            raise ValueError(f"trainer.precision = {self.trainer.precision!r}: the model runs in 32-true, bf16-mixed, "
+        trainer = self._trainer  # None when called by hand (a fine-tuning start from init_from)
+        if trainer is not None and stage == "fit":  # before Lightning restores a --ckpt_path's loop state
+            resume_finished_epochs_as_the_next(trainer)
+        if trainer is not None and trainer.precision in CAST_PRECISIONS:
+            raise ValueError(f"trainer.precision = {trainer.precision!r}: the model runs in 32-true, bf16-mixed, "
                              "16-mixed or 64-true (its logits and losses stay at least float32, as the metrics need)")
         # In setup, before Lightning restores a --ckpt_path: resuming a fine-tuning run keeps
         # its own weights, a fresh one starts from init_from.
