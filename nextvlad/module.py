@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 
 from nextvlad._distributed import (destroy_process_group_at_exit, gather_per_rank, rank_and_world_size, rng_states,
                                    set_rng_states)
@@ -171,6 +171,12 @@ class VideoClassifier(pl.LightningModule):
             stage: nn.ModuleList(GlobalAveragePrecision(top_k=top_k) for _ in range(branch_gaps))
             for stage in ("val", "test")
         })
+        # The mean loss over every video (segment) of all ranks, as one process computes it: a
+        # sum and a count per rank, summed across ranks at the end. (Lightning's sync_dist mean
+        # divides by an integer-averaged batch count, wrong when ranks' counts differ, and a rank
+        # that logged nothing left the others waiting in its collective.)
+        self.evaluation_loss = nn.ModuleDict({stage: MeanMetric(nan_strategy="error").set_dtype(torch.float64)
+                                              for stage in ("val", "test")})
         segment_stages = ("val", "test") if task == "segments" else ()
         self.segment_map = nn.ModuleDict({stage: SegmentMeanAveragePrecision(num_classes) for stage in segment_stages})
         # Labelled videos of the running evaluation per stage (the metrics count every video):
@@ -309,9 +315,6 @@ class VideoClassifier(pl.LightningModule):
             # Google's segment eval sees rated segments only (a video without ratings yields no
             # example, SPEC_SEGMENTS 2); unrated rows are inference candidates and stay out.
             if not labelled.any():
-                # Logged all the same (a weight of 0 adds nothing): under DDP the epoch's loss is
-                # a collective, which a rank that never logged it would leave the others waiting in.
-                self.log(f"{stage}/loss", torch.zeros((), device=self.device), batch_size=0, sync_dist=True)
                 return
             batch = {key: value[labelled] for key, value in batch.items() if torch.is_tensor(value)}
         weights = self._loss_weights(batch)  # first: the clear error for a segment batch without label_weights
@@ -331,8 +334,7 @@ class VideoClassifier(pl.LightningModule):
             self.segment_map[stage].update(torch.sigmoid(logits.float()), batch["labels"].float(),
                                            batch["label_weights"].float())
         self._stage_metrics(stage).update(*self._metric_inputs(logits, batch))
-        loss = summed_bce(logits, batch["labels"].float(), weights)
-        self.log(f"{stage}/loss", loss, batch_size=logits.shape[0], sync_dist=True)
+        self.evaluation_loss[stage].update(summed_bce(logits, batch["labels"].float(), weights), logits.shape[0])
 
     def _metric_inputs(self, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(probabilities, multi-hot labels) for the SPEC 5 metrics; for segments Google's eval.py
@@ -352,6 +354,7 @@ class VideoClassifier(pl.LightningModule):
         # Fresh state tensors: under ddp_spawn the module reaches the ranks in shared memory, and
         # in-place accumulation would add every rank's counts into the same tensors.
         self._stage_metrics(stage).reset()
+        self.evaluation_loss[stage].reset()
         self._labelled_videos[stage] = torch.zeros((), dtype=torch.long, device=self.device)
         for gap in self.branch_gaps[stage]:
             gap.reset()
@@ -369,6 +372,8 @@ class VideoClassifier(pl.LightningModule):
         self._check_labelled_videos_seen(stage, self._labelled_videos[stage])
         self.log_dict(metrics.compute(), prog_bar=True)
         metrics.reset()
+        self.log(f"{stage}/loss", self.evaluation_loss[stage].compute().float())
+        self.evaluation_loss[stage].reset()
         if stage in self.segment_map:
             self.log(f"{stage}/segment_map", self.segment_map[stage].compute(), prog_bar=True)
             self.segment_map[stage].reset()

@@ -152,6 +152,47 @@ def test_ddp_report_gathers_per_class_values_from_every_rank(trained, tmp_path):
     assert two["metrics"] == pytest.approx(one["metrics"], abs=1e-6)
 
 
+class RankShards(torch.utils.data.IterableDataset):
+    """Videos [0, split) on rank 0 and [split, n) on rank 1, as YT8MDataModule shards (no padding,
+    unequal counts); all of them in one process."""
+
+    def __init__(self, videos: list[dict], split: int):
+        self.videos, self.split = videos, split
+
+    def __iter__(self):
+        if not torch.distributed.is_initialized():
+            return iter(self.videos)
+        rank = torch.distributed.get_rank()
+        return iter(self.videos[: self.split] if rank == 0 else self.videos[self.split:])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("split", [7, 13], ids=["7+6 videos", "13+0 videos"])
+def test_ddp_loss_and_metrics_of_unequal_ranks_are_those_of_one_process(trained, tmp_path, split):
+    """13 videos in batches of 4 on two ranks of 7 and 6 (2 batches each, of 4+3 and 4+2), or 13 and
+    none: the mean loss over all videos, as one process computes it. Lightning's synced mean gave
+    x13/12 (its batch-size count is averaged as an integer), and a rank without a batch left the
+    other waiting forever in the loss's collective."""
+    module, ckpt = trained
+    data = torch.utils.data.DataLoader(RankShards(toy_videos(13, seed=3), split), batch_size=4, collate_fn=collate)
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    trainer(callbacks=[EvaluationReport(output_dir=str(single), plot=False)]).validate(
+        module, data, ckpt_path=ckpt, verbose=False)
+    trainer(strategy="ddp_spawn", devices=2, callbacks=[EvaluationReport(output_dir=str(ddp), plot=False)]).validate(
+        module, data, ckpt_path=ckpt, verbose=False)
+    one, two = (json.loads((d / "model.validate.json").read_text()) for d in (single, ddp))
+    assert two["metrics"] == pytest.approx(one["metrics"], rel=1e-6)
+    videos = toy_videos(13, seed=3)
+    with torch.no_grad():
+        reloaded = VideoClassifier.load_from_checkpoint(ckpt).eval()
+        batch = collate(videos)
+        logits = reloaded(batch["rgb"], batch["audio"], batch["lengths"]).double()
+    oracle = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["labels"].double(),
+                                                                  reduction="none").sum(1).mean()
+    assert two["metrics"]["loss"] == pytest.approx(oracle.item(), rel=1e-5)
+
+
 def visible_tick_labels(axis, limits) -> list[float]:
     """The numbers the drawn axis labels, within its limits, minor ticks included."""
     ticks = list(zip(axis.get_majorticklocs(), axis.get_majorticklabels()))
