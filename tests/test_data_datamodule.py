@@ -199,3 +199,20 @@ def test_64_true_precision_gets_float64_batches_and_trains(synthetic_data):
               callbacks=[inputs]).fit(model, data)
     assert inputs.dtypes == [(torch.float64, torch.float64)] * 2
     assert all(p.dtype == torch.float64 and torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_fewer_records_than_ranks_is_the_same_error_on_every_rank(tmp_path, monkeypatch, rank):
+    """2 records on 3 ranks: a rank without a video would skip Lightning's epoch hooks and leave the
+    others waiting in the metrics' collectives (or crash in Lightning's zero-length check): every
+    rank, even one that has a video, stops with the same line."""
+    from nextvlad.data import write_synthetic_dataset
+
+    write_synthetic_dataset(tmp_path, num_train=0, num_validate=2, num_test=0, num_classes=10, files_per_split=1,
+                            min_frames=2, max_frames=4, seed=0)
+    data = YT8MDataModule(val_pattern=str(tmp_path / "validate*.tfrecord"), batch_size=4, num_workers=0,
+                          max_frames=4, num_classes=10)
+    monkeypatch.setattr(YT8MDataModule, "_rank_world", lambda self: (rank, 3))
+    with pytest.raises(ValueError, match=r"^YT8MDataModule val_pattern: 2 records for 3 ranks: a rank would have no "
+                                         r"video; use at most 2 devices$"):
+        data.val_dataloader()

@@ -120,6 +120,11 @@ class YT8MDataModule(L.LightningDataModule):
             except FileNotFoundError as error:  # name the option the user has to fix
                 raise FileNotFoundError(f"YT8MDataModule {name}: {error}") from error
             rank, world_size = self._rank_world()
+            if dataset.num_records < world_size:  # the same on every rank: all raise alike
+                # A rank without a video would skip Lightning's epoch hooks and leave the others
+                # waiting in the metrics' and the writers' collectives.
+                raise ValueError(f"YT8MDataModule {name}: {dataset.num_records} records for {world_size} ranks: a "
+                                 f"rank would have no video; use at most {dataset.num_records} devices")
             dataset.set_distributed(rank, world_size)
             self.datasets[split] = dataset
             dropped = dataset.records_dropped_per_epoch()
