@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import pickle
@@ -262,6 +263,87 @@ def test_skips_after_the_last_batch_still_reach_read_stats(tmp_path, bad_at):
     ids, skipped = dataset_ids(path, on_error="skip")
     assert ids == [f"good{i}" for i in range(6) if i not in bad_at]
     assert skipped == len(bad_at)
+
+
+# One file of 7 videos in batches of 4 (planned: 4 + 3), record 5 bad: the skip falls in the last,
+# partial batch, which is the last one a consumer that knows len() (Lightning) asks for.
+LAST_BATCH_BAD = 5
+
+
+def file_with_a_bad_record_in_the_last_batch(tmp_path) -> str:
+    return write(tmp_path, [b"\xff\xff" if i == LAST_BATCH_BAD else good_record(i) for i in range(7)])
+
+
+@contextlib.contextmanager
+def data_log_lines(tmp_path):
+    """The nextvlad.data warnings, also from DataLoader workers (forked: a file handler written
+    in the child reaches the same file; caplog's handler would keep the child's records)."""
+    path = tmp_path / "data.log"
+    handler = logging.FileHandler(path)
+    handler.setLevel(logging.WARNING)
+    data_logger = logging.getLogger("nextvlad.data")
+    data_logger.addHandler(handler)
+    lines: list[str] = []
+    try:
+        yield lines
+    finally:
+        data_logger.removeHandler(handler)
+        handler.close()
+        lines += path.read_text().splitlines()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's CPU/worker hints
+@pytest.mark.parametrize("num_workers", [0, 1])
+@pytest.mark.parametrize("stage", ["fit", "predict"])
+def test_a_skip_in_the_last_batch_is_counted_and_logged_once_under_lightning(tmp_path, stage,
+                                                                            num_workers):
+    """Lightning takes len(loader) batches and asks no more: the reader's report must not wait
+    for a request past its last batch (with num_workers 0 it used to be dropped silently)."""
+    from test_data_datamodule import Recorder, trainer
+
+    from nextvlad.data import YT8MDataModule
+
+    path = file_with_a_bad_record_in_the_last_batch(tmp_path)
+    datamodule = YT8MDataModule(train_pattern=path, val_pattern=path, predict_pattern=path,
+                                batch_size=4, eval_batch_size=4, drop_last=False,
+                                num_workers=num_workers, max_frames=5, num_classes=NUM_CLASSES,
+                                on_error="skip")
+    model = Recorder(NUM_CLASSES)
+    with data_log_lines(tmp_path) as lines:
+        if stage == "fit":
+            # without validation: the only reader of the file is the training one
+            trainer(max_epochs=1, limit_val_batches=0).fit(model, datamodule)
+        else:
+            trainer().predict(model, datamodule, return_predictions=False)
+    received = model.received["train" if stage == "fit" else "predict"]
+    assert [len(batch["id"]) for batch in received] == [4, 2]
+    assert sorted(i for batch in received for i in batch["id"]) == \
+        [f"good{i}" for i in range(7) if i != LAST_BATCH_BAD]
+    assert datamodule.read_stats["skipped_records"] == 1
+    skip_lines = [line for line in lines if "skipped 1 bad records" in line]
+    assert len(skip_lines) == 1 and f"{path}, record {LAST_BATCH_BAD}" in skip_lines[0]
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_skip_in_the_last_batch_is_reported_by_the_last_batch_and_never_again(tmp_path, caplog,
+                                                                                training):
+    """Taking exactly the planned batches, the skip is counted and logged; asking past the end,
+    or resuming from the position saved at the last batch, logs nothing more."""
+    path = file_with_a_bad_record_in_the_last_batch(tmp_path)
+    dataset = YT8MFrameDataset(path, batch_size=4, num_classes=NUM_CLASSES, training=training,
+                               drop_last=False, on_error="skip")
+    batches = iter(dataset)
+    with caplog.at_level(logging.WARNING, logger="nextvlad.data"):
+        planned = [next(batches) for _ in range(len(dataset))]
+        assert caplog.text.count("skipped 1 bad records") == 1
+        assert sum(int(batch["read_stats"][0]) for batch in planned) == 1
+        saved = dataset.state_dict()
+        assert list(batches) == []
+        resumed = YT8MFrameDataset(path, batch_size=4, num_classes=NUM_CLASSES, training=training,
+                                   drop_last=False, on_error="skip")
+        resumed.load_state_dict(saved)
+        assert list(resumed) == []
+    assert caplog.text.count("skipped 1 bad records") == 1
 
 
 def test_iter_videos_skips_are_logged_with_file_and_record(tmp_path, caplog):

@@ -166,7 +166,8 @@ class YT8MFrameDataset(IterableDataset):
         seed: with the epoch, determines the file order and the shuffle buffer.
         shuffle_buffer: records held per reader for shuffling (training only).
         on_error: "raise" (default) stops at the first bad record with a DataError naming the file
-            and record index; "skip" skips it, counts it and logs the count when a reader ends.
+            and record index; "skip" skips it, counts it and logs the count when a reader has
+            read its share (before its last batch: a consumer may stop at ``len()`` batches).
             A break in the framing (truncation, corrupted length, broken GZIP stream) gives up the
             rest of that file, counted as one skipped record.
         compression: "auto" (detect GZIP by its magic bytes), "none" or "gzip".
@@ -399,6 +400,7 @@ class ReaderPosition:
     rng: dict | None = None  # the shuffle generator's bit_generator.state
     stats: dict = field(default_factory=dict)  # ReadStats fields so far
     reported: dict = field(default_factory=dict)  # ReadStats fields already sent with batches
+    reported_end: bool = False  # the whole plan is read and its counts are logged
     plan: dict | None = None  # YT8MFrameDataset.epoch_plan() (None: saved before it was recorded)
 
 
@@ -448,19 +450,24 @@ class _Reader:
             held = self._make_batch()  # (nothing was held)
         unreported = self.stats.as_tensor() - self.reported.as_tensor()
         self.reported = ReadStats(**asdict(self.stats))
+        dataset = self.dataset
+        if not position.reported_end:
+            # Before the last batch: a consumer that knows how many batches to expect (Lightning)
+            # stops asking once it has them, so code after the final yield may never run. Once:
+            # a reader resumed from a position saved at its end has been reported already.
+            position.reported_end = True
+            dataset._report(self.stats, self.plan, position.worker, position.num_workers)
         if held is not None:
             held["read_stats"] += unreported
             yield held
         elif self.pool is not None and unreported.any():  # a worker with no batch to carry them
             yield ReaderMessage(read_stats=unreported)
-        dataset = self.dataset
         if position.batches < len(sizes) and dataset.training and dataset.world_size > 1:
             raise RuntimeError(
                 f"rank {dataset.rank}: {self.stats.skipped_records} bad records were skipped, "
                 f"leaving {position.batches} of the {len(sizes)} planned batches; DDP ranks would "
                 f"fall out of step and hang. Fix or remove the bad files: "
                 f"{self.stats.skip_reasons[:5]}")
-        dataset._report(self.stats, self.plan, position.worker, position.num_workers)
 
     def _pending_full(self) -> bool:
         sizes = self.plan.batch_sizes
