@@ -5,7 +5,9 @@ fit/validate/test/predict are LightningCLI (configs/*.yaml name the model and da
 
 Known user errors (a missing file, a bad value, a record that does not parse, a checkpoint of
 another model) end with one ``nextvlad <command>: error: ...`` line and exit status 1; ``--debug``
-(anywhere on the command line) or ``NEXTVLAD_DEBUG=1`` shows the traceback instead. A run stopped
+(anywhere on the command line) or ``NEXTVLAD_DEBUG=1`` shows the traceback instead. Under DDP the
+failing rank's error is that line (ddp_spawn: the launching process prints it), and a rank that only
+lost its connection to the failing one says so in one line. A run stopped
 by SIGTERM (preemption) exits with status 143. ``--ckpt_path last`` / ``best`` are the newest
 ``last.ckpt`` / ``best.ckpt`` in any version of the run with the command's settings (an error when
 there is none at all).
@@ -31,6 +33,7 @@ from lightning.pytorch.cli import LightningCLI, instantiate_class
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch.multiprocessing import ProcessRaisedException
 
 from nextvlad._distributed import shutdown_process_group
 from nextvlad.models.video_model import count_parameters
@@ -319,9 +322,11 @@ def _import_object(dotted_path: str) -> Any:
 USER_ERRORS = (OSError, ValueError)
 #: The exit status of a command that SIGTERM stopped (preemption): 128 + 15, the shell's convention.
 SIGTERM_EXIT_STATUS = 128 + 15
-#: torch re-raises an error of a DataLoader worker as RuntimeError("Caught <class> in DataLoader worker
-#: ...") when the class cannot be rebuilt from that text (DataError takes path, index, reason).
-_WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker")
+#: The last line of a traceback: "module.Class: message" (a builtin exception has no module).
+_TRACEBACK_LAST_LINE = re.compile(r"([A-Za-z_][\w.]*): (.*)")
+#: How gloo (RuntimeError) and NCCL (DistBackendError, a RuntimeError) report a rank's lost connection
+#: to another rank, which is what a rank sees when another rank failed or was killed.
+_PEER_GONE = re.compile(r"Connection (closed|reset) by peer|remote process exited")
 
 
 def main(argv: Sequence[str] | None = None) -> LightningCLI | None:
@@ -359,34 +364,66 @@ def console_main() -> None:
         print(f"{command}: stopped by SIGTERM before the end; {again}", file=sys.stderr)
         sys.exit(SIGTERM_EXIT_STATUS)
     except Exception as error:
-        if debug or not is_user_error(error):
+        if debug:
             raise
-        sys.exit(f"{command}: error: {error_message(error)} (--debug shows the traceback)")
+        if is_user_error(error):
+            sys.exit(f"{command}: error: {error_message(error)} (--debug shows the traceback)")
+        if is_peer_disconnection(error):
+            sys.exit(f"{command}: error: {peer_disconnection_message(error)}")
+        raise
 
 
 def is_user_error(error: BaseException) -> bool:
-    """A :data:`USER_ERRORS` exception, also when a DataLoader worker raised it."""
+    """A :data:`USER_ERRORS` exception, also when a DataLoader worker or a ddp_spawn rank raised it."""
     if isinstance(error, USER_ERRORS):
         return True
-    worker_error = _WORKER_ERROR.match(str(error)) if isinstance(error, RuntimeError) else None
-    if worker_error is None:
-        return False
-    from nextvlad.data.records import DataError
-
-    return worker_error.group(1) in {DataError.__name__, *(cls.__name__ for cls in (*USER_ERRORS, FileNotFoundError))}
+    error_class, _ = original_error(error)
+    return error_class is not None and issubclass(error_class, USER_ERRORS)
 
 
 def error_message(error: BaseException) -> str:
-    """The message that explains ``error``. From a DataLoader worker, the original message (torch
-    puts the worker's traceback into it); from jsonargparse, which reports a constructor's error as
-    "Does not validate against any of the Union subtypes ...", the constructor's own message."""
+    """The message that explains ``error``: the original message of a DataLoader worker's or a
+    ddp_spawn rank's error (see :func:`original_error`); from jsonargparse, which reports a
+    constructor's error as "Does not validate against any of the Union subtypes ...", the
+    constructor's own message."""
     if isinstance(error.__cause__, USER_ERRORS) and error.__traceback__ is not None:
         if "jsonargparse" in traceback.extract_tb(error.__traceback__)[-1].filename:
             return error_message(error.__cause__)
+    return original_error(error)[1]
+
+
+def original_error(error: BaseException) -> tuple[type[BaseException] | None, str]:
+    """The class and message of the error that ``error`` passes on. torch re-raises the error of a
+    DataLoader worker (as its class when it can rebuild it from one message, else as RuntimeError)
+    and of a ddp_spawn rank (as ProcessRaisedException) with that process's traceback as text in
+    the message: then the class and message of the text's last line, the class None when this
+    process has not imported it (or the message spans lines), which no check takes for a user
+    error."""
     message = str(error)
-    if "Original Traceback" in message:
-        message = message.strip().splitlines()[-1].split(": ", 1)[-1]
-    return message
+    if not isinstance(error, ProcessRaisedException) and "Original Traceback" not in message:
+        return type(error), message
+    last_line = _TRACEBACK_LAST_LINE.fullmatch((message.strip().splitlines() or [""])[-1])
+    if last_line is None:
+        return None, message
+    module, _, name = last_line.group(1).rpartition(".")
+    found = getattr(sys.modules.get(module or "builtins"), name, None)
+    is_error_class = isinstance(found, type) and issubclass(found, BaseException)
+    return (found if is_error_class else None), last_line.group(2)
+
+
+def is_peer_disconnection(error: BaseException) -> bool:
+    """Whether ``error`` is only a rank's lost connection to another rank (gloo's or NCCL's), which
+    follows another rank's failure: that rank reports the failure."""
+    error_class, message = original_error(error)
+    return error_class is not None and issubclass(error_class, RuntimeError) and bool(_PEER_GONE.search(message))
+
+
+def peer_disconnection_message(error: BaseException) -> str:
+    """What a lost connection to another rank tells the user (see :func:`is_peer_disconnection`)."""
+    if isinstance(error, ProcessRaisedException):  # ddp_spawn passes on the first rank that ended
+        return ("another rank failed or was killed, but ddp_spawn passed on only a rank's lost connection "
+                "to it; --trainer.strategy ddp shows the failing rank's error")
+    return "another rank failed or was killed (see its error; --debug shows this rank's traceback)"
 
 
 def params_main(argv: Sequence[str]) -> None:

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +93,97 @@ def test_a_process_destroys_its_group_when_it_exits(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["alive before exit: True", "alive at exit: False"]
+
+
+# ------------------------------------------------------------------- a rank's error on the command line
+GLOO_PEER_GONE = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                  "[127.0.0.1]:7325. This is typically caused by a remote worker crashing.")
+
+
+def _raise_in_rank(rank: int, error: Exception) -> None:
+    raise error
+
+
+def error_of_spawned_rank(error: Exception) -> Exception:
+    """What torch's spawn (ddp_spawn) raises in the launching process when a rank raises `error`."""
+    import torch.multiprocessing
+
+    with pytest.raises(torch.multiprocessing.ProcessRaisedException) as raised:
+        torch.multiprocessing.start_processes(_raise_in_rank, args=(error,), nprocs=1, start_method="fork")
+    return raised.value
+
+
+def console_error(monkeypatch, error: Exception) -> str:
+    """The exit message of `nextvlad validate` when its run raises `error` (no --debug)."""
+    from nextvlad import cli
+
+    def run_raising():
+        raise error
+
+    monkeypatch.delenv("NEXTVLAD_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["nextvlad", "validate"])
+    monkeypatch.setattr(cli, "main", run_raising)
+    with pytest.raises(SystemExit) as exited:
+        cli.console_main()
+    return exited.value.code
+
+
+def test_a_spawned_ranks_user_error_is_one_line_and_other_errors_keep_their_traceback(monkeypatch):
+    """ddp_spawn passes a rank's error on as ProcessRaisedException, its traceback as text."""
+    from nextvlad.data.records import DataError
+
+    bad_record = error_of_spawned_rank(DataError("data/validate0001.tfrecord", 2, "corrupted record data (CRC32C mismatch)"))
+    assert console_error(monkeypatch, bad_record) == ("nextvlad validate: error: data/validate0001.tfrecord, record 2: "
+                                                      "corrupted record data (CRC32C mismatch) (--debug shows the traceback)")
+    assert console_error(monkeypatch, error_of_spawned_rank(FileNotFoundError("no such file: x.tfrecord"))) == (
+        "nextvlad validate: error: no such file: x.tfrecord (--debug shows the traceback)")
+    lost_peer = console_error(monkeypatch, error_of_spawned_rank(RuntimeError(GLOO_PEER_GONE)))
+    assert lost_peer.startswith("nextvlad validate: error: another rank failed") and "\n" not in lost_peer
+    for real_error in (ZeroDivisionError("division by zero"), RuntimeError("CUDA error: out of memory")):
+        spawned = error_of_spawned_rank(real_error)
+        with pytest.raises(type(spawned)):  # not a user error: the traceback, as before
+            console_error(monkeypatch, spawned)
+
+
+def test_a_rank_that_lost_its_peer_says_so_in_one_line(monkeypatch):
+    from torch.distributed import DistBackendError
+
+    for lost_peer in (RuntimeError(GLOO_PEER_GONE), DistBackendError("NCCL error: remote process exited or there was a network error")):
+        message = console_error(monkeypatch, lost_peer)
+        assert message.startswith("nextvlad validate: error: another rank failed or was killed (see its error")
+    with pytest.raises(RuntimeError, match="Connection refused"):
+        console_error(monkeypatch, RuntimeError("Connection refused by the store"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_bad_record_in_one_ranks_share_is_one_error_line(tmp_path):
+    """`nextvlad validate` under 2-rank DDP, a corrupt record in rank 1's half (on_error raise): rank 1
+    names file and record in one line, rank 0 (which lost rank 1 at the metric sync) says that
+    another rank failed, and no process prints a traceback."""
+    from nextvlad.data import write_synthetic_dataset
+
+    validate = write_synthetic_dataset(tmp_path / "data", num_train=0, num_validate=13, num_test=0, num_classes=10,
+                                       files_per_split=1, min_frames=5, max_frames=20, seed=1)["validate"][0]
+    raw = bytearray(open(validate, "rb").read())
+    start = 0
+    for _ in range(10):  # records 0-6 are rank 0's, 7-12 rank 1's
+        start += 16 + int.from_bytes(raw[start:start + 8], "little")
+    raw[start + 12 + 20] ^= 0xFF  # a byte of record 10's data: its CRC no longer matches
+    open(validate, "wb").write(bytes(raw))
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "nextvlad"), "validate", "--seed_everything", "0",
+         "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+         "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+         "--model", "nextvlad.VideoClassifier", "--model.num_classes", "10", "--model.clusters", "4", "--model.groups", "2",
+         "--model.hidden_size", "16", "--model.gating_reduction", "4",
+         "--data", "nextvlad.data.YT8MDataModule", "--data.val_pattern", validate, "--data.batch_size", "4",
+         "--data.num_workers", "0", "--data.max_frames", "20", "--data.num_classes", "10"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=280)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("nextvlad validate: error:")]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert sorted(errors) == sorted([
+        f"nextvlad validate: error: {validate}, record 10: corrupted record data (CRC32C mismatch) (--debug shows the traceback)",
+        "nextvlad validate: error: another rank failed or was killed (see its error; --debug shows this rank's traceback)",
+    ]), result.stderr[-3000:]
