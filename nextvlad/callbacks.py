@@ -42,7 +42,8 @@ __all__ = ["SubmissionWriter", "EvaluationReport", "ModelCheckpointWithBest", "P
            "submission_rows"]
 
 SUBMISSION_HEADER = "VideoId,LabelConfidencePairs\n"
-#: What follows ``.<output name>`` in the hidden parts of :meth:`SubmissionWriter._part_path`.
+#: What follows ``.<output name>`` in the hidden files of a SubmissionWriter: the ranks' parts
+#: (:meth:`SubmissionWriter._part_path`) and the merged file before its rename (``.tmp``).
 _PART_SUFFIX = re.compile(r"\.tmp|\.rank\d+-of-\d+\.part")
 NAMES_HEADER = ("VideoId", "Labels")
 
@@ -105,9 +106,12 @@ class SubmissionWriter(BasePredictionWriter):
     prediction finishes, so an interrupted run never replaces a complete CSV. A path that cannot be
     written fails in ``setup``, before any prediction.
 
-    Under DDP every rank streams its own part beside ``output_path`` (so the directory must be on a
-    filesystem all ranks share) and rank 0 concatenates the parts in rank order, dropping repeated
-    video ids (a DistributedSampler pads ranks with repeats).
+    Every rank streams its own part beside ``output_path`` (under DDP the directory must be on a
+    filesystem all ranks share) and rank 0 concatenates the parts in rank order: the data's order
+    for ``YT8MDataModule``, whose ranks read contiguous ranges of it. A submission lists each video
+    id once, whatever the number of ranks: of an id the data repeats (a file matched twice, or the
+    padding of a plain DataLoader's DistributedSampler) the first row is kept, and a warning counts
+    the rows dropped.
 
     The LightningModule's ``predict_step`` must return ``{"id": list[str], "classes": (B, k) int,
     "scores": (B, k) float}``, as ``VideoClassifier.predict_step`` does.
@@ -140,8 +144,7 @@ class SubmissionWriter(BasePredictionWriter):
 
     @staticmethod
     def _part_path(target: Path, rank: int, world_size: int) -> Path:
-        suffix = f".rank{rank}-of-{world_size}.part" if world_size > 1 else ".tmp"
-        return target.with_name(f".{target.name}{suffix}")
+        return target.with_name(f".{target.name}.rank{rank}-of-{world_size}.part")
 
     # -- lifecycle ------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -158,10 +161,6 @@ class SubmissionWriter(BasePredictionWriter):
             self._remove_stale_parts(trainer.world_size)
         for target in self._targets():
             self._parts[target] = self._open_part(target, trainer.global_rank, trainer.world_size)
-        if trainer.world_size == 1:
-            self._parts[self.output_path].write(SUBMISSION_HEADER)
-            if self.names_path is not None:
-                _names_writer(self._parts[self.names_path]).writerow(NAMES_HEADER)
 
     def _check_vocabulary_covers(self, pl_module: pl.LightningModule) -> None:
         num_classes = getattr(pl_module, "hparams", {}).get("num_classes")
@@ -234,18 +233,23 @@ class SubmissionWriter(BasePredictionWriter):
         super().on_predict_epoch_end(trainer, pl_module)
         self._close_parts()
         world_size = trainer.world_size
-        if world_size == 1:
-            for target in self._targets():
-                os.replace(self._part_path(target, 0, 1), target)
+        if world_size > 1:
+            trainer.strategy.barrier("SubmissionWriter: parts written")
+        if trainer.global_rank != 0:
             return
-        trainer.strategy.barrier("SubmissionWriter: parts written")
-        if trainer.global_rank == 0:
-            self._merge_parts(self.output_path, world_size, SUBMISSION_HEADER)
-            if self.names_path is not None:
-                self._merge_parts(self.names_path, world_size, ",".join(NAMES_HEADER) + "\n")
+        repeated = self._merge_parts(self.output_path, world_size, SUBMISSION_HEADER)
+        if self.names_path is not None:
+            self._merge_parts(self.names_path, world_size, ",".join(NAMES_HEADER) + "\n")
+        if repeated:
+            ids = sorted(set(repeated))
+            rank_zero_warn(
+                f"SubmissionWriter: the predicted data repeats {len(ids)} video ids; {len(repeated)} repeated rows "
+                f"dropped from {self.output_path}, which lists each id once with its first row (repeated: "
+                f"{', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''})")
 
-    def _merge_parts(self, target: Path, world_size: int, header: str) -> None:
-        """Concatenate the ranks' parts under ``header``, first occurrence of each id wins."""
+    def _merge_parts(self, target: Path, world_size: int, header: str) -> list[str]:
+        """Concatenate the ranks' parts under ``header``, each id once (its first row); returns the
+        ids of the rows dropped."""
         parts = [self._part_path(target, rank, world_size) for rank in range(world_size)]
         missing = [str(part) for part in parts if not part.is_file()]
         if missing:
@@ -255,18 +259,22 @@ class SubmissionWriter(BasePredictionWriter):
             )
         merged = target.with_name(f".{target.name}.tmp")
         seen: set[str] = set()
+        repeated: list[str] = []
         with merged.open("w", encoding="utf-8", newline="") as out:
             out.write(header)
             for part in parts:
                 with part.open(encoding="utf-8", newline="") as lines:
                     for line in lines:
                         video_id = line.split(",", 1)[0]
-                        if video_id not in seen:
+                        if video_id in seen:
+                            repeated.append(video_id)
+                        else:
                             seen.add(video_id)
                             out.write(line)
         os.replace(merged, target)
         for part in parts:
             part.unlink()
+        return repeated
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Leave any existing output untouched and remove this rank's incomplete parts.

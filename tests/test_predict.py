@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import csv
 import pathlib
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 from toy_data import NUM_CLASSES, SMALL, collate, loader, toy_videos, trainer
 
 from nextvlad.callbacks import SubmissionWriter, read_vocabulary, submission_rows
@@ -176,9 +180,30 @@ def test_bad_vocabularies_are_clear_errors(tmp_path):
         read_vocabulary(tmp_path / "absent.csv")
 
 
+def test_repeated_video_ids_are_listed_once_with_their_first_row(tmp_path):
+    """A Kaggle submission lists each id once: of an id the data repeats, the row of its first
+    occurrence is kept, and a warning counts the rows dropped. The repeats here are other videos
+    under the same ids, so a kept repeat would show in the scores."""
+    module = small_model()
+    first = toy_videos(8, seed=7, labelled=False)
+    again = [{**video, "id": first[index]["id"]} for index, video in zip((1, 4, 4), toy_videos(3, seed=8, labelled=False))]
+    data = first[:5] + again[:1] + first[5:] + again[1:]  # v1 again after v4; v4 twice at the end
+    output = tmp_path / "submission.csv"
+    with pytest.warns(UserWarning, match="repeats 2 video ids; 3 repeated rows dropped"):
+        trainer(callbacks=[SubmissionWriter(str(output))]).predict(
+            module, DataLoader(data, batch_size=3, collate_fn=collate), return_predictions=False)
+    rows = parse_submission(output)  # also asserts that no id appears twice
+    expected = expected_top_k(module, first, 20)
+    assert list(rows) == list(expected)
+    for video_id, pairs in rows.items():
+        assert [c for c, _, _ in pairs] == [c for c, _ in expected[video_id]]
+        np.testing.assert_allclose([s for _, s, _ in pairs], [s for _, s in expected[video_id]], rtol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["submission.csv"]
+
+
 @pytest.mark.slow
 def test_ddp_ranks_write_parts_and_rank_zero_merges_them(tmp_path):
-    """Two gloo processes; the DistributedSampler pads 21 videos to 22 with a repeat, dropped."""
+    """Two gloo processes; Lightning's DistributedSampler pads 21 videos to 22 with a repeat, dropped."""
     module = small_model()
     output = tmp_path / "submission.csv"
     run = trainer(strategy="ddp_spawn", devices=2, callbacks=[SubmissionWriter(str(output))])
@@ -295,6 +320,35 @@ def test_onnx_export_of_a_cli_checkpoint_reproduces_the_submission(trained_run):
         classes = [c for c, _, _ in rows[video["id"]]]
         np.testing.assert_allclose(row[classes], [s for _, s, _ in rows[video["id"]]], atol=1e-4, rtol=0)
         assert np.sort(row)[::-1][19] <= min(s for _, s, _ in rows[video["id"]]) + 1e-4  # nothing better left out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_cli_predict_lists_a_repeated_id_once_for_one_and_two_ranks(trained_run, tmp_path):
+    """A test file matched twice (under two names): `nextvlad predict` on 1 rank and on 2 DDP ranks
+    writes every id once, in the data's order of first occurrence, and warns of the rows dropped."""
+    from nextvlad.cli import main as cli_main
+    from nextvlad.data import iter_videos
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for source, copy in [("test0000", "test0000"), ("test0001", "test0001"), ("test0000", "test0002")]:
+        shutil.copy(trained_run["root"] / "data" / f"{source}.tfrecord", data / f"{copy}.tfrecord")
+    pattern = str(data / "test*.tfrecord")
+    ids = [video["id"] for video in iter_videos(pattern, max_frames=30, num_classes=E2E_CLASSES)]
+    first_ids = list(dict.fromkeys(ids))
+    dropped = f"repeats {len(ids) - len(first_ids)} video ids; {len(ids) - len(first_ids)} repeated rows dropped"
+    args = ["predict", "--config", trained_run["config"], "--config", str(REPO_ROOT / "configs" / "predict.yaml"),
+            "--ckpt_path", trained_run["ckpt"], f"--data.init_args.predict_pattern={pattern}"]
+    one_rank, two_ranks = tmp_path / "one_rank.csv", tmp_path / "two_ranks.csv"
+    with pytest.warns(UserWarning, match=dropped):
+        cli_main(args + [f"--trainer.callbacks.output_path={one_rank}"])
+    result = subprocess.run([str(pathlib.Path(sys.executable).parent / "nextvlad"), *args,
+                             f"--trainer.callbacks.output_path={two_ranks}", "--trainer.strategy", "ddp",
+                             "--trainer.devices", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=380)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert dropped in result.stderr
+    assert list(parse_submission(one_rank)) == list(parse_submission(two_ranks)) == first_ids
 
 
 def test_parts_left_by_a_killed_run_are_removed_by_the_next(tmp_path):
