@@ -25,7 +25,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-import fsspec
 import numpy as np
 import torch
 import yaml
@@ -36,6 +35,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.multiprocessing import ProcessRaisedException
 
 from nextvlad._distributed import shutdown_process_group
+from nextvlad.data.records import url_file_system
 from nextvlad.models.video_model import count_parameters
 
 #: Tools beside the Lightning subcommands: name -> ("module:function" taking argv, help). Each tool
@@ -273,7 +273,7 @@ def _checkpoints_in(folder: str, name: str, pattern: re.Pattern) -> dict[str, fl
     if "://" not in folder:
         return {path: os.stat(path).st_mtime for path in glob.glob(os.path.join(folder, f"{name}*.ckpt"))
                 if pattern.fullmatch(os.path.basename(path)) and os.path.isfile(path)}
-    fs, root = fsspec.core.url_to_fs(folder)
+    fs, root = url_file_system(folder)
     found = {}
     for path in fs.glob(f"{root.rstrip('/')}/{name}*.ckpt"):
         if pattern.fullmatch(path.rsplit("/", 1)[-1]) and fs.isfile(path):

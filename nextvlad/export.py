@@ -33,13 +33,13 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
-import fsspec
 import torch
 import yaml
 from torch import nn
 
 from nextvlad._validation import output_overwrites_input
 from nextvlad.checkpoint_io import unloadable_checkpoint_error
+from nextvlad.data.records import url_file_system
 from nextvlad.kernels.residual_aggregation import reference_decompositions
 from nextvlad.models import NetVLAD, NeXtVLAD
 
@@ -82,7 +82,7 @@ def load_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
 
     A URL (``gs://``, ``s3://``, any fsspec protocol) is read through fsspec, as Lightning reads it."""
     if "://" in str(ckpt_path):
-        fs, path = fsspec.core.url_to_fs(str(ckpt_path))
+        fs, path = url_file_system(str(ckpt_path))
         name, is_file, source = str(ckpt_path), fs.isfile(path), lambda: fs.open(path, "rb")
     else:
         path = name = Path(ckpt_path)

@@ -140,3 +140,26 @@ def test_a_file_under_several_spellings_is_read_once(synthetic_data, tmp_path, m
         [str(tmp_path / "link.tfrecord"), "./train0002.tfrecord", "file://" + os.path.join(data_dir, "train0001.tfrecord")])
     videos = [video["id"] for video in iter_videos(patterns, num_classes=10)]
     assert sorted(videos) == sorted(video["id"] for video in iter_videos(synthetic_data["train"], num_classes=10))
+
+
+@pytest.mark.parametrize("url, extra", [("gs://a-bucket/yt8m/validate*.tfrecord", "gcs"),
+                                        ("s3://a-bucket/yt8m/validate*.tfrecord", "s3")])
+def test_a_store_whose_package_is_missing_is_one_line_naming_the_extra(tmp_path, url, extra):
+    """fsspec raises ImportError ("Please install gcsfs ...") without the URL: through the console
+    script that was a double traceback. Oracle: the pyproject extras."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec({"gcs": "gcsfs", "s3": "s3fs"}[extra]) is not None:
+        pytest.skip(f"the {extra} extra is installed here")
+    with pytest.raises(ValueError, match=rf"^{url.split('://')[0]}://.*needs a package that is not installed .*"
+                                         rf"pip install -e '\.\[{extra}\]' in the nextvlad clone$"):
+        expand_paths(url)
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    result = subprocess.run([str(Path(sys.executable).parent / "nextvlad"), "validate", "--config", str(demo),
+                             "--data.init_args.val_pattern", url], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"nextvlad validate: error: {url}: ")

@@ -92,11 +92,27 @@ def _file_identity(path: str) -> str:
     """One key per file however it is named: a local file (also as file://) by its resolved path,
     so that overlapping patterns do not feed its videos twice; a remote one by its URL."""
     if is_url(path):
-        fs, stripped = fsspec.core.url_to_fs(path)
+        fs, stripped = url_file_system(path)
         if not isinstance(fs, LocalFileSystem):
             return fs.unstrip_protocol(stripped)
         path = stripped
     return os.path.realpath(path)
+
+
+#: The install extra (pyproject.toml) that brings an object store's fsspec implementation.
+STORE_EXTRAS = {"gs": "gcs", "gcs": "gcs", "s3": "s3", "s3a": "s3"}
+
+
+def url_file_system(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec's (file system, path) of ``url``. A store whose package is not installed is a
+    ValueError naming the URL and what to install: fsspec's ImportError names neither."""
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as error:
+        scheme = url.split("://", 1)[0]
+        extra = STORE_EXTRAS.get(scheme)
+        install = f"pip install -e '.[{extra}]' in the nextvlad clone" if extra else "install it"
+        raise ValueError(f"{url}: {scheme}:// needs a package that is not installed ({error}); {install}") from error
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -105,7 +121,7 @@ def is_url(path: str | os.PathLike) -> bool:
 
 
 def _glob_url(pattern: str) -> list[str]:
-    fs, path = fsspec.core.url_to_fs(pattern)
+    fs, path = url_file_system(pattern)
     return [fs.unstrip_protocol(info["name"])
             for info in fs.glob(path, detail=True).values() if info["type"] == "file"]
 
@@ -122,14 +138,14 @@ def open_binary(path: str, read_ahead: int = READ_AHEAD_BYTES) -> BinaryIO:
         return open(path, "rb", buffering=1 << 20)
     # Through the file system's open: fsspec.open() would hand these options to the file system's
     # constructor, where gcsfs takes block_size and s3fs takes neither.
-    fs, stripped = fsspec.core.url_to_fs(path)
+    fs, stripped = url_file_system(path)
     return fs.open(stripped, "rb", block_size=read_ahead, cache_type="readahead")
 
 
 def file_size(path: str) -> int:
     if not is_url(path):
         return os.path.getsize(path)
-    fs, stripped = fsspec.core.url_to_fs(path)
+    fs, stripped = url_file_system(path)
     return fs.size(stripped)
 
 
