@@ -172,24 +172,22 @@ class NextVLADCLI(LightningCLI):
             raise FileNotFoundError(f"--ckpt_path {name}: {where}; pass a checkpoint file{start}")
         from nextvlad.export import load_checkpoint
 
-        passed_over, newest = [], None
+        passed_over = []
         for path in found:
             checkpoint = load_checkpoint(path)
-            newest = newest or checkpoint
             differences = settings_differences(checkpoint, getattr(self.model, "hparams", None),
                                                getattr(self.datamodule, "hparams", None), self._configured_seed)
             if not differences:
+                rank_zero_info(f"--ckpt_path {name}: {path} (the newest {name}.ckpt of the run with these settings)")
+                if passed_over:
+                    rank_zero_info(f"--ckpt_path {name}: passed over newer checkpoints of other settings: "
+                                   + ", ".join(passed_over))
                 break
             passed_over.append(f"{path} ({'; '.join(differences)})")
         else:
-            path, checkpoint = found[0], newest
+            path, checkpoint = found[0], load_checkpoint(found[0])  # the newest: loaded again (this rare path)
             rank_zero_warn(f"--ckpt_path {name}: no {name}.ckpt of the run has this command's settings; continuing "
                            f"the newest with these settings: {passed_over[0]}")
-            passed_over = []
-        rank_zero_info(f"--ckpt_path {name}: {path} (the newest {name}.ckpt of the run with these settings)")
-        if passed_over:
-            rank_zero_info(f"--ckpt_path {name}: passed over newer checkpoints of other settings: "
-                           + ", ".join(passed_over))
         self.config[self.subcommand].ckpt_path = self.config_init[self.subcommand].ckpt_path = path
         return path, checkpoint
 

@@ -489,6 +489,7 @@ def test_fit_ckpt_path_last_passes_over_newer_checkpoints_of_other_runs_under_th
     assert ("--ckpt_path last: no last.ckpt of the run has this command's settings; continuing the newest with these "
             "settings: runs/demo/version_91/checkpoints/last.ckpt (model learning_rate: checkpoint 0.003 vs config "
             "0.25; seed_everything: checkpoint 0 vs config 7)") in " ".join(said.split())
+    assert "of the run with these settings)" not in said  # not said of a checkpoint of other settings
 
 
 def test_fit_ckpt_path_last_without_a_last_ckpt_is_an_error_not_a_fresh_start(clone, tmp_path):

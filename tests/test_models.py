@@ -416,3 +416,12 @@ def test_an_empty_batch_gives_empty_scores_in_eval(architecture):
         model = build_video_model(architecture, **kwargs)
     logits = model.eval()(torch.randn(0, 5, 16), torch.randn(0, 5, 8), torch.zeros(0, dtype=torch.long))
     assert logits.shape == (0, 7)
+
+
+def test_the_readmes_model_classes_are_importable_from_nextvlad_models():
+    """README's "What is in the box" names these under nextvlad.models."""
+    import nextvlad.models as models
+    from nextvlad.models.mixture import MixtureOfNeXtVLAD
+
+    assert models.MixtureOfNeXtVLAD is MixtureOfNeXtVLAD
+    assert {"NeXtVLAD", "NetVLAD", "SEContextGating", "VideoModel", "MixtureOfNeXtVLAD"} <= set(models.__all__)
