@@ -168,9 +168,12 @@ def time_stream_fcs(hp: dict[str, Any], batch: dict[str, Any], device: torch.dev
 
 
 def add_mfu(rows: list[dict[str, Any]], flops_per_video: float, peak_tflops: float) -> None:
+    """TFLOP/s and MFU of each row from its own "GFLOP/video" (a model-only row of another branch
+    count than the config's has its own), else from ``flops_per_video`` (the config's model)."""
     for row in rows:
         if row.get("videos_per_s") and "FCs alone" not in row["workload"]:
-            row["TFLOP/s"] = flops_per_video * row["videos_per_s"] / 1e12
+            row.setdefault("GFLOP/video", flops_per_video / 1e9)
+            row["TFLOP/s"] = row["GFLOP/video"] * row["videos_per_s"] / 1e3
             row["MFU"] = row["TFLOP/s"] / peak_tflops
 
 
@@ -247,7 +250,8 @@ def model_only_rows(hp: dict[str, Any], batch: dict[str, Any], device: torch.dev
     rows = []
     for count in branch_counts:
         row = {"workload": f"model only ({count} branch{'es' if count > 1 else ''})", **common,
-               "ms_per_step": 1000 * seconds[count], "videos_per_s": args.batch / seconds[count]}
+               "ms_per_step": 1000 * seconds[count], "videos_per_s": args.batch / seconds[count],
+               "GFLOP/video": training_flops_per_video({**hp, "num_branches": count}, args.frames, device) / 1e9}
         if args.mixture and count == 3:
             row["mix3 / (3 x single)"] = seconds[3] / (3 * seconds[1])
         rows.append(row)
@@ -325,7 +329,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             "MFU_peak_TFLOPs": peak_tflops,
             "MFU_peak_source": "measured bf16 GEMM (--ceilings)" if ceilings else "H200 data sheet"}
     columns = ["workload", "config", "precision", "batch", "frames", "ms_per_step", "videos_per_s",
-               "TFLOP/s", "MFU", "mix3 / (3 x single)"]
+               "GFLOP/video", "TFLOP/s", "MFU", "mix3 / (3 x single)"]
     name = args.name or f"train_{args.config.stem}_{device.type}{'_tiny' if args.tiny else ''}"
 
     def report(complete: bool) -> None:

@@ -6,7 +6,7 @@ kernel benchmark's %peak and the training benchmark's MFU use these instead (``-
     python benchmarks/ceilings.py                  # GPU: 2 GiB copy, 8192^3 bf16 GEMM
     python benchmarks/ceilings.py --device cpu     # CPU fallback: small sizes, plain timer (CI)
 
-Writes ``benchmarks/results/ceilings_<device>.json`` and ``.md``.
+Writes ``ceilings_<device>.json`` and ``.md`` to a scratch folder, or ``--output-dir`` (e.g. benchmarks/results).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, environment, markdown_table, write_results  # noqa: E402
+from _common import environment, markdown_table, write_results  # noqa: E402
 
 
 def median_seconds(step: Callable[[], Any], device: torch.device, repeats: int) -> float:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--copy-mib", type=int, default=None, help="default 2048 on GPU, 64 on CPU")
     parser.add_argument("--gemm-size", type=int, default=None, help="default 8192 on GPU, 512 on CPU")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls on a CPU")
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--output-dir", type=Path, default=None, help="default: a scratch folder (see _common)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"

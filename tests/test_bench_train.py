@@ -40,6 +40,12 @@ def test_bench_train_tiny_with_mixture_comparison(tmp_path):
     assert mixture["mix3 / (3 x single)"] == pytest.approx(mixture["ms_per_step"] / (3 * single["ms_per_step"]))
     assert written["meta"]["torch"] and "device" in written["meta"]
     assert "| model only (3 branches) |" in result.stdout
+    # Each model row's TFLOP/s from its own model's FLOPs: 3 branches cost about 3x one (the config's).
+    flops = {row["workload"]: row["GFLOP/video"] for row in written["rows"]}
+    assert flops["model only (1 branch)"] == pytest.approx(written["meta"]["training_GFLOP_per_video"])
+    assert flops["model only (3 branches)"] == pytest.approx(3 * flops["model only (1 branch)"], rel=0.05)
+    for row in written["rows"]:
+        assert row["TFLOP/s"] == pytest.approx(row["GFLOP/video"] * row["videos_per_s"] / 1e3)
 
 
 def test_frames_and_workers_default_to_the_config():
@@ -97,3 +103,15 @@ def test_training_flops_per_video_match_the_layer_shapes(monkeypatch):
         if isinstance(layer, nn.Linear) and id(layer) not in stream_linears:
             expected += 2 * layer.in_features * layer.out_features * 3
     assert counted == expected
+
+
+def test_ceilings_writes_to_a_scratch_folder_unless_told(tmp_path):
+    """Its CPU line (the CI fallback) wrote into the committed benchmarks/results/, which every
+    benchmark changes only when given --output-dir."""
+    committed = {path.name: path.stat().st_mtime_ns for path in (BENCHMARKS / "results").iterdir()}
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "ceilings.py"), "--device", "cpu", "--copy-mib", "8",
+                             "--gemm-size", "64", "--repeats", "1"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "nextvlad_bench_results" / "ceilings_cpu.json").read_text())["rows"]
+    assert {path.name: path.stat().st_mtime_ns for path in (BENCHMARKS / "results").iterdir()} == committed
