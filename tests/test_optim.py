@@ -56,13 +56,15 @@ def start_weights() -> torch.Tensor:
     return torch.linspace(-1, 1, 12, dtype=torch.float64)
 
 
-def test_tf1_adam_matches_float64_apply_adam_over_six_steps():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_tf1_adam_matches_float64_apply_adam_over_six_steps(fused):
     grads = gradient_sequence()
     expected, _, _ = tf1_apply_adam(start_weights().tolist(), [0.0] * 12, [0.0] * 12, grads, LEARNING_RATES)
-    moved, _ = run(TF1Adam, start_weights(), grads, LEARNING_RATES)
+    moved, optimizer = run(TF1Adam, start_weights(), grads, LEARNING_RATES, fused=fused)
+    assert optimizer.fused is fused
     torch.testing.assert_close(moved, expected, rtol=0, atol=1e-15)
     # fp32 parameters
-    moved32, _ = run(TF1Adam, start_weights(), grads, LEARNING_RATES, dtype=torch.float32)
+    moved32, _ = run(TF1Adam, start_weights(), grads, LEARNING_RATES, dtype=torch.float32, fused=fused)
     displacement = moved32 - start_weights().float().double()
     assert torch.equal(displacement[8:10], torch.zeros(2, dtype=torch.float64))  # never a gradient: never moves
     moving = [0, 1, 2, 3, 4, 5, 6, 7, 10, 11]
@@ -117,3 +119,39 @@ def test_tensors_without_gradient_are_left_alone():
 def test_bad_arguments_are_named(kwargs):
     with pytest.raises(ValueError, match="TF1Adam needs"):
         TF1Adam([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+
+
+def test_tensors_at_different_step_counts_each_follow_their_own_count():
+    """A tensor that got no gradient at the first step is one step behind: its TF1 epsilon and
+    bias corrections are those of its own count (updated in a call of their own)."""
+    grads = gradient_sequence()
+    early, late = torch.nn.Parameter(start_weights().clone()), torch.nn.Parameter(start_weights().clone())
+    optimizer = TF1Adam([early, late], lr=LEARNING_RATES[0], betas=(BETA1, BETA2), eps=EPS)
+    for step, (grad, lr) in enumerate(zip(grads, LEARNING_RATES)):
+        optimizer.param_groups[0]["lr"] = lr
+        early.grad, late.grad = grad.clone(), (grad.clone() if step > 0 else None)
+        optimizer.step()
+    expected_early, _, _ = tf1_apply_adam(start_weights().tolist(), [0.0] * 12, [0.0] * 12, grads, LEARNING_RATES)
+    expected_late, _, _ = tf1_apply_adam(start_weights().tolist(), [0.0] * 12, [0.0] * 12, grads[1:], LEARNING_RATES[1:])
+    torch.testing.assert_close(early.detach(), expected_early, rtol=0, atol=1e-15)
+    torch.testing.assert_close(late.detach(), expected_late, rtol=0, atol=1e-15)
+    assert [optimizer.state[p]["tf1_step"] for p in (early, late)] == [STEPS, STEPS - 1]
+
+
+@pytest.mark.parametrize("saved_fused, loaded_fused", [(False, True), (True, False), (True, True)])
+def test_a_saved_state_continues_exactly_with_either_implementation(saved_fused, loaded_fused):
+    """Checkpoints of foreach and fused runs resume into either (the step tensor's device differs
+    on a GPU; the host step count is rebuilt from it for a state saved without one)."""
+    grads = gradient_sequence(STEPS)
+    whole, _ = run(TF1Adam, start_weights(), grads, LEARNING_RATES, fused=saved_fused)
+    _, first = run(TF1Adam, start_weights(), grads[:3], LEARNING_RATES[:3], fused=saved_fused)
+    saved = copy.deepcopy(first.state_dict())
+    del saved["state"][0]["tf1_step"]  # as saved before it existed
+    param = torch.nn.Parameter(first.param_groups[0]["params"][0].detach().clone())
+    resumed = TF1Adam([param], betas=(BETA1, BETA2), eps=EPS, fused=loaded_fused)
+    resumed.load_state_dict(saved)
+    for grad, lr in zip(grads[3:], LEARNING_RATES[3:]):
+        resumed.param_groups[0]["lr"] = lr
+        param.grad = grad
+        resumed.step()
+    assert torch.equal(param.detach(), whole)
