@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("setup", "versions", "ceilings", "tests", "kernel", "model", "train", "mix3")
+STAGES = ("setup", "versions", "ceilings", "tests", "kernel", "model", "train", "mix3", "optimizer")
 
 
 @pytest.mark.timeout(240)
@@ -43,7 +43,7 @@ def test_gpu_session_dry_run_runs_every_stage_and_returns_at_most_8_files(tmp_pa
         names = {Path(name).name for name in archive.getnames()}
         assert {"ceilings_cpu.json", "aggregation_cpu_quick.json", "train_nextvlad_cpu_tiny.json",
                 "train_nextvlad_mix3_cpu_tiny.json", "aggregation_roofline_measured.json",
-                "kernel_model_measured.json"} <= names
+                "kernel_model_measured.json", "optimizer_nextvlad_cpu_tiny.json"} <= names
         ceilings = json.load(archive.extractfile("./ceilings_cpu.json"))["meta"]["ceilings"]
         train = json.load(archive.extractfile("./train_nextvlad_cpu_tiny.json"))
         kernel = json.load(archive.extractfile("./aggregation_cpu_quick.json"))
