@@ -13,7 +13,7 @@ import torch
 
 def rank_and_world_size() -> tuple[int, int]:
     """(rank, world size) from torch.distributed when it is initialized, else (0, 1)."""
-    if _has_process_group():
+    if has_process_group():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
@@ -27,7 +27,7 @@ def shutdown_process_group() -> None:
     with a non-zero exit (and Lightning's process observer kills the launching rank). Call on
     every rank, after the run succeeded; a no-op without a process group.
     """
-    if _has_process_group():
+    if has_process_group():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
@@ -47,11 +47,12 @@ def destroy_process_group_at_exit() -> None:
 
 
 def _destroy_process_group_if_any() -> None:
-    if _has_process_group():
+    if has_process_group():
         torch.distributed.destroy_process_group()
 
 
-def _has_process_group() -> bool:
+def has_process_group() -> bool:
+    """Whether this process is a rank of an initialized torch.distributed group."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 

@@ -15,6 +15,7 @@ there is none at all).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib
 import os
@@ -34,7 +35,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.multiprocessing import ProcessRaisedException
 
-from nextvlad._distributed import shutdown_process_group
+from nextvlad._distributed import has_process_group, shutdown_process_group
 from nextvlad.data.records import url_file_system
 from nextvlad.models.video_model import count_parameters
 
@@ -352,7 +353,8 @@ def console_main() -> None:
     sys.argv[1:] = argv
     command = " ".join([Path(sys.argv[0]).name] + argv[:1])
     try:
-        main()
+        with _debug_for_the_other_ranks(debug):
+            main()
         shutdown_process_group()
     except SIGTERMException:
         # Lightning stops the loops on SIGTERM with a SystemExit without a code, i.e. status 0: a
@@ -366,9 +368,25 @@ def console_main() -> None:
             raise
         if is_user_error(error):
             sys.exit(f"{command}: error: {error_message(error)} (--debug shows the traceback)")
-        if is_peer_disconnection(error):
+        if is_peer_disconnection(error) and (isinstance(error, ProcessRaisedException) or has_process_group()):
             sys.exit(f"{command}: error: {peer_disconnection_message(error)}")
         raise
+
+
+@contextlib.contextmanager
+def _debug_for_the_other_ranks(debug: bool):
+    """NEXTVLAD_DEBUG=1 while the command runs when debugging: Lightning starts the other DDP ranks
+    from sys.argv, which no longer holds --debug, and the environment, which they inherit."""
+    before = os.environ.get("NEXTVLAD_DEBUG")
+    if debug:
+        os.environ["NEXTVLAD_DEBUG"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("NEXTVLAD_DEBUG", None)
+        else:
+            os.environ["NEXTVLAD_DEBUG"] = before
 
 
 def is_user_error(error: BaseException) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -148,11 +149,38 @@ def test_a_spawned_ranks_user_error_is_one_line_and_other_errors_keep_their_trac
 def test_a_rank_that_lost_its_peer_says_so_in_one_line(monkeypatch):
     from torch.distributed import DistBackendError
 
+    from nextvlad import cli
+
+    monkeypatch.setattr(cli, "has_process_group", lambda: True)  # a rank of a DDP run
     for lost_peer in (RuntimeError(GLOO_PEER_GONE), DistBackendError("NCCL error: remote process exited or there was a network error")):
         message = console_error(monkeypatch, lost_peer)
         assert message.startswith("nextvlad validate: error: another rank failed or was killed (see its error")
     with pytest.raises(RuntimeError, match="Connection refused"):
         console_error(monkeypatch, RuntimeError("Connection refused by the store"))
+    # Without a process group no other rank exists: a reset connection (say, to a bucket) keeps its traceback.
+    monkeypatch.setattr(cli, "has_process_group", lambda: False)
+    with pytest.raises(RuntimeError, match="Connection reset by peer"):
+        console_error(monkeypatch, RuntimeError("Connection reset by peer"))
+
+
+def test_debug_reaches_the_ranks_lightning_starts(monkeypatch):
+    """Lightning's DDP launcher starts ranks 1..N-1 from sys.argv, from which --debug was removed:
+    the environment it passes on says debug instead."""
+    from nextvlad import cli
+
+    seen = {}
+
+    def run():
+        seen["argv"], seen["env"] = list(sys.argv), os.environ.get("NEXTVLAD_DEBUG")
+        raise ValueError("a user error")
+
+    monkeypatch.delenv("NEXTVLAD_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["nextvlad", "validate", "--debug"])
+    monkeypatch.setattr(cli, "main", run)
+    with pytest.raises(ValueError, match="a user error"):  # the traceback, not the one line
+        cli.console_main()
+    assert seen == {"argv": ["nextvlad", "validate"], "env": "1"}
+    assert "NEXTVLAD_DEBUG" not in os.environ  # only while the command runs (a test process goes on)
 
 
 @pytest.mark.slow
