@@ -316,7 +316,8 @@ class VideoClassifier(pl.LightningModule):
             # example, SPEC_SEGMENTS 2); unrated rows are inference candidates and stay out.
             if not labelled.any():
                 return
-            batch = {key: value[labelled] for key, value in batch.items() if torch.is_tensor(value)}
+            ids = [video for video, rated in zip(batch.get("id") or [], labelled.tolist()) if rated] or None
+            batch = {key: value[labelled] for key, value in batch.items() if torch.is_tensor(value)} | {"id": ids}
         weights = self._loss_weights(batch)  # first: the clear error for a segment batch without label_weights
         # Video task: every video counts, a label-less one with its all-zero labels, as in the
         # authors' eval.py: PERR and Hit@1 score it 0, GAP ranks its top-k as negatives, the loss
@@ -329,7 +330,8 @@ class VideoClassifier(pl.LightningModule):
                 gap.update(*self._metric_inputs(branch_logits, batch))
         else:
             logits = self(batch["rgb"], batch["audio"], batch["lengths"])
-        check_finite_scores(logits, batch.get("id"), getattr(self._trainer, "ckpt_path", None))
+        # Also inf: the loss of an infinite logit is undefined (inf - inf).
+        check_finite_scores(logits, batch.get("id"), getattr(self._trainer, "ckpt_path", None), allow_inf=False)
         if self.hparams.task == "segments":
             self.segment_map[stage].update(torch.sigmoid(logits.float()), batch["labels"].float(),
                                            batch["label_weights"].float())
@@ -550,16 +552,20 @@ def check_finite_weights(module: nn.Module, when: str, advice: str = "") -> None
     raise ValueError(f"the model's weights are not finite {when} (first: {name})" + (f"; {advice}" if advice else ""))
 
 
-def check_finite_scores(scores: torch.Tensor, ids: Any, ckpt_path: str | None) -> None:
-    """ValueError naming the first video whose scores (logits or probabilities, (B, ...)) hold NaN
-    (inf logits give probabilities 0 or 1, which rank fine): a submission or metric of NaN scores
-    would rank them first without a word. One device sync per batch, as the metrics' own checks."""
-    bad = torch.isnan(scores).flatten(1).any(1) if scores.numel() else torch.zeros(0, dtype=torch.bool)
+def check_finite_scores(scores: torch.Tensor, ids: Any, ckpt_path: str | None, allow_inf: bool = True) -> None:
+    """ValueError naming the first video whose scores (logits or probabilities, (B, ...)) hold NaN,
+    or inf unless ``allow_inf`` (an inf logit gives probability 0 or 1, which ranks fine, but no
+    loss): a submission or metric of NaN scores would rank them first without a word. One device
+    sync per batch, as the metrics' own checks."""
+    if not scores.numel():
+        return
+    bad = (torch.isnan(scores) if allow_inf else ~torch.isfinite(scores)).flatten(1).any(1)
     if not bool(bad.any()):
         return
     first = int(bad.nonzero()[0])
     video = ids[first] if ids is not None else f"row {first} of the batch"
-    raise ValueError(f"the model's scores are NaN for video {video} ({int(bad.sum())} of the batch's "
+    what = "NaN" if allow_inf else "not finite"
+    raise ValueError(f"the model's scores are {what} for video {video} ({int(bad.sum())} of the batch's "
                      f"{len(bad)}): the weights of {ckpt_path or 'the model'} or that video's features are not finite")
 
 

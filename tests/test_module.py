@@ -493,10 +493,37 @@ def test_a_diverged_run_stops_at_its_next_checkpoint_without_writing_it(tmp_path
     assert sorted(path.name for path in tmp_path.iterdir()) == ["stepstep=2.ckpt"]  # steps 4 and 6 never written
 
 
-@pytest.mark.parametrize("command", ["predict", "validate"])
-def test_nan_scores_name_the_video_instead_of_ranking_first(command):
+@pytest.mark.parametrize("command, what", [("predict", "NaN"), ("validate", "not finite")])
+def test_nan_scores_name_the_video_instead_of_ranking_first(command, what):
     module = VideoClassifier(**SMALL)
     with torch.no_grad():
         module.model.hidden.weight[0, 0] = float("nan")  # every video's logits become NaN
-    with pytest.raises(ValueError, match=r"the model's scores are NaN for video v0 \(8 of the batch's 8\)"):
+    with pytest.raises(ValueError, match=rf"the model's scores are {what} for video v0 \(8 of the batch's 8\)"):
         getattr(trainer(), command)(module, loader(8))
+
+
+def test_an_infinite_logit_is_named_in_evaluation_which_has_no_loss_for_it():
+    """BCE of an inf logit is inf - inf: the evaluation loss would be NaN (and its metric raise a
+    traceback naming nothing); predict ranks an inf logit fine (probability 1)."""
+    module = VideoClassifier(**SMALL)
+    with torch.no_grad():
+        module.model.classifier.bias[0] = float("inf")
+    with pytest.raises(ValueError, match=r"the model's scores are not finite for video v0 \(8 of the batch's 8\)"):
+        trainer().validate(module, loader(8), verbose=False)
+    predictions = trainer().predict(module, loader(8))
+    assert all(torch.equal(batch["classes"][:, 0], torch.zeros(8, dtype=torch.long)) for batch in predictions)
+
+
+def test_nan_segment_scores_name_the_rated_segment():
+    """Segment evaluation keeps the rated rows only: the error names the segment of the row that is
+    NaN, not its index among the rated ones."""
+    from torch.utils.data import DataLoader
+    from test_segments_training import collate_segments, toy_segments
+
+    module = VideoClassifier(**SMALL, task="segments", top_k=5)
+    with torch.no_grad():
+        module.model.hidden.weight[0, 0] = float("nan")
+    items = toy_segments(8, 2)
+    first_rated = next(item for item in items if bool(item["has_labels"]))["id"]
+    with pytest.raises(ValueError, match=rf"the model's scores are not finite for video {first_rated} "):
+        trainer().validate(module, DataLoader(items, batch_size=8, collate_fn=collate_segments), verbose=False)
