@@ -325,7 +325,7 @@ SIGTERM_EXIT_STATUS = 128 + 15
 _TRACEBACK_LAST_LINE = re.compile(r"([A-Za-z_][\w.]*): (.*)")
 #: How gloo (RuntimeError) and NCCL (DistBackendError, a RuntimeError) report a rank's lost connection
 #: to another rank, which is what a rank sees when another rank failed or was killed.
-_PEER_GONE = re.compile(r"Connection (closed|reset) by peer|remote process exited")
+_PEER_GONE = re.compile(r"Connection (closed|reset) by peer|remote process exited|Write error .*Broken pipe")
 
 
 def main(argv: Sequence[str] | None = None) -> LightningCLI | None:

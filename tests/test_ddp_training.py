@@ -152,7 +152,9 @@ def test_a_rank_that_lost_its_peer_says_so_in_one_line(monkeypatch):
     from nextvlad import cli
 
     monkeypatch.setattr(cli, "has_process_group", lambda: True)  # a rank of a DDP run
-    for lost_peer in (RuntimeError(GLOO_PEER_GONE), DistBackendError("NCCL error: remote process exited or there was a network error")):
+    gloo_write = "[../third_party/gloo/gloo/transport/tcp/pair.cc:598] Write error [127.0.0.1]:2443: Broken pipe"
+    for lost_peer in (RuntimeError(GLOO_PEER_GONE), RuntimeError(gloo_write),
+                      DistBackendError("NCCL error: remote process exited or there was a network error")):
         message = console_error(monkeypatch, lost_peer)
         assert message.startswith("nextvlad validate: error: another rank failed or was killed (see its error")
     with pytest.raises(RuntimeError, match="Connection refused"):
