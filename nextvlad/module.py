@@ -544,11 +544,11 @@ def check_finite_weights(module: nn.Module, when: str, advice: str = "") -> None
     """ValueError naming the first parameter or buffer that holds NaN or inf: a run that diverged
     stops at its next checkpoint instead of saving it (the weights are the same on every rank, so
     every rank stops alike). One device sync per call: at saves only."""
-    tensors = [*module.named_parameters(), *module.named_buffers()]
-    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors if t.is_floating_point()]) if tensors else None
-    if finite is None or bool(finite.all()):
+    tensors = [(name, t) for name, t in (*module.named_parameters(), *module.named_buffers()) if t.is_floating_point()]
+    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]) if tensors else torch.ones(0, dtype=torch.bool)
+    if bool(finite.all()):
         return
-    name = next(name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    name = tensors[int((~finite).nonzero()[0])][0]
     raise ValueError(f"the model's weights are not finite {when} (first: {name})" + (f"; {advice}" if advice else ""))
 
 
