@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelChe
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
+from nextvlad.data.records import is_url
 from nextvlad.metrics import MeanAveragePrecision
 
 if TYPE_CHECKING:  # matplotlib is imported only when a plot is drawn
@@ -562,7 +563,7 @@ class EvaluationReport(Callback):
 
         json_path, plot_path = self._output_paths(trainer, name, checkpoint)
         # checkpoint_file: the file evaluated; best.ckpt / last.ckpt are links that move as a run goes on.
-        checkpoint_file = str(Path(checkpoint).resolve()) if checkpoint and "://" not in checkpoint else None
+        checkpoint_file = str(Path(checkpoint).resolve()) if checkpoint and not is_url(checkpoint) else None
         report: dict[str, Any] = {"stage": name, "checkpoint": checkpoint, "checkpoint_file": checkpoint_file,
                                   "top_k": top_k, "metrics": values}
         if self._per_class is not None:
@@ -579,7 +580,7 @@ class EvaluationReport(Callback):
             print(f"per-class AP plot written to {plot_path}")
 
     def _output_paths(self, trainer: pl.Trainer, stage: str, checkpoint: str | None) -> tuple[Path, Path]:
-        if checkpoint is not None and "://" not in checkpoint:
+        if checkpoint is not None and not is_url(checkpoint):
             checkpoint_path = Path(checkpoint)
             directory = self.output_dir or checkpoint_path.parent
             stem = checkpoint_path.stem

@@ -36,7 +36,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.multiprocessing import ProcessRaisedException
 
 from nextvlad._distributed import has_process_group, shutdown_process_group
-from nextvlad.data.records import url_file_system
+from nextvlad.data.records import is_url, url_file_system
 from nextvlad.models.video_model import count_parameters
 
 #: Tools beside the Lightning subcommands: name -> ("module:function" taking argv, help). Each tool
@@ -210,7 +210,7 @@ RUN_CHECKPOINTS = ("last", "best")
 
 
 def _is_local_checkpoint(ckpt_path: str) -> bool:
-    return ckpt_path != "hpc" and not ckpt_path.startswith("registry") and "://" not in ckpt_path
+    return ckpt_path != "hpc" and not ckpt_path.startswith("registry") and not is_url(ckpt_path)
 
 
 def run_checkpoint_folders(trainer: Trainer) -> list[str]:
@@ -269,7 +269,7 @@ def settings_differences(checkpoint: dict[str, Any], model_hparams: dict[str, An
 def _checkpoints_in(folder: str, name: str, pattern: re.Pattern) -> dict[str, float]:
     """{path: when written (seconds)} of the files in ``folder`` (a glob pattern, local or an fsspec
     URL such as gs://) whose name matches ``pattern``."""
-    if "://" not in folder:
+    if not is_url(folder):
         return {path: os.stat(path).st_mtime for path in glob.glob(os.path.join(folder, f"{name}*.ckpt"))
                 if pattern.fullmatch(os.path.basename(path)) and os.path.isfile(path)}
     fs, root = url_file_system(folder)

@@ -39,7 +39,7 @@ from torch import nn
 
 from nextvlad._validation import output_overwrites_input
 from nextvlad.checkpoint_io import unloadable_checkpoint_error
-from nextvlad.data.records import url_file_system
+from nextvlad.data.records import is_url, url_file_system
 from nextvlad.kernels.residual_aggregation import reference_decompositions
 from nextvlad.models import NetVLAD, NeXtVLAD
 
@@ -81,7 +81,7 @@ def load_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` of a Lightning checkpoint, with errors that name the file.
 
     A URL (``gs://``, ``s3://``, any fsspec protocol) is read through fsspec, as Lightning reads it."""
-    if "://" in str(ckpt_path):
+    if is_url(ckpt_path):
         fs, path = url_file_system(str(ckpt_path))
         name, is_file, source = str(ckpt_path), fs.isfile(path), lambda: fs.open(path, "rb")
     else:
