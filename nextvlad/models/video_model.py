@@ -118,17 +118,24 @@ def build_video_model(
     (4 gives NetVLAD_small).
     """
     check_choice("architecture", architecture, ("nextvlad", "netvlad"))
-    audio_clusters = clusters // 2 if audio_clusters is None else audio_clusters
+    audio_clusters = _audio_half("clusters", clusters, audio_clusters)
     if architecture == "nextvlad":
-        audio_groups = groups // 2 if audio_groups is None else audio_groups
-        if audio_groups < 1:
-            raise ValueError(f"groups={groups} leaves the audio stream groups//2 = 0 groups; set audio_groups")
+        audio_groups = _audio_half("groups", groups, audio_groups)
         video = NeXtVLAD(rgb_size, clusters, groups, expansion, cluster_bn_statistics, backend)
         audio = NeXtVLAD(audio_size, audio_clusters, audio_groups, expansion, cluster_bn_statistics, backend)
     else:
         video = NetVLAD(rgb_size, clusters, input_reduction, cluster_bn_statistics, backend)
         audio = NetVLAD(audio_size, audio_clusters, input_reduction, cluster_bn_statistics, backend)
     return VideoModel(video, audio, num_classes, hidden_size, gating_reduction, dropout, hidden_activation)
+
+
+def _audio_half(name: str, video_value: int, audio_value: int | None) -> int:
+    """The audio stream's ``name``: ``audio_<name>`` when given, else half the video stream's."""
+    if audio_value is not None:
+        return audio_value
+    if video_value == 1:  # named here: the layer's own check would report the 0 the user never set
+        raise ValueError(f"{name}=1 leaves the audio stream {name}//2 = 0 {name}; set audio_{name}")
+    return video_value // 2
 
 
 def count_parameters(module: nn.Module) -> int:
