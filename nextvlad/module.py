@@ -278,7 +278,8 @@ class VideoClassifier(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         if self.hparams.task == "segments" and len(batch["lengths"]) < 2:
             # A segment batch can hold 0 or 1 segments (its videos had no ratings or are in the
-            # validation fold); batch norm cannot train on fewer than 2 rows. A zero loss that
+            # validation fold); on 1 row every batch norm outputs its beta (slim's result), so the
+            # segment's features would not reach the loss: the step is not taken. A zero loss that
             # touches every parameter keeps DDP's gradient all-reduce in step with the other ranks;
             # when no rank trained on a batch, the optimizer makes no update (_no_update_without_examples).
             return sum(p.sum() for p in self.parameters()) * 0.0

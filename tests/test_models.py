@@ -140,6 +140,41 @@ def test_moving_variance_is_biased_unless_fused(fused, masked):
     torch.testing.assert_close(layer.eval()(x), expected_eval)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_row_trains_as_slim_mean_the_row_variance_zero(fused, masked):
+    """slim.batch_norm on one row: mean the row, variance 0 (the fused kernel's Bessel factor is
+    n / max(n - 1, 1)), so the output is beta, no gradient reaches the input, and the moving
+    averages move toward the row and toward 0. PyTorch's BatchNorm refuses one row in training."""
+    layer = MaskedBatchNorm1d(4, fused) if masked else TFBatchNorm1d(4, fused)
+    layer = layer.double().train()
+    layer.momentum = 0.25
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([2.0, -1.0, 0.5, 3.0]))
+        layer.bias.copy_(torch.tensor([0.1, -0.2, 0.3, -0.4]))
+    x = torch.tensor([[1.5, -2.0, 7.0, 0.25]], dtype=torch.float64, requires_grad=True)
+    out = layer(x, torch.tensor([True])) if masked else layer(x)
+    out.backward(torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=torch.float64))
+    torch.testing.assert_close(out, layer.bias.detach()[None], rtol=0, atol=1e-15)
+    assert torch.count_nonzero(x.grad) == 0
+    torch.testing.assert_close(layer.bias.grad, torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+    torch.testing.assert_close(layer.running_mean, 0.25 * x.detach()[0], rtol=0, atol=1e-15)
+    torch.testing.assert_close(layer.running_var, torch.full((4,), 0.75, dtype=torch.float64), rtol=0, atol=1e-15)
+    assert int(layer.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("architecture", ["nextvlad", "netvlad"])
+def test_a_training_batch_of_one_video_trains_as_the_tf_graph(architecture):
+    """A last batch of one video (``drop_last: false``) trains: every BN sees one row, so the
+    features leave vlad_bn as its beta and the logits do not depend on the video (slim's result)."""
+    model = build_video_model(architecture, num_classes=5, rgb_size=16, audio_size=8, clusters=4, groups=2,
+                              hidden_size=8, gating_reduction=2, dropout=0.0).train()
+    logits = [model(torch.randn(1, 6, 16), torch.randn(1, 6, 8), torch.tensor([length])) for length in (6, 2)]
+    torch.testing.assert_close(logits[0], logits[1])
+    logits[0].sum().backward()
+    assert model.classifier.bias.grad is not None and torch.isfinite(model.classifier.bias.grad).all()
+
+
 def test_moving_variance_rule_per_layer_as_the_authors_kernels():
     """cluster_bn, vlad_bn, hidden1_bn ran slim's non-fused kernel (biased); gating_bn and
     mix_weights_bn the fused one (Bessel-corrected): SPEC 3.4. Checked on every BN of a mixture

@@ -72,16 +72,40 @@ class TFBatchNorm1d(nn.BatchNorm1d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[1] if x.dim() > 1 else 0
-        if self.fused or not (self.training and self.track_running_stats) or rows < 2:
-            return super().forward(x)  # includes PyTorch's error for a single row
+        training = self.training and self.track_running_stats
+        if training and rows == 1:  # PyTorch refuses one row; slim trains on it
+            self._check_input_dim(x)
+            return self.normalize_with_batch_moments(x.reshape(1, -1), at_least_float32(x).reshape(1, -1)).to(
+                x.dtype).reshape(x.shape)
+        if self.fused or not training or rows < 2:
+            return super().forward(x)
         self._check_input_dim(x)
         self.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        momentum = self._momentum()
         running_var = self.running_var * (rows / (rows - 1))
         output = F.batch_norm(x, self.running_mean, running_var, self.weight, self.bias, True, momentum, self.eps)
         with torch.no_grad():
             self.running_var.copy_(running_var * ((rows - 1) / rows))
         return output
+
+    def _momentum(self) -> float:
+        return 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+
+    def normalize_with_batch_moments(self, x: torch.Tensor, statistics_rows: torch.Tensor) -> torch.Tensor:
+        """Training-mode BN written out for a (rows, features) ``x``: the moments of
+        ``statistics_rows`` move the moving averages by slim's rule and normalise ``x``, with
+        gradients through them. One row has mean the row and variance 0 in both of TF's kernels
+        (the fused one divides by max(n - 1, 1)), so its output is beta."""
+        rows = statistics_rows.shape[0]
+        mean = statistics_rows.mean(dim=0)
+        var = statistics_rows.var(dim=0, unbiased=False)
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            momentum = self._momentum()
+            tracked = var.detach() * (rows / max(rows - 1, 1)) if self.fused else var.detach()
+            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
+            self.running_var.lerp_(tracked.to(self.running_var.dtype), momentum)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fused={self.fused}"
@@ -101,15 +125,7 @@ class MaskedBatchNorm1d(TFBatchNorm1d):
             return super().forward(x)
         x = at_least_float32(x)  # fp32 statistics under bf16 autocast too
         real = x[mask]
-        rows = real.shape[0]
-        if rows < 2:
-            raise ValueError(f"masked batch norm needs at least 2 real frames in the batch, got {rows}")
-        mean = real.mean(dim=0)
-        var = real.var(dim=0, unbiased=False)
-        with torch.no_grad():
-            tracked = var.detach() * (rows / (rows - 1)) if self.fused else var.detach()
-            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-            self.running_var.lerp_(tracked.to(self.running_var.dtype), self.momentum)
-            self.num_batches_tracked.add_(1)
+        if real.shape[0] == 0:
+            raise ValueError("masked batch norm needs at least 1 real frame in the batch, got 0")
         # Written out (not F.batch_norm) so that gradients flow through the masked statistics.
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        return self.normalize_with_batch_moments(x, real)
