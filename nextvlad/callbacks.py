@@ -550,7 +550,10 @@ class EvaluationReport(Callback):
 
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stage = self._stage(trainer)
-        if stage is None or not trainer.is_global_zero:
+        if stage is None:
+            return
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank asks, rank 0 alone writes
+        if not trainer.is_global_zero:
             return
         name, prefix, _ = stage
         top_k = getattr(pl_module, "hparams", {}).get("top_k", 20)
@@ -561,7 +564,7 @@ class EvaluationReport(Callback):
         checkpoint = str(trainer.ckpt_path) if trainer.ckpt_path else None
         print(format_table(name, checkpoint, {labels[key]: value for key, value in values.items()}))
 
-        json_path, plot_path = self._output_paths(trainer, name, checkpoint)
+        json_path, plot_path = self._output_paths(log_dir or trainer.default_root_dir, name, checkpoint)
         # checkpoint_file: the file evaluated; best.ckpt / last.ckpt are links that move as a run goes on.
         checkpoint_file = str(Path(checkpoint).resolve()) if checkpoint and not is_url(checkpoint) else None
         report: dict[str, Any] = {"stage": name, "checkpoint": checkpoint, "checkpoint_file": checkpoint_file,
@@ -579,13 +582,13 @@ class EvaluationReport(Callback):
                                          positives_of="segments" if self._per_class_metric == "segment_map" else "videos")
             print(f"per-class AP plot written to {plot_path}")
 
-    def _output_paths(self, trainer: pl.Trainer, stage: str, checkpoint: str | None) -> tuple[Path, Path]:
+    def _output_paths(self, log_dir: str, stage: str, checkpoint: str | None) -> tuple[Path, Path]:
         if checkpoint is not None and not is_url(checkpoint):
             checkpoint_path = Path(checkpoint)
             directory = self.output_dir or checkpoint_path.parent
             stem = checkpoint_path.stem
             return directory / f"{stem}.{stage}.json", directory / f"{stem}.{stage}_class_ap.png"
-        directory = self.output_dir or Path(trainer.log_dir or trainer.default_root_dir)
+        directory = self.output_dir or Path(log_dir)
         return directory / f"{stage}_metrics.json", directory / f"{stage}_class_ap.png"
 
 

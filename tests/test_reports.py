@@ -152,6 +152,19 @@ def test_ddp_report_gathers_per_class_values_from_every_rank(trained, tmp_path):
     assert two["metrics"] == pytest.approx(one["metrics"], abs=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_ddp_report_without_a_checkpoint_is_written_to_the_log_folder(trained, tmp_path):
+    """No checkpoint (nor a local one: a URL takes the same path): the report goes to the log folder,
+    which Lightning broadcasts from rank 0; asked on rank 0 alone, rank 0 waited there forever while
+    rank 1 waited in the shutdown barrier."""
+    module, _ = trained
+    trainer(strategy="ddp_spawn", devices=2, default_root_dir=tmp_path, callbacks=[EvaluationReport(plot=False)]
+            ).validate(module, loader(40, seed=3), verbose=False)
+    report = json.loads((tmp_path / "validate_metrics.json").read_text())
+    assert report["checkpoint"] is None and set(report["metrics"]) == {"gap", "hit_at_one", "perr", "map", "loss"}
+
+
 class RankShards(torch.utils.data.IterableDataset):
     """Videos [0, split) on rank 0 and [split, n) on rank 1, as YT8MDataModule shards (no padding,
     unequal counts); all of them in one process."""
