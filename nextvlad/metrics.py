@@ -221,6 +221,16 @@ class MeanAveragePrecision(_TopKPairs):
             dist_reduce_fx="sum",
         )
 
+    def set_dtype(self, dst_type: str | torch.dtype) -> "MeanAveragePrecision":
+        """Also the dtype of the stored class indices: refused where it cannot hold every index
+        exactly (float16 stops at 2048, bfloat16 at 256), which would merge classes."""
+        if isinstance(dst_type, torch.dtype) and dst_type.is_floating_point:
+            exact = int(2 / torch.finfo(dst_type).eps)  # every integer up to this is representable
+            if self.num_classes > exact:
+                raise ValueError(f"{type(self).__name__}.set_dtype({dst_type}): its class indices would be rounded "
+                                 f"(exact up to {exact}, num_classes is {self.num_classes})")
+        return super().set_dtype(dst_type)
+
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Accumulate a batch of probabilities ``preds`` (B, C) and multi-hot ``target`` (B, C)."""
         _check_inputs(preds, target, self.validate_args)

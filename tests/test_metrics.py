@@ -366,6 +366,21 @@ def test_bad_shapes_raise(preds_shape, target_shape, message) -> None:
             metric.update(torch.rand(preds_shape), torch.zeros(target_shape))
 
 
+@pytest.mark.parametrize(("dtype", "exact"), [(torch.float16, 2048), (torch.bfloat16, 256)])
+def test_map_refuses_a_dtype_that_would_round_its_class_indices(dtype, exact) -> None:
+    """Class ids are stored in the metric's dtype: 16-bit floats would merge classes above their
+    exact integer range (3862 classes in float16: class 2049 becomes 2048)."""
+    from nextvlad.metrics_segments import SegmentMeanAveragePrecision
+
+    MeanAveragePrecision(exact).set_dtype(dtype)  # every index exact: allowed
+    for metric in (MeanAveragePrecision(exact + 1), SegmentMeanAveragePrecision(3862)):
+        with pytest.raises(ValueError, match=f"set_dtype.*exact up to {exact}, num_classes is {metric.num_classes}"):
+            metric.set_dtype(dtype)
+    metric = MeanAveragePrecision(3862).set_dtype(torch.float64)
+    metric.update(torch.eye(3862)[-2:], torch.eye(3862)[-2:])
+    assert metric.compute_per_class()[0][-2:].tolist() == [1.0, 1.0]
+
+
 def test_map_rejects_wrong_number_of_classes() -> None:
     with pytest.raises(ValueError, match="num_classes"):
         MeanAveragePrecision(7).update(torch.rand(2, 5), torch.zeros(2, 5))
