@@ -235,6 +235,22 @@ def test_resumed_loader_resumes_again(synthetic_data, tmp_path):
     assert first + second + [batch["id"] for batch in last] == full
 
 
+@pytest.mark.parametrize(("workers", "after"), [(1, 1), (2, 1), (2, 2)])
+def test_a_position_saved_right_after_a_resume_resumes_again(synthetic_data, tmp_path, workers, after):
+    """Saved while a worker's last batch is its first since the resume: torchdata diffs each
+    worker's state against the one it was loaded with, which the reader changed in place (the
+    shuffle buffer), so the saved buffer was stale and the next resume read videos twice."""
+    files = synthetic_data["train"]
+    full = [batch["id"] for batch in _loader(files, workers)]
+    first, state = _saved(_loader(files, workers), 5, tmp_path)
+    again = _loader(files, workers)
+    again.load_state_dict(state)
+    second, state = _saved(again, after, tmp_path)
+    last = _loader(files, workers)
+    last.load_state_dict(state)
+    assert first + second + [batch["id"] for batch in last] == full
+
+
 def test_a_finished_epoch_resumes_into_the_next_one_afresh(synthetic_data, tmp_path):
     files = synthetic_data["train"]
     _, state = _saved(_loader(files, 0, epoch=1), 17, tmp_path)

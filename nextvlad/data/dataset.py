@@ -15,6 +15,7 @@ contract; `YT8MDataModule` does so in ``on_after_batch_transfer``. DataLoader wo
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -291,11 +292,13 @@ class YT8MFrameDataset(IterableDataset):
         """Where this reader stands (plain types); {} when it has not started an epoch."""
         if self._reader is not None:
             return self._reader.snapshot()
-        return dict(self._resume_from or {})
+        return copy.deepcopy(self._resume_from or {})
 
     def load_state_dict(self, state: dict) -> None:
         """Make the next iteration continue exactly where `state` (from `state_dict`) stood."""
-        self._resume_from = dict(state) or None
+        # A copy: the reader changes its position's lists in place, and torchdata diffs a worker's
+        # later states against this very object, which would then seem unchanged.
+        self._resume_from = copy.deepcopy(state) or None
         self._reader = None
 
     def _checked_resume(self, expected: ReaderPosition, state: dict) -> ReaderPosition:
