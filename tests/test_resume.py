@@ -251,6 +251,40 @@ def test_a_position_saved_right_after_a_resume_resumes_again(synthetic_data, tmp
     assert first + second + [batch["id"] for batch in last] == full
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_skipped_record_among_the_held_ones_is_passed_over_again_on_resume(tmp_path, workers):
+    """on_error "skip", a record with a bad CRC inside the shuffle buffer's range: the uninterrupted
+    run skipped and counted it once; a resume from any batch reads the held records again around
+    it, and continues exactly, counting it once in all (resumes raised the DataError)."""
+    from nextvlad.data import YT8MDataLoader, YT8MFrameDataset
+    from nextvlad.data.records import frame_record
+    from test_data_bad_input import good_record
+
+    records = [bytearray(frame_record(good_record(i, frames=2))) for i in range(10)]
+    records[4][40] ^= 0xFF  # in record 4's data: its CRC no longer matches
+    path = tmp_path / "bad.tfrecord"
+    path.write_bytes(b"".join(records))
+
+    def loader():
+        dataset = YT8MFrameDataset(str(path), batch_size=1, max_frames=4, num_classes=10, training=True,
+                                   shuffle_buffer=4, on_error="skip")
+        return YT8MDataLoader(dataset, context=lambda: (0, 0, 1), num_workers=workers)
+
+    full = [(batch["id"][0], int(batch["read_stats"][0])) for batch in loader()]
+    assert len(full) == 9 and sum(skips for _, skips in full) == 1
+    for batches in range(1, 9):
+        first = loader()
+        iterator = iter(first)
+        taken = [next(iterator) for _ in range(batches)]
+        state = first.state_dict()
+        del iterator
+        resumed = loader()
+        resumed.load_state_dict(state)
+        ids = [(b["id"][0], int(b["read_stats"][0])) for b in taken] + [
+            (b["id"][0], int(b["read_stats"][0])) for b in resumed]
+        assert ids == full, batches
+
+
 def test_a_finished_epoch_resumes_into_the_next_one_afresh(synthetic_data, tmp_path):
     files = synthetic_data["train"]
     _, state = _saved(_loader(files, 0, epoch=1), 17, tmp_path)

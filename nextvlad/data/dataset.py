@@ -276,8 +276,8 @@ class YT8MFrameDataset(IterableDataset):
             pool = SharedBufferPool(((self.batch_size, self.max_frames, RGB_SIZE),
                                      (self.batch_size, self.max_frames, AUDIO_SIZE)), dtype,
                                     max_slots=0 if self.dequantize_in_workers else 4)
-        self._reader = _Reader(self, self.plan(worker, num_workers), position, pool)
         try:
+            self._reader = _Reader(self, self.plan(worker, num_workers), position, pool)
             yield from self._reader
         except DataError as error:
             if info is None:
@@ -562,9 +562,13 @@ class _Reader:
             first = min(record for _, record in items)
             last = max(record for _, record in items)
             by_record = {record: p for p, record in items}
-            for record, data in enumerate(read_records(path, self.dataset.compression, first,
-                                                       last - first + 1), first):
+            # Under on_error "skip" a bad record between held ones was skipped (and counted) when
+            # first read: passed over here, not raised.
+            for record, data in enumerate(read_records(path, self.dataset.compression, first, last - first + 1,
+                                                       yield_errors=self.dataset.on_error == "skip"), first):
                 if record in by_record:
+                    if isinstance(data, DataError):
+                        raise data  # held, so it was good when first read: the file changed since
                     videos[by_record[record]] = self.dataset._parse_record(data, path, record)
         return videos
 
