@@ -16,6 +16,7 @@ from nextvlad.data import DataError, FramingError, YT8MFrameDataset, iter_videos
 from nextvlad.data import protos
 from nextvlad.data.dataset import STAT_NAMES
 from nextvlad.data.parsing import encode_frame_record, encode_video_level_record
+from nextvlad.data.records import frame_record
 
 NUM_CLASSES = 10
 
@@ -160,6 +161,22 @@ def test_pattern_matching_nothing(tmp_path):
         YT8MFrameDataset(pattern)
     with pytest.raises(FileNotFoundError, match="nothing\\*.tfrecord"):
         list(iter_videos(pattern))
+
+
+def test_a_dangling_link_among_the_matches_is_an_error_naming_it(tmp_path):
+    """A shard linked from a mount that is not there was left out of every epoch without a word."""
+    from nextvlad.data import expand_paths
+
+    (tmp_path / "train0000.tfrecord").write_bytes(frame_record(good_record(0)))
+    (tmp_path / "train0001.tfrecord").symlink_to(tmp_path / "mount" / "train0001.tfrecord")
+    (tmp_path / "train0002.tfrecord").mkdir()  # a folder is not a record file: passed over
+    pattern = str(tmp_path / "train*.tfrecord")
+    message = f"{tmp_path}/train0001.tfrecord \\(matched by .*\\) is a link to .*mount/train0001.tfrecord.*does not exist"
+    with pytest.raises(FileNotFoundError, match=message):
+        YT8MFrameDataset(pattern, num_classes=NUM_CLASSES)
+    (tmp_path / "mount").mkdir()
+    (tmp_path / "mount" / "train0001.tfrecord").write_bytes(frame_record(good_record(1)))
+    assert expand_paths(pattern) == [str(tmp_path / f"train000{i}.tfrecord") for i in (0, 1)]
 
 
 # (rgb frames, audio frames) of records whose streams differ; read with max_frames = 6.

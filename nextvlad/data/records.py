@@ -79,13 +79,23 @@ def expand_paths(pattern_or_files: str | os.PathLike | Iterable[str | os.PathLik
     files: dict[str, str] = {}  # the file itself -> the name it was first matched under
     for pattern in patterns:
         pattern = os.path.expanduser(pattern.strip())
-        matches = _glob_url(pattern) if is_url(pattern) else [
-            m for m in glob.glob(pattern) if os.path.isfile(m)]
+        matches = _glob_url(pattern) if is_url(pattern) else _glob_local(pattern)
         if not matches:
             raise FileNotFoundError(f"no files match {pattern!r}")
         for match in sorted(matches):
             files.setdefault(_file_identity(match), match)
     return sorted(files.values())
+
+
+def _glob_local(pattern: str) -> list[str]:
+    """The files ``pattern`` matches (folders are passed over). A link whose target is missing is
+    an error naming it: a shard on a mount that is not there would be left out of every epoch."""
+    matches = glob.glob(pattern)
+    for match in matches:
+        if os.path.islink(match) and not os.path.exists(match):
+            raise FileNotFoundError(f"{match} (matched by {pattern!r}) is a link to {os.readlink(match)!r}, "
+                                    "which does not exist")
+    return [m for m in matches if os.path.isfile(m)]
 
 
 def _file_identity(path: str) -> str:
