@@ -71,6 +71,17 @@ def test_command_line(tmp_path, capsys):
         write_synthetic_dataset(tmp_path / "bad", num_classes=3, max_labels=5)
 
 
+def test_a_bad_option_value_is_one_error_line_and_writes_nothing(tmp_path):
+    """`nextvlad-synthetic --max-frames 10` (below the default --min-frames 20) printed a traceback."""
+    script = Path(sys.executable).with_name("nextvlad-synthetic")
+    result = subprocess.run([str(script), "--out-dir", str(tmp_path / "out"), "--max-frames", "10"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "nextvlad-synthetic: error: need 1 <= min_frames <= max_frames, got 20, 10")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("gzip", [False, True])
 def test_a_split_without_videos_writes_no_file(tmp_path, gzip):
     """`nextvlad-synthetic --num-test 0`: the test split is left out, every file written is

@@ -239,6 +239,10 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = args.pop("out_dir")
     compression = "gzip" if args.pop("gzip") else "none"
     segments = args.pop("segments")
+    try:
+        SyntheticConfig(**args).validate()
+    except ValueError as error:
+        parser.error(str(error))  # one line with the usage, as for the parser's own errors
     paths = write_synthetic_dataset(out_dir, compression=compression, segments=segments, **args)
     for split, files in paths.items():
         size = sum(os.path.getsize(p) for p in files) / 1e6
