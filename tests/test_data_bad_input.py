@@ -73,7 +73,7 @@ BAD_RECORDS = {
     "0 rgb frames": (custom_record(rgb_sizes=(), audio_sizes=(128,) * 3),
                      "has 0 frames (0 rgb frames, 3 audio frames)"),
     "video-level record": (encode_video_level_record("vl", np.zeros(1024), np.zeros(128), [1]),
-                           "looks like a video-level record"),
+                           "the models and their data modules need frame-level records; iter_videos(level='video') reads"),
 }
 
 

@@ -187,8 +187,9 @@ def video_from_message(message, num_classes: int, path: str, index: int) -> Quan
     for name, size in FRAME_FEATURES:
         raw = feature_lists.get(name)
         if raw is None:
-            hint = ("; it looks like a video-level record (context has mean_rgb): read it with "
-                    "level='video'" if "mean_rgb" in message.context.feature else "")
+            hint = ("; it looks like a video-level record (context has mean_rgb): the models and their "
+                    "data modules need frame-level records; iter_videos(level='video') reads "
+                    "video-level ones" if "mean_rgb" in message.context.feature else "")
             raise DataError(path, index, f"video {video_id!r} has no {name!r} feature list "
                                          f"(found {sorted(feature_lists)}){hint}")
         streams.append(decode_feature_list(raw, size, name, path, index))
