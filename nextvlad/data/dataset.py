@@ -466,7 +466,7 @@ class _Reader:
         elif self.pool is not None and unreported.any():  # a worker with no batch to carry them
             yield ReaderMessage(read_stats=unreported)
         if position.batches < len(sizes) and dataset.training and dataset.world_size > 1:
-            raise RuntimeError(
+            raise ValueError(  # the data's fault: one error line, as for a bad record under "raise"
                 f"rank {dataset.rank}: {self.stats.skipped_records} bad records were skipped, "
                 f"leaving {position.batches} of the {len(sizes)} planned batches; DDP ranks would "
                 f"fall out of step and hang. Fix or remove the bad files: "
