@@ -201,6 +201,30 @@ def test_64_true_precision_gets_float64_batches_and_trains(synthetic_data):
     assert all(p.dtype == torch.float64 and torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_training_data_too_small_for_one_full_batch_is_an_error(tmp_path, monkeypatch, world_size):
+    """7 training records, batch_size 4: one rank trains 1 batch; two ranks (4 and 3 records) none,
+    with drop_last keeping ranks in step: Lightning ended fit at once with exit status 0."""
+    from nextvlad.data import write_synthetic_dataset
+
+    write_synthetic_dataset(tmp_path, num_train=7, num_validate=0, num_test=0, num_classes=10, files_per_split=1,
+                            min_frames=2, max_frames=4, seed=0)
+    monkeypatch.setattr(YT8MDataModule, "_rank_world", lambda self: (0, world_size))
+
+    def train_batches(drop_last: bool) -> int:
+        return len(YT8MDataModule(train_pattern=str(tmp_path / "train*.tfrecord"), batch_size=4, num_workers=0,
+                                  max_frames=4, num_classes=10, drop_last=drop_last).train_dataloader())
+
+    assert train_batches(drop_last=False) == (2 if world_size == 1 else 1)
+    if world_size == 1:
+        assert train_batches(drop_last=True) == 1
+        return
+    with pytest.raises(ValueError, match=r"^YT8MDataModule train_pattern: 7 records give no full batch of batch_size "
+                                         r"4 on each of 2 rank\(s\) and drop_last drops the rest: lower batch_size or "
+                                         r"set drop_last false$"):
+        train_batches(drop_last=True)
+
+
 @pytest.mark.parametrize("rank", [0, 1, 2])
 def test_fewer_records_than_ranks_is_the_same_error_on_every_rank(tmp_path, monkeypatch, rank):
     """2 records on 3 ranks: a rank without a video would skip Lightning's epoch hooks and leave the

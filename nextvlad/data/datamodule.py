@@ -126,6 +126,10 @@ class YT8MDataModule(L.LightningDataModule):
                 raise ValueError(f"YT8MDataModule {name}: {dataset.num_records} records for {world_size} ranks: a "
                                  f"rank would have no video; use at most {dataset.num_records} devices")
             dataset.set_distributed(rank, world_size)
+            if len(dataset) == 0:  # drop_last (ranks kept in step): Lightning would end fit at once, exit 0
+                raise ValueError(f"YT8MDataModule {name}: {dataset.num_records} records give no full batch of "
+                                 f"batch_size {dataset.batch_size} on each of {world_size} rank(s) and drop_last "
+                                 "drops the rest: lower batch_size or set drop_last false")
             self.datasets[split] = dataset
             dropped = dataset.records_dropped_per_epoch()
             # Shown once (rank 0), next to Lightning's own start-up messages.
