@@ -138,24 +138,32 @@ def test_last_ckpt_of_a_run_stopped_by_max_steps_continues_its_epoch(synthetic_d
         assert torch.equal(value, resumed["state_dict"][name]), name
 
 
+#: Validation once per epoch, as the segment configs: saves at the train epoch's end.
+EPOCH_END_SAVES = dict(every_n_train_steps=4, val_check_interval=1.0, check_val_every_n_epoch=1, deterministic=True)
+
+
+@pytest.fixture(scope="module")
+def two_epochs_in_one_run(synthetic_data, tmp_path_factory) -> dict:
+    """The final checkpoint of one uninterrupted run of 30 steps (two epochs of 15) under EPOCH_END_SAVES."""
+    whole = tmp_path_factory.mktemp("whole")
+    fit(tiny_config(synthetic_data, whole, max_steps=30, max_epochs=2, **EPOCH_END_SAVES))
+    return torch.load(whole / "checkpoints" / "last.ckpt", weights_only=False)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("first_run", [{"max_epochs": 1}, {"max_steps": 15}], ids=["max_epochs", "max_steps"])
-def test_a_run_resumed_from_an_epochs_end_with_max_steps_trains_the_next_epoch(synthetic_data, tmp_path, first_run):
+def test_a_run_resumed_from_an_epochs_end_with_max_steps_trains_the_next_epoch(synthetic_data, tmp_path, first_run,
+                                                                                two_epochs_in_one_run):
     """Lightning 2.6 skipped the whole next epoch when a run resumed from a checkpoint written at an
-    epoch's end had max_steps set (nextvlad._fit_loop). Validating once per epoch (as the segment
-    configs do) saves at the train epoch's end; epoch 0 (15 steps) ended by max_epochs or by
+    epoch's end had max_steps set (nextvlad._fit_loop). Epoch 0 (15 steps) ended by max_epochs or by
     max_steps, resumed with max_steps 30 and max_epochs 2: the weights of one run of 30 steps (CPU,
     bitwise), not 15 steps with an epoch counted twice."""
-    settings = dict(every_n_train_steps=4, val_check_interval=1.0, check_val_every_n_epoch=1, deterministic=True)
-    whole, part = tmp_path / "whole", tmp_path / "part"
-    whole.mkdir(), part.mkdir()
-    fit(tiny_config(synthetic_data, whole, max_steps=30, max_epochs=2, **settings))
-    fit(tiny_config(synthetic_data, part, **{"max_epochs": 2, **first_run}, **settings))
-    assert global_step(part / "checkpoints" / "last.ckpt") == 15
-    fit(tiny_config(synthetic_data, part, max_steps=30, max_epochs=2, **settings),
-        "--ckpt_path", str(part / "checkpoints" / "last.ckpt"))
-    one, resumed = (torch.load(run / "checkpoints" / "last.ckpt", weights_only=False) for run in (whole, part))
+    fit(tiny_config(synthetic_data, tmp_path, **{"max_epochs": 2, **first_run}, **EPOCH_END_SAVES))
+    assert global_step(tmp_path / "checkpoints" / "last.ckpt") == 15
+    fit(tiny_config(synthetic_data, tmp_path, max_steps=30, max_epochs=2, **EPOCH_END_SAVES),
+        "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt"))
+    one, resumed = two_epochs_in_one_run, torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert one["global_step"] == resumed["global_step"] == 30
     for name, value in one["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][name]), name
