@@ -30,7 +30,7 @@ from nextvlad.metrics import (
     MeanAveragePrecision,
     PrecisionAtEqualRecallRate,
 )
-from nextvlad.models.mixture import GateInput, MixtureOfNeXtVLAD, distillation_kl
+from nextvlad.models.mixture import GateInput, MixtureOfNeXtVLAD, MixtureOutput, distillation_kl
 from nextvlad.models.nextvlad import ClusterBNStatistics
 from nextvlad.models.video_model import Architecture, HiddenActivation, build_video_model
 from nextvlad.optim import TF1Adam
@@ -84,7 +84,11 @@ class VideoClassifier(pl.LightningModule):
     TF1's AdamOptimizer does ("tf1", the authors' optimizer, ``nextvlad.optim.TF1Adam``) or as
     torch.optim.Adam does ("torch"; they differ for tiny gradients, SPEC 4). ``bn_momentum`` is the running-statistics
     update of every batch norm (default 1e-3, slim's decay 0.999, which takes thousands of steps to
-    settle: short runs such as the demo use a larger value). ``top_k`` is the k of GAP/MAP and of
+    settle: short runs such as the demo use a larger value). ``bn_tower_videos`` cuts a training
+    batch into towers of that many videos that the model runs one after the other, as the authors'
+    2 GPU towers of 80 (SPEC 3.4, 4): every batch norm normalises a tower with the tower's own
+    statistics and moves its running statistics once per tower; losses and gradients stay those of
+    the whole batch (None: the batch is one tower). ``top_k`` is the k of GAP/MAP and of
     predictions.
 
     Segment args (the 2019 task, SPEC_SEGMENTS; batches from ``YT8MSegmentDataModule``): ``task``
@@ -124,6 +128,7 @@ class VideoClassifier(pl.LightningModule):
         predict_branch: int | None = None,
         aggregation_backend: Literal["auto", "triton", "reference"] = "auto",
         bn_momentum: float = 1e-3,
+        bn_tower_videos: int | None = None,
         learning_rate: float = 2e-4,
         lr_decay: float = 0.8,
         lr_decay_examples: int = 2_000_000,
@@ -158,6 +163,8 @@ class VideoClassifier(pl.LightningModule):
             raise ValueError(f"gate_input='per_frame' over gate_frames={gate_frames} frames cannot take "
                              "5-frame segments: use gate_input 'all' or 'masked' for task='segments'")
         check_in_range("bn_momentum", bn_momentum, 0.0, 1.0, low_open=True)
+        if bn_tower_videos is not None:
+            check_positive_int(bn_tower_videos=bn_tower_videos)
         self.model = self._build_model()
         for layer in self.model.modules():  # one knob for every BN (TF decay = 1 - momentum)
             if isinstance(layer, nn.modules.batchnorm._BatchNorm):
@@ -244,11 +251,11 @@ class VideoClassifier(pl.LightningModule):
         labels = batch["labels"].float()
         weights = self._loss_weights(batch)
         if not self.is_mixture:
-            logits = self.model(batch["rgb"], batch["audio"], batch["lengths"])
+            logits = self._in_towers(self.model, batch)
             label_loss = summed_bce(logits, labels, weights)
             losses = {"label_loss": label_loss}
         else:
-            out = self.model.forward_all(batch["rgb"], batch["audio"], batch["lengths"])
+            out = self._in_towers(self.model.forward_all, batch)
             logits = out.logits
             losses = {"mixture_loss": summed_bce(logits, labels, weights)}
             for m, branch_logits in enumerate(out.branch_logits):
@@ -260,6 +267,19 @@ class VideoClassifier(pl.LightningModule):
         losses["l2_loss"] = self.l2_loss()
         losses["total"] = losses["label_loss"] + losses["l2_loss"] + losses.get("distillation_loss", 0.0)
         return losses, logits
+
+    def _in_towers(self, forward: Any, batch: dict[str, Any]) -> Any:
+        """``forward`` (the model or the mixture's forward_all) on the batch's videos, in training
+        one tower of ``bn_tower_videos`` after the other (tf.split's contiguous parts), the outputs
+        joined again."""
+        size, inputs = self.hparams.bn_tower_videos, (batch["rgb"], batch["audio"], batch["lengths"])
+        if not self.training or size is None or len(batch["lengths"]) <= size:
+            return forward(*inputs)
+        towers = [forward(*tower) for tower in zip(*(tensor.split(size) for tensor in inputs))]
+        if not isinstance(towers[0], MixtureOutput):
+            return torch.cat(towers)
+        return MixtureOutput(*(torch.cat(parts, dim=1 if field == "branch_logits" else 0)
+                               for field, parts in zip(MixtureOutput._fields, zip(*towers))))
 
     def _loss_weights(self, batch: dict[str, Any]) -> torch.Tensor | None:
         """Per-entry BCE weights: the rated entries of a segment batch unless ``unrated`` is

@@ -62,6 +62,16 @@ def _check_paper_defaults():
     assert model_from_config(REPO / "configs" / "nextvlad_mix3_0T.yaml").hparams.temperature == 0.0
 
 
+@pytest.mark.parametrize("config", [p for p in CONFIGS if "2 GPUs x 80" in p.read_text()], ids=lambda p: p.name)
+def test_configs_of_the_authors_two_towers_normalise_per_tower_of_80(config):
+    """Batch 160 on one device in place of 2 GPU towers of 80 (SPEC 4): BN per tower (SPEC 3.4)."""
+    import yaml
+
+    settings = yaml.safe_load(config.read_text())
+    assert settings["data"]["init_args"]["batch_size"] == 160
+    assert settings["model"]["init_args"]["bn_tower_videos"] == 80
+
+
 def test_params_command_prints_exact_counts(capsys):
     main(["params", "--config", str(REPO / "configs" / "nextvlad.yaml")])
     lines = capsys.readouterr().out.strip().splitlines()

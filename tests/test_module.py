@@ -530,3 +530,41 @@ def test_nan_segment_scores_name_the_rated_segment():
     first_rated = next(item for item in items if bool(item["has_labels"]))["id"]
     with pytest.raises(ValueError, match=rf"the model's scores are not finite for video {first_rated} "):
         trainer().validate(module, DataLoader(items, batch_size=8, collate_fn=collate_segments), verbose=False)
+
+
+@pytest.mark.parametrize("num_branches", [1, 3])
+def test_bn_towers_run_as_the_authors_two_gpu_towers(num_branches):
+    """bn_tower_videos=4 on a batch of 10 videos: towers of 4, 4 and 2 videos, each normalised with
+    its own statistics and moving every running statistic once, in order (SPEC 3.4, 4: tf.split
+    into towers sharing variables); the loss is that of the joined logits, as the tower-averaged
+    gradients of equal towers are."""
+    torch.manual_seed(0)
+    module = VideoClassifier(**SMALL, num_branches=num_branches, dropout=0.0, bn_momentum=0.3,
+                             bn_tower_videos=4).train()
+    towers_run = copy.deepcopy(module)
+    batch = collate(toy_videos(10, seed=4))
+    losses, logits = module.compute_losses(batch)
+
+    expected = []
+    for part in range(0, 10, 4):
+        rgb, audio, lengths = (batch[k][part:part + 4] for k in ("rgb", "audio", "lengths"))
+        out = towers_run.model(rgb, audio, lengths) if num_branches == 1 else towers_run.model.forward_all(
+            rgb, audio, lengths).logits
+        expected.append(out)
+    torch.testing.assert_close(logits, torch.cat(expected), rtol=1e-6, atol=1e-6)
+    for (name, mine), theirs in zip(module.model.named_buffers(), towers_run.model.buffers()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7, msg=name)
+    assert int(module.model.get_buffer(next(n for n, _ in module.model.named_buffers()
+                                            if n.endswith("num_batches_tracked")))) == 3
+
+    whole = copy.deepcopy(towers_run)
+    whole.hparams.bn_tower_videos = None
+    _, whole_logits = whole.compute_losses(batch)
+    assert (whole_logits - logits).abs().max() > 1e-2  # one tower of 10 normalises otherwise
+    module.eval()
+    torch.testing.assert_close(module.compute_losses(batch)[1], module(batch["rgb"], batch["audio"], batch["lengths"]))
+
+
+def test_bn_tower_videos_must_be_a_positive_integer():
+    with pytest.raises(ValueError, match="bn_tower_videos must be an integer >= 1, got 0"):
+        VideoClassifier(**SMALL, bn_tower_videos=0)
