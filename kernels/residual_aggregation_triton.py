@@ -754,7 +754,10 @@ def _autotuned(kind: str, family: str, tiles: tuple[_Tile, ...]) -> Any:
     the tensors' dtypes)."""
     configs = [triton.Config({"BLOCK_R": rows, "BLOCK_D": block_d}, num_warps=warps) for rows, block_d, warps in tiles]
     timer = {} if _AUTOTUNE_TIMER is None else {"do_bench": _AUTOTUNE_TIMER}
-    return triton.autotune(configs=configs, key=["clusters", "dim"], **timer)(_KERNELS[kind])
+    # The forward's split programs count their arrivals: each timed run must start from zeros, or
+    # the chosen tile's own launch finds the counters full and no program writes y.
+    reset = {"reset_to_zero": ["arrivals_ptr"]} if kind == "forward" else {}
+    return triton.autotune(configs=configs, key=["clusters", "dim"], **timer, **reset)(_KERNELS[kind])
 
 
 def _on_device(device: torch.device) -> Any:

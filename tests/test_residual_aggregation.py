@@ -527,6 +527,39 @@ def test_triton_interpreter_autotuned_launch_path(interpreter, monkeypatch: pyte
     assert len(timed) == len(tiles)
 
 
+def test_triton_interpreter_autotuned_forward_with_frame_splits_writes_y_in_its_own_launch(
+        interpreter, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Split videos count their programs' arrivals; the autotuner's timed runs reuse the counter,
+    so without resetting it the chosen tile's launch found it full and left y as a timed run wrote
+    it. Here every timed run is followed by y poisoned with NaN: the final launch must write y."""
+    launched = []
+
+    def spy(kind, family, tiles, grid, *args, **constexprs):
+        if kind == "forward":
+            launched.append(args)
+        return launch(kind, family, tiles, grid, *args, **constexprs)
+
+    def poisoning_timer(kernel_call, quantiles):
+        kernel_call()
+        kernel_call()
+        launched[-1][5].fill_(float("nan"))  # y
+        return [1.0] * 3
+
+    launch = triton_module._launch
+    monkeypatch.setattr(triton_module, "_launch", spy)
+    monkeypatch.setattr(triton_module, "_autotune_enabled", lambda interpret: True)
+    monkeypatch.setattr(triton_module, "_AUTOTUNE_TIMER", poisoning_timer)
+    monkeypatch.setattr(triton_module, "_forward_plan", lambda *args: (0, 2))  # every video in 2 splits
+    triton_module._autotuned.cache_clear()
+    try:
+        x, logits, attention, lengths, centroids = make_inputs(Shape(2, 40, 2, 20, 16, (40, 9)))
+        y, _ = triton_module.launch_forward(x, logits, attention, lengths, centroids, torch.float32, "ieee")
+    finally:
+        triton_module._autotuned.cache_clear()
+    torch.testing.assert_close(y, residual_aggregation_reference(x, logits, attention, lengths, centroids),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_triton_interpreter_clamps_unvalidated_lengths(interpreter) -> None:
     # Under torch.compile/export the lengths check is skipped; the kernels then clamp to [0, M]
     # (memory stays in bounds) exactly as the reference's frame mask does.
