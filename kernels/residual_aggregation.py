@@ -55,6 +55,10 @@ Backend = Literal["auto", "triton", "reference", "einsum"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "reference", "einsum")
 PRECISIONS: tuple[str, ...] = ("ieee", "tf32")
 IMPLEMENTATIONS: tuple[str, ...] = ("triton", "reference")
+# Integer dtypes whose comparisons every device implements (torch lacks them for uint16/32/64).
+_LENGTHS_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+# fp16's largest power of two below its maximum 65504: dL/dy is scaled under it for the fp16 dots.
+_FLOAT16_SCALE_TARGET = 2.0**15
 
 
 def _check_rank(name: str, tensor: Tensor, rank: int, layout: str) -> None:
@@ -109,8 +113,8 @@ def validate_inputs(
             raise ValueError(f"{name} must have x's dtype {x.dtype}, got {tensor.dtype}")
     if not centroids.is_floating_point():
         raise ValueError(f"centroids must be a floating tensor, got dtype {centroids.dtype}")
-    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
-        raise ValueError(f"lengths must be an integer tensor, got dtype {lengths.dtype}")
+    if lengths.dtype not in _LENGTHS_DTYPES:
+        raise ValueError(f"lengths must be an integer tensor (int8/16/32/64 or uint8), got dtype {lengths.dtype}")
 
     for name, tensor in (
         ("logits", logits),
@@ -226,6 +230,14 @@ def _residual_aggregation_backward_op(
             x, logits, attention, lengths, centroids, assignment_sum, grad_y, grad_assignment_sum
         )
     compute = assignment_sum.dtype
+    scale = None
+    if x.dtype == torch.float16 and grad_y.dtype != torch.float16:
+        # Under `normalize` dL/dy is fp32 and can exceed fp16's range (1/|y_k| for a cluster with
+        # little assignment): rounded for the fp16 dots it became inf, the gradients NaN. It is
+        # scaled by a power of two into range (exact, no host sync) and the gradients back.
+        scale = _float16_scale(grad_y)
+        grad_y = grad_y * scale
+        grad_assignment_sum = grad_assignment_sum * scale if grad_assignment_sum is not None else None
     # dL/dy rounded to x's dtype (what the backward's dots take) and sum_d gy[b,k,d] c[k,d] minus
     # dL/da_sum: the part of dL/da shared by all of a video's rows, from the rounded gy like the
     # kernel's x gy^T it is subtracted from (with x ~ c a mismatch would be multiplied by the
@@ -237,16 +249,28 @@ def _residual_aggregation_backward_op(
         x if x.stride(3) == 1 else x.contiguous(), logits.contiguous(), attention.contiguous(),
         lengths.contiguous(), grad_y_rounded, row_constant, precision,
     )
+    if scale is not None:
+        # a 0-d divisor keeps each gradient's dtype; dividing by a power of two is exact
+        grad_x, grad_logits, grad_attention, grad_centroids = (
+            grad / scale for grad in (grad_x, grad_logits, grad_attention, grad_centroids))
     grad_centroids = grad_centroids.to(centroids.dtype)
     return grad_x, grad_logits, grad_attention, grad_centroids
+
+
+def _float16_scale(grad_y: Tensor) -> Tensor:
+    """A power of two (a 0-d tensor on grad_y's device) that brings max |grad_y| under
+    _FLOAT16_SCALE_TARGET; 1 when it is there already (the usual case: nothing changes)."""
+    largest = grad_y.detach().abs().amax().to(torch.float32)
+    exponent = torch.ceil(torch.log2(largest / _FLOAT16_SCALE_TARGET)).clamp(min=0)
+    return torch.exp2(-exponent).to(grad_y.dtype)
 
 
 @_residual_aggregation_backward_op.register_fake
 def _residual_aggregation_backward_fake(x, logits, attention, lengths, centroids, assignment_sum, grad_y,
                                         grad_assignment_sum, precision, implementation):
-    # grad_x is contiguous whatever x's strides, as the kernels write it.
-    return (x.new_empty(x.shape), torch.empty_like(logits), torch.empty_like(attention),
-            torch.empty_like(centroids))
+    # Contiguous whatever the inputs' strides, as both implementations return them.
+    return (x.new_empty(x.shape), logits.new_empty(logits.shape), attention.new_empty(attention.shape),
+            centroids.new_empty(centroids.shape))
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -145,5 +145,6 @@ def residual_aggregation_reference_backward(
     grad_attention = weighted * gate * (1.0 - sigmoid)  # 0 on padded rows, where the gate is
     grad_logits = gate[..., None] * probabilities * (grad_assignment - weighted[..., None])
     grad_centroids = -torch.einsum("bk,bkd->kd", assignment_sum.to(compute), grad_y)
-    return (grad_x.to(x.dtype), grad_logits.to(logits.dtype), grad_attention.to(attention.dtype),
-            grad_centroids.to(centroids.dtype))
+    # Contiguous whatever the inputs' strides, as the Triton backward writes them and the op's fake says.
+    return (grad_x.to(x.dtype).contiguous(), grad_logits.to(logits.dtype).contiguous(),
+            grad_attention.to(attention.dtype).contiguous(), grad_centroids.to(centroids.dtype).contiguous())

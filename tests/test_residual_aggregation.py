@@ -560,6 +560,24 @@ def test_triton_interpreter_autotuned_forward_with_frame_splits_writes_y_in_its_
                                rtol=1e-5, atol=1e-5)
 
 
+def test_triton_interpreter_fp16_normalized_gradients_beyond_fp16_range_stay_finite(interpreter) -> None:
+    """fp16 inputs with ``normalize`` (the models' call): dL/dy comes back in fp32 through the L2
+    normalisation, about 1/|y_k|, beyond fp16's 65504 for a cluster with almost no assignment. The
+    backward's fp16 dots took it rounded to fp16: inf, then NaN gradients. The reference keeps it fp32."""
+    x, logits, attention, lengths, centroids = make_inputs(Shape(2, 6, 2, 4, 16, (6, 3)))
+    logits[..., 3] = -20.0  # cluster 3: about 2e-9 of every row
+    grad_y = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(2))
+    gradients = {}
+    for backend in ("triton", "reference"):
+        leaves = [t.half().requires_grad_() for t in (x, logits, attention)] + [centroids.clone().requires_grad_()]
+        y = residual_aggregation(*leaves[:3], lengths, leaves[3], backend=backend, normalize=True)
+        gradients[backend] = torch.autograd.grad(y, leaves, grad_y.to(y.dtype))
+    for name, got, expected in zip(("x", "logits", "attention", "centroids"), *gradients.values()):
+        assert torch.isfinite(expected).all() and torch.isfinite(got).all(), name
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2 * expected.abs().max().item(),
+                                   msg=lambda m: f"grad {name}: {m}")
+
+
 def test_triton_interpreter_clamps_unvalidated_lengths(interpreter) -> None:
     # Under torch.compile/export the lengths check is skipped; the kernels then clamp to [0, M]
     # (memory stays in bounds) exactly as the reference's frame mask does.
@@ -920,6 +938,7 @@ BAD_INPUTS = {
     "attention dtype": (_replace(2, lambda t: t.half()), "attention"),
     "attention rank": (_replace(2, lambda t: t[..., None]), "attention"),
     "lengths float": (_replace(3, lambda t: t.float()), "lengths"),
+    "lengths uint32": (_replace(3, lambda t: t.to(torch.uint32)), "lengths"),  # torch cannot compare them
     "lengths negative": (_replace(3, lambda t: torch.tensor([-1, 2, 3])), "lengths"),
     "lengths above M": (_replace(3, lambda t: torch.tensor([1, 6, 3])), "lengths"),
     "lengths batch": (_replace(3, lambda t: t[:2]), "lengths"),

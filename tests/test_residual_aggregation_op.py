@@ -51,6 +51,25 @@ def test_opcheck(shape, implementation: str) -> None:
 
 
 @pytest.mark.parametrize("implementation", implementations())
+def test_backward_op_of_strided_inputs_returns_contiguous_gradients_as_its_fake_says(implementation: str) -> None:
+    """Logits, attention and centroids in other layouts than contiguous: both implementations write
+    contiguous gradients, and the fake must say so (it said the inputs' strides, and Inductor's
+    stride assertion failed in the backward of a compiled caller)."""
+    def relaid(tensor: torch.Tensor) -> torch.Tensor:  # same values and shape, reversed memory layout
+        dims = tuple(range(tensor.dim() - 1, -1, -1))
+        return tensor.detach().permute(dims).contiguous().permute(dims)
+
+    x, logits, attention, lengths, centroids = (t.detach() for t in op_inputs(OP_SHAPES[0]))
+    logits, attention, centroids = relaid(logits), relaid(attention), relaid(centroids)
+    assert not (logits.is_contiguous() or attention.is_contiguous() or centroids.is_contiguous())
+    _, assignment_sum = OP(x, logits, attention, lengths, centroids, "ieee", torch.float32, implementation)
+    grad_y = torch.randn(x.shape[0], logits.shape[3], x.shape[3], generator=torch.Generator().manual_seed(1))
+    arguments = (x, logits, attention, lengths, centroids, assignment_sum, grad_y, None, "ieee", implementation)
+    assert all(grad.is_contiguous() for grad in BACKWARD_OP(*arguments))
+    torch.library.opcheck(BACKWARD_OP, arguments, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("implementation", implementations())
 def test_op_gradients_of_both_outputs_match_autograd_of_the_reference_float64(implementation: str) -> None:
     """y and a_sum are both differentiable outputs: the registered backward (hand-written formulas
     or the Triton kernels) against autograd through the reference formulation, and gradcheck."""
