@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import importlib
+import inspect
 import os
 import re
 import sys
@@ -176,8 +177,7 @@ class NextVLADCLI(LightningCLI):
         passed_over = []
         for path in found:
             checkpoint = load_checkpoint(path)
-            differences = settings_differences(checkpoint, getattr(self.model, "hparams", None),
-                                               getattr(self.datamodule, "hparams", None), self._configured_seed)
+            differences = settings_differences(checkpoint, self.model, self.datamodule, self._configured_seed)
             if not differences:
                 rank_zero_info(f"--ckpt_path {name}: {path} (the newest {name}.ckpt of the run with these settings)")
                 if passed_over:
@@ -247,19 +247,25 @@ NOT_RUN_SETTINGS = {
 }
 
 
-def settings_differences(checkpoint: dict[str, Any], model_hparams: dict[str, Any] | None,
-                         data_hparams: dict[str, Any] | None, seed: int | None) -> list[str]:
-    """How the run that wrote ``checkpoint`` was set up otherwise than this command: its model and
-    data hyper-parameters (less :data:`NOT_RUN_SETTINGS`) and ``seed_everything`` (``seed``; None:
-    not compared), each as "what: checkpoint X vs config Y". Settings a checkpoint does not record
-    are not compared."""
+def settings_differences(checkpoint: dict[str, Any], model: Any, datamodule: Any, seed: int | None) -> list[str]:
+    """How the run that wrote ``checkpoint`` was set up otherwise than this command's ``model`` and
+    ``datamodule``: their hyper-parameters (less :data:`NOT_RUN_SETTINGS`) and ``seed_everything``
+    (``seed``; None: not compared), each as "what: checkpoint X vs config Y". A setting the
+    checkpoint does not record (written before the setting existed) is taken at its default, which
+    is what that run used; a part without recorded hyper-parameters is not compared."""
     differences = []
-    for part, saved, now in (("model", checkpoint.get("hyper_parameters"), model_hparams),
-                             ("data", checkpoint.get("datamodule_hyper_parameters"), data_hparams)):
-        for key, value in (now or {}).items():
-            if not key.startswith("_") and key not in NOT_RUN_SETTINGS[part] and key in (saved or {}) \
-                    and saved[key] != value:
-                differences.append(f"{part} {key}: checkpoint {saved[key]!r} vs config {value!r}")
+    for part, saved, owner in (("model", checkpoint.get("hyper_parameters"), model),
+                               ("data", checkpoint.get("datamodule_hyper_parameters"), datamodule)):
+        if saved is None or owner is None:
+            continue
+        defaults = {name: parameter.default for name, parameter in inspect.signature(type(owner)).parameters.items()
+                    if parameter.default is not inspect.Parameter.empty}
+        for key, value in (getattr(owner, "hparams", None) or {}).items():
+            if key.startswith("_") or key in NOT_RUN_SETTINGS[part] or (key not in saved and key not in defaults):
+                continue
+            was, note = (saved[key], "") if key in saved else (defaults[key], " (not recorded: the default)")
+            if was != value:
+                differences.append(f"{part} {key}: checkpoint {was!r}{note} vs config {value!r}")
     saved_seed = checkpoint.get("seed_everything")
     if None not in (seed, saved_seed) and saved_seed != seed:
         differences.append(f"seed_everything: checkpoint {saved_seed} vs config {seed}")

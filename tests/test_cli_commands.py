@@ -492,6 +492,25 @@ def test_fit_ckpt_path_last_passes_over_newer_checkpoints_of_other_runs_under_th
     assert "of the run with these settings)" not in said  # not said of a checkpoint of other settings
 
 
+def test_a_setting_a_checkpoint_predates_is_compared_at_its_default():
+    """A checkpoint written before bn_tower_videos existed ran as one tower (the default, None):
+    resuming it under the paper configs' 80 is a difference, as for a checkpoint that records None
+    (it was called "the run with these settings"); data settings alike."""
+    from nextvlad.cli import settings_differences
+    from nextvlad.data import YT8MDataModule
+
+    small = dict(num_classes=10, clusters=4, groups=2, hidden_size=16, gating_reduction=4)
+    data = YT8MDataModule(train_pattern="train*.tfrecord", batch_size=8)
+    old = {"hyper_parameters": dict(VideoClassifier(**small).hparams), "datamodule_hyper_parameters": dict(data.hparams)}
+    del old["hyper_parameters"]["bn_tower_videos"], old["datamodule_hyper_parameters"]["shuffle_buffer"]
+    assert settings_differences(old, VideoClassifier(**small), data, None) == []
+    assert settings_differences(old, VideoClassifier(**small, bn_tower_videos=80), data, None) == [
+        "model bn_tower_videos: checkpoint None (not recorded: the default) vs config 80"]
+    other_data = YT8MDataModule(train_pattern="train*.tfrecord", batch_size=8, shuffle_buffer=64)
+    assert settings_differences(old, VideoClassifier(**small), other_data, None) == [
+        "data shuffle_buffer: checkpoint 512 (not recorded: the default) vs config 64"]
+
+
 def test_fit_ckpt_path_last_without_a_last_ckpt_is_an_error_not_a_fresh_start(clone, tmp_path):
     (tmp_path / "data").symlink_to(clone / "data")
     line = error_line(run("lightning", "fit", "--config", DEMO, "--trainer.max_steps", "1", "--ckpt_path", "last",
