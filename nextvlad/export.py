@@ -270,6 +270,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--output {args.output} is the {overwritten} file: it would be overwritten; write elsewhere")
     checkpoint = load_checkpoint(args.ckpt_path)
     trained_with = training_eigenvalues(checkpoint, args.config)
+    if args.config is not None and not (args.eigenvalues_path or args.no_reverse_whitening):
+        from nextvlad.cli import whitening_mismatch  # the check validate / predict make
+
+        mismatch = whitening_mismatch(checkpoint, {"eigenvalues_path": trained_with})
+        if mismatch:
+            parser.error(f"{args.ckpt_path}: {mismatch}: the graph would not whiten as training did; "
+                         "pass --eigenvalues_path or --no_reverse_whitening to say what it takes")
     recorded = args.config is not None or "datamodule_hyper_parameters" in checkpoint
     eigenvalues = None if args.no_reverse_whitening else args.eigenvalues_path or trained_with
     module = ExportableClassifier(classifier_from_checkpoint(checkpoint, args.ckpt_path, args.config), eigenvalues)

@@ -218,6 +218,31 @@ def test_whitening_defaults_to_what_training_used(tmp_path):
     assert training_eigenvalues(saved_by_cli, config) is None  # the config given wins
 
 
+def test_a_config_whose_whitening_is_not_the_checkpoints_is_refused(tmp_path, eigenvalues_path, capsys):
+    """Trained without reverse whitening (the checkpoint records it), exported with a config that has
+    it: the graph whitened its input and its metadata said training did. validate / predict refuse
+    the pair; export too, unless told what the graph takes."""
+    ckpt = tmp_path / "plain.ckpt"
+    checkpoint = torch.load(trained_checkpoint(tmp_path), weights_only=False)
+    checkpoint["datamodule_hyper_parameters"] = {"eigenvalues_path": None}
+    torch.save(checkpoint, ckpt)
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  class_path: nextvlad.VideoClassifier\n  init_args:\n"
+                      + "".join(f"    {k}: {v}\n" for k, v in SMALL.items())
+                      + f"data:\n  init_args:\n    eigenvalues_path: {eigenvalues_path}\n")
+    output = tmp_path / "m.onnx"
+    with pytest.raises(SystemExit):
+        cli_main(["export", "--config", str(config), "--ckpt_path", str(ckpt), "--output", str(output)])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"nextvlad export: error: {ckpt}: the checkpoint's reverse whitening is not the config's (eigenvalues_path: "
+        f"checkpoint None vs config {eigenvalues_path!r}; None: off): the graph would not whiten as training did; "
+        "pass --eigenvalues_path or --no_reverse_whitening to say what it takes")
+    assert not output.exists()
+    cli_main(["export", "--config", str(config), "--ckpt_path", str(ckpt), "--output", str(output),
+              "--no_reverse_whitening"])
+    assert output.exists()
+
+
 def test_metadata_says_what_training_used_for_reverse_whitening(tmp_path):
     """The ONNX metadata states the whitening of the rgb input as training had it, also when the
     graph holds none; a checkpoint that does not record it (no --config) says so."""
