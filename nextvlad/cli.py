@@ -240,7 +240,7 @@ def run_checkpoints_named(name: str, folders: Sequence[str]) -> list[str]:
 #: Hyper-parameters that say how a run is served or read, not which run it is (the evaluation and
 #: prediction configs change them): runs differing only in these have the same settings.
 NOT_RUN_SETTINGS = {
-    "model": {"aggregation_backend", "predict_branch", "top_k"},
+    "model": {"aggregation_backend", "predict_branch", "top_k", "map_classes"},
     "data": {"val_pattern", "test_pattern", "predict_pattern", "eval_batch_size", "num_workers", "on_error",
              "compression", "dequantize_in_workers", "predict_rated",
              "eigenvalues_path"},  # compared by value (whitening_mismatch), not by where the file is

@@ -39,6 +39,7 @@ GradientClip = Literal["per_tensor", "global", "off"]
 AdamEpsilon = Literal["tf1", "torch"]
 Task = Literal["video", "segments"]
 Unrated = Literal["ignore", "negative"]
+MapClasses = Literal["all", "with_positives"]
 
 #: Hyper-parameters passed to ``build_video_model`` under the same name.
 BUILD_ARGS = (
@@ -54,7 +55,7 @@ ARCHITECTURE_HPARAMS = (
     "audio_clusters", "audio_groups", "input_reduction", "hidden_size", "gating_reduction", "num_branches",
     "hidden_activation", "branch_hidden_activation", "gate_input", "gate_frames",
 )
-#: The others either only choose how a trained model runs (predict_branch, top_k,
+#: The others either only choose how a trained model runs (predict_branch, top_k, map_classes,
 #: aggregation_backend) or only act in training (dropout, optimisation, distillation, batch-norm
 #: momentum and statistics): for those the config and the command line apply, whatever the
 #: checkpoint was trained with (see NextVLADCLI._parse_ckpt_path).
@@ -89,7 +90,9 @@ class VideoClassifier(pl.LightningModule):
     2 GPU towers of 80 (SPEC 3.4, 4): every batch norm normalises a tower with the tower's own
     statistics and moves its running statistics once per tower; losses and gradients stay those of
     the whole batch (None: the batch is one tower). ``top_k`` is the k of GAP/MAP and of
-    predictions.
+    predictions. ``map_classes`` averages MAP over "all" classes (a class without a positive counts
+    0, the authors' eval) or over those "with_positives" (Google's eval_util, SPEC 5); None: the
+    authors' for videos, Google's for segments (whose proxies are Google's).
 
     Segment args (the 2019 task, SPEC_SEGMENTS; batches from ``YT8MSegmentDataModule``): ``task``
     "segments" trains and validates on rated 5-frame segments (``label_weights`` in the batch),
@@ -137,6 +140,7 @@ class VideoClassifier(pl.LightningModule):
         gradient_clip_norm: float = 1.0,
         adam_epsilon: AdamEpsilon = "tf1",
         top_k: int = 20,
+        map_classes: MapClasses | None = None,
         task: Task = "video",
         unrated: Unrated = "ignore",
         init_from: str | None = None,
@@ -158,6 +162,8 @@ class VideoClassifier(pl.LightningModule):
         if predict_branch is not None and not 0 <= predict_branch < num_branches:
             raise ValueError(f"predict_branch must be in [0, {num_branches}), got {predict_branch}")
         check_choice("task", task, ("video", "segments"))
+        if map_classes is not None:
+            check_choice("map_classes", map_classes, ("all", "with_positives"))
         check_choice("unrated", unrated, ("ignore", "negative"))
         if task == "segments" and num_branches > 1 and gate_input == "per_frame" and gate_frames != 5:
             raise ValueError(f"gate_input='per_frame' over gate_frames={gate_frames} frames cannot take "
@@ -214,12 +220,16 @@ class VideoClassifier(pl.LightningModule):
             "gap": GlobalAveragePrecision(top_k=hp.top_k),
             "hit_at_one": HitAtOne(validate_args=False),
             "perr": PrecisionAtEqualRecallRate(validate_args=False),
-            # Segments: Google's eval.py proxy, whose MAP skips classes without a positive (SPEC 5,
-            # SPEC_SEGMENTS 6): most of the 3862 classes are never rated. Videos: the authors' (all).
+            # Segments by default: Google's eval.py proxy, whose MAP skips classes without a positive
+            # (SPEC 5, SPEC_SEGMENTS 6): most of the 3862 classes are never rated. Videos: the authors' (all).
             "map": MeanAveragePrecision(num_classes=hp.num_classes, top_k=hp.top_k, validate_args=False,
-                                        filter_empty_classes=hp.task == "segments"),
+                                        filter_empty_classes=self._map_over_classes_with_positives()),
         }
         return MetricCollection(metrics, prefix=prefix, compute_groups=False)
+
+    def _map_over_classes_with_positives(self) -> bool:
+        choice = self.hparams.map_classes
+        return self.hparams.task == "segments" if choice is None else choice == "with_positives"
 
     @property
     def is_mixture(self) -> bool:

@@ -98,6 +98,15 @@ def test_readme_validate_test_predict_and_export_on_best_ckpt(clone):
                cwd=clone).returncode == 0
     validated = yaml.safe_load((best.parent / "best.validate.json").read_text())["metrics"]
     assert validated["gap"] == pytest.approx(recorded_gap, abs=5e-5)
+    # README: Google's MAP (over the classes with a positive) by an option of the evaluation alone
+    assert run("nextvlad", "validate", "--config", DEMO, "--config", EVALUATE, "--ckpt_path", str(best),
+               "--model.init_args.map_classes", "with_positives", "--trainer.callbacks.output_dir=google",
+               cwd=clone).returncode == 0
+    google = yaml.safe_load((clone / "google" / "best.validate.json").read_text())
+    per_class = np.array(google["per_class"]["average_precision"])
+    positives = np.array(google["per_class"]["positives"])
+    assert google["metrics"]["map"] == pytest.approx(per_class[positives > 0].mean(), abs=1e-9)
+    assert google["metrics"]["gap"] == validated["gap"]
 
     # configs/demo.yaml points `test` at labelled data: the same metrics, not zeros.
     tested = run("nextvlad", "test", "--config", DEMO, "--config", EVALUATE, "--ckpt_path", str(best), cwd=clone)

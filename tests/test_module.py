@@ -383,6 +383,35 @@ def test_validation_counts_label_less_videos_as_the_authors_eval(num_branches):
         assert logged[f"val/branch_{m}/gap"] == pytest.approx(branch_gap, rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.parametrize(("task", "map_classes", "over_all"), [
+    ("video", None, True), ("video", "with_positives", False), ("segments", None, False), ("segments", "all", True)])
+def test_map_classes_chooses_the_authors_or_googles_mean(task, map_classes, over_all):
+    """MAP over every class (a class without a positive counts 0, the authors') or over the classes
+    with a positive (Google's eval_util); by default the authors' for videos, Google's for segments."""
+    torch.manual_seed(0)
+    module = VideoClassifier(**SMALL, top_k=5, task=task, map_classes=map_classes).eval()
+    videos = toy_videos(16, 3)
+    for video in videos:
+        video["labels"][NUM_CLASSES - 3:] = 0.0  # the last classes without any positive
+        video["label_weights"] = torch.ones(NUM_CLASSES)
+    batch = collate(videos)
+    with torch.no_grad():
+        logits = module(batch["rgb"], batch["audio"], batch["lengths"])
+    y = batch["labels"].numpy().astype(np.float64)
+    expected = spec5_metrics_float64(torch.sigmoid(logits.float()).numpy().astype(np.float64), y, top_k=5,
+                                     map_over_all=over_all)["map"]
+    other = spec5_metrics_float64(torch.sigmoid(logits.float()).numpy().astype(np.float64), y, top_k=5,
+                                  map_over_all=not over_all)["map"]
+    collate_batch = (lambda items: {**collate(items), "label_weights": torch.stack([v["label_weights"] for v in items])})
+    logged = trainer().validate(module, DataLoader(videos, batch_size=8, collate_fn=collate_batch), verbose=False)[0]
+    assert logged["val/map"] == pytest.approx(expected, rel=1e-9, abs=1e-12) and abs(expected - other) > 1e-3
+
+
+def test_map_classes_must_be_a_known_choice():
+    with pytest.raises(ValueError, match="map_classes"):
+        VideoClassifier(**SMALL, map_classes="some")
+
+
 def test_segment_validation_scores_rated_segments_with_the_same_proxy_for_branches():
     """Segments (SPEC_SEGMENTS 2, 6): rows without ratings (inference candidates) stay out, and
     the mixture and each branch are scored alike on probabilities x label_weights vs ratings > 0;
