@@ -282,6 +282,21 @@ def test_skips_after_the_last_batch_still_reach_read_stats(tmp_path, bad_at):
     assert skipped == len(bad_at)
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_reader_whose_whole_share_is_bad_hands_its_counts_to_the_loader(tmp_path, num_workers):
+    """Rank 1 of 2 reads records 4-7, all bad: no batch carries its counts. With workers a message
+    did; in the loader's own process (num_workers 0) they were logged but never counted."""
+    from nextvlad.data.dataset import YT8MDataLoader
+
+    path = write(tmp_path, [good_record(i) if i < 4 else b"\xff\xff" for i in range(8)])
+    dataset = YT8MFrameDataset(path, batch_size=2, num_classes=NUM_CLASSES, on_error="skip")
+    counted = []
+    loader = YT8MDataLoader(dataset, context=lambda: (0, 1, 2), num_workers=num_workers,
+                            on_unreported_read_stats=counted.append)
+    assert list(loader) == []
+    assert [stats.tolist() for stats in counted] == [[4, 0, 0]]
+
+
 # One file of 7 videos in batches of 4 (planned: 4 + 3), record 5 bad: the skip falls in the last,
 # partial batch, which is the last one a consumer that knows len() (Lightning) asks for.
 LAST_BATCH_BAD = 5

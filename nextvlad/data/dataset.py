@@ -201,6 +201,8 @@ class YT8MFrameDataset(IterableDataset):
         self.epoch = 0
         self.rank, self.world_size = 0, 1
         self.scan_errors: list[FramingError] = []  # counted as skips every epoch (see _Reader)
+        # Counts of a reader in this process that had no batch to carry them: YT8MDataLoader takes them.
+        self.unbatched_read_stats = torch.zeros(len(STAT_NAMES), dtype=torch.int64)
         self.counts = self._count_records()
         self.files_fingerprint = files_fingerprint(self.files, self.counts)
         self._reader: _Reader | None = None  # the epoch being read (in this process)
@@ -463,8 +465,10 @@ class _Reader:
         if held is not None:
             held["read_stats"] += unreported
             yield held
-        elif self.pool is not None and unreported.any():  # a worker with no batch to carry them
+        elif unreported.any() and get_worker_info() is not None:  # a worker with no batch to carry them
             yield ReaderMessage(read_stats=unreported)
+        elif unreported.any():  # the same in the loader's own process
+            dataset.unbatched_read_stats += unreported
         if position.batches < len(sizes) and dataset.training and dataset.world_size > 1:
             raise ValueError(  # the data's fault: one error line, as for a bad record under "raise"
                 f"rank {dataset.rank}: {self.stats.skipped_records} bad records were skipped, "
@@ -661,6 +665,7 @@ class YT8MDataLoader(StatefulDataLoader):
                           "num_workers": self.num_workers, "batches": done,
                           "total": len(self.dataset), "plan": self.dataset.epoch_plan()}
         self.unreported_read_stats = torch.zeros(len(STAT_NAMES), dtype=torch.int64)
+        self.dataset.unbatched_read_stats.zero_()
         for item in super().__iter__():
             if isinstance(item, ReaderMessage):
                 if item.error is not None:
@@ -671,6 +676,7 @@ class YT8MDataLoader(StatefulDataLoader):
             self.unreported_read_stats.zero_()
             self._position["batches"] += 1
             yield item
+        self.unreported_read_stats += self.dataset.unbatched_read_stats  # num_workers 0
         if self.unreported_read_stats.any():
             # A worker's counts came after every batch: nothing carries them to the training loop,
             # so they stay here (YT8MDataModule adds them to its read_stats). Holding a batch back
