@@ -280,12 +280,15 @@ class VideoClassifier(pl.LightningModule):
 
     def _in_towers(self, forward: Any, batch: dict[str, Any]) -> Any:
         """``forward`` (the model or the mixture's forward_all) on the batch's videos, in training
-        one tower of ``bn_tower_videos`` after the other (tf.split's contiguous parts), the outputs
-        joined again."""
+        tower after tower of at most ``bn_tower_videos`` (tf.split's contiguous parts; a batch that
+        does not divide, e.g. a last one, in parts as equal as can be, never a tail of one video),
+        the outputs joined again."""
         size, inputs = self.hparams.bn_tower_videos, (batch["rgb"], batch["audio"], batch["lengths"])
-        if not self.training or size is None or len(batch["lengths"]) <= size:
+        videos = len(batch["lengths"])
+        if not self.training or size is None or videos <= size:
             return forward(*inputs)
-        towers = [forward(*tower) for tower in zip(*(tensor.split(size) for tensor in inputs))]
+        parts = -(-videos // size)
+        towers = [forward(*tower) for tower in zip(*(tensor.tensor_split(parts) for tensor in inputs))]
         if not isinstance(towers[0], MixtureOutput):
             return torch.cat(towers)
         return MixtureOutput(*(torch.cat(parts, dim=1 if field == "branch_logits" else 0)

@@ -163,6 +163,16 @@ def test_one_row_trains_as_slim_mean_the_row_variance_zero(fused, masked):
     assert int(layer.num_batches_tracked) == 1
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_one_row_after_more_rows_in_one_graph_backpropagates(fused):
+    """F.batch_norm saves the running statistics for backward; the one-row path moves them
+    afterwards in the same graph (BN towers) without invalidating what was saved."""
+    layer = TFBatchNorm1d(3, fused).train()
+    two, one = torch.randn(2, 3, requires_grad=True), torch.randn(1, 3, requires_grad=True)
+    (layer(two).square().sum() + layer(one).sum()).backward()
+    assert torch.isfinite(two.grad).all() and int(layer.num_batches_tracked) == 2
+
+
 @pytest.mark.parametrize("architecture", ["nextvlad", "netvlad"])
 def test_a_training_batch_of_one_video_trains_as_the_tf_graph(architecture):
     """A last batch of one video (``drop_last: false``) trains: every BN sees one row, so the

@@ -563,10 +563,10 @@ def test_nan_segment_scores_name_the_rated_segment():
 
 @pytest.mark.parametrize("num_branches", [1, 3])
 def test_bn_towers_run_as_the_authors_two_gpu_towers(num_branches):
-    """bn_tower_videos=4 on a batch of 10 videos: towers of 4, 4 and 2 videos, each normalised with
-    its own statistics and moving every running statistic once, in order (SPEC 3.4, 4: tf.split
-    into towers sharing variables); the loss is that of the joined logits, as the tower-averaged
-    gradients of equal towers are."""
+    """bn_tower_videos=4 on a batch of 10 videos: towers of 4, 3 and 3 videos (as equal as can be),
+    each normalised with its own statistics and moving every running statistic once, in order
+    (SPEC 3.4, 4: tf.split into towers sharing variables); the loss is that of the joined logits,
+    as the tower-averaged gradients of equal towers are."""
     torch.manual_seed(0)
     module = VideoClassifier(**SMALL, num_branches=num_branches, dropout=0.0, bn_momentum=0.3,
                              bn_tower_videos=4).train()
@@ -575,8 +575,8 @@ def test_bn_towers_run_as_the_authors_two_gpu_towers(num_branches):
     losses, logits = module.compute_losses(batch)
 
     expected = []
-    for part in range(0, 10, 4):
-        rgb, audio, lengths = (batch[k][part:part + 4] for k in ("rgb", "audio", "lengths"))
+    for start, end in ((0, 4), (4, 7), (7, 10)):
+        rgb, audio, lengths = (batch[k][start:end] for k in ("rgb", "audio", "lengths"))
         out = towers_run.model(rgb, audio, lengths) if num_branches == 1 else towers_run.model.forward_all(
             rgb, audio, lengths).logits
         expected.append(out)
@@ -592,6 +592,18 @@ def test_bn_towers_run_as_the_authors_two_gpu_towers(num_branches):
     assert (whole_logits - logits).abs().max() > 1e-2  # one tower of 10 normalises otherwise
     module.eval()
     torch.testing.assert_close(module.compute_losses(batch)[1], module(batch["rgb"], batch["audio"], batch["lengths"]))
+
+
+@pytest.mark.parametrize("num_branches", [1, 3])
+def test_a_tower_of_one_video_after_larger_ones_trains(num_branches):
+    """3 videos in towers of at most 2: 2 then 1. The first tower's BNs saved their running
+    statistics for backward; the one-row tower moved them in place, and backward refused
+    ('modified by an inplace operation')."""
+    torch.manual_seed(0)
+    module = VideoClassifier(**SMALL, num_branches=num_branches, bn_tower_videos=2).train()
+    losses, _ = module.compute_losses(collate(toy_videos(3, seed=4)))
+    losses["total"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
 
 
 def test_bn_tower_videos_must_be_a_positive_integer():

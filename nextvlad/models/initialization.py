@@ -103,8 +103,10 @@ class TFBatchNorm1d(nn.BatchNorm1d):
             self.num_batches_tracked.add_(1)
             momentum = self._momentum()
             tracked = var.detach() * (rows / max(rows - 1, 1)) if self.fused else var.detach()
-            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
-            self.running_var.lerp_(tracked.to(self.running_var.dtype), momentum)
+            # Through .data, as F.batch_norm moves them, without a version bump: an earlier call in
+            # the same graph (another BN tower) saved these buffers for its backward.
+            self.running_mean.data.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
+            self.running_var.data.lerp_(tracked.to(self.running_var.dtype), momentum)
         return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
 
     def extra_repr(self) -> str:
