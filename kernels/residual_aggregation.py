@@ -231,7 +231,7 @@ def _residual_aggregation_backward_op(
         )
     compute = assignment_sum.dtype
     scale = None
-    if x.dtype == torch.float16 and grad_y.dtype != torch.float16:
+    if x.dtype == torch.float16 and grad_y.dtype != torch.float16 and grad_y.numel() > 0:
         # Under `normalize` dL/dy is fp32 and can exceed fp16's range (1/|y_k| for a cluster with
         # little assignment): rounded for the fp16 dots it became inf, the gradients NaN. It is
         # scaled by a power of two into range (exact, no host sync) and the gradients back.
