@@ -247,23 +247,40 @@ NOT_RUN_SETTINGS = {
 }
 
 
+#: Settings that runs from before they existed used otherwise than their default: what they used
+#: (adam_epsilon came with TF1's Adam; earlier runs ran torch.optim.Adam).
+BEFORE_THE_SETTING = {"model": {"adam_epsilon": "torch"}, "data": {}}
+
+
+def _constructor_defaults(owner: Any) -> dict[str, Any]:
+    """The defaults of ``owner``'s constructor arguments, also those a subclass passes on through
+    ``**kwargs`` (its bases' signatures, the nearest first)."""
+    defaults: dict[str, Any] = {}
+    for cls in reversed(type(owner).__mro__):
+        if "__init__" in vars(cls):
+            for name, parameter in inspect.signature(vars(cls)["__init__"]).parameters.items():
+                if parameter.default is not inspect.Parameter.empty:
+                    defaults[name] = parameter.default
+    return defaults
+
+
 def settings_differences(checkpoint: dict[str, Any], model: Any, datamodule: Any, seed: int | None) -> list[str]:
     """How the run that wrote ``checkpoint`` was set up otherwise than this command's ``model`` and
     ``datamodule``: their hyper-parameters (less :data:`NOT_RUN_SETTINGS`) and ``seed_everything``
     (``seed``; None: not compared), each as "what: checkpoint X vs config Y". A setting the
-    checkpoint does not record (written before the setting existed) is taken at its default, which
-    is what that run used; a part without recorded hyper-parameters is not compared."""
+    checkpoint does not record (written before the setting existed) is taken as what that run used:
+    its default, or :data:`BEFORE_THE_SETTING`; a part without recorded hyper-parameters is not
+    compared."""
     differences = []
     for part, saved, owner in (("model", checkpoint.get("hyper_parameters"), model),
                                ("data", checkpoint.get("datamodule_hyper_parameters"), datamodule)):
         if saved is None or owner is None:
             continue
-        defaults = {name: parameter.default for name, parameter in inspect.signature(type(owner)).parameters.items()
-                    if parameter.default is not inspect.Parameter.empty}
+        defaults = _constructor_defaults(owner) | BEFORE_THE_SETTING[part]
         for key, value in (getattr(owner, "hparams", None) or {}).items():
             if key.startswith("_") or key in NOT_RUN_SETTINGS[part] or (key not in saved and key not in defaults):
                 continue
-            was, note = (saved[key], "") if key in saved else (defaults[key], " (not recorded: the default)")
+            was, note = (saved[key], "") if key in saved else (defaults[key], " (not recorded: before the setting)")
             if was != value:
                 differences.append(f"{part} {key}: checkpoint {was!r}{note} vs config {value!r}")
     saved_seed = checkpoint.get("seed_everything")

@@ -514,10 +514,21 @@ def test_a_setting_a_checkpoint_predates_is_compared_at_its_default():
     del old["hyper_parameters"]["bn_tower_videos"], old["datamodule_hyper_parameters"]["shuffle_buffer"]
     assert settings_differences(old, VideoClassifier(**small), data, None) == []
     assert settings_differences(old, VideoClassifier(**small, bn_tower_videos=80), data, None) == [
-        "model bn_tower_videos: checkpoint None (not recorded: the default) vs config 80"]
+        "model bn_tower_videos: checkpoint None (not recorded: before the setting) vs config 80"]
     other_data = YT8MDataModule(train_pattern="train*.tfrecord", batch_size=8, shuffle_buffer=64)
     assert settings_differences(old, VideoClassifier(**small), other_data, None) == [
-        "data shuffle_buffer: checkpoint 512 (not recorded: the default) vs config 64"]
+        "data shuffle_buffer: checkpoint 512 (not recorded: before the setting) vs config 64"]
+    # adam_epsilon came with TF1's Adam: runs from before it ran torch.optim.Adam, not the default
+    del old["hyper_parameters"]["adam_epsilon"]
+    assert settings_differences(old, VideoClassifier(**small, adam_epsilon="torch"), data, None) == []
+    assert settings_differences(old, VideoClassifier(**small), data, None) == [
+        "model adam_epsilon: checkpoint 'torch' (not recorded: before the setting) vs config 'tf1'"]
+    # a subclass passing its base's arguments on through **kwargs: the base's defaults count
+    from nextvlad.data import YT8MSegmentDataModule
+
+    segments = YT8MSegmentDataModule(train_pattern="train*.tfrecord", batch_size=8, shuffle_buffer=64)
+    assert "data shuffle_buffer: checkpoint 512 (not recorded: before the setting) vs config 64" in \
+        settings_differences(old, VideoClassifier(**small, adam_epsilon="torch"), segments, None)
 
 
 def test_fit_ckpt_path_last_without_a_last_ckpt_is_an_error_not_a_fresh_start(clone, tmp_path):
