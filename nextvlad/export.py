@@ -147,12 +147,21 @@ def _aggregating_with_reference(module: nn.Module) -> nn.Module:
 
 
 def training_eigenvalues(checkpoint: dict[str, Any], config_path: str | Path | None) -> str | None:
-    """The eigenvalues file the model was trained with: the config's ``data.init_args``, else the
-    data module hyper-parameters LightningCLI saved in the checkpoint; None when whitening was off."""
-    if config_path is not None:
-        config = yaml.safe_load(Path(config_path).read_text()) or {}
-        return ((config.get("data") or {}).get("init_args") or {}).get("eigenvalues_path")
+    """The eigenvalues file the model was trained with: the config's ``data.init_args`` when it sets
+    ``eigenvalues_path`` (null: off), else the data module hyper-parameters LightningCLI saved in
+    the checkpoint; None when whitening was off."""
+    data_args = config_data_args(config_path)
+    if "eigenvalues_path" in data_args:
+        return data_args["eigenvalues_path"]
     return (checkpoint.get("datamodule_hyper_parameters") or {}).get("eigenvalues_path")
+
+
+def config_data_args(config_path: str | Path | None) -> dict[str, Any]:
+    """The ``data.init_args`` of a LightningCLI config file ({} without a file or a data section)."""
+    if config_path is None:
+        return {}
+    config = yaml.safe_load(Path(config_path).read_text()) or {}
+    return (config.get("data") or {}).get("init_args") or {}
 
 
 def whitening_note(in_graph: str | None, trained_with: str | None, recorded: bool) -> str:
@@ -277,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if mismatch:
             parser.error(f"{args.ckpt_path}: {mismatch}: the graph would not whiten as training did; "
                          "pass --eigenvalues_path or --no_reverse_whitening to say what it takes")
-    recorded = args.config is not None or "datamodule_hyper_parameters" in checkpoint
+    recorded = "eigenvalues_path" in config_data_args(args.config) or "datamodule_hyper_parameters" in checkpoint
     eigenvalues = None if args.no_reverse_whitening else args.eigenvalues_path or trained_with
     module = ExportableClassifier(classifier_from_checkpoint(checkpoint, args.ckpt_path, args.config), eigenvalues)
     output = Path(args.output)

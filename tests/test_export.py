@@ -216,6 +216,8 @@ def test_whitening_defaults_to_what_training_used(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("data:\n  init_args:\n    eigenvalues_path: null\n")
     assert training_eigenvalues(saved_by_cli, config) is None  # the config given wins
+    config.write_text("model:\n  class_path: nextvlad.VideoClassifier\n")  # a model-only config says nothing
+    assert training_eigenvalues(saved_by_cli, config) == "/data/eigenvals.npy"
 
 
 def test_a_config_whose_whitening_is_not_the_checkpoints_is_refused(tmp_path, eigenvalues_path, capsys):
@@ -264,6 +266,12 @@ def test_metadata_says_what_training_used_for_reverse_whitening(tmp_path):
     metadata = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
     assert metadata["nextvlad.reverse_whitening"] == (
         "not in graph: the rgb input must be reverse-whitened as in training (data/eigenvals.npy)")
+    # a model-only config says nothing of the data: with a checkpoint that does not record it either
+    config.write_text("model:\n  class_path: nextvlad.VideoClassifier\n  init_args:\n"
+                      + "".join(f"    {k}: {v}\n" for k, v in SMALL.items()))
+    cli_main(["export", "--config", str(config), "--ckpt_path", ckpt, "--output", str(output)])
+    metadata = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
+    assert "unknown whether training used it" in metadata["nextvlad.reverse_whitening"]
 
 
 def run_console(*args: str) -> subprocess.CompletedProcess:
