@@ -281,8 +281,8 @@ class VideoClassifier(pl.LightningModule):
     def _in_towers(self, forward: Any, batch: dict[str, Any]) -> Any:
         """``forward`` (the model or the mixture's forward_all) on the batch's videos, in training
         tower after tower of at most ``bn_tower_videos`` (tf.split's contiguous parts; a batch that
-        does not divide, e.g. a last one, in parts as equal as can be, never a tail of one video),
-        the outputs joined again."""
+        does not divide, e.g. a last one, in parts as equal as can be: 81 in towers of 80 is 41 +
+        40, not 80 + 1), the outputs joined again."""
         size, inputs = self.hparams.bn_tower_videos, (batch["rgb"], batch["audio"], batch["lengths"])
         videos = len(batch["lengths"])
         if not self.training or size is None or videos <= size:
