@@ -72,6 +72,20 @@ def test_configs_of_the_authors_two_towers_normalise_per_tower_of_80(config):
     assert settings["model"]["init_args"]["bn_tower_videos"] == 80
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_a_last_ckpt_holds_the_final_state(config):
+    """Lightning's ModelCheckpoint writes last.ckpt only with a new top-k file: demo_segments' last.ckpt
+    stayed at its best epoch, and `--ckpt_path last` repeated the epochs after it. Every config that
+    keeps a last.ckpt does so through nextvlad.callbacks' PeriodicCheckpoint (the final weights)."""
+    import yaml
+
+    callbacks = yaml.safe_load(config.read_text())["trainer"].get("callbacks") or []
+    for callback in callbacks:
+        if (callback.get("init_args") or {}).get("save_last"):
+            assert callback["class_path"] in ("nextvlad.callbacks.ModelCheckpointWithBest",
+                                              "nextvlad.callbacks.PeriodicCheckpoint"), callback["class_path"]
+
+
 def test_params_command_prints_exact_counts(capsys):
     main(["params", "--config", str(REPO / "configs" / "nextvlad.yaml")])
     lines = capsys.readouterr().out.strip().splitlines()

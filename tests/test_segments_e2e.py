@@ -29,7 +29,7 @@ README_COMMANDS = [
     "lightning fit --config configs/demo.yaml",
     "nextvlad fit --config configs/demo_segments.yaml --model.init_args.init_from=runs/demo/version_0/checkpoints/last.ckpt",
     "nextvlad predict --config configs/demo_segments.yaml --config configs/predict_segments.yaml "
-    "--ckpt_path runs/demo_segments/version_0/checkpoints/last.ckpt "
+    "--ckpt_path runs/demo_segments/version_0/checkpoints/best.ckpt "
     "--trainer.callbacks.whitelist_path=data/synthetic/segment_label_ids.csv",
     "nextvlad score-segments --submission segment_submission.csv --data 'data/synthetic/test*.tfrecord' "
     "--output score.json",
