@@ -85,11 +85,12 @@ class VideoClassifier(pl.LightningModule):
     TF1's AdamOptimizer does ("tf1", the authors' optimizer, ``nextvlad.optim.TF1Adam``) or as
     torch.optim.Adam does ("torch"; they differ for tiny gradients, SPEC 4). ``bn_momentum`` is the running-statistics
     update of every batch norm (default 1e-3, slim's decay 0.999, which takes thousands of steps to
-    settle: short runs such as the demo use a larger value). ``bn_tower_videos`` cuts a training
-    batch into towers of that many videos that the model runs one after the other, as the authors'
-    2 GPU towers of 80 (SPEC 3.4, 4): every batch norm normalises a tower with the tower's own
-    statistics and moves its running statistics once per tower; losses and gradients stay those of
-    the whole batch (None: the batch is one tower). ``top_k`` is the k of GAP/MAP and of
+    settle: short runs such as the demo use a larger value). ``bn_tower_videos`` (>= 2) cuts a
+    training batch into towers of that many videos (segments, for ``task`` "segments"; a batch that
+    does not divide: towers as equal as can be, of at least 2) that the model runs one after the
+    other, as the authors' 2 GPU towers of 80 (SPEC 3.4, 4): every batch norm normalises a tower
+    with the tower's own statistics and moves its running statistics once per tower; losses and
+    gradients stay those of the whole batch (None: the batch is one tower). ``top_k`` is the k of GAP/MAP and of
     predictions. ``map_classes`` averages MAP over "all" classes (a class without a positive counts
     0, the authors' eval) or over those "with_positives" (Google's eval_util, SPEC 5); None: the
     authors' for videos, Google's for segments (whose proxies are Google's).
@@ -171,6 +172,8 @@ class VideoClassifier(pl.LightningModule):
         check_in_range("bn_momentum", bn_momentum, 0.0, 1.0, low_open=True)
         if bn_tower_videos is not None:
             check_positive_int(bn_tower_videos=bn_tower_videos)
+            if bn_tower_videos < 2:  # every BN would normalise one row: output beta, nothing learns
+                raise ValueError(f"bn_tower_videos must be >= 2 (or null: one tower), got {bn_tower_videos}")
         self.model = self._build_model()
         for layer in self.model.modules():  # one knob for every BN (TF decay = 1 - momentum)
             if isinstance(layer, nn.modules.batchnorm._BatchNorm):
@@ -282,12 +285,13 @@ class VideoClassifier(pl.LightningModule):
         """``forward`` (the model or the mixture's forward_all) on the batch's videos, in training
         tower after tower of at most ``bn_tower_videos`` (tf.split's contiguous parts; a batch that
         does not divide, e.g. a last one, in parts as equal as can be: 81 in towers of 80 is 41 +
-        40, not 80 + 1), the outputs joined again."""
+        40, not 80 + 1; 3 in towers of 2 is one tower of 3), the outputs joined again."""
         size, inputs = self.hparams.bn_tower_videos, (batch["rgb"], batch["audio"], batch["lengths"])
         videos = len(batch["lengths"])
         if not self.training or size is None or videos <= size:
             return forward(*inputs)
-        parts = -(-videos // size)
+        # at least 2 videos a tower: on one row every batch norm outputs its beta (nothing learns)
+        parts = max(1, min(-(-videos // size), videos // 2))
         towers = [forward(*tower) for tower in zip(*(tensor.tensor_split(parts) for tensor in inputs))]
         if not isinstance(towers[0], MixtureOutput):
             return torch.cat(towers)

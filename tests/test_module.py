@@ -595,17 +595,24 @@ def test_bn_towers_run_as_the_authors_two_gpu_towers(num_branches):
 
 
 @pytest.mark.parametrize("num_branches", [1, 3])
-def test_a_tower_of_one_video_after_larger_ones_trains(num_branches):
-    """3 videos in towers of at most 2: 2 then 1. The first tower's BNs saved their running
-    statistics for backward; the one-row tower moved them in place, and backward refused
-    ('modified by an inplace operation')."""
+def test_towers_hold_at_least_two_videos_and_backpropagate(num_branches):
+    """5 videos in towers of at most 2: 3 + 2, not 2 + 2 + 1 (on one row every BN outputs beta, and
+    its in-place update of statistics an earlier tower saved made backward refuse); every video
+    gets a gradient."""
     torch.manual_seed(0)
     module = VideoClassifier(**SMALL, num_branches=num_branches, bn_tower_videos=2).train()
-    losses, _ = module.compute_losses(collate(toy_videos(3, seed=4)))
+    batch = collate(toy_videos(5, seed=4))
+    batch["rgb"].requires_grad_()
+    losses, _ = module.compute_losses(batch)
     losses["total"].backward()
     assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+    assert (batch["rgb"].grad.flatten(1).abs().sum(1) > 0).all()
+    bn = next(m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+    assert int(bn.num_batches_tracked) == 2
 
 
-def test_bn_tower_videos_must_be_a_positive_integer():
+def test_bn_tower_videos_must_be_at_least_two():
     with pytest.raises(ValueError, match="bn_tower_videos must be an integer >= 1, got 0"):
         VideoClassifier(**SMALL, bn_tower_videos=0)
+    with pytest.raises(ValueError, match=r"bn_tower_videos must be >= 2 \(or null: one tower\), got 1"):
+        VideoClassifier(**SMALL, bn_tower_videos=1)
