@@ -568,7 +568,8 @@ class EvaluationReport(Callback):
         # checkpoint_file: the file evaluated; best.ckpt / last.ckpt are links that move as a run goes on.
         checkpoint_file = str(Path(checkpoint).resolve()) if checkpoint and not is_url(checkpoint) else None
         report: dict[str, Any] = {"stage": name, "checkpoint": checkpoint, "checkpoint_file": checkpoint_file,
-                                  "top_k": top_k, "metrics": values}
+                                  "top_k": top_k, "map_classes": getattr(pl_module, "map_classes_used", None),
+                                  "metrics": values}
         if self._per_class is not None:
             per_class_ap, positives = self._per_class
             report["per_class"] = {"metric": self._per_class_metric, "average_precision": per_class_ap.tolist(),

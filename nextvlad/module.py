@@ -230,9 +230,15 @@ class VideoClassifier(pl.LightningModule):
         }
         return MetricCollection(metrics, prefix=prefix, compute_groups=False)
 
+    @property
+    def map_classes_used(self) -> str:
+        """The classes MAP averages over: "all" or "with_positives" (``map_classes`` resolved)."""
+        if self.hparams.map_classes is not None:
+            return self.hparams.map_classes
+        return "with_positives" if self.hparams.task == "segments" else "all"
+
     def _map_over_classes_with_positives(self) -> bool:
-        choice = self.hparams.map_classes
-        return self.hparams.task == "segments" if choice is None else choice == "with_positives"
+        return self.map_classes_used == "with_positives"
 
     @property
     def is_mixture(self) -> bool:

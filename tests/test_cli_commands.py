@@ -107,6 +107,8 @@ def test_readme_validate_test_predict_and_export_on_best_ckpt(clone):
     positives = np.array(google["per_class"]["positives"])
     assert google["metrics"]["map"] == pytest.approx(per_class[positives > 0].mean(), abs=1e-9)
     assert google["metrics"]["gap"] == validated["gap"]
+    assert google["map_classes"] == "with_positives"  # the report says which MAP it holds
+    assert yaml.safe_load((best.parent / "best.validate.json").read_text())["map_classes"] == "all"
 
     # configs/demo.yaml points `test` at labelled data: the same metrics, not zeros.
     tested = run("nextvlad", "test", "--config", DEMO, "--config", EVALUATE, "--ckpt_path", str(best), cwd=clone)
