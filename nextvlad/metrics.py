@@ -42,9 +42,14 @@ __all__ = [
     "PrecisionAtEqualRecallRate",
 ]
 
+def _exact_integers(dtype: torch.dtype) -> int:
+    """The largest n such that every integer up to n is exact in the float ``dtype``."""
+    return int(2 / torch.finfo(dtype).eps)
+
+
 # Class indices are stored in the metric's float dtype (so that a rank without data, which
 # torchmetrics pads with an empty tensor of that dtype, still gathers): float32 is exact to 2**24.
-_MAX_EXACT_CLASSES = 2**24
+_MAX_EXACT_CLASSES = _exact_integers(torch.float32)
 
 
 def _cat_state(state: list[Tensor] | Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -225,7 +230,7 @@ class MeanAveragePrecision(_TopKPairs):
         """Also the dtype of the stored class indices: refused where it cannot hold every index
         exactly (float16 stops at 2048, bfloat16 at 256), which would merge classes."""
         if isinstance(dst_type, torch.dtype) and dst_type.is_floating_point:
-            exact = int(2 / torch.finfo(dst_type).eps)  # every integer up to this is representable
+            exact = _exact_integers(dst_type)
             if self.num_classes > exact:
                 raise ValueError(f"{type(self).__name__}.set_dtype({dst_type}): its class indices would be rounded "
                                  f"(exact up to {exact}, num_classes is {self.num_classes})")

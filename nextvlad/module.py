@@ -226,7 +226,7 @@ class VideoClassifier(pl.LightningModule):
             # Segments by default: Google's eval.py proxy, whose MAP skips classes without a positive
             # (SPEC 5, SPEC_SEGMENTS 6): most of the 3862 classes are never rated. Videos: the authors' (all).
             "map": MeanAveragePrecision(num_classes=hp.num_classes, top_k=hp.top_k, validate_args=False,
-                                        filter_empty_classes=self._map_over_classes_with_positives()),
+                                        filter_empty_classes=self.map_classes_used == "with_positives"),
         }
         return MetricCollection(metrics, prefix=prefix, compute_groups=False)
 
@@ -236,9 +236,6 @@ class VideoClassifier(pl.LightningModule):
         if self.hparams.map_classes is not None:
             return self.hparams.map_classes
         return "with_positives" if self.hparams.task == "segments" else "all"
-
-    def _map_over_classes_with_positives(self) -> bool:
-        return self.map_classes_used == "with_positives"
 
     @property
     def is_mixture(self) -> bool:
@@ -297,12 +294,12 @@ class VideoClassifier(pl.LightningModule):
         if not self.training or size is None or videos <= size:
             return forward(*inputs)
         # at least 2 videos a tower: on one row every batch norm outputs its beta (nothing learns)
-        parts = max(1, min(-(-videos // size), videos // 2))
-        towers = [forward(*tower) for tower in zip(*(tensor.tensor_split(parts) for tensor in inputs))]
+        count = min(-(-videos // size), videos // 2)  # videos > size >= 2: both at least 1
+        towers = [forward(*tower) for tower in zip(*(tensor.tensor_split(count) for tensor in inputs))]
         if not isinstance(towers[0], MixtureOutput):
             return torch.cat(towers)
-        return MixtureOutput(*(torch.cat(parts, dim=1 if field == "branch_logits" else 0)
-                               for field, parts in zip(MixtureOutput._fields, zip(*towers))))
+        return MixtureOutput(*(torch.cat(outputs, dim=1 if field == "branch_logits" else 0)
+                               for field, outputs in zip(MixtureOutput._fields, zip(*towers))))
 
     def _loss_weights(self, batch: dict[str, Any]) -> torch.Tensor | None:
         """Per-entry BCE weights: the rated entries of a segment batch unless ``unrated`` is

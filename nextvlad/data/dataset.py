@@ -465,10 +465,11 @@ class _Reader:
         if held is not None:
             held["read_stats"] += unreported
             yield held
-        elif unreported.any() and get_worker_info() is not None:  # a worker with no batch to carry them
-            yield ReaderMessage(read_stats=unreported)
-        elif unreported.any():  # the same in the loader's own process
-            dataset.unbatched_read_stats += unreported
+        elif unreported.any():  # no batch to carry them
+            if get_worker_info() is not None:
+                yield ReaderMessage(read_stats=unreported)  # to YT8MDataLoader in the main process
+            else:
+                dataset.unbatched_read_stats += unreported  # YT8MDataLoader, in this process, takes them
         if position.batches < len(sizes) and dataset.training and dataset.world_size > 1:
             raise ValueError(  # the data's fault: one error line, as for a bad record under "raise"
                 f"rank {dataset.rank}: {self.stats.skipped_records} bad records were skipped, "
