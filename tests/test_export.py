@@ -20,6 +20,13 @@ from nextvlad.module import VideoClassifier
 ort = pytest.importorskip("onnxruntime")
 
 
+def write_config(path, hparams: dict, data: str = ""):
+    """A LightningCLI config file at ``path``: VideoClassifier with ``hparams``, then ``data`` (YAML text)."""
+    path.write_text("model:\n  class_path: nextvlad.VideoClassifier\n  init_args:\n"
+                    + "".join(f"    {k}: {v}\n" for k, v in hparams.items()) + data)
+    return path
+
+
 def trained_checkpoint(tmp_path, name: str = "model.ckpt", **hparams) -> str:
     """A few training steps (so BN running statistics are not the identity), saved by the Trainer."""
     torch.manual_seed(0)
@@ -81,12 +88,8 @@ def test_reverse_whitening_from_the_config_is_baked_into_the_graph(tmp_path, eig
     run = trainer(max_steps=2, default_root_dir=tmp_path)
     run.fit(VideoClassifier(**hparams), _wide_loader())
     run.save_checkpoint(ckpt)
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        "model:\n  class_path: nextvlad.VideoClassifier\n  init_args:\n"
-        + "".join(f"    {k}: {v}\n" for k, v in hparams.items())
-        + f"data:\n  class_path: nextvlad.data.YT8MDataModule\n  init_args:\n    eigenvalues_path: {eigenvalues_path}\n"
-    )
+    config = write_config(tmp_path / "config.yaml", hparams,
+                          f"data:\n  class_path: nextvlad.data.YT8MDataModule\n  init_args:\n    eigenvalues_path: {eigenvalues_path}\n")
     output = tmp_path / "whitened.onnx"
     cli_main(["export", "--config", str(config), "--ckpt_path", str(ckpt), "--output", str(output)])
     session = ort.InferenceSession(str(output))
@@ -150,11 +153,7 @@ def test_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
 
 def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
     ckpt = trained_checkpoint(tmp_path)
-    config = tmp_path / "other.yaml"
-    config.write_text(
-        "model:\n  class_path: nextvlad.VideoClassifier\n  init_args:\n"
-        + "".join(f"    {k}: {v}\n" for k, v in {**SMALL, "clusters": 8}.items())
-    )
+    config = write_config(tmp_path / "other.yaml", {**SMALL, "clusters": 8})
     with pytest.raises(ValueError, match="another architecture.*clusters: checkpoint 4 vs config 8"):
         cli_main(["export", "--config", str(config), "--ckpt_path", ckpt, "--output", str(tmp_path / "m.onnx")])
     assert not (tmp_path / "m.onnx").exists()
@@ -228,10 +227,7 @@ def test_a_config_whose_whitening_is_not_the_checkpoints_is_refused(tmp_path, ei
     checkpoint = torch.load(trained_checkpoint(tmp_path), weights_only=False)
     checkpoint["datamodule_hyper_parameters"] = {"eigenvalues_path": None}
     torch.save(checkpoint, ckpt)
-    config = tmp_path / "c.yaml"
-    config.write_text("model:\n  class_path: nextvlad.VideoClassifier\n  init_args:\n"
-                      + "".join(f"    {k}: {v}\n" for k, v in SMALL.items())
-                      + f"data:\n  init_args:\n    eigenvalues_path: {eigenvalues_path}\n")
+    config = write_config(tmp_path / "c.yaml", SMALL, f"data:\n  init_args:\n    eigenvalues_path: {eigenvalues_path}\n")
     output = tmp_path / "m.onnx"
     with pytest.raises(SystemExit):
         cli_main(["export", "--config", str(config), "--ckpt_path", str(ckpt), "--output", str(output)])
@@ -257,18 +253,14 @@ def test_metadata_says_what_training_used_for_reverse_whitening(tmp_path):
 
     onnx = pytest.importorskip("onnx")
     ckpt = trained_checkpoint(tmp_path)
-    config = tmp_path / "c.yaml"
-    config.write_text("model:\n  class_path: nextvlad.VideoClassifier\n  init_args:\n"
-                      + "".join(f"    {k}: {v}\n" for k, v in SMALL.items())
-                      + "data:\n  init_args:\n    eigenvalues_path: data/eigenvals.npy\n")
+    config = write_config(tmp_path / "c.yaml", SMALL, "data:\n  init_args:\n    eigenvalues_path: data/eigenvals.npy\n")
     output = tmp_path / "bare.onnx"
     cli_main(["export", "--config", str(config), "--ckpt_path", ckpt, "--output", str(output), "--no_reverse_whitening"])
     metadata = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
     assert metadata["nextvlad.reverse_whitening"] == (
         "not in graph: the rgb input must be reverse-whitened as in training (data/eigenvals.npy)")
     # a model-only config says nothing of the data: with a checkpoint that does not record it either
-    config.write_text("model:\n  class_path: nextvlad.VideoClassifier\n  init_args:\n"
-                      + "".join(f"    {k}: {v}\n" for k, v in SMALL.items()))
+    write_config(config, SMALL)
     cli_main(["export", "--config", str(config), "--ckpt_path", ckpt, "--output", str(output)])
     metadata = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
     assert "unknown whether training used it" in metadata["nextvlad.reverse_whitening"]
@@ -316,9 +308,7 @@ def test_per_frame_gated_mixture_exports_with_its_fixed_frame_axis(tmp_path):
 def test_config_of_another_architecture_names_the_checkpoint_on_the_command_line(tmp_path):
     ckpt = tmp_path / "model.ckpt"
     torch.save(checkpoint_from_module(VideoClassifier(**SMALL)), ckpt)
-    config = tmp_path / "other.yaml"
-    config.write_text("model:\n  class_path: nextvlad.VideoClassifier\n  init_args:\n"
-                      + "".join(f"    {k}: {v}\n" for k, v in {**SMALL, "clusters": 8}.items()))
+    config = write_config(tmp_path / "other.yaml", {**SMALL, "clusters": 8})
     result = run_console("export", "--config", str(config), "--ckpt_path", str(ckpt), "--output", str(tmp_path / "m.onnx"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     line = result.stderr.strip().splitlines()[-1]
@@ -335,9 +325,7 @@ def test_a_model_trained_with_the_triton_backend_exports_on_the_cpu(tmp_path, wi
     torch.save(checkpoint_from_module(module), ckpt)
     args = ["export", "--ckpt_path", str(ckpt), "--output", str(tmp_path / "m.onnx")]
     if with_config:
-        config = tmp_path / "triton.yaml"
-        config.write_text("model:\n  class_path: nextvlad.VideoClassifier\n  init_args:\n"
-                          + "".join(f"    {k}: {v}\n" for k, v in {**SMALL, "aggregation_backend": "triton"}.items()))
+        config = write_config(tmp_path / "triton.yaml", {**SMALL, "aggregation_backend": "triton"})
         args[1:1] = ["--config", str(config)]
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as on a user's CPU machine
     result = subprocess.run([str(Path(sys.executable).parent / "nextvlad"), *args], capture_output=True, text=True,
