@@ -192,6 +192,13 @@ def test_bad_module_arguments_are_named():
         YT8MSegmentDataModule(val_pattern="x", sample_frames=5)
 
 
+def test_data_errors_name_the_segment_module_the_user_configured(tmp_path):
+    with pytest.raises(ValueError, match="^YT8MSegmentDataModule: train_pattern is not set, needed for fit$"):
+        YT8MSegmentDataModule(val_pattern="x").train_dataloader()
+    with pytest.raises(FileNotFoundError, match="^YT8MSegmentDataModule val_pattern: no files match"):
+        YT8MSegmentDataModule(val_pattern=str(tmp_path / "nowhere*.tfrecord")).val_dataloader()
+
+
 def test_workers_and_ddp_ranks_read_every_rated_segment_once(tmp_path):
     for f in range(2):
         write_tfrecord(tmp_path / f"v{f}.tfrecord",

@@ -112,28 +112,29 @@ class YT8MDataModule(L.LightningDataModule):
     def _dataset(self, split: Stage) -> YT8MFrameDataset:
         if split not in self.datasets:
             pattern = self.patterns[split]
+            module = type(self).__name__  # the class the user configured: the segment module too
             name = {"fit": "train_pattern", "validate": "val_pattern"}.get(split, f"{split}_pattern")
             if not pattern:
-                raise ValueError(f"YT8MDataModule: {name} is not set, needed for {split}")
+                raise ValueError(f"{module}: {name} is not set, needed for {split}")
             try:
                 dataset = self._make_dataset(split, pattern)
             except FileNotFoundError as error:  # name the option the user has to fix
-                raise FileNotFoundError(f"YT8MDataModule {name}: {error}") from error
+                raise FileNotFoundError(f"{module} {name}: {error}") from error
             rank, world_size = self._rank_world()
             if dataset.num_records < world_size:  # the same on every rank: all raise alike
                 # A rank without a video would skip Lightning's epoch hooks and leave the others
                 # waiting in the metrics' and the writers' collectives.
-                raise ValueError(f"YT8MDataModule {name}: {dataset.num_records} records for {world_size} ranks: a "
+                raise ValueError(f"{module} {name}: {dataset.num_records} records for {world_size} ranks: a "
                                  f"rank would have no video; use at most {dataset.num_records} devices")
             dataset.set_distributed(rank, world_size)
             if len(dataset) == 0:  # drop_last (ranks kept in step): Lightning would end fit at once, exit 0
-                raise ValueError(f"YT8MDataModule {name}: {dataset.num_records} records give no full batch of "
+                raise ValueError(f"{module} {name}: {dataset.num_records} records give no full batch of "
                                  f"batch_size {dataset.batch_size} on each of {world_size} rank(s) and drop_last "
                                  "drops the rest: lower batch_size or set drop_last false")
             self.datasets[split] = dataset
             dropped = dataset.records_dropped_per_epoch()
             # Shown once (rank 0), next to Lightning's own start-up messages.
-            rank_zero_info(f"YT8MDataModule {split}: {dataset.num_records} records in "
+            rank_zero_info(f"{module} {split}: {dataset.num_records} records in "
                            f"{len(dataset.files)} files; {len(dataset)} batches per epoch and rank "
                            f"(world size {world_size}); {dropped} records per epoch not read "
                            f"({'drop_last, ranks kept in step' if dropped else 'none dropped'})")
