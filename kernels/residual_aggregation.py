@@ -353,6 +353,8 @@ def residual_aggregation(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
+    if not isinstance(normalize, bool):  # "no" or a tensor would be truthy and normalise
+        raise ValueError(f"normalize must be a bool, got {normalize!r}")
     validate_inputs(x, logits, attention, lengths, centroids)
 
     if backend == "einsum":

@@ -995,7 +995,7 @@ def test_torch_export_keeps_the_frame_axis_dynamic_down_to_one_frame() -> None:
         torch.testing.assert_close(program.module()(*other), Aggregate()(*other))
 
 
-@pytest.mark.parametrize("keyword", [{"backend": "cuda"}, {"precision": "bf16"}])
+@pytest.mark.parametrize("keyword", [{"backend": "cuda"}, {"precision": "bf16"}, {"normalize": "no"}])
 def test_bad_options_raise_value_error(keyword: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(keyword))):
         residual_aggregation(*make_inputs(INTERPRETER_SHAPES[0]), **keyword)
