@@ -200,6 +200,7 @@ class VideoClassifier(pl.LightningModule):
         self._labelled_videos: dict[str, torch.Tensor] = {}
         self.examples_seen = 0  # optimizer-step examples over all ranks; drives the LR schedule
         self._pending_examples = 0
+        self._step_examples: int | None = None  # this step's count over all ranks, once summed
 
     # ----------------------------------------------------------------------------- construction
     def _build_model(self) -> nn.Module:
@@ -480,8 +481,22 @@ class VideoClassifier(pl.LightningModule):
             group["lr"] = learning_rate
         optimizer.step(closure=self._no_update_without_examples(optimizer_closure))
         # The closure ran the last accumulated training_step, so every micro-batch is counted now.
-        self.examples_seen += self._pending_examples * self.trainer.world_size
-        self._pending_examples = 0
+        self.examples_seen += self._examples_over_ranks()
+        self._pending_examples, self._step_examples = 0, None
+
+    def _examples_over_ranks(self) -> int:
+        """This step's examples summed over the ranks, once per step: ranks' batches differ in size
+        (segments per video; a last batch short without drop_last or after skipped records), and
+        every rank must count the same to take the same learning rate. One scalar all-reduce per
+        step with more than one rank (Lightning's progress bar, at its default refresh rate, reads
+        the loss each step anyway)."""
+        if self._step_examples is None:
+            examples = self._pending_examples
+            if self.trainer.world_size > 1:
+                total = torch.tensor(float(examples), device=self.device)
+                examples = int(self.trainer.strategy.reduce(total, reduce_op="sum").item())
+            self._step_examples = examples
+        return self._step_examples
 
     def _no_update_without_examples(self, closure: Any) -> Any:
         """The closure, then, in the segment task, every gradient dropped when no rank had a
@@ -495,8 +510,7 @@ class VideoClassifier(pl.LightningModule):
 
         def closure_then_drop_empty_gradients() -> Any:
             loss = closure()
-            examples = torch.tensor(float(self._pending_examples), device=self.device)
-            if self.trainer.strategy.reduce(examples, reduce_op="sum").item() == 0:
+            if self._examples_over_ranks() == 0:
                 for parameter in self.parameters():
                     parameter.grad = None
                 return None

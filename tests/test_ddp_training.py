@@ -28,9 +28,9 @@ SCRIPT = textwrap.dedent('''
                            "world_size": trainer.world_size}, f)
 
     if __name__ == "__main__":
-        pattern, out, num_classes = sys.argv[1], sys.argv[2], int(sys.argv[3])
+        pattern, out, num_classes, on_error = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
         data = YT8MDataModule(train_pattern=pattern + "/train*.tfrecord", val_pattern=pattern + "/validate*.tfrecord",
-                              batch_size=8, num_workers=0, max_frames=60, num_classes=num_classes)
+                              batch_size=8, num_workers=0, max_frames=60, num_classes=num_classes, on_error=on_error)
         model = VideoClassifier(num_classes=num_classes, clusters=4, groups=2, expansion=1, hidden_size=16,
                                 gating_reduction=4, learning_rate=1e-2, lr_decay=0.5, lr_decay_examples=64)
         trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
@@ -44,19 +44,43 @@ SCRIPT = textwrap.dedent('''
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_two_rank_training_counts_examples_over_ranks(synthetic_data, tmp_path):
-    script = tmp_path / "train.py"
-    script.write_text(SCRIPT)
-    result = subprocess.run([sys.executable, str(script), synthetic_data["dir"], str(tmp_path),
-                             str(synthetic_data["num_classes"])], capture_output=True, text=True, timeout=170)
-    problems = [line for line in (result.stdout + result.stderr).splitlines()
-                if any(word in line for word in ("Error", "error:", "Traceback", "Signal", "terminate"))]
-    assert result.returncode == 0, f"exit {result.returncode}: {problems[:30]}\n{result.stderr[-1500:]}"
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert ranks[0] == ranks[1]  # same step, examples, LR and (synced) validation GAP on both ranks
+    ranks = train_on_two_ranks(synthetic_data["dir"], tmp_path, synthetic_data["num_classes"])
     # 120 training videos over 2 ranks x batch 8: 7 steps, each of 2 x 8 examples
     assert ranks[0]["world_size"] == 2 and ranks[0]["steps"] == 7
     assert ranks[0]["examples_seen"] == 7 * 16
     assert ranks[0]["lr"] == pytest.approx(1e-2 * 0.5 ** (6 * 16 // 64))  # LR of the last step
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_batch_short_of_a_skipped_record_is_counted_alike_on_every_rank(tmp_path):
+    """on_error skip: rank 0's last batch holds 7 videos, rank 1's 8. Counting each rank's batch
+    times the world size gave 30 and 32 examples, so the ranks could take different learning rates."""
+    from nextvlad.data import write_synthetic_dataset
+
+    data = tmp_path / "data"
+    train = write_synthetic_dataset(data, num_train=32, num_validate=4, num_test=0, num_classes=10,
+                                    files_per_split=1, min_frames=5, max_frames=20, seed=1)["train"][0]
+    raw = bytearray(open(train, "rb").read())
+    start = 16 + int.from_bytes(raw[:8], "little")  # record 1, in rank 0's half (records 0-15)
+    raw[start + 12 + 20] ^= 0xFF  # a byte of its data: its CRC no longer matches
+    open(train, "wb").write(bytes(raw))
+    ranks = train_on_two_ranks(str(data), tmp_path, 10, on_error="skip")
+    assert ranks[0]["steps"] == 2 and ranks[0]["examples_seen"] == 31
+
+
+def train_on_two_ranks(data_dir: str, out: Path, num_classes: int, on_error: str = "raise") -> list[dict]:
+    """SCRIPT's record of each rank, which must be the same on both: step, examples, LR, validation GAP."""
+    script = out / "train.py"
+    script.write_text(SCRIPT)
+    result = subprocess.run([sys.executable, str(script), data_dir, str(out), str(num_classes), on_error],
+                            capture_output=True, text=True, timeout=170)
+    problems = [line for line in (result.stdout + result.stderr).splitlines()
+                if any(word in line for word in ("Error", "error:", "Traceback", "Signal", "terminate"))]
+    assert result.returncode == 0, f"exit {result.returncode}: {problems[:30]}\n{result.stderr[-1500:]}"
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]
+    return ranks
 
 
 def test_shutdown_process_group_destroys_the_group_and_is_a_no_op_without_one(tmp_path):
