@@ -109,6 +109,36 @@ def test_training_learns_and_logs_every_metric():
     assert metrics["val/gap"] > 0.6  # chance level with one label among 12 is about 0.25
 
 
+class MemoryLogger(pl.loggers.Logger):
+    """Every (step, metrics) a Trainer hands its logger."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict]] = []
+
+    name, version = "memory", 0
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+
+def test_a_logged_training_gap_is_its_own_steps_batch():
+    def logged_gaps(every_n_steps: int) -> dict[int, float]:
+        torch.manual_seed(0)
+        memory = MemoryLogger()
+        run = trainer(max_epochs=1, logger=memory, log_every_n_steps=every_n_steps)
+        run.fit(VideoClassifier(**SMALL, learning_rate=1e-2), loader(64))
+        return {step: metrics["train/gap"] for step, metrics in memory.rows if "train/gap" in metrics}
+
+    every_step, every_third = logged_gaps(1), logged_gaps(3)
+    assert len(every_step) == 8 and len(every_third) == 2  # 8 steps
+    assert every_third == {step: every_step[step] for step in every_third}
+    trainer(max_epochs=1, logger=MemoryLogger(), log_every_n_steps=0).fit(VideoClassifier(**SMALL), loader(16))
+
+
 def test_mixture_losses_and_gradients_reach_every_part():
     torch.manual_seed(0)
     module = VideoClassifier(**SMALL, num_branches=3, temperature=3.0, cl_lambda=9.0)
