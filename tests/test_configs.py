@@ -114,3 +114,29 @@ def test_console_scripts_run_lightning_cli(command):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "class_path: nextvlad.VideoClassifier" in result.stdout
     assert "class_path: nextvlad.data.YT8MDataModule" in result.stdout
+
+
+def test_readme_training_commands_parse_as_the_paper_recipe():
+    """The README's `lightning fit` lines (up to the resume, which needs a run) with --print_config:
+    the two-GPU line keeps the authors' 160 videos a step, 80 per rank, one BN tower each."""
+    import shlex
+    import subprocess
+    import sys
+
+    import yaml
+
+    block = (REPO / "README.md").read_text().split("## Training\n", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(line, comments=True) for line in block.splitlines()
+                if line.startswith("lightning fit") and "--ckpt_path" not in line]
+    assert len(commands) == 2, block
+    configs = []
+    for command in commands:
+        result = subprocess.run([str(Path(sys.executable).parent / command[0]), *command[1:], "--print_config"],
+                                cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        configs.append(yaml.safe_load(result.stdout))
+    one_gpu, two_gpus = configs
+    assert one_gpu["data"]["init_args"]["batch_size"] == 160 and str(one_gpu["trainer"]["devices"]) in ("auto", "1")
+    assert str(two_gpus["trainer"]["devices"]) == "2" and two_gpus["data"]["init_args"]["batch_size"] == 80
+    assert two_gpus["model"]["init_args"]["clusters"] == 64
+    assert two_gpus["model"]["init_args"]["bn_tower_videos"] == 80

@@ -42,7 +42,7 @@ class YT8MDataModule(L.LightningDataModule):
         val_pattern: validation TFRecords; never shuffled, nothing dropped.
         test_pattern: test TFRecords (may lack labels); never shuffled, nothing dropped.
         predict_pattern: TFRecords to predict on (may lack labels); in file order per rank.
-        batch_size: training batch size (the authors: 160 = 2 GPUs x 80).
+        batch_size: training batch size per rank (the authors: 160 a step = 2 GPUs x 80).
         eval_batch_size: batch size for val/test/predict (None: batch_size).
         num_workers: DataLoader worker processes per rank (each reads its own share of records).
         max_frames: frames per video after padding/truncation (the authors: 300).
