@@ -40,10 +40,12 @@ from .residual_aggregation_reference import (
     residual_aggregation_reference_forward,
 )
 
-try:  # Triton is a Linux-only dependency; the reference implementation works without it.
+try:  # Triton comes with torch's CUDA builds; the reference implementation works without it.
     from . import residual_aggregation_triton as triton_implementation
     from .residual_aggregation_triton import MAX_TRITON_CLUSTERS, triton_interpreter_enabled
-except ImportError:  # pragma: no cover - exercised only where Triton is absent
+except ModuleNotFoundError as error:  # only its absence: a Triton or torch too old must say so
+    if error.name != "triton":
+        raise
     triton_implementation = None
     MAX_TRITON_CLUSTERS = 0
 

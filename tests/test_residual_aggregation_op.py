@@ -293,3 +293,33 @@ def test_compile_reduce_overhead_captures_the_op_into_cuda_graphs() -> None:
         for _ in range(3):  # warm-up, record, replay
             got = compiled(*inputs).clone()
         torch.testing.assert_close(got, model(*inputs), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["no triton", "torch too old"])
+def test_without_triton_the_op_runs_the_reference_and_a_broken_import_is_not_hidden(case):
+    """Triton absent (a CPU build of torch): the reference, and backend='triton' says why not.
+    Any other import failure of the Triton module (a torch without torch.library.wrap_triton)
+    is raised, not taken for Triton's absence (which sent every CUDA call to the reference)."""
+    hide = 'sys.modules["triton"] = None' if case == "no triton" else "del torch.library.wrap_triton"
+    script = textwrap.dedent(f'''
+        import sys
+        import torch
+        {hide}
+        from nextvlad.kernels import residual_aggregation
+        x = torch.randn(2, 3, 2, 4)
+        y = residual_aggregation(x, torch.randn(2, 3, 2, 5), torch.randn(2, 3, 2), torch.tensor([3, 1]),
+                                 torch.randn(5, 4))
+        print(tuple(y.shape))
+        try:
+            residual_aggregation(x, torch.randn(2, 3, 2, 5), torch.randn(2, 3, 2), torch.tensor([3, 1]),
+                                 torch.randn(5, 4), backend="triton")
+        except ValueError as error:
+            print(error)
+    ''')
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    if case == "no triton":
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.splitlines() == ["(2, 5, 4)", "backend='triton' needs the triton package, which is not installed"]
+    else:
+        assert result.returncode == 1
+        assert "ImportError: cannot import name 'wrap_triton'" in result.stderr, result.stderr[-2000:]
