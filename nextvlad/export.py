@@ -30,6 +30,7 @@ understands; the result equals the Triton kernel's up to float rounding.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -47,6 +48,7 @@ __all__ = ["ExportableClassifier", "load_checkpoint", "load_classifier", "classi
            "export_onnx", "export_program", "main"]
 
 FORMATS = ("onnx", "torch_export")
+ONNX_PACKAGES = ("onnx", "onnxscript")  # the extra "onnx" of pyproject.toml
 INPUT_NAMES = ("rgb", "audio", "lengths")
 OUTPUT_NAME = "probabilities"
 
@@ -271,6 +273,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch.onnx's)")
     args = parser.parse_args(argv)
 
+    missing = [name for name in ONNX_PACKAGES if args.format == "onnx" and importlib.util.find_spec(name) is None]
+    if missing:  # torch.onnx would fail only after the checkpoint is loaded and traced, with a traceback
+        parser.error(f"--format onnx needs {' and '.join(missing)}, which torch.onnx's exporter uses: "
+                     "pip install 'nextvlad[onnx]'")
     if args.config is not None and not Path(args.config).is_file():
         parser.error(f"config file not found: {args.config}")
     overwritten = output_overwrites_input(args.output, {"--ckpt_path": args.ckpt_path, "--config": args.config,

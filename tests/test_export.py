@@ -206,6 +206,20 @@ def test_unknown_format_is_rejected_by_the_parser(tmp_path, capsys):
     assert "invalid choice: 'tflite'" in capsys.readouterr().err
 
 
+def test_onnx_without_its_packages_names_the_extra_before_loading_anything(monkeypatch, capsys):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "onnxscript"
+                        else real_find_spec(name, *rest))
+    with pytest.raises(SystemExit) as exit_code:  # the checkpoint does not exist: it is not read
+        cli_main(["export", "--ckpt_path", "x.ckpt", "--output", "m.onnx"])
+    assert exit_code.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "nextvlad export: error: --format onnx needs onnxscript, which torch.onnx's exporter uses: "
+        "pip install 'nextvlad[onnx]'")
+
+
 def test_whitening_defaults_to_what_training_used(tmp_path):
     from nextvlad.export import training_eigenvalues
 
