@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", default="data/synthetic")
     parser.add_argument("--num-classes", type=int, default=100, help="must match the config")
     args, lightning_args = parser.parse_known_args(argv)
+    if not os.path.isfile(args.config):  # before writing 4,000 videos for nothing
+        parser.error(f"--config {args.config}: no such file (the demo runs from the repository's root)")
 
     from nextvlad.cli import main as cli_main  # imports Lightning: after the data step
 

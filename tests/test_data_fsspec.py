@@ -155,7 +155,7 @@ def test_a_store_whose_package_is_missing_is_one_line_naming_the_extra(tmp_path,
     if importlib.util.find_spec({"gcs": "gcsfs", "s3": "s3fs"}[extra]) is not None:
         pytest.skip(f"the {extra} extra is installed here")
     with pytest.raises(ValueError, match=rf"^{url.split('://')[0]}://.*needs a package that is not installed .*"
-                                         rf"pip install -e '\.\[{extra}\]' in the nextvlad clone$"):
+                                         rf"pip install 'nextvlad\[{extra}\]' \(in a clone: pip install -e '\.\[{extra}\]'\)$"):
         expand_paths(url)
     demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     result = subprocess.run([str(Path(sys.executable).parent / "nextvlad"), "validate", "--config", str(demo),

@@ -36,3 +36,16 @@ def test_chance_gap_of_random_scores_is_low(tmp_path):
     write_synthetic_dataset(tmp_path, num_train=0, num_validate=40, num_test=0, num_classes=100,
                             files_per_split=1, **demo.DEMO_DATA)
     assert 0.0 < demo.chance_gap(str(tmp_path / "validate*.tfrecord"), 100) < 0.1
+
+
+def test_demo_outside_the_repository_stops_before_writing_data(tmp_path, monkeypatch, capsys):
+    """`python -m nextvlad.demo` from an installed package elsewhere: no configs/demo.yaml there."""
+    import pytest
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_code:
+        demo.main([])
+    assert exit_code.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "error: --config configs/demo.yaml: no such file (the demo runs from the repository's root)")
+    assert not any(tmp_path.iterdir())  # no data written

@@ -121,7 +121,7 @@ def url_file_system(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     except ImportError as error:
         scheme = url.split("://", 1)[0]
         extra = STORE_EXTRAS.get(scheme)
-        install = f"pip install -e '.[{extra}]' in the nextvlad clone" if extra else "install it"
+        install = f"pip install 'nextvlad[{extra}]' (in a clone: pip install -e '.[{extra}]')" if extra else "install it"
         raise ValueError(f"{url}: {scheme}:// needs a package that is not installed ({error}); {install}") from error
 
 
