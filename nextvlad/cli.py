@@ -376,7 +376,8 @@ def console_main() -> None:
     sys.argv[1:] = argv
     command = " ".join([Path(sys.argv[0]).name] + argv[:1])
     try:
-        with _debug_for_the_other_ranks(debug):
+        with _debug_for_the_other_ranks(debug), warnings.catch_warnings():
+            _ignore_false_alarms(argv[:1])
             main()
         shutdown_process_group()
     except SIGTERMException:
@@ -394,6 +395,16 @@ def console_main() -> None:
         if is_peer_disconnection(error) and (isinstance(error, ProcessRaisedException) or has_process_group()):
             sys.exit(f"{command}: error: {peer_disconnection_message(error)}")
         raise
+
+
+def _ignore_false_alarms(subcommand: list[str]) -> None:
+    """Lightning warnings that are wrong for this package, shown by every run of a command."""
+    # YT8MFrameDataset gives every DataLoader worker its own records and its own batch count.
+    warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+    if subcommand and subcommand[0] in ("validate", "test", "predict"):
+        # configs/evaluate.yaml and predict.yaml leave the training callbacks out on purpose (they
+        # would write checkpoints); the advice to add them back is for resuming fit.
+        warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks")
 
 
 @contextlib.contextmanager
