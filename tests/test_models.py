@@ -341,22 +341,38 @@ def test_feature_size_mismatch_names_the_sizes():
         layer(torch.randn(2, 5, 12), torch.tensor([5, 5]))
 
 
+def distillation_kl_float64(mixture: torch.Tensor, branches: torch.Tensor, T: float) -> float:
+    """SPEC 3.3 by hand: mean over videos of sum over branches of KL(p_e || p_m), 1e-8 in both logs."""
+    num_branches, batch, _ = branches.shape
+    total = 0.0
+    for b in range(batch):
+        p_e = [math.exp(v / T) for v in mixture[b].double().tolist()]
+        p_e = [v / sum(p_e) for v in p_e]
+        for m in range(num_branches):
+            p_m = [math.exp(v / T) for v in branches[m, b].double().tolist()]
+            p_m = [v / sum(p_m) for v in p_m]
+            total += sum(pe * (math.log(pe + 1e-8) - math.log(pm + 1e-8)) for pe, pm in zip(p_e, p_m))
+    return total / batch
+
+
 def test_distillation_kl_matches_float64_hand_computation():
     torch.manual_seed(0)
     mixture = torch.randn(4, 9)
     branches = torch.randn(3, 4, 9)
-    T = 3.0
-    expected = 0.0
-    for b in range(4):
-        p_e = [math.exp(v / T) for v in mixture[b].double().tolist()]
-        p_e = [v / sum(p_e) for v in p_e]
-        for m in range(3):
-            p_m = [math.exp(v / T) for v in branches[m, b].double().tolist()]
-            p_m = [v / sum(p_m) for v in p_m]
-            expected += sum(pe * (math.log(pe + 1e-8) - math.log(pm + 1e-8)) for pe, pm in zip(p_e, p_m))
-    expected /= 4
-    assert distillation_kl(mixture, branches, T).item() == pytest.approx(expected, rel=1e-5)
-    assert distillation_kl(mixture, mixture.expand(3, 4, 9), T).item() == pytest.approx(0.0, abs=1e-6)
+    expected = distillation_kl_float64(mixture, branches, 3.0)
+    assert distillation_kl(mixture, branches, 3.0).item() == pytest.approx(expected, rel=1e-5)
+    assert distillation_kl(mixture, mixture.expand(3, 4, 9), 3.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_kl_of_a_confidently_wrong_branch_is_bounded_by_the_authors_epsilon():
+    """The teacher is sure of class 0, the branch sure it is not (p_m about 1e-14, 0 further out):
+    the authors' 1e-8 bounds the term near -log(1e-8) = 18.42, where log(p_m) alone gives 32 or inf."""
+    mixture = torch.tensor([[90.0, 0.0, 0.0, 0.0]])
+    for wrong in (-90.0, -400.0):
+        branches = torch.tensor([[[wrong, 0.0, 0.0, 0.0]]])
+        expected = distillation_kl_float64(mixture, branches, 3.0)
+        assert expected == pytest.approx(-math.log(1e-8), rel=1e-3)
+        assert distillation_kl(mixture, branches, 3.0).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_mixture_gate_input_all_rows_vs_masked():

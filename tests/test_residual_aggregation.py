@@ -156,11 +156,14 @@ def test_einsum_and_matmul_references_agree_with_gradients() -> None:
 
 
 @pytest.mark.parametrize("normalize", [False, True])
-def test_reference_gradcheck_float64(normalize: bool) -> None:
+def test_registered_op_gradcheck_float64(normalize: bool) -> None:
+    """The op's hand-written backward ("auto" on a CPU: the registered op's reference implementation,
+    what CPU training runs) against finite differences; autograd of the matmul reference would check
+    only torch's own derivatives."""
     x, logits, attention, lengths, centroids = with_grad(*make_inputs(Shape(2, 4, 2, 3, 5, (4, 1)), torch.float64))
 
     def op(x, logits, attention, centroids):
-        return residual_aggregation(x, logits, attention, lengths, centroids, backend="reference", normalize=normalize)
+        return residual_aggregation(x, logits, attention, lengths, centroids, backend="auto", normalize=normalize)
 
     assert torch.autograd.gradcheck(op, (x, logits, attention, centroids))
 

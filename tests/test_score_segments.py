@@ -48,6 +48,16 @@ def score(tmp_path, rated, text, *args) -> tuple[float, dict]:
     return value, report["per_class"]
 
 
+@pytest.mark.parametrize("first, then", [(1.0, 0.0), (0.0, 1.0)])
+def test_a_segment_rated_again_in_a_later_record_keeps_the_later_rating(tmp_path, first, then):
+    """Google's read_labels fills one dict over all files: the later record overwrites (SPEC_SEGMENTS 5.1)."""
+    write_tfrecord(tmp_path / "r1.tfrecord", [sequence_example("b", 10, [5, 0], [3, 4], [first, 1.0])])
+    write_tfrecord(tmp_path / "r2.tfrecord", [sequence_example("b", 10, [5], [3], [then])])
+    ratings = read_ratings(str(tmp_path / "r*.tfrecord"), num_classes=C)
+    assert ratings.scores == {("b:5", 3): then, ("b:0", 4): 1.0}
+    assert ratings.positives == ({3: 1, 4: 1} if then > 0 else {4: 1})
+
+
 def test_hand_computed_ap_with_unrated_ids_duplicates_and_the_last_id(tmp_path, rated, capsys):
     # Class 3 kept: a (+), b (-), c (+), duplicates of a counted once, x:0 unrated, c:0 last on
     # its line; P = 3 (d:0 is never listed): AP = (1/1 + 2/3) / 3 = 5/9. Class 4: a:0 second
