@@ -13,7 +13,6 @@ from nextvlad.models import count_parameters
 REPO = Path(__file__).resolve().parents[1]
 # Full run configs; the others (e.g. configs/evaluate.yaml) are snippets passed as a second --config.
 CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if "\nmodel:" in "\n" + p.read_text())
-EIGENVALUES = REPO.parent / "shared" / "yt8m_pca" / "eigenvals.npy"
 
 EXPECTED_PARAMETERS = {
     "nextvlad.yaml": 88_889_378,
@@ -31,10 +30,8 @@ def test_every_paper_setting_has_a_config():
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_config_instantiates_with_lightning_cli(config, tmp_path):
-    if not EIGENVALUES.is_file():
-        pytest.skip("../shared/yt8m_pca/eigenvals.npy is not present")
-    eigenvalues = "null" if config.name == "demo.yaml" else str(EIGENVALUES)
+def test_config_instantiates_with_lightning_cli(config, tmp_path, eigenvalues_path):
+    eigenvalues = "null" if config.name == "demo.yaml" else eigenvalues_path
     with torch.device("meta"):  # shapes and counts only: no 236M-parameter initialisation
         cli = NextVLADCLI(
             args=["--config", str(config), f"--data.init_args.eigenvalues_path={eigenvalues}",
