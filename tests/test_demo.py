@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from nextvlad import demo
 from nextvlad.data import write_synthetic_dataset
@@ -40,8 +45,6 @@ def test_chance_gap_of_random_scores_is_low(tmp_path):
 
 def test_demo_outside_the_repository_stops_before_writing_data(tmp_path, monkeypatch, capsys):
     """`python -m nextvlad.demo` from an installed package elsewhere: no configs/demo.yaml there."""
-    import pytest
-
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_code:
         demo.main([])
@@ -49,3 +52,24 @@ def test_demo_outside_the_repository_stops_before_writing_data(tmp_path, monkeyp
     assert capsys.readouterr().err.splitlines()[-1].endswith(
         "error: --config configs/demo.yaml: no such file (the demo runs from the repository's root)")
     assert not any(tmp_path.iterdir())  # no data written
+
+
+@pytest.mark.slow
+def test_make_demo_as_written(tmp_path):
+    """What `make demo` runs (`python -m nextvlad.demo`, no arguments) in a directory laid out as a
+    clone: it writes the 4,000-video dataset, trains two epochs and reports far above chance."""
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    result = subprocess.run([sys.executable, "-m", "nextvlad.demo"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "synthetic data: writing data/synthetic ..." in result.stdout
+    assert len(list((tmp_path / "data" / "synthetic").glob("*.tfrecord"))) > 3
+    found = re.search(r"validation GAP@20: ([0-9.]+) \(last epoch\), best ([0-9.]+); "
+                      r"chance level \(random scores\): ([0-9.]+)", result.stdout)
+    assert found, result.stdout[-2000:]
+    last, best, chance = map(float, found.groups())
+    assert best >= last > 0.95 and chance < 0.02  # the README: 0.9878 against 0.0058
+    for line in ("best checkpoint:  runs/demo/version_0/checkpoints/best.ckpt",
+                 "last checkpoint:  runs/demo/version_0/checkpoints/last.ckpt"):
+        assert line in result.stdout
+    assert (tmp_path / "runs" / "demo" / "version_0" / "checkpoints" / "best.ckpt").is_file()
