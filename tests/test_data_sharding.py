@@ -215,3 +215,50 @@ def test_ddp_ranks_take_workers_from_a_forkserver_where_fork_can_deadlock(uneven
     assert rank_batches(True, world_size=2, multiprocessing_context="spawn")[0] == "spawn"  # the user's
     assert dataset_module.fork_can_deadlock_in_child() == (sys.platform.startswith("linux")
                                                           and sys.version_info[:3] < (3, 11, 10))
+
+
+def test_a_full_dev_shm_is_one_error_line_naming_it_and_the_fix(tmp_path, monkeypatch):
+    """Docker's default /dev/shm (64 MB) cannot hold one batch of 160 x 300 frames: torch's
+    "unable to allocate shared memory ... No space left on device" from a worker became a
+    RuntimeError traceback; now the command's one error line says what is full and what to change."""
+    from nextvlad.cli import error_message, is_user_error
+    from nextvlad.data import write_synthetic_dataset
+    from nextvlad.data.shm_pool import SharedMemoryFull, new_shared
+
+    def no_space(size):
+        raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1_2>: No space left on device (28)")
+
+    monkeypatch.setattr(torch.UntypedStorage, "_new_shared", staticmethod(no_space))
+    with pytest.raises(SharedMemoryFull, match=r"^/dev/shm is full: a DataLoader worker found no room for a batch "
+                                               r"of 3 MiB \(.* free; each worker keeps up to 4 batches there\): give it "
+                                               r"more \(docker run --shm-size=4g, or --ipc=host\) or set "
+                                               r"--data.init_args.num_workers 0 \(batches made in the main process\)$"):
+        new_shared((3, 2**20), torch.uint8)
+    files = write_synthetic_dataset(tmp_path, num_train=4, num_validate=0, num_test=0, num_classes=5,
+                                    files_per_split=1, min_frames=2, max_frames=4, seed=0)["train"]
+    loader = YT8MDataLoader(YT8MFrameDataset(files, batch_size=2, max_frames=4, num_classes=5), num_workers=1)
+    with pytest.raises(OSError) as raised:  # from the worker, which inherited the patch
+        next(iter(loader))
+    assert is_user_error(raised.value)
+    assert error_message(raised.value).startswith("/dev/shm is full: a DataLoader worker found no room for a batch")
+
+
+def test_fit_warns_when_dev_shm_cannot_hold_the_workers_batches(synthetic_data, monkeypatch):
+    from nextvlad.data import YT8MDataModule
+    from nextvlad.data import datamodule as datamodule_module
+
+    warnings = []
+    monkeypatch.setattr(datamodule_module, "rank_zero_warn", warnings.append)
+    data = YT8MDataModule(train_pattern=synthetic_data["train"], val_pattern=synthetic_data["validate"],
+                          batch_size=8, eval_batch_size=4, num_workers=2, max_frames=60, num_classes=10)
+    data.setup("fit")
+    needed = 2 * 4 * (8 + 4) * 60 * 1152  # 2 workers x 4 batches of training's 8 and validation's 4 videos
+    for free, warned in ((needed, False), (needed - 1, True)):
+        monkeypatch.setattr(datamodule_module, "shared_memory_free", lambda: free)
+        warnings.clear()
+        data.train_dataloader()
+        assert bool(warnings) == warned
+    assert warnings[0] == ("/dev/shm has 6 MiB free and the DataLoader workers may keep up to 6 MiB there (2 per loader, "
+                           "training's and validation's at once); a full /dev/shm stops the run: give it more (docker run "
+                           "--shm-size=4g, or --ipc=host) or set --data.init_args.num_workers 0 (batches made in the main "
+                           "process)")

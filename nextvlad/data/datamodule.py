@@ -6,13 +6,14 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from nextvlad._distributed import gather_per_rank, rank_and_world_size
 from nextvlad._validation import check_choice, check_positive_int
 from nextvlad.data.dataset import (STAT_NAMES, OnError, YT8MDataLoader, YT8MFrameDataset,
                                    check_shuffle_buffer)
 from nextvlad.data.records import Compression
+from nextvlad.data.shm_pool import SHARED_MEMORY, SHARED_MEMORY_ADVICE, mebibytes, shared_memory_free
 from nextvlad.data.transforms import ReverseWhitening, finalize_batch
 
 
@@ -181,11 +182,23 @@ class YT8MDataModule(L.LightningDataModule):
         loader = YT8MDataLoader(dataset, context=context, num_workers=self.num_workers,
                                 on_unreported_read_stats=self._add_read_stats)
         if split == "fit":
+            self._warn_if_shared_memory_is_short()
             self._train_loader = loader
             if self._train_position is not None:
                 loader.load_state_dict(self._train_position)
                 self._train_position = None
         return loader
+
+    def _warn_if_shared_memory_is_short(self) -> None:
+        """At the start of fit: the training and the validation workers hold batches in /dev/shm
+        at once, so one too small for both stops the run at its first validation, hours in."""
+        free = shared_memory_free()
+        datasets = [self.datasets[split] for split in ("fit", "validate") if split in self.datasets]
+        needed = self.num_workers * sum(dataset.shared_memory_per_worker() for dataset in datasets)
+        if free is not None and needed > free:
+            rank_zero_warn(f"{SHARED_MEMORY} has {mebibytes(free)} free and the DataLoader workers may keep up to "
+                           f"{mebibytes(needed)} there ({self.num_workers} per loader, training's and "
+                           f"validation's at once); a full {SHARED_MEMORY} stops the run: {SHARED_MEMORY_ADVICE}")
 
     def train_dataloader(self) -> YT8MDataLoader:
         return self._loader("fit")

@@ -37,7 +37,7 @@ from nextvlad.data import sharding
 from nextvlad.data.parsing import AUDIO_SIZE, RGB_SIZE, QuantizedVideo, parse_frame_record
 from nextvlad.data.records import (Compression, DataError, FileScan, FramingError, expand_paths,
                                    file_size, is_url, read_records, scan_records)
-from nextvlad.data.shm_pool import SharedBufferPool
+from nextvlad.data.shm_pool import MAX_SLOTS, SharedBufferPool
 from nextvlad.data.transforms import dequantize_rows_into
 
 logger = logging.getLogger("nextvlad.data")
@@ -237,6 +237,15 @@ class YT8MFrameDataset(IterableDataset):
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.rank, self.world_size = int(rank), int(world_size)
 
+    def shared_memory_per_worker(self) -> int:
+        """Bytes of /dev/shm a DataLoader worker may hold: its pool's uint8 batches, or float32
+        batches in flight (the prefetched two and the one being made) with dequantize_in_workers.
+        0 without a pool (segment batches: a few frames per row)."""
+        if not self.uses_buffer_pool:
+            return 0
+        batches, itemsize = (3, 4) if self.dequantize_in_workers else (MAX_SLOTS, 1)
+        return batches * self.batch_size * self.max_frames * (RGB_SIZE + AUDIO_SIZE) * itemsize
+
     def records_dropped_per_epoch(self) -> int:
         """Records no rank reads in an epoch to keep ranks in step (0 when evaluating)."""
         return sharding.records_dropped(self.num_records, self.world_size, self.batch_size,
@@ -277,7 +286,7 @@ class YT8MFrameDataset(IterableDataset):
             dtype = torch.float32 if self.dequantize_in_workers else torch.uint8
             pool = SharedBufferPool(((self.batch_size, self.max_frames, RGB_SIZE),
                                      (self.batch_size, self.max_frames, AUDIO_SIZE)), dtype,
-                                    max_slots=0 if self.dequantize_in_workers else 4)
+                                    max_slots=0 if self.dequantize_in_workers else MAX_SLOTS)
         try:
             self._reader = _Reader(self, self.plan(worker, num_workers), position, pool)
             yield from self._reader

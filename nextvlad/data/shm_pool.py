@@ -13,9 +13,34 @@ raw batches) only exhausts the pool, and the worker falls back to a fresh segmen
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 
 import torch
+
+#: Where torch's DataLoader workers place batches on Linux (Docker's default size: 64 MB).
+SHARED_MEMORY = "/dev/shm"
+#: Buffer sets a worker's pool keeps (see module docstring).
+MAX_SLOTS = 4
+#: What to change when SHARED_MEMORY is too small.
+SHARED_MEMORY_ADVICE = ("give it more (docker run --shm-size=4g, or --ipc=host) or set --data.init_args.num_workers 0 "
+                        "(batches made in the main process)")
+
+
+class SharedMemoryFull(OSError):
+    """No room in /dev/shm for a worker's batch (torch's RuntimeError says only "No space left")."""
+
+
+def shared_memory_free() -> int | None:
+    """Free bytes in /dev/shm, None where there is none (not Linux)."""
+    try:
+        return shutil.disk_usage(SHARED_MEMORY).free
+    except OSError:
+        return None
+
+
+def mebibytes(size: int) -> str:
+    return f"{size / 2**20:,.0f} MiB"
 
 
 class BufferLease:
@@ -42,7 +67,16 @@ def new_shared(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     numel = 1
     for size in shape:
         numel *= size
-    storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
+    try:
+        storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
+    except RuntimeError as error:
+        if "No space left on device" not in str(error):
+            raise
+        free = shared_memory_free()
+        raise SharedMemoryFull(
+            f"{SHARED_MEMORY} is full: a DataLoader worker found no room for a batch of "
+            f"{mebibytes(numel * dtype.itemsize)} ({'?' if free is None else mebibytes(free)} free; each worker keeps "
+            f"up to {MAX_SLOTS} batches there): {SHARED_MEMORY_ADVICE}") from error
     return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
@@ -62,7 +96,7 @@ class _Slot:
 class SharedBufferPool:
     """Per-worker pool of shared-memory buffer sets of fixed shapes (see module docstring)."""
 
-    def __init__(self, shapes: tuple[tuple[int, ...], ...], dtype: torch.dtype, max_slots: int = 4):
+    def __init__(self, shapes: tuple[tuple[int, ...], ...], dtype: torch.dtype, max_slots: int = MAX_SLOTS):
         self.shapes = shapes
         self.dtype = dtype
         self.max_slots = max_slots
