@@ -188,3 +188,16 @@ def test_we_read_tfrecord_package_writer_output(tmp_path):
     assert video["id"] == "abc" and video["label_ids"] == [2, 7] and video["num_frames"] == 4
     np.testing.assert_allclose(video["rgb"], dequantize_oracle(rgb), atol=1e-6, rtol=0)
     np.testing.assert_allclose(video["audio"], dequantize_oracle(audio), atol=1e-6, rtol=0)
+
+
+def test_the_gzip_check_of_a_local_file_reads_two_bytes(tmp_path):
+    """Run on every file before training: it read a whole 1 MiB buffer of each (3,844 files: 4 GB)."""
+    from nextvlad.data.records import is_gzip, open_binary
+
+    plain, packed = tmp_path / "plain.tfrecord", tmp_path / "packed.tfrecord"
+    plain.write_bytes(bytes(3 << 20))
+    packed.write_bytes(gzip.compress(bytes(3 << 20)))
+    assert (is_gzip(str(plain)), is_gzip(str(packed))) == (False, True)
+    with open_binary(str(plain), read_ahead=2) as f:
+        f.read(2)
+        assert f.raw.tell() == 2  # what the operating system was asked for

@@ -142,10 +142,11 @@ READ_AHEAD_BYTES = 16 << 20
 
 
 def open_binary(path: str, read_ahead: int = READ_AHEAD_BYTES) -> BinaryIO:
-    """A local file (1 MiB buffer) or an fsspec URL opened for reading; a URL's reads fetch
-    ``read_ahead`` bytes beyond what they ask for (a few to look at a header, not a whole block)."""
+    """A local file or an fsspec URL opened for reading, whose reads fetch up to ``read_ahead``
+    bytes beyond what they ask for (a few to look at a header; a local file's buffer is at most
+    1 MiB)."""
     if not is_url(path):
-        return open(path, "rb", buffering=1 << 20)
+        return open(path, "rb", buffering=min(read_ahead, 1 << 20))
     # Through the file system's open: fsspec.open() would hand these options to the file system's
     # constructor, where gcsfs takes block_size and s3fs takes neither.
     fs, stripped = url_file_system(path)
