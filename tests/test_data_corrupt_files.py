@@ -252,6 +252,24 @@ def test_an_empty_file_is_an_error_for_iter_videos_too(tmp_path, caplog):
     assert f"{empty}: empty file" in caplog.text
 
 
+def test_a_gzip_file_of_no_records_is_refused_as_an_empty_file_is(tmp_path, caplog):
+    """20 bytes of GZIP holding nothing: a failed write, read as a file of 0 videos without a word."""
+    nothing = str(tmp_path / "a_nothing.tfrecord")
+    with open(nothing, "wb") as f:
+        f.write(gzip.compress(b""))
+    good = str(tmp_path / "b_good.tfrecord")
+    write_records(good, [good_record(0)])
+    with pytest.raises(FramingError, match=rf"^{nothing}: no records \(a GZIP stream of 0 bytes\)$"):
+        ids_read([nothing, good])
+    with pytest.raises(FramingError, match=rf"^{nothing}: no records"):
+        YT8MFrameDataset([nothing, good], num_classes=NUM_CLASSES)
+    with caplog.at_level(logging.WARNING, logger="nextvlad.data"):
+        assert ids_read([nothing, good], on_error="skip") == ["good0"]
+        dataset = YT8MFrameDataset([nothing, good], num_classes=NUM_CLASSES, on_error="skip")
+        assert [i for batch in dataset for i in batch["id"]] == ["good0"]
+    assert f"{nothing}: no records" in caplog.text
+
+
 # -- many random corruptions: never wrong data, never a foreign exception ------------------------
 def damaged_variants(raw: bytes, rng: np.random.Generator, count: int):
     """(kind, bytes) pairs: a bit flip, a byte set to a random value, a cut, appended garbage."""

@@ -267,6 +267,11 @@ def _empty_file_error(path: str) -> FramingError | None:
     return None
 
 
+def _no_records_error(path: str) -> FramingError:
+    """A GZIP file of nothing, which is not empty, is refused as an empty file is."""
+    return FramingError(path, None, "no records (a GZIP stream of 0 bytes)")
+
+
 def _runs_past_end(path: str, index: int, length: int, left: int) -> FramingError:
     return FramingError(path, index, f"truncated file: record of {length} bytes runs past the end "
                                      f"of the file ({left} bytes left)")
@@ -360,6 +365,8 @@ def read_records(path: str, compression: Compression = "auto", start: int = 0,
         while count is None or records.index < start + count:
             length = records.next_length()
             if length is None:
+                if records.index == 0:
+                    raise _no_records_error(path)
                 return
             if records.index < start:
                 records.skip(length)
@@ -404,7 +411,7 @@ def scan_records(path: str, compression: Compression = "auto") -> FileScan:
                 records.index += 1
         except FramingError as error:
             return FileScan(path, records.index, error)
-        return FileScan(path, records.index, None)
+        return FileScan(path, records.index, None if records.index else _no_records_error(path))
 
 
 def _scan_plain(path: str) -> FileScan:
