@@ -88,3 +88,60 @@ def test_two_process_ddp_epoch_on_uneven_shards(tmp_path):
         assert len(ids) == len(set(ids)) == 48 and set(ids) <= all_ids  # 7 = 55 - 2*6*4 left out
         per_epoch.append(ids)
     assert per_epoch[0] != per_epoch[1]  # reshuffled per epoch
+
+
+SCAN_SCRIPT = textwrap.dedent('''
+    import json, sys
+    import torch.distributed as dist
+    from nextvlad.data import YT8MDataModule, dataset
+
+    rank, directory, failing = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    dist.init_process_group("gloo", store=dist.FileStore(directory + "/store", 2), rank=rank, world_size=2)
+    scanned, scan_records = [], dataset.scan_records
+
+    def counted(path, compression="auto"):
+        scanned.append(path)
+        if path.endswith(failing):
+            raise PermissionError(f"cannot read {path}")
+        return scan_records(path, compression)
+
+    dataset.scan_records = counted
+    data = YT8MDataModule(train_pattern=directory + "/train*.tfrecord", val_pattern=directory + "/validate*.tfrecord",
+                          batch_size=4, num_classes=10)
+    try:
+        data.setup("fit")
+        result = {"scanned": scanned, "counts": {split: data.datasets[split].counts for split in ("fit", "validate")}}
+    except OSError as error:
+        result = {"scanned": scanned, "error": f"{type(error).__name__}: {error}"}
+    with open(f"{directory}/rank{rank}.json", "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+''')
+
+
+@pytest.mark.parametrize("failing", ["none", "train0002.tfrecord"])
+def test_ranks_scan_the_files_once_between_them_and_fail_together(tmp_path, failing):
+    """Counting records reads a remote file whole: each rank scans every other file and they
+    share the counts, so a start reads the data once, not once per rank. A rank that cannot read
+    its file does not leave the other waiting in the exchange: both stop with the error."""
+    from nextvlad.data import YT8MFrameDataset, write_synthetic_dataset
+
+    files = write_synthetic_dataset(tmp_path, num_train=30, num_validate=20, num_test=0, num_classes=10,
+                                    files_per_split=3, min_frames=2, max_frames=5, seed=3)
+    script = tmp_path / "scan.py"
+    script.write_text(SCAN_SCRIPT)
+    ranks = [subprocess.Popen([sys.executable, str(script), str(rank), str(tmp_path), failing],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in range(2)]
+    outputs = [_text(rank.communicate(timeout=120)[0]) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    scanned = sorted(results[0]["scanned"] + results[1]["scanned"])
+    if failing == "none":
+        assert scanned == sorted(files["train"] + files["validate"])  # each once
+        expected = {split: YT8MFrameDataset(files[name], num_classes=10).counts
+                    for split, name in (("fit", "train"), ("validate", "validate"))}
+        assert results[0]["counts"] == results[1]["counts"] == expected
+    else:  # the training files, each once; validation's are not reached
+        assert scanned == sorted(files["train"])
+        assert {result["error"] for result in results} == {
+            f"PermissionError: cannot read {files['train'][2]}", f"OSError: rank 0: cannot read {files['train'][2]}"}

@@ -11,8 +11,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from nextvlad._distributed import gather_per_rank, rank_and_world_size
 from nextvlad._validation import check_choice, check_positive_int
 from nextvlad.data.dataset import (STAT_NAMES, OnError, YT8MDataLoader, YT8MFrameDataset,
-                                   check_shuffle_buffer)
-from nextvlad.data.records import Compression
+                                   check_shuffle_buffer, share_scans)
+from nextvlad.data.records import Compression, expand_paths
 from nextvlad.data.shm_pool import SHARED_MEMORY, SHARED_MEMORY_ADVICE, mebibytes, shared_memory_free
 from nextvlad.data.transforms import ReverseWhitening, finalize_batch
 
@@ -118,6 +118,7 @@ class YT8MDataModule(L.LightningDataModule):
             if not pattern:
                 raise ValueError(f"{module}: {name} is not set, needed for {split}")
             try:
+                share_scans(expand_paths(pattern), self.compression)  # the ranks scan in parallel
                 dataset = self._make_dataset(split, pattern)
             except FileNotFoundError as error:  # name the option the user has to fix
                 raise FileNotFoundError(f"{module} {name}: {error}") from error
