@@ -91,17 +91,34 @@ def test_readme_resume_keeps_a_best_ckpt_in_the_new_run(clone, tmp_path):
 
 
 def test_readme_validate_test_predict_and_export_on_best_ckpt(clone):
+    """The README's evaluation commands on fit's best.ckpt, in the clone. They also leave a user's
+    config.yaml in the working directory alone: LightningCLI saved the merged config as
+    ./config.yaml (logger: false puts the log dir in the working directory), over the user's own
+    config of that name; only fit saves it, in its run."""
+    assert (clone / "runs" / "demo" / "version_0" / "config.yaml").is_file()  # fit's, in its log dir
+    mine = Path(DEMO).read_bytes() + b"# my own config, named as LightningCLI names its copy\n"
+    (clone / "config.yaml").write_bytes(mine)
+    try:
+        readme_validate_test_predict_and_export_on_best_ckpt(clone, mine)
+    finally:
+        (clone / "config.yaml").unlink()  # the clone is the other tests' working directory
+
+
+def readme_validate_test_predict_and_export_on_best_ckpt(clone: Path, mine: bytes) -> None:
     best = checkpoints(clone) / "best.ckpt"
     recorded_gap = float(best.resolve().stem.split("gap")[1])  # fit's validation of the same weights
 
-    assert run("nextvlad", "validate", "--config", DEMO, "--config", EVALUATE, "--ckpt_path", str(best),
-               cwd=clone).returncode == 0
+    result = run("nextvlad", "validate", "--config", DEMO, "--config", EVALUATE, "--ckpt_path", str(best), cwd=clone)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (clone / "config.yaml").read_bytes() == mine, "validate"
     validated = yaml.safe_load((best.parent / "best.validate.json").read_text())["metrics"]
     assert validated["gap"] == pytest.approx(recorded_gap, abs=5e-5)
-    # README: Google's MAP (over the classes with a positive) by an option of the evaluation alone
-    assert run("nextvlad", "validate", "--config", DEMO, "--config", EVALUATE, "--ckpt_path", str(best),
-               "--model.init_args.map_classes", "with_positives", "--trainer.callbacks.output_dir=google",
-               cwd=clone).returncode == 0
+    # README: Google's MAP (over the classes with a positive) by an option of the evaluation alone;
+    # the user's config.yaml (demo.yaml's) passed as the config is left alone too
+    result = run("nextvlad", "validate", "--config", "config.yaml", "--config", EVALUATE, "--ckpt_path", str(best),
+                 "--model.init_args.map_classes", "with_positives", "--trainer.callbacks.output_dir=google", cwd=clone)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (clone / "config.yaml").read_bytes() == mine, "validate --config config.yaml"
     google = yaml.safe_load((clone / "google" / "best.validate.json").read_text())
     per_class = np.array(google["per_class"]["average_precision"])
     positives = np.array(google["per_class"]["positives"])
@@ -113,12 +130,14 @@ def test_readme_validate_test_predict_and_export_on_best_ckpt(clone):
     # configs/demo.yaml points `test` at labelled data: the same metrics, not zeros.
     tested = run("nextvlad", "test", "--config", DEMO, "--config", EVALUATE, "--ckpt_path", str(best), cwd=clone)
     assert tested.returncode == 0, tested.stderr[-3000:]
+    assert (clone / "config.yaml").read_bytes() == mine, "test"
     test_metrics = yaml.safe_load((best.parent / "best.test.json").read_text())["metrics"]
     assert test_metrics["gap"] == pytest.approx(validated["gap"], rel=1e-6) and test_metrics["gap"] > 0
 
     predicted = run("nextvlad", "predict", "--config", DEMO, "--config", PREDICT, "--ckpt_path", str(best),
                     "--trainer.callbacks.output_path=submission.csv", cwd=clone)
     assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert (clone / "config.yaml").read_bytes() == mine, "predict"
     for result in (tested, predicted):  # Lightning's false alarms for these commands are not shown
         assert "Be aware that when using `ckpt_path`" not in result.stderr
         assert "`IterableDataset` has `__len__` defined" not in result.stderr
@@ -222,15 +241,28 @@ def test_readme_convert_tf_then_validate_and_predict(clone, tmp_path):
 
 
 # ------------------------------------------------------------------ known user errors: one line
-def cli_error(monkeypatch, capsys, *argv: str) -> str:
-    """What ``nextvlad <argv>`` (the console script's function) exits with; it must be one line."""
-    monkeypatch.setattr(sys, "argv", ["nextvlad", *argv])
+def cli_error(monkeypatch, capsys, *argv: str, script: str = "nextvlad") -> str:
+    """What ``<script> <argv>`` (the console script's function, in this process) exits with: a
+    message, i.e. exit status 1, of one line. The real console script's exit status and stderr are
+    checked by test_an_architecture_argument_that_contradicts_the_checkpoint_is_an_error."""
+    monkeypatch.setattr(sys, "argv", [script, *argv])
     with pytest.raises(SystemExit) as exit_info:
         console_main()
     message = str(exit_info.value.code)
     assert "\n" not in message and "Traceback" not in capsys.readouterr().err
     assert message.endswith("(--debug shows the traceback)")
     return message
+
+
+def usage_error(monkeypatch, capsys, *argv: str) -> str:
+    """The last stderr line of ``nextvlad <argv>`` (in this process) refused by its tool's argument
+    parser: exit status 2, no traceback."""
+    monkeypatch.setattr(sys, "argv", ["nextvlad", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        console_main()
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in stderr, stderr[-3000:]
+    return stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -341,41 +373,21 @@ def test_readme_parameter_table_is_what_params_prints(capsys):
 
 
 # ------------------------------------------------------------------ what the commands must not touch
-def test_validate_test_predict_leave_a_users_config_yaml_alone(clone, tmp_path):
-    """LightningCLI saved the merged config as ./config.yaml (logger: false puts the log dir in the
-    working directory), over the user's own config of that name; only fit saves it, in its run."""
-    assert (clone / "runs" / "demo" / "version_0" / "config.yaml").is_file()  # fit's, in its log dir
-    (tmp_path / "data").symlink_to(clone / "data")
-    ckpt = tmp_path / "model.ckpt"
-    shutil.copyfile(checkpoints(clone) / "best.ckpt", ckpt)
-    mine = Path(DEMO).read_bytes() + b"# my own config, named as LightningCLI names its copy\n"
-    (tmp_path / "config.yaml").write_bytes(mine)
-    for command, extra in [("validate", ["--config", EVALUATE]), ("test", ["--config", EVALUATE]),
-                           ("predict", ["--config", PREDICT, "--trainer.callbacks.output_path=submission.csv"])]:
-        result = run("nextvlad", command, "--config", "config.yaml", *extra, "--ckpt_path", str(ckpt), cwd=tmp_path)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert (tmp_path / "config.yaml").read_bytes() == mine, command
-    assert (tmp_path / "model.validate.json").is_file() and (tmp_path / "submission.csv").is_file()
-
-
-def test_export_and_convert_tf_refuse_to_write_over_their_input(clone, tmp_path):
+def test_export_and_convert_tf_refuse_to_write_over_their_input(clone, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
     ckpt = tmp_path / "model.ckpt"
     shutil.copyfile(checkpoints(clone) / "best.ckpt", ckpt)
     before = ckpt.read_bytes()
-    result = run("nextvlad", "export", "--ckpt_path", "model.ckpt", "--output", "./model.ckpt", cwd=tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
+    assert usage_error(monkeypatch, capsys, "export", "--ckpt_path", "model.ckpt", "--output", "./model.ckpt") == (
         "nextvlad export: error: --output ./model.ckpt is the --ckpt_path file: it would be overwritten; write elsewhere")
     assert ckpt.read_bytes() == before
 
     np.savez(tmp_path / "tf.npz", **export_tf_variables(VideoClassifier(**TINY, hidden_activation="none")))
     variables = (tmp_path / "tf.npz").read_bytes()
     write_model_config(tmp_path / "tf.yaml", **TINY, hidden_activation="none")
-    result = run("nextvlad", "convert-tf", "--variables", "tf.npz", "--config", "tf.yaml", "--out",
-                 str(tmp_path / "tf.npz"), cwd=tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        f"nextvlad convert-tf: error: --out {tmp_path / 'tf.npz'} is the --variables file")
+    line = usage_error(monkeypatch, capsys, "convert-tf", "--variables", "tf.npz", "--config", "tf.yaml", "--out",
+                       str(tmp_path / "tf.npz"))
+    assert line.startswith(f"nextvlad convert-tf: error: --out {tmp_path / 'tf.npz'} is the --variables file"), line
     assert (tmp_path / "tf.npz").read_bytes() == variables
 
 
@@ -398,82 +410,61 @@ def test_convert_tf_out_that_is_a_link_replaces_the_link_not_the_checkpoint_it_n
     assert all(torch.equal(weights[key], value) for key, value in source.state_dict().items())
     assert not list(tmp_path.glob(".best.ckpt*"))  # no partial file left
 
-def test_cut_short_checkpoint_is_refused_naming_the_newest_other_beside_it(clone, tmp_path):
+def test_cut_short_checkpoint_is_refused_naming_the_newest_other_beside_it(clone, monkeypatch, capsys, tmp_path):
     """The README's promise, through --ckpt_path of validate (and of export)."""
+    monkeypatch.chdir(clone)
     whole = (checkpoints(clone) / "best.ckpt").read_bytes()
     for age, name in [(300, "epoch0.ckpt"), (200, "epoch1.ckpt")]:
         (tmp_path / name).write_bytes(whole)
         os.utime(tmp_path / name, (time.time() - age,) * 2)
     cut = tmp_path / "last.ckpt"
     cut.write_bytes(whole[: len(whole) // 2])
-    validated = error_line(run("nextvlad", "validate", "--config", DEMO, "--config", EVALUATE, "--ckpt_path",
-                               str(cut), cwd=clone))
+    validated = cli_error(monkeypatch, capsys, "validate", "--config", DEMO, "--config", EVALUATE, "--ckpt_path", str(cut))
     assert validated.startswith(f"nextvlad validate: error: {cut}: not a loadable checkpoint: cut short")
     assert str(tmp_path / "epoch1.ckpt") in validated and "epoch0" not in validated
-    exported = error_line(run("nextvlad", "export", "--ckpt_path", str(cut), "--output", str(tmp_path / "m.onnx"),
-                              cwd=clone))
+    exported = cli_error(monkeypatch, capsys, "export", "--ckpt_path", str(cut), "--output", str(tmp_path / "m.onnx"))
     assert f"{cut}: not a loadable checkpoint: cut short" in exported and str(tmp_path / "epoch1.ckpt") in exported
 
 
 
-def test_ckpt_path_last_that_is_cut_short_is_one_line_naming_the_newest_other(clone, tmp_path):
+def test_ckpt_path_last_that_is_cut_short_is_one_line_naming_the_newest_other(clone, monkeypatch, capsys, tmp_path):
     """Lightning resolves --ckpt_path last itself (past the CLI's own check): the checkpoint IO of
     the configs refuses the cut-short file, and the CLI shows that as its one-line error."""
     (tmp_path / "data").symlink_to(clone / "data")
+    monkeypatch.chdir(tmp_path)
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     whole = (checkpoints(clone) / "last.ckpt").read_bytes()
     (folder / "epoch0.ckpt").write_bytes(whole)
     os.utime(folder / "epoch0.ckpt", (time.time() - 100,) * 2)
     (folder / "last.ckpt").write_bytes(whole[: len(whole) // 2])
-    line = error_line(run("lightning", "fit", "--config", DEMO, f"--trainer.callbacks.dirpath={folder}",
-                          "--ckpt_path", "last", "--trainer.max_steps", "1", cwd=tmp_path))
+    line = cli_error(monkeypatch, capsys, "fit", "--config", DEMO, f"--trainer.callbacks.dirpath={folder}",
+                     "--ckpt_path", "last", "--trainer.max_steps", "1", script="lightning")
     assert line.startswith(f"lightning fit: error: {folder / 'last.ckpt'}: not a loadable checkpoint: cut short"), line
     assert f"newest other checkpoint in its folder instead: {folder / 'epoch0.ckpt'}" in line
 
 # ------------------------------------------------------------------ --ckpt_path last / best, preemption
-def test_fit_ckpt_path_last_resumes_from_the_newest_last_ckpt_of_the_runs_versions(clone, tmp_path):
+def test_fit_ckpt_path_last_resumes_the_newest_of_its_settings_passing_over_newer_ones_of_other_runs(clone, tmp_path):
     """The configs' logger numbers each run (version_N): `--ckpt_path last` is the newest last.ckpt
     of any version, named on the console, and training continues from its weights, not from
-    scratch in the new, empty version. Oracle: the newest one's classifier bias is shifted by 1,
-    far more than a training step moves it (Adam, learning rate 0.003)."""
-    copy = tmp_path / "clone"
-    shutil.copytree(clone, copy, symlinks=True)
-    runs = copy / "runs" / "demo"
-    older, newer = runs / "version_0" / "checkpoints" / "last.ckpt", runs / "version_90" / "checkpoints" / "last.ckpt"
-    newer.parent.mkdir(parents=True)
-    checkpoint = torch.load(older, weights_only=True)
-    bias = checkpoint["state_dict"]["model.classifier.bias"].clone()
-    checkpoint["state_dict"]["model.classifier.bias"] += 1.0
-    torch.save(checkpoint, newer)
-    os.utime(older, (time.time() - 200,) * 2)
-    os.utime(newer, (time.time() - 100,) * 2)
-
-    result = run("lightning", "fit", "--config", DEMO, "--trainer.max_steps", "3", "--trainer.enable_progress_bar",
-                 "false", "--ckpt_path", "last", cwd=copy)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "--ckpt_path last: runs/demo/version_90/checkpoints/last.ckpt" in result.stdout + result.stderr
-    resumed = max(runs.glob("version_*"), key=lambda path: int(path.name.split("_")[1]))
-    assert resumed.name == "version_91"
-    trained = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]["model.classifier.bias"]
-    assert torch.allclose(trained - bias, torch.ones_like(bias), atol=0.1)  # from scratch: about 0
-
-
-def test_fit_ckpt_path_last_passes_over_newer_checkpoints_of_other_runs_under_the_same_name(clone, tmp_path):
-    """A sweep under one logger name, each job requeued with `--ckpt_path last`: the newest
-    last.ckpt may be another job's. A newer one of another learning rate (its classifier bias
-    shifted by 1) and one of another seed (shifted by 2) are passed over, each named with the
-    setting that differs; the run resumes its own (oracle: the bias moved by about 0)."""
+    scratch in the new, empty version. A sweep under one logger name, each job requeued with
+    `--ckpt_path last`: the newest last.ckpt may be another job's. A newer one of another seed and
+    one of another learning rate are passed over, each named with the setting that differs; the
+    run resumes the newest of its own, in version_50, not the older version_0. Oracle: the
+    classifier bias, shifted by 1 in version_50, 2 in version_80 (seed) and 3 in version_90
+    (learning rate), far more than a training step moves it (Adam, learning rate 0.003)."""
     copy = tmp_path / "clone"
     shutil.copytree(clone, copy, symlinks=True)
     runs = copy / "runs" / "demo"
     own = runs / "version_0" / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(own, weights_only=True)
     bias = checkpoint["state_dict"]["model.classifier.bias"].clone()
-    others = {"version_80": ("seed_everything", 7, 2.0), "version_90": ("learning_rate", 0.5, 1.0)}
-    for age, (version, (setting, value, shift)) in enumerate(others.items()):
+    newer = {"version_50": (None, None, 1.0), "version_80": ("seed_everything", 7, 2.0),
+             "version_90": ("learning_rate", 0.5, 3.0)}  # oldest first
+    for age, (version, (setting, value, shift)) in enumerate(newer.items()):
         other = torch.load(own, weights_only=True)
-        (other if setting == "seed_everything" else other["hyper_parameters"])[setting] = value
+        if setting is not None:
+            (other if setting == "seed_everything" else other["hyper_parameters"])[setting] = value
         other["state_dict"]["model.classifier.bias"] += shift
         path = runs / version / "checkpoints" / "last.ckpt"
         path.parent.mkdir(parents=True)
@@ -485,13 +476,16 @@ def test_fit_ckpt_path_last_passes_over_newer_checkpoints_of_other_runs_under_th
                  "false", "--ckpt_path", "last", cwd=copy)
     assert result.returncode == 0, result.stderr[-3000:]
     said = result.stdout + result.stderr
-    assert "--ckpt_path last: runs/demo/version_0/checkpoints/last.ckpt (the newest last.ckpt of the run with " \
+    assert "--ckpt_path last: runs/demo/version_50/checkpoints/last.ckpt (the newest last.ckpt of the run with " \
            "these settings)" in said
     assert ("passed over newer checkpoints of other settings: runs/demo/version_90/checkpoints/last.ckpt "
             "(model learning_rate: checkpoint 0.5 vs config 0.003), runs/demo/version_80/checkpoints/last.ckpt "
             "(seed_everything: checkpoint 7 vs config 0)") in said
+    resumed = max(runs.glob("version_*"), key=lambda path: int(path.name.split("_")[1]))
+    assert resumed.name == "version_91"
     trained = torch.load(runs / "version_91" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert torch.allclose(trained["state_dict"]["model.classifier.bias"], bias, atol=0.1)
+    # from version_50: about 1 (from scratch or version_0: about 0; version_80: 2; version_90: 3)
+    assert torch.allclose(trained["state_dict"]["model.classifier.bias"] - bias, torch.ones_like(bias), atol=0.1)
     assert trained["seed_everything"] == 0
 
     # No checkpoint of these settings: the newest is continued with them, the differences said.
@@ -536,15 +530,16 @@ def test_a_setting_a_checkpoint_predates_is_compared_at_its_default():
         settings_differences(old, VideoClassifier(**small, adam_epsilon="torch"), segments, None)
 
 
-def test_fit_ckpt_path_last_without_a_last_ckpt_is_an_error_not_a_fresh_start(clone, tmp_path):
+def test_fit_ckpt_path_last_without_a_last_ckpt_is_an_error_not_a_fresh_start(clone, monkeypatch, capsys, tmp_path):
     (tmp_path / "data").symlink_to(clone / "data")
-    line = error_line(run("lightning", "fit", "--config", DEMO, "--trainer.max_steps", "1", "--ckpt_path", "last",
-                          cwd=tmp_path))
+    monkeypatch.chdir(tmp_path)
+    line = cli_error(monkeypatch, capsys, "fit", "--config", DEMO, "--trainer.max_steps", "1", "--ckpt_path", "last",
+                     script="lightning")
     assert line.startswith("lightning fit: error: --ckpt_path last: no last.ckpt in runs/demo/*/checkpoints; "
                            "pass a checkpoint file, or start the run without --ckpt_path"), line
     assert not list(tmp_path.glob("runs/**/*.ckpt"))  # nothing trained
     # Outside fit there is nothing to start: the advice is the file only.
-    line = error_line(run("nextvlad", "validate", "--config", DEMO, "--ckpt_path", "best", cwd=tmp_path))
+    line = cli_error(monkeypatch, capsys, "validate", "--config", DEMO, "--ckpt_path", "best")
     assert line.startswith("nextvlad validate: error: --ckpt_path best: no best.ckpt in runs/demo/*/checkpoints; "
                            "pass a checkpoint file ("), line
 
@@ -635,35 +630,37 @@ def test_evaluating_with_another_reverse_whitening_than_the_checkpoint_is_an_err
     assert len((tmp_path / "submission.csv").read_text().splitlines()) == 1 + 20  # the 20 test videos
 
 
-def test_init_from_a_corrupt_or_foreign_file_is_one_line_naming_it(clone, tmp_path):
+def test_init_from_a_corrupt_or_foreign_file_is_one_line_naming_it(clone, monkeypatch, capsys, tmp_path):
     """`fit --model.init_args.init_from` (the segment fine-tuning start) goes through the same
     checkpoint loading as --ckpt_path: one line naming the file, not torch.load's traceback."""
     (tmp_path / "data").symlink_to(clone / "data")  # a failed fit still makes its run folder: not in clone
+    monkeypatch.chdir(tmp_path)
     cut = tmp_path / "cut.ckpt"
     cut.write_bytes((checkpoints(clone) / "best.ckpt").read_bytes()[:100_000])
     (tmp_path / "table.csv").write_text("VideoId,LabelConfidencePairs\n")
     for path, reason in [(cut, "not a loadable checkpoint: cut short"),
                          (tmp_path / "table.csv", "not a loadable checkpoint, corrupt or not written by torch.save")]:
-        line = error_line(run("nextvlad", "fit", "--config", DEMO, "--trainer.max_steps", "1",
-                              f"--model.init_args.init_from={path}", cwd=tmp_path))
+        line = cli_error(monkeypatch, capsys, "fit", "--config", DEMO, "--trainer.max_steps", "1",
+                         f"--model.init_args.init_from={path}")
         assert line.startswith(f"nextvlad fit: error: init_from: {path}: {reason}"), line
 
 
 # ------------------------------------------------------------------ a predict config of the other task
-def test_predict_config_of_the_other_task_is_one_line_before_any_batch(clone, tmp_path):
+def test_predict_config_of_the_other_task_is_one_line_before_any_batch(clone, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(clone)
     whitelist = tmp_path / "segment_label_ids.csv"
     whitelist.write_text("Index\n" + "".join(f"{c}\n" for c in range(CLASSES)))
-    video = error_line(run("nextvlad", "predict", "--config", DEMO, "--config", PREDICT_SEGMENTS, "--ckpt_path",
-                           str(checkpoints(clone) / "best.ckpt"), f"--trainer.callbacks.whitelist_path={whitelist}",
-                           f"--trainer.callbacks.output_path={tmp_path / 'segments.csv'}", cwd=clone))
+    video = cli_error(monkeypatch, capsys, "predict", "--config", DEMO, "--config", PREDICT_SEGMENTS, "--ckpt_path",
+                      str(checkpoints(clone) / "best.ckpt"), f"--trainer.callbacks.whitelist_path={whitelist}",
+                      f"--trainer.callbacks.output_path={tmp_path / 'segments.csv'}")
     assert video.startswith("nextvlad predict: error: SegmentSubmissionWriter writes the submission of "
                             "task='segments' models, but the model has task='video': predict with configs/predict.yaml")
 
     torch.save(checkpoint_from_module(VideoClassifier(**TINY, task="segments")), tmp_path / "segments.ckpt")
     config = write_model_config(tmp_path / "segments.yaml", **TINY, task="segments")
-    segments = error_line(run("nextvlad", "predict", "--config", DEMO, "--config", str(config), "--config", PREDICT,
-                              "--ckpt_path", str(tmp_path / "segments.ckpt"),
-                              f"--trainer.callbacks.output_path={tmp_path / 'videos.csv'}", cwd=clone))
+    segments = cli_error(monkeypatch, capsys, "predict", "--config", DEMO, "--config", str(config), "--config", PREDICT,
+                         "--ckpt_path", str(tmp_path / "segments.ckpt"),
+                         f"--trainer.callbacks.output_path={tmp_path / 'videos.csv'}")
     assert segments.startswith("nextvlad predict: error: SubmissionWriter writes the submission of task='video' "
                                "models, but the model has task='segments': predict with configs/predict_segments.yaml")
     assert not any(tmp_path.glob("*.csv.*")) and not (tmp_path / "videos.csv").exists()
@@ -690,13 +687,14 @@ def test_the_newest_last_ckpt_is_found_on_remote_storage_too():
 
 
 @pytest.mark.parametrize("extra", [EVALUATE, PREDICT])
-def test_evaluation_configs_resolve_best_in_no_stray_folder(clone, tmp_path, extra):
+def test_evaluation_configs_resolve_best_in_no_stray_folder(clone, monkeypatch, capsys, tmp_path, extra):
     """evaluate.yaml / predict.yaml drop the run's checkpoint callback: --ckpt_path best has no run
     to look in, and must not take Lightning's default ./checkpoints (a stray best.ckpt here)."""
     (tmp_path / "data").symlink_to(clone / "data")
     (tmp_path / "checkpoints").mkdir()
     shutil.copy(checkpoints(clone) / "last.ckpt", tmp_path / "checkpoints" / "best.ckpt")
+    monkeypatch.chdir(tmp_path)
     command = "validate" if extra == EVALUATE else "predict"
-    line = error_line(run("nextvlad", command, "--config", DEMO, "--config", extra, "--ckpt_path", "best", cwd=tmp_path))
+    line = cli_error(monkeypatch, capsys, command, "--config", DEMO, "--config", extra, "--ckpt_path", "best")
     assert line.startswith(f"nextvlad {command}: error: --ckpt_path best: the config has no ModelCheckpoint callback "
                            "to find the run's checkpoints by; pass a checkpoint file ("), line
