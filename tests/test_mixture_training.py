@@ -21,7 +21,11 @@ def test_mixture_validation_gap_is_at_least_each_branch(synthetic_data, tmp_path
         gating_reduction=4, num_branches=3, temperature=3.0, cl_lambda=9.0, learning_rate=3e-3,
         bn_momentum=0.1,
     )
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=6, logger=False, enable_checkpointing=False,
+    # 2 epochs: the mixture leads each branch by the widest margin early (seed 0: mixture 0.971,
+    # branches 0.943, 0.938, 0.928), the branches close in as all saturate (6 epochs: 0.998 vs
+    # 0.993); max_frames stays 60, as fewer frames hide labels shown late in a video (at 20 or 30
+    # the task is not learned to 0.9 and the mixture falls behind a branch)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=data)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if "gap" in name}

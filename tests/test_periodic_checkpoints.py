@@ -52,19 +52,22 @@ def test_paper_configs_checkpoint_periodically_and_atomically(config):
 def tiny_config(synthetic_data, root: Path, every_n_train_steps: int, name: str = "config.yaml",
                 callbacks: tuple[dict, ...] = (), **trainer) -> Path:
     """configs/nextvlad.yaml's trainer and checkpointing with a tiny model on the synthetic data,
-    written to ``root/name``; checkpoints in ``root/checkpoints`` (``trainer`` overrides)."""
+    written to ``root/name``; checkpoints in ``root/checkpoints`` (``trainer`` overrides).
+
+    Small for the 2-core machine: each validation reads one batch (8 videos) unless ``trainer``
+    says otherwise, each video its first 20 frames (the synthetic ones have 20-60)."""
     config = yaml.safe_load((REPO / "configs" / "nextvlad.yaml").read_text())
     config["trainer"].update({"accelerator": "cpu", "precision": "32-true", "logger": False,
                               "default_root_dir": str(root), "enable_progress_bar": False,
-                              "enable_model_summary": False, **trainer})
+                              "enable_model_summary": False, "limit_val_batches": 1, **trainer})
     config["trainer"]["callbacks"][1]["init_args"]["every_n_train_steps"] = every_n_train_steps
     config["trainer"]["callbacks"] += list(callbacks)
-    config["model"]["init_args"].update(num_classes=10, clusters=4, groups=2, hidden_size=16,
+    config["model"]["init_args"].update(num_classes=10, clusters=4, groups=2, expansion=1, hidden_size=16,
                                         gating_reduction=4)
     config["data"]["init_args"].update(
         train_pattern=synthetic_data["dir"] + "/train*.tfrecord", test_pattern=None,
         val_pattern=synthetic_data["dir"] + "/validate*.tfrecord", predict_pattern=None,
-        batch_size=8, eval_batch_size=8, num_workers=0, max_frames=60, num_classes=10,
+        batch_size=8, eval_batch_size=8, num_workers=0, max_frames=20, num_classes=10,
         eigenvalues_path=None)
     path = root / name
     path.write_text(yaml.safe_dump(config))
@@ -186,7 +189,8 @@ def test_resume_into_a_new_version_keeps_the_earlier_top_k_that_still_exists(syn
     its top-3 and best.ckpt rank the validations of both runs, less a file the user deleted, and
     files of version_0 are never deleted."""
     logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "tiny"}}
-    settings = dict(every_n_train_steps=3, val_check_interval=2, logger=logger)
+    # every validation video (45, not tiny_config's one batch): the runs' 6 scores rank without ties
+    settings = dict(every_n_train_steps=3, val_check_interval=2, logger=logger, limit_val_batches=1.0)
     fit(tiny_config(synthetic_data, tmp_path, max_steps=9, **settings))  # validates at 2, 4, 6, 8
     first, second = tmp_path / "runs" / "tiny" / "version_0", tmp_path / "runs" / "tiny" / "version_1"
     scores = dict(zip((2, 4, 6, 8), _validation_gaps(first)))
@@ -197,6 +201,7 @@ def test_resume_into_a_new_version_keeps_the_earlier_top_k_that_still_exists(syn
     fit(tiny_config(synthetic_data, tmp_path, max_steps=13, **settings),  # validates at 10, 12
         "--ckpt_path", str(first / "checkpoints" / "last.ckpt"))
     scores.update(zip((10, 12), _validation_gaps(second)))
+    assert len(set(scores.values())) == len(scores) == 6, scores  # a ranking without ties
     candidates = [_step(path) for path in kept[:-1]] + [10, 12]
     expected = sorted(candidates, key=scores.get, reverse=True)[:3]
     state = next(value for key, value in torch.load(second / "checkpoints" / "last.ckpt", weights_only=False)

@@ -128,15 +128,32 @@ def _kill_points(seed: int, kinds: list[str], total_steps: int) -> list[dict]:
             for i, kind in enumerate(kinds)]
 
 
+@pytest.fixture(scope="module")
+def one_rank_uninterrupted(synthetic_data, tmp_path_factory) -> Path:
+    """The uninterrupted run on 1 rank with 2 DataLoader workers (40 steps): the same script,
+    data, seed and settings for every 1-rank comparison below, so run once for them all."""
+    folder = tmp_path_factory.mktemp("resume-reference")
+    script = folder / "train.py"
+    script.write_text(SCRIPT)
+    _run(script, synthetic_data["dir"], folder / "reference", 1, 2, {})
+    return folder / "reference"
+
+
+# 2 DataLoader workers per rank on 1 rank (every kind of kill, resumed positions across both
+# workers, as the loader-alone tests below too), 1 per rank on 2 ranks (the ranks' positions
+# gathered and each rank resumed with its own worker's state): 2 x 2 workers + 2 ranks would be
+# 6 processes on this 2-core machine for nothing more.
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("devices, kinds", [(1, ["step", "checkpoint", "validation"]),
-                                            (2, ["step"])], ids=["1rank", "ddp2"])
-def test_killed_and_resumed_runs_equal_one_uninterrupted_run(synthetic_data, tmp_path, devices,
-                                                             kinds):
+@pytest.mark.parametrize("devices, workers, kinds", [(1, 2, ["step", "checkpoint", "validation"]),
+                                                     (2, 1, ["step"])], ids=["1rank", "ddp2"])
+def test_killed_and_resumed_runs_equal_one_uninterrupted_run(synthetic_data, tmp_path, request, devices,
+                                                             workers, kinds):
     total_steps = 2 * 120 // (6 * devices)  # 2 epochs of 120 videos in batches of 6 per rank
     kills = _kill_points(15 + devices, kinds, total_steps)
-    firsts = _compare_interrupted_with_uninterrupted(synthetic_data, tmp_path, devices, kills, total_steps)
+    reference = request.getfixturevalue("one_rank_uninterrupted") if devices == 1 else None
+    firsts = _compare_interrupted_with_uninterrupted(synthetic_data, tmp_path, devices, workers, kills,
+                                                     total_steps, reference)
     # each resumed run started right after the last checkpoint (every 4 steps) before its kill,
     # not from the start of the epoch
     assert all(first > 1 for first in firsts[1:]), (firsts, kills)
@@ -144,41 +161,47 @@ def test_killed_and_resumed_runs_equal_one_uninterrupted_run(synthetic_data, tmp
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_validation_cut_short_on_a_checkpoint_step_is_run_again(synthetic_data, tmp_path):
+def test_a_validation_cut_short_on_a_checkpoint_step_is_run_again(synthetic_data, tmp_path,
+                                                                  one_rank_uninterrupted):
     """Step 28 checkpoints (every 4) and validates (every 7). Killed during that validation, the run
     resumes from step 24 and validates step 28; killed at step 30, it resumes from the checkpoint
     written after that validation. Both take the uninterrupted run's steps and validations."""
     kills = [{"at": "validation", "step": 28}, {"at": "step", "step": 30}]
-    firsts = _compare_interrupted_with_uninterrupted(synthetic_data, tmp_path, 1, kills, 40)
+    firsts = _compare_interrupted_with_uninterrupted(synthetic_data, tmp_path, 1, 2, kills, 40,
+                                                     one_rank_uninterrupted)
     assert firsts == [1, 25, 29]
 
 
-def _compare_interrupted_with_uninterrupted(synthetic_data, tmp_path, devices: int, kills: list[dict],
-                                            total_steps: int) -> list[int]:
-    """One uninterrupted run and one killed at each of ``kills`` and resumed each time, compared;
-    returns the interrupted runs' first steps (rank 0)."""
+def _compare_interrupted_with_uninterrupted(synthetic_data, tmp_path, devices: int, workers: int,
+                                            kills: list[dict], total_steps: int,
+                                            reference: Path | None = None) -> list[int]:
+    """One uninterrupted run (``reference``: its folder, when already run with these devices and
+    workers) and one killed at each of ``kills`` and resumed each time, compared; returns the
+    interrupted runs' first steps (rank 0)."""
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
-    data_dir, workers = synthetic_data["dir"], 2
-    _run(script, data_dir, tmp_path / "reference", devices, workers, {})
+    data_dir = synthetic_data["dir"]
+    if reference is None:
+        reference = tmp_path / "reference"
+        _run(script, data_dir, reference, devices, workers, {})
     interrupted = tmp_path / "interrupted"
     for run, kill in enumerate(kills):
         _run(script, data_dir, interrupted, devices, workers, kill, run)
     _run(script, data_dir, interrupted, devices, workers, {}, len(kills))
 
     for rank in range(devices):
-        reference, _ = _steps(tmp_path / "reference", rank)
+        reference_steps, _ = _steps(reference, rank)
         resumed, firsts = _steps(interrupted, rank)
-        assert sorted(reference) == list(range(1, total_steps + 1))
+        assert sorted(reference_steps) == list(range(1, total_steps + 1))
         assert firsts[0] == 1 and len(firsts) == len(kills) + 1
         assert all((first - 1) % 4 == 0 for first in firsts)  # each run resumed from a checkpoint
-        assert resumed == reference  # videos in order, LR, examples count, epoch: every step
-        epoch_ids = [i for r in reference.values() if r["epoch"] == 0 for i in r["ids"]]
+        assert resumed == reference_steps  # videos in order, LR, examples count, epoch: every step
+        epoch_ids = [i for r in reference_steps.values() if r["epoch"] == 0 for i in r["ids"]]
         assert len(epoch_ids) == len(set(epoch_ids))  # no video twice within an epoch
         # every validation of the uninterrupted run ran to its end, none skipped (a run resumed
         # from before a finished validation validates again)
-        assert sorted(set(_validations(interrupted, rank))) == _validations(tmp_path / "reference", rank)
-    final = torch.load(tmp_path / "reference" / "final.pt")
+        assert sorted(set(_validations(interrupted, rank))) == _validations(reference, rank)
+    final = torch.load(reference / "final.pt")
     resumed_final = torch.load(interrupted / "final.pt")
     assert final.keys() == resumed_final.keys()
     for name, value in final.items():
