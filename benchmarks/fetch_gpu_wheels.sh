@@ -26,6 +26,7 @@ pure_python=(
   typeshed_client==2.15.0   # jsonargparse[signatures]
   tzdata==2026.6            # python-dateutil >= 3 (harmless where the image's dateutil needs none)
   torchdata==0.11.0         # StatefulDataLoader (nextvlad.data.dataset: exact mid-epoch resume)
+  setuptools==84.2.1        # builds the editable install: pyproject's SPDX license needs >= 77
 )
 binary=(
   google-crc32c==1.9.0      # TFRecord CRCs (nextvlad.data.records)
