@@ -144,4 +144,16 @@ def test_ranks_scan_the_files_once_between_them_and_fail_together(tmp_path, fail
     else:  # the training files, each once; validation's are not reached
         assert scanned == sorted(files["train"])
         assert {result["error"] for result in results} == {
-            f"PermissionError: cannot read {files['train'][2]}", f"OSError: rank 0: cannot read {files['train'][2]}"}
+            f"PermissionError: cannot read {files['train'][2]}", f"PermissionError: rank 0: cannot read {files['train'][2]}"}
+
+
+def test_a_ranks_scan_error_reaches_the_others_as_a_class_the_command_shows_in_one_line():
+    from nextvlad.cli import USER_ERRORS
+    from nextvlad.data.dataset import _as_seen_by_other_ranks
+    from nextvlad.data.records import DataError
+
+    seen = _as_seen_by_other_ranks(FileNotFoundError("no such file: a.tfrecord"), 1)
+    assert type(seen) is FileNotFoundError and str(seen) == "rank 1: no such file: a.tfrecord"
+    seen = _as_seen_by_other_ranks(DataError("a.tfrecord", 3, "bad"), 0)  # no one-message constructor
+    assert isinstance(seen, USER_ERRORS) and str(seen) == "rank 0: a.tfrecord, record 3: bad"
+    assert type(_as_seen_by_other_ranks(KeyError("x"), 0)) is RuntimeError  # not a user's error

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -218,7 +219,7 @@ def test_ddp_ranks_take_workers_from_a_forkserver_where_fork_can_deadlock(uneven
 
 
 def test_a_full_dev_shm_is_one_error_line_naming_it_and_the_fix(tmp_path, monkeypatch):
-    """Docker's default /dev/shm (64 MB) cannot hold one batch of 160 x 300 frames: torch's
+    """Docker's default /dev/shm (64 MB) cannot hold a worker's batches of 160 x 300 frames: torch's
     "unable to allocate shared memory ... No space left on device" from a worker became a
     RuntimeError traceback; now the command's one error line says what is full and what to change."""
     from nextvlad.cli import error_message, is_user_error
@@ -229,8 +230,8 @@ def test_a_full_dev_shm_is_one_error_line_naming_it_and_the_fix(tmp_path, monkey
         raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1_2>: No space left on device (28)")
 
     monkeypatch.setattr(torch.UntypedStorage, "_new_shared", staticmethod(no_space))
-    with pytest.raises(SharedMemoryFull, match=r"^/dev/shm is full: a DataLoader worker found no room for a batch "
-                                               r"of 3 MiB \(.* free; each worker keeps up to 4 batches there\): give it "
+    with pytest.raises(SharedMemoryFull, match=r"^/dev/shm is full: a DataLoader worker could not place 3 MiB of a "
+                                               r"batch there \(.* free; each worker keeps up to 4 batches there\): give it "
                                                r"more \(docker run --shm-size=4g, or --ipc=host\) or set "
                                                r"--data.init_args.num_workers 0 \(batches made in the main process\)$"):
         new_shared((3, 2**20), torch.uint8)
@@ -240,7 +241,7 @@ def test_a_full_dev_shm_is_one_error_line_naming_it_and_the_fix(tmp_path, monkey
     with pytest.raises(OSError) as raised:  # from the worker, which inherited the patch
         next(iter(loader))
     assert is_user_error(raised.value)
-    assert error_message(raised.value).startswith("/dev/shm is full: a DataLoader worker found no room for a batch")
+    assert error_message(raised.value).startswith("/dev/shm is full: a DataLoader worker could not place ")
 
 
 def test_fit_warns_when_dev_shm_cannot_hold_the_workers_batches(synthetic_data, monkeypatch):
@@ -252,13 +253,15 @@ def test_fit_warns_when_dev_shm_cannot_hold_the_workers_batches(synthetic_data, 
     data = YT8MDataModule(train_pattern=synthetic_data["train"], val_pattern=synthetic_data["validate"],
                           batch_size=8, eval_batch_size=4, num_workers=2, max_frames=60, num_classes=10)
     data.setup("fit")
-    needed = 2 * 4 * (8 + 4) * 60 * 1152  # 2 workers x 4 batches of training's 8 and validation's 4 videos
-    for free, warned in ((needed, False), (needed - 1, True)):
-        monkeypatch.setattr(datamodule_module, "shared_memory_free", lambda: free)
-        warnings.clear()
-        data.train_dataloader()
-        assert bool(warnings) == warned
-    assert warnings[0] == ("/dev/shm has 6 MiB free and the DataLoader workers may keep up to 6 MiB there (2 per loader, "
-                           "training's and validation's at once); a full /dev/shm stops the run: give it more (docker run "
-                           "--shm-size=4g, or --ipc=host) or set --data.init_args.num_workers 0 (batches made in the main "
-                           "process)")
+    one_rank = 2 * 4 * (8 + 4) * 60 * 1152  # 2 workers x 4 batches of training's 8 and validation's 4 videos
+    for ranks in (1, 2):  # DDP ranks on this machine: each has its workers, all in one /dev/shm
+        data.trainer = SimpleNamespace(num_devices=ranks, global_rank=0, world_size=ranks, current_epoch=0)
+        for free, warned in ((ranks * one_rank, False), (ranks * one_rank - 1, True)):
+            monkeypatch.setattr(datamodule_module, "shared_memory_free", lambda: free)
+            warnings.clear()
+            data.train_dataloader()
+            assert bool(warnings) == warned
+    assert warnings[0] == ("/dev/shm has 13 MiB free and the DataLoader workers may keep up to 13 MiB there (2 per "
+                           "loader and rank, training's and validation's at once, 2 rank(s) on this machine); a full "
+                           "/dev/shm stops the run: give it more (docker run --shm-size=4g, or --ipc=host) or set "
+                           "--data.init_args.num_workers 0 (batches made in the main process)")

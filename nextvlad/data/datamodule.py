@@ -191,15 +191,18 @@ class YT8MDataModule(L.LightningDataModule):
         return loader
 
     def _warn_if_shared_memory_is_short(self) -> None:
-        """At the start of fit: the training and the validation workers hold batches in /dev/shm
-        at once, so one too small for both stops the run at its first validation, hours in."""
+        """At the start of fit: the training and the validation workers of every rank on this
+        machine hold batches in its /dev/shm at once, so one too small for all of them stops the
+        run at its first validation, hours in."""
         free = shared_memory_free()
+        ranks = self.trainer.num_devices if self.trainer is not None else 1  # the ranks on this machine
         datasets = [self.datasets[split] for split in ("fit", "validate") if split in self.datasets]
-        needed = self.num_workers * sum(dataset.shared_memory_per_worker() for dataset in datasets)
+        needed = ranks * self.num_workers * sum(dataset.shared_memory_per_worker() for dataset in datasets)
         if free is not None and needed > free:
             rank_zero_warn(f"{SHARED_MEMORY} has {mebibytes(free)} free and the DataLoader workers may keep up to "
-                           f"{mebibytes(needed)} there ({self.num_workers} per loader, training's and "
-                           f"validation's at once); a full {SHARED_MEMORY} stops the run: {SHARED_MEMORY_ADVICE}")
+                           f"{mebibytes(needed)} there ({self.num_workers} per loader and rank, training's and "
+                           f"validation's at once, {ranks} rank(s) on this machine); a full {SHARED_MEMORY} stops "
+                           f"the run: {SHARED_MEMORY_ADVICE}")
 
     def train_dataloader(self) -> YT8MDataLoader:
         return self._loader("fit")

@@ -59,6 +59,19 @@ def scan_files(paths: Sequence[str], compression: Compression = "auto") -> list[
     return scans
 
 
+def _as_seen_by_other_ranks(error: Exception, rank: int) -> Exception:
+    """`error` of `rank` for the others to raise: its class where one message rebuilds it (an
+    OSError, ValueError), so that the command still shows a user's error as one line."""
+    message = f"rank {rank}: {error}"
+    if isinstance(error, (OSError, ValueError)):
+        for kind in (type(error), OSError if isinstance(error, OSError) else ValueError):
+            try:
+                return kind(message)
+            except TypeError:  # a constructor of other arguments (DataError)
+                continue
+    return RuntimeError(message)
+
+
 def _scan_key(path: str, compression: Compression) -> tuple[str, int, int, str]:
     if is_url(path):  # listing metadata differs per store; the size is what all of them have
         return path, file_size(path), 0, compression
@@ -79,7 +92,7 @@ def share_scans(paths: Sequence[str], compression: Compression = "auto") -> None
         share: dict[str, FileScan] | Exception = dict(zip(paths[rank::world_size],
                                                           scan_files(paths[rank::world_size], compression)))
     except Exception as error:  # every rank raises: none may wait in a collective that one has left
-        failure, share = error, (OSError if isinstance(error, OSError) else RuntimeError)(f"rank {rank}: {error}")
+        failure, share = error, _as_seen_by_other_ranks(error, rank)
     shares = gather_per_rank(share)
     if failure is not None:
         raise failure

@@ -40,7 +40,7 @@ def shared_memory_free() -> int | None:
 
 
 def mebibytes(size: int) -> str:
-    return f"{size / 2**20:,.0f} MiB"
+    return f"{size:,} bytes" if size < 2**20 else f"{size / 2**20:,.0f} MiB"
 
 
 class BufferLease:
@@ -74,9 +74,9 @@ def new_shared(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
             raise
         free = shared_memory_free()
         raise SharedMemoryFull(
-            f"{SHARED_MEMORY} is full: a DataLoader worker found no room for a batch of "
-            f"{mebibytes(numel * dtype.itemsize)} ({'?' if free is None else mebibytes(free)} free; each worker keeps "
-            f"up to {MAX_SLOTS} batches there): {SHARED_MEMORY_ADVICE}") from error
+            f"{SHARED_MEMORY} is full: a DataLoader worker could not place {mebibytes(numel * dtype.itemsize)} of a "
+            f"batch there ({'?' if free is None else mebibytes(free)} free; each worker keeps up to {MAX_SLOTS} "
+            f"batches there): {SHARED_MEMORY_ADVICE}") from error
     return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
@@ -108,7 +108,7 @@ class SharedBufferPool:
             if int(slot.flag[0]) == 0:
                 return slot.lease(index, leading)
         if len(self.slots) < self.max_slots:
-            flag = torch.zeros(1, dtype=torch.int32).share_memory_()
+            flag = new_shared((1,), torch.int32).zero_()
             self.slots.append(_Slot(tuple(new_shared(s, self.dtype) for s in self.shapes), flag))
             return self.slots[-1].lease(len(self.slots) - 1, leading)
         # Every slot is still held by the consumer: a one-off segment, freed with the batch.
