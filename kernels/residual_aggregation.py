@@ -25,6 +25,7 @@ assignment from the inputs (flash-attention style) and saves nothing larger than
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Literal
 
@@ -40,12 +41,17 @@ from .residual_aggregation_reference import (
     residual_aggregation_reference_forward,
 )
 
+#: Why the Triton kernels cannot run here (None: they can).
+TRITON_UNAVAILABLE: str | None = None
 try:  # Triton comes with torch's CUDA builds; the reference implementation works without it.
     from . import residual_aggregation_triton as triton_implementation
     from .residual_aggregation_triton import MAX_TRITON_CLUSTERS, triton_interpreter_enabled
-except ModuleNotFoundError as error:  # only its absence: a Triton or torch too old must say so
-    if error.name != "triton":
-        raise
+except ImportError as error:
+    TRITON_UNAVAILABLE = "the triton package is not installed"
+    if not (isinstance(error, ModuleNotFoundError) and error.name == "triton"):
+        # A torch or Triton too old for the kernels: the reference runs, but not in silence.
+        TRITON_UNAVAILABLE = f"the Triton kernels cannot be imported ({type(error).__name__}: {error})"
+        warnings.warn(f"{TRITON_UNAVAILABLE}; the PyTorch reference aggregation runs instead", stacklevel=2)
     triton_implementation = None
     MAX_TRITON_CLUSTERS = 0
 
@@ -389,7 +395,7 @@ def _triton_supports(x: Tensor, clusters: int) -> bool:
 def _check_triton_supports(x: Tensor, clusters: int) -> None:
     """ValueError unless ``backend="triton"`` can run these inputs."""
     if triton_implementation is None:
-        raise ValueError("backend='triton' needs the triton package, which is not installed")
+        raise ValueError(f"backend='triton' cannot run: {TRITON_UNAVAILABLE}")
     if not x.is_cuda and not triton_interpreter_enabled():
         raise ValueError(
             f"backend='triton' needs CUDA tensors (x is on {x.device}); CPU tensors run only under "
