@@ -10,7 +10,7 @@ from nextvlad.module import VideoClassifier
 
 
 @pytest.mark.slow
-def test_mixture_validation_gap_is_at_least_each_branch(synthetic_data, tmp_path):
+def test_mixture_validation_gap_is_above_each_branch(synthetic_data, tmp_path):
     pl.seed_everything(0)
     data = YT8MDataModule(
         train_pattern=synthetic_data["train"], val_pattern=synthetic_data["validate"], batch_size=20,
@@ -32,4 +32,5 @@ def test_mixture_validation_gap_is_at_least_each_branch(synthetic_data, tmp_path
     branches = [metrics[f"val/branch_{m}/gap"] for m in range(3)]
     print(f"validation GAP: mixture {metrics['val/gap']:.4f}, branches " + ", ".join(f"{g:.4f}" for g in branches))
     assert metrics["val/gap"] > 0.9  # the task was learned, so the comparison means something
-    assert all(metrics["val/gap"] >= gap for gap in branches)
+    # strictly: a mixture that only passed on its best branch's logits would tie with it
+    assert all(metrics["val/gap"] > gap for gap in branches)
