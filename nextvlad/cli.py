@@ -38,6 +38,7 @@ from torch.multiprocessing import ProcessRaisedException
 
 from nextvlad._distributed import has_process_group, shutdown_process_group
 from nextvlad.data.records import is_url, url_file_system
+from nextvlad.data.shm_pool import shared_memory_full_message
 from nextvlad.models.video_model import count_parameters
 
 #: Tools beside the Lightning subcommands: name -> ("module:function" taking argv, help). Each tool
@@ -392,6 +393,8 @@ def console_main() -> None:
             raise
         if is_user_error(error):
             sys.exit(f"{command}: error: {error_message(error)} (--debug shows the traceback)")
+        if is_shared_memory_full(error):  # torch's own allocation, beside the worker's buffer pool
+            sys.exit(f"{command}: error: {shared_memory_full_message()} (--debug shows the traceback)")
         if is_peer_disconnection(error) and (isinstance(error, ProcessRaisedException) or has_process_group()):
             sys.exit(f"{command}: error: {peer_disconnection_message(error)}")
         raise
@@ -459,6 +462,13 @@ def original_error(error: BaseException) -> tuple[type[BaseException] | None, st
     found = getattr(sys.modules.get(module or "builtins"), name, None)
     is_error_class = isinstance(found, type) and issubclass(found, BaseException)
     return (found if is_error_class else None), last_line.group(2)
+
+
+def is_shared_memory_full(error: BaseException) -> bool:
+    """torch's RuntimeError for a tensor that a DataLoader worker could not put in a full /dev/shm."""
+    error_class, message = original_error(error)
+    return (error_class is not None and issubclass(error_class, RuntimeError)
+            and "unable to allocate shared memory" in message and "No space left on device" in message)
 
 
 def is_peer_disconnection(error: BaseException) -> bool:

@@ -244,6 +244,25 @@ def test_a_full_dev_shm_is_one_error_line_naming_it_and_the_fix(tmp_path, monkey
     assert error_message(raised.value).startswith("/dev/shm is full: a DataLoader worker could not place ")
 
 
+def test_a_worker_puts_its_whole_batch_in_dev_shm_where_a_full_one_raises(tmp_path, monkeypatch):
+    """The labels (2.5 MB a batch of 160) and other small tensors went to /dev/shm in the worker
+    queue's feeder thread, which prints an error and drops the batch: the loader waited for good."""
+    from nextvlad.cli import is_shared_memory_full
+    from nextvlad.data import write_synthetic_dataset
+
+    def no_space(self):
+        raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1_2>: No space left on device (28)")
+
+    monkeypatch.setattr(torch.Tensor, "share_memory_", no_space)  # the worker inherits it
+    files = write_synthetic_dataset(tmp_path, num_train=4, num_validate=0, num_test=0, num_classes=5,
+                                    files_per_split=1, min_frames=2, max_frames=4, seed=0)["train"]
+    loader = YT8MDataLoader(YT8MFrameDataset(files, batch_size=2, max_frames=4, num_classes=5), num_workers=1,
+                            timeout=60)
+    with pytest.raises(RuntimeError) as raised:
+        next(iter(loader))
+    assert is_shared_memory_full(raised.value)
+
+
 def test_fit_warns_when_dev_shm_cannot_hold_the_workers_batches(synthetic_data, monkeypatch):
     from nextvlad.data import YT8MDataModule
     from nextvlad.data import datamodule as datamodule_module

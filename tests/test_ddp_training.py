@@ -170,6 +170,19 @@ def test_a_spawned_ranks_user_error_is_one_line_and_other_errors_keep_their_trac
             console_error(monkeypatch, spawned)
 
 
+def test_a_full_dev_shm_in_torchs_own_allocation_is_one_line(monkeypatch):
+    """A tensor outside the workers' buffer pool (a segment batch, labels) that finds /dev/shm full
+    fails in torch's collate or pickler with a RuntimeError, passed on from the worker."""
+    shm = RuntimeError("unable to allocate shared memory(shm) for file </torch_7_1_2>: No space left on device (28)")
+    wrapped = RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                           "call last):\n  File \"worker.py\", line 1, in <module>\n" + f"RuntimeError: {shm}")
+    for error in (shm, wrapped):
+        assert console_error(monkeypatch, error) == (
+            "nextvlad validate: error: /dev/shm is full: a DataLoader worker could not place a tensor of a batch there "
+            "(each worker keeps up to 4 batches there): give it more (docker run --shm-size=4g, or --ipc=host) or set "
+            "--data.init_args.num_workers 0 (batches made in the main process) (--debug shows the traceback)")
+
+
 def test_a_rank_that_lost_its_peer_says_so_in_one_line(monkeypatch):
     from torch.distributed import DistBackendError
 

@@ -404,6 +404,12 @@ class YT8MFrameDataset(IterableDataset):
             batch["buffer_lease"] = lease
         now = stats.as_tensor()
         batch["read_stats"] = now - reported.as_tensor()
+        if get_worker_info() is not None:
+            # Into /dev/shm here, where a full one raises: the queue's feeder thread, which would
+            # do it otherwise, prints the error and drops the batch, and the loader waits for good.
+            for value in batch.values():
+                if isinstance(value, torch.Tensor) and not value.is_shared():
+                    value.share_memory_()
         (reported.skipped_records, reported.frame_count_mismatches,
          reported.truncated_videos) = now.tolist()
         return batch

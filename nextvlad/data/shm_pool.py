@@ -39,6 +39,13 @@ def shared_memory_free() -> int | None:
         return None
 
 
+def shared_memory_full_message(placed: str = "a tensor of a batch", free: int | None = None) -> str:
+    """What a user reads when a DataLoader worker finds /dev/shm full."""
+    room = "" if free is None else f"{mebibytes(free)} free; "
+    return (f"{SHARED_MEMORY} is full: a DataLoader worker could not place {placed} there ({room}each worker "
+            f"keeps up to {MAX_SLOTS} batches there): {SHARED_MEMORY_ADVICE}")
+
+
 def mebibytes(size: int) -> str:
     return f"{size:,} bytes" if size < 2**20 else f"{size / 2**20:,.0f} MiB"
 
@@ -72,11 +79,8 @@ def new_shared(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     except RuntimeError as error:
         if "No space left on device" not in str(error):
             raise
-        free = shared_memory_free()
-        raise SharedMemoryFull(
-            f"{SHARED_MEMORY} is full: a DataLoader worker could not place {mebibytes(numel * dtype.itemsize)} of a "
-            f"batch there ({'?' if free is None else mebibytes(free)} free; each worker keeps up to {MAX_SLOTS} "
-            f"batches there): {SHARED_MEMORY_ADVICE}") from error
+        raise SharedMemoryFull(shared_memory_full_message(f"{mebibytes(numel * dtype.itemsize)} of a batch",
+                                                          shared_memory_free())) from error
     return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
