@@ -19,7 +19,9 @@ demo: $(STAMP)
 	$(PY) -m nextvlad.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	# One pytest worker per core (at most 4, see tests/conftest.py); a file's tests share a worker
+	# because several files build a module-scoped training run once.
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_data.py

@@ -15,10 +15,20 @@ if "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
 
 
+import pytest  # noqa: E402
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, there when the suite runs with -n
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (make test): a worker per core, at most 4. A test may run several processes
+    (DDP ranks, DataLoader workers, console scripts), each importing torch: more workers than that
+    on a machine of many cores and little memory would risk its memory."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
 # -- shared data fixtures -------------------------------------------------------------------------
 import pathlib  # noqa: E402
-
-import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
