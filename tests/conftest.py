@@ -33,6 +33,13 @@ import pathlib  # noqa: E402
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def record_count_cache(tmp_path_factory) -> None:
+    """The suite's own record-count cache (inherited by the commands it runs): a user's
+    ~/.cache/nextvlad is neither read nor written."""
+    os.environ["NEXTVLAD_CACHE_DIR"] = str(tmp_path_factory.mktemp("record-count-cache"))
+
+
 @pytest.fixture(scope="session")
 def eigenvalues_path(tmp_path_factory) -> str:
     """The published yt8m_pca eigenvalues (../shared/yt8m_pca/eigenvals.npy) where a clone has them

@@ -122,25 +122,36 @@ SCAN_SCRIPT = textwrap.dedent('''
 @pytest.mark.parametrize("failing", ["none", "train0002.tfrecord"])
 def test_ranks_scan_the_files_once_between_them_and_fail_together(tmp_path, failing):
     """Counting records reads a remote file whole: each rank scans every other file and they
-    share the counts, so a start reads the data once, not once per rank. A rank that cannot read
-    its file does not leave the other waiting in the exchange: both stop with the error."""
+    share the counts, so a start reads the data once, not once per rank, and a later start not at
+    all. A rank that cannot read its file does not leave the other waiting in the exchange: both
+    stop with the error."""
     from nextvlad.data import YT8MFrameDataset, write_synthetic_dataset
 
     files = write_synthetic_dataset(tmp_path, num_train=30, num_validate=20, num_test=0, num_classes=10,
                                     files_per_split=3, min_frames=2, max_frames=5, seed=3)
     script = tmp_path / "scan.py"
     script.write_text(SCAN_SCRIPT)
-    ranks = [subprocess.Popen([sys.executable, str(script), str(rank), str(tmp_path), failing],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in range(2)]
-    outputs = [_text(rank.communicate(timeout=120)[0]) for rank in ranks]
-    assert [rank.returncode for rank in ranks] == [0, 0], outputs
-    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    environment = dict(os.environ, NEXTVLAD_CACHE_DIR=str(tmp_path / "cache"))
+
+    def start() -> list[dict]:
+        (tmp_path / "store").unlink(missing_ok=True)
+        ranks = [subprocess.Popen([sys.executable, str(script), str(rank), str(tmp_path), failing], env=environment,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in range(2)]
+        outputs = [_text(rank.communicate(timeout=120)[0]) for rank in ranks]
+        assert [rank.returncode for rank in ranks] == [0, 0], outputs
+        return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+    results = start()
     scanned = sorted(results[0]["scanned"] + results[1]["scanned"])
     if failing == "none":
         assert scanned == sorted(files["train"] + files["validate"])  # each once
         expected = {split: YT8MFrameDataset(files[name], num_classes=10).counts
                     for split, name in (("fit", "train"), ("validate", "validate"))}
         assert results[0]["counts"] == results[1]["counts"] == expected
+        # Each rank kept the counts of both: the next start (a resume) counts nothing.
+        again = start()
+        assert again[0]["scanned"] == again[1]["scanned"] == []
+        assert again[0]["counts"] == again[1]["counts"] == expected
     else:  # the training files, each once; validation's are not reached
         assert scanned == sorted(files["train"])
         assert {result["error"] for result in results} == {

@@ -33,10 +33,10 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from nextvlad._distributed import gather_per_rank, rank_and_world_size
 from nextvlad._validation import check_choice, check_positive_int, is_integer
-from nextvlad.data import sharding
+from nextvlad.data import count_cache, sharding
 from nextvlad.data.parsing import AUDIO_SIZE, RGB_SIZE, QuantizedVideo, parse_frame_record
 from nextvlad.data.records import (Compression, DataError, FileScan, FramingError, expand_paths,
-                                   file_size, is_url, read_records, scan_records)
+                                   is_url, read_records, remote_file_version, scan_records)
 from nextvlad.data.shm_pool import MAX_SLOTS, SharedBufferPool
 from nextvlad.data.transforms import dequantize_rows_into
 
@@ -45,18 +45,36 @@ logger = logging.getLogger("nextvlad.data")
 OnError = Literal["raise", "skip"]
 STAT_NAMES = ("skipped_records", "frame_count_mismatches", "truncated_videos")
 
-_SCAN_CACHE: dict[tuple[str, int, int, str], FileScan] = {}
+_SCAN_CACHE: dict[tuple[str, int, int | str | None, str], FileScan] = {}
 
 
 def scan_files(paths: Sequence[str], compression: Compression = "auto") -> list[FileScan]:
-    """Record counts per file (header scan), cached per (path, size, mtime) within the process."""
-    scans = []
-    for path in paths:
-        key = _scan_key(path, compression)
-        if key not in _SCAN_CACHE:
-            _SCAN_CACHE[key] = scan_records(path, compression)
-        scans.append(_SCAN_CACHE[key])
-    return scans
+    """Record counts per file (header scan), kept per file version in the process and across runs
+    (`count_cache`): counting reads the whole of a remote or GZIP file."""
+    keys = [_scan_key(path, compression) for path in paths]
+    missing = {key: path for key, path in zip(keys, paths) if key not in _SCAN_CACHE}
+    saved = count_cache.load([key for key in missing if _persistent(key)])
+    for key, count in saved.items():
+        _SCAN_CACHE[key] = FileScan(missing.pop(key), count, None)
+    if saved:
+        logger.info("record counts of %d files from %s", len(saved), count_cache.cache_path())
+    for key, path in missing.items():
+        _SCAN_CACHE[key] = scan_records(path, compression)
+    _remember(missing)
+    return [_SCAN_CACHE[key] for key in keys]
+
+
+def _persistent(key: tuple) -> bool:
+    """Whether a file's count may be kept across runs: its key names its version."""
+    return key[2] is not None
+
+
+def _remember(keys) -> None:
+    """Keep the counts of `keys` (in `_SCAN_CACHE`) across runs: those of whole files (a scan that
+    stopped at a damaged record is made again, to report it again) whose version is known."""
+    scans = {key: _SCAN_CACHE[key] for key in keys}
+    count_cache.store({key: scan.num_records for key, scan in scans.items()
+                       if _persistent(key) and scan.error is None})
 
 
 def _as_seen_by_other_ranks(error: Exception, rank: int) -> Exception:
@@ -72,9 +90,11 @@ def _as_seen_by_other_ranks(error: Exception, rank: int) -> Exception:
     return RuntimeError(message)
 
 
-def _scan_key(path: str, compression: Compression) -> tuple[str, int, int, str]:
-    if is_url(path):  # listing metadata differs per store; the size is what all of them have
-        return path, file_size(path), 0, compression
+def _scan_key(path: str, compression: Compression) -> tuple[str, int, int | str | None, str]:
+    """(path, size, version, compression): the version is the modification time of a local file,
+    the store's version tag of a remote one (None where it has none: kept in this process only)."""
+    if is_url(path):
+        return (path, *remote_file_version(path), compression)
     stat = os.stat(path)
     return os.path.abspath(path), stat.st_size, stat.st_mtime_ns, compression
 
@@ -99,8 +119,9 @@ def share_scans(paths: Sequence[str], compression: Compression = "auto") -> None
     for scans in shares:
         if isinstance(scans, Exception):
             raise scans
-        for path, scan in scans.items():
-            _SCAN_CACHE[_scan_key(path, compression)] = scan
+    received = {_scan_key(path, compression): scan for scans in shares for path, scan in scans.items()}
+    _SCAN_CACHE.update(received)
+    _remember(received)  # by every rank: the last of their concurrent writes then holds all counts
 
 
 @dataclass

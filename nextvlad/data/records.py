@@ -160,6 +160,21 @@ def file_size(path: str) -> int:
     return fs.size(stripped)
 
 
+#: fsspec `info` fields that change when a stored file is rewritten: GCS, S3, HTTP, fsspec's
+#: local and SFTP/HDFS-like stores, memory://. The first one present names the file's version.
+VERSION_FIELDS = ("generation", "VersionId", "ETag", "etag", "md5Hash", "crc32c", "mtime",
+                  "LastModified", "updated", "created")
+
+
+def remote_file_version(url: str) -> tuple[int, str | None]:
+    """(size, version tag) of a remote file from one metadata request; the tag is None where the
+    store gives none of `VERSION_FIELDS`."""
+    fs, stripped = url_file_system(url)
+    info = fs.info(stripped)
+    version = next((str(info[name]) for name in VERSION_FIELDS if info.get(name) is not None), None)
+    return info["size"], version
+
+
 def is_gzip(path: str) -> bool:
     """Whether the file starts with the GZIP magic bytes."""
     with open_binary(path, read_ahead=len(_GZIP_MAGIC)) as f:  # not 16 MiB of a remote file for 2 bytes
