@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pathlib
+import shutil
 import uuid
 
 import fsspec
@@ -18,12 +20,15 @@ from nextvlad.data import YT8MFrameDataset, dataset, records, write_synthetic_da
 from nextvlad.data.records import scan_records
 
 
+SIZES = (7, 9, 11, 13)  # records per file: a count filed under another file's key shows
+
+
 @pytest.fixture()
 def files(tmp_path, monkeypatch):
     monkeypatch.setenv("NEXTVLAD_CACHE_DIR", str(tmp_path / "cache"))
-    written = write_synthetic_dataset(tmp_path / "data", num_train=40, num_validate=0, num_test=0, num_classes=10,
-                                      files_per_split=4, min_frames=2, max_frames=5, seed=11)
-    return written["train"]
+    return [write_synthetic_dataset(tmp_path / f"data{size:02d}", num_train=size, num_validate=0, num_test=0,
+                                    num_classes=10, files_per_split=1, min_frames=2, max_frames=5,
+                                    seed=size)["train"][0] for size in SIZES]
 
 
 @pytest.fixture()
@@ -53,25 +58,29 @@ def _saved(tmp_path) -> dict:
 
 
 def test_a_second_start_counts_no_file_again(files, new_process, tmp_path):
-    expected = [scan_records(path).num_records for path in files]
+    expected = list(SIZES)
     first = new_process()
     assert _counts(files) == expected and first == files
     second = new_process()
     assert _counts(files) == expected and second == []
-    assert sorted(_saved(tmp_path).values()) == sorted(expected)
-    assert all(os.path.abspath(path) in name for path, name in zip(files, sorted(_saved(tmp_path))))
+    assert {json.loads(name)[0]: count for name, count in _saved(tmp_path).items()} == dict(zip(files, expected))
 
 
-def test_a_file_rewritten_grown_or_touched_is_counted_again(files, new_process):
+def test_a_file_rewritten_grown_touched_or_copied_over_is_counted_again(files, new_process, tmp_path):
     new_process()
-    before = _counts(files)
+    assert _counts(files) == list(SIZES)
     with open(files[1], "ab") as grown, open(files[0], "rb") as other:
         grown.write(other.read())  # files[0]'s records appended: a longer file
     stat = os.stat(files[2])
     os.utime(files[2], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # same bytes, newer
+    before = os.stat(files[3])
+    shutil.copy2(files[3], tmp_path / "copy")  # `cp -p` / `rsync -t`: size and modification time kept
+    os.replace(tmp_path / "copy", files[3])
+    after = os.stat(files[3])
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns) and after.st_ino != before.st_ino
     scanned = new_process()
-    assert _counts(files) == [before[0], before[1] + before[0], before[2], before[3]]
-    assert scanned == [files[1], files[2]]
+    assert _counts(files) == [7, 9 + 7, 11, 13]
+    assert scanned == files[1:]
 
 
 def test_a_damaged_file_is_counted_and_reported_again_at_every_start(files, new_process, tmp_path, caplog):
@@ -79,7 +88,7 @@ def test_a_damaged_file_is_counted_and_reported_again_at_every_start(files, new_
         cut.truncate(os.path.getsize(files[3]) - 7)
     new_process()
     counts = _counts(files)
-    assert counts[3] == scan_records(files[3]).num_records > 0
+    assert counts == [*SIZES[:3], 12]
     scanned = new_process()
     with caplog.at_level(logging.WARNING, logger="nextvlad.data"):
         assert _counts(files) == counts
@@ -87,26 +96,24 @@ def test_a_damaged_file_is_counted_and_reported_again_at_every_start(files, new_
     assert len(_saved(tmp_path)) == 3
 
 
-def test_remote_files_are_kept_by_their_stores_version_tag(files, new_process, monkeypatch):
+def test_remote_files_are_kept_by_their_stores_version_tags(files, new_process, monkeypatch):
     fs, root = fsspec.filesystem("memory"), f"/{uuid.uuid4().hex}"
-    urls = []
-    for path in files:
-        fs.pipe(f"{root}/{os.path.basename(path)}", open(path, "rb").read())
-        urls.append(f"memory://{root}/{os.path.basename(path)}")
+    urls = [f"memory://{root}/{index}.tfrecord" for index in range(len(files))]
+    for url, path in zip(urls, files):
+        fs.pipe(url.removeprefix("memory://"), open(path, "rb").read())
     try:
         first = new_process()
-        counts = _counts(urls)
-        assert first == urls
+        assert _counts(urls) == list(SIZES) and first == urls
         scanned = new_process()
-        assert _counts(urls) == counts and scanned == []
-        fs.pipe(f"{root}/{os.path.basename(files[0])}", open(files[1], "rb").read())  # rewritten
+        assert _counts(urls) == list(SIZES) and scanned == []
+        fs.pipe(urls[0].removeprefix("memory://"), open(files[1], "rb").read())  # rewritten: 9 records
         scanned = new_process()
-        assert _counts(urls) == [counts[1], *counts[1:]] and scanned == [urls[0]]
+        assert _counts(urls) == [9, *SIZES[1:]] and scanned == [urls[0]]
         monkeypatch.setattr(records, "VERSION_FIELDS", ())  # a store that gives no version tag
         new_process()
         _counts(urls)
         scanned = new_process()
-        assert _counts(urls) == [counts[1], *counts[1:]] and scanned == urls
+        assert _counts(urls) == [9, *SIZES[1:]] and scanned == urls
     finally:
         fs.rm(root, recursive=True)
 
@@ -117,9 +124,9 @@ def test_an_unreadable_cache_is_a_warning_and_is_written_anew(files, new_process
     new_process()
     with caplog.at_level(logging.WARNING, logger="nextvlad.data"):
         counts = _counts(files)
-    assert counts == [scan_records(path).num_records for path in files]
+    assert counts == list(SIZES)
     assert f"could not read the record-count cache {tmp_path / 'cache' / 'record_counts.json'}" in caplog.text
-    assert sorted(_saved(tmp_path).values()) == sorted(counts)
+    assert sorted(_saved(tmp_path).values()) == list(SIZES)
 
 
 def test_a_cache_folder_that_cannot_be_made_is_a_warning_and_counts_as_before(files, new_process, tmp_path,
@@ -129,7 +136,7 @@ def test_a_cache_folder_that_cannot_be_made_is_a_warning_and_counts_as_before(fi
     new_process()
     with caplog.at_level(logging.WARNING, logger="nextvlad.data"):
         counts = _counts(files)
-    assert counts == [scan_records(path).num_records for path in files]
+    assert counts == list(SIZES)
     assert "could not write the record-count cache" in caplog.text and "NEXTVLAD_CACHE_DIR" in caplog.text
     scanned = new_process()
     assert _counts(files) == counts and scanned == files  # nothing kept: counted again
@@ -144,3 +151,43 @@ def test_the_default_folder_is_the_users_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert count_cache.cache_path() == tmp_path / "home" / ".cache" / "nextvlad" / "record_counts.json"
+
+
+def test_no_home_folder_is_a_warning_and_counts_as_before(files, new_process, monkeypatch, caplog):
+    """A container run with --user of no passwd entry and no HOME: Path.home() raises."""
+    for variable in ("NEXTVLAD_CACHE_DIR", "XDG_CACHE_HOME", "HOME"):
+        monkeypatch.delenv(variable, raising=False)
+
+    def no_home(cls):
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(pathlib.Path, "home", classmethod(no_home))
+    new_process()
+    with caplog.at_level(logging.WARNING, logger="nextvlad.data"):
+        assert _counts(files) == list(SIZES)
+    assert "could not find the record-count cache (no home folder)" in caplog.text
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+@pytest.mark.parametrize("change", ["grown", "cut"])
+def test_a_file_that_changed_since_it_was_counted_is_an_error_at_its_read(files, change, on_error):
+    """A count that is no longer the file's (changed during the run, or a cache fooled by a file
+    of the same size, times and inode) never leaves records unread, nor an epoch short, in silence."""
+    dataset = YT8MFrameDataset(files[:2], batch_size=4, num_classes=10, on_error=on_error)
+    if change == "grown":
+        with open(files[1], "ab") as grown, open(files[0], "rb") as other:
+            grown.write(other.read())
+    else:
+        cut = list(records.read_records(files[1]))[:5]
+        records.write_records(files[1], cut)
+    message = (f"{files[1]}, record {9 if change == 'grown' else 5}: the file has changed since its records were "
+               f"counted ({'it holds more than the 9 records counted' if change == 'grown' else 'it ends after 5 records, 9 were counted'}); "
+               "start again to count it anew")
+    if on_error == "raise":
+        with pytest.raises(records.FramingError) as raised:
+            list(dataset)
+        assert str(raised.value) == message
+    else:
+        batches = list(dataset)
+        assert sum(len(batch["id"]) for batch in batches) == 7 + (9 if change == "grown" else 5)
+        assert sum(int(batch["read_stats"][0]) for batch in batches) == 1  # one skip: the change

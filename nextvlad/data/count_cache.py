@@ -35,10 +35,20 @@ _warned: set[tuple[str, str]] = set()  # one warning per cache file and problem,
 
 
 def cache_path() -> Path:
+    """The cache file. Raises RuntimeError without a home folder (no HOME and a user unknown to the
+    system, as in a container run with --user) unless NEXTVLAD_CACHE_DIR or XDG_CACHE_HOME is set."""
     folder = os.environ.get(CACHE_DIR_VARIABLE)
     if not folder:
         folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nextvlad"
     return Path(folder) / FILE_NAME
+
+
+def _usable_cache_path() -> Path | None:
+    try:
+        return cache_path()
+    except (RuntimeError, KeyError) as error:  # Path.home(): no HOME, no passwd entry
+        _warn("(no home folder)", "find", error)
+        return None
 
 
 def _entry_name(key: Hashable) -> str:
@@ -51,29 +61,31 @@ def _read(path: Path) -> dict[str, int]:
         if saved.get("format") != FORMAT or not isinstance(saved.get("counts"), dict):
             raise ValueError(f"not a format-{FORMAT} record-count cache")
         return {name: count for name, count in saved["counts"].items()
-                if isinstance(count, int) and count > 0}
+                if type(count) is int and count > 0}
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError, AttributeError) as error:  # AttributeError: JSON of another shape
-        _warn(path, "read", error)
+    except (OSError, ValueError, AttributeError, RecursionError) as error:  # JSON of another shape
+        _warn(str(path), "read", error)
         return {}
 
 
 def load(keys: list[Hashable]) -> dict[Hashable, int]:
     """The saved counts of those of `keys` that the cache holds."""
-    if not keys:
+    path = _usable_cache_path() if keys else None
+    if path is None:
         return {}
-    saved = _read(cache_path())
+    saved = _read(path)
     return {key: saved[_entry_name(key)] for key in keys if _entry_name(key) in saved}
 
 
 def store(counts: Mapping[Hashable, int]) -> None:
     """Add `counts` to the cache file. Writers replace the file whole (os.replace), so a reader
     never sees half of one; two processes storing at once may lose one's new entries, which are
-    then counted again at their next start (DDP ranks each store the counts of all ranks)."""
-    if not counts:
+    then counted again at their next start (DDP ranks each store the counts of all ranks'
+    files they see as the same)."""
+    path = _usable_cache_path() if counts else None
+    if path is None:
         return
-    path = cache_path()
     entries = _read(path)
     for key, count in counts.items():
         entries.pop(_entry_name(key), None)  # moved to the end: the newest are kept
@@ -90,13 +102,13 @@ def store(counts: Mapping[Hashable, int]) -> None:
             os.unlink(temporary)
             raise
     except OSError as error:
-        _warn(path, "write", error)
+        _warn(str(path), "write", error)
 
 
-def _warn(path: Path, action: str, error: Exception) -> None:
-    if (str(path), action) in _warned:
+def _warn(where: str, action: str, error: Exception) -> None:
+    if (where, action) in _warned:
         return
-    _warned.add((str(path), action))
+    _warned.add((where, action))
     consequence = ("it is left aside and written anew" if action == "read" else
                    f"records are counted again at each start; set {CACHE_DIR_VARIABLE} to a writable folder")
-    logger.warning("could not %s the record-count cache %s (%s): %s", action, path, error, consequence)
+    logger.warning("could not %s the record-count cache %s (%s): %s", action, where, error, consequence)

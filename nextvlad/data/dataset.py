@@ -45,7 +45,7 @@ logger = logging.getLogger("nextvlad.data")
 OnError = Literal["raise", "skip"]
 STAT_NAMES = ("skipped_records", "frame_count_mismatches", "truncated_videos")
 
-_SCAN_CACHE: dict[tuple[str, int, int | str | None, str], FileScan] = {}
+_SCAN_CACHE: dict[tuple[str, int, str | None, str], FileScan] = {}
 
 
 def scan_files(paths: Sequence[str], compression: Compression = "auto") -> list[FileScan]:
@@ -90,13 +90,16 @@ def _as_seen_by_other_ranks(error: Exception, rank: int) -> Exception:
     return RuntimeError(message)
 
 
-def _scan_key(path: str, compression: Compression) -> tuple[str, int, int | str | None, str]:
-    """(path, size, version, compression): the version is the modification time of a local file,
-    the store's version tag of a remote one (None where it has none: kept in this process only)."""
+def _scan_key(path: str, compression: Compression) -> tuple[str, int, str | None, str]:
+    """(path, size, version, compression). A local file's version is its modification and change
+    times and inode (a copy that keeps the modification time, `cp -p` or `rsync -t`, is another
+    file), a remote one's the version tags of its store (None where it has none: such a count is
+    kept in this process only)."""
     if is_url(path):
         return (path, *remote_file_version(path), compression)
     stat = os.stat(path)
-    return os.path.abspath(path), stat.st_size, stat.st_mtime_ns, compression
+    return (os.path.abspath(path), stat.st_size, f"{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}",
+            compression)
 
 
 def share_scans(paths: Sequence[str], compression: Compression = "auto") -> None:
@@ -109,8 +112,9 @@ def share_scans(paths: Sequence[str], compression: Compression = "auto") -> None
         return
     failure: Exception | None = None
     try:
-        share: dict[str, FileScan] | Exception = dict(zip(paths[rank::world_size],
-                                                          scan_files(paths[rank::world_size], compression)))
+        mine = paths[rank::world_size]
+        share: dict | Exception = {path: (_scan_key(path, compression), scan)
+                                   for path, scan in zip(mine, scan_files(mine, compression))}
     except Exception as error:  # every rank raises: none may wait in a collective that one has left
         failure, share = error, _as_seen_by_other_ranks(error, rank)
     shares = gather_per_rank(share)
@@ -119,9 +123,13 @@ def share_scans(paths: Sequence[str], compression: Compression = "auto") -> None
     for scans in shares:
         if isinstance(scans, Exception):
             raise scans
-    received = {_scan_key(path, compression): scan for scans in shares for path, scan in scans.items()}
-    _SCAN_CACHE.update(received)
-    _remember(received)  # by every rank: the last of their concurrent writes then holds all counts
+    same_file = []
+    for path, (scanned_key, scan) in (item for scans in shares for item in scans.items()):
+        key = _scan_key(path, compression)
+        _SCAN_CACHE[key] = scan
+        if key == scanned_key:  # not another node's copy of it, which may differ
+            same_file.append(key)
+    _remember(same_file)  # by every rank: the last of their concurrent writes then holds all counts
 
 
 @dataclass
@@ -262,6 +270,7 @@ class YT8MFrameDataset(IterableDataset):
         self.epoch = 0
         self.rank, self.world_size = 0, 1
         self.scan_errors: list[FramingError] = []  # counted as skips every epoch (see _Reader)
+        self.whole_file_counts: list[int | None] = []
         # Counts of a reader in this process that had no batch to carry them: YT8MDataLoader takes them.
         self.unbatched_read_stats = torch.zeros(len(STAT_NAMES), dtype=torch.int64)
         self.counts = self._count_records()
@@ -280,6 +289,9 @@ class YT8MFrameDataset(IterableDataset):
                                scan.error, scan.num_records)
                 self.scan_errors.append(scan.error)
             counts.append(scan.num_records)
+            # A file read to its counted end is checked for more records, unless its count stopped
+            # at damage (reported once per epoch through scan_errors).
+            self.whole_file_counts.append(scan.num_records if scan.error is None else None)
         if sum(counts) == 0:
             raise DataError(",".join(self.files), None, "no readable records in these files")
         return counts
@@ -603,7 +615,8 @@ class _Reader:
             path = self.dataset.files[segment.file_index]
             index = segment.start + first
             records = read_records(path, self.dataset.compression, index, segment.count - first,
-                                   yield_errors=self.dataset.on_error == "skip")
+                                   yield_errors=self.dataset.on_error == "skip",
+                                   counted=self.dataset.whole_file_counts[segment.file_index])
             try:
                 for data in records:
                     video = self.dataset._parse(data, path, index, self.stats)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import gzip
 import io
+import json
 import os
 import struct
 import zlib
@@ -160,19 +161,19 @@ def file_size(path: str) -> int:
     return fs.size(stripped)
 
 
-#: fsspec `info` fields that change when a stored file is rewritten: GCS, S3, HTTP, fsspec's
-#: local and SFTP/HDFS-like stores, memory://. The first one present names the file's version.
-VERSION_FIELDS = ("generation", "VersionId", "ETag", "etag", "md5Hash", "crc32c", "mtime",
-                  "LastModified", "updated", "created")
+#: fsspec `info` fields that change when a stored file is rewritten (GCS, S3, HTTP, fsspec's local,
+#: SFTP/HDFS-like stores, memory://): together they name the file's version.
+VERSION_FIELDS = ("generation", "ETag", "etag", "md5Hash", "crc32c", "VersionId", "mtime", "created",
+                  "ino", "LastModified", "updated")
 
 
 def remote_file_version(url: str) -> tuple[int, str | None]:
-    """(size, version tag) of a remote file from one metadata request; the tag is None where the
-    store gives none of `VERSION_FIELDS`."""
+    """(size, version) of a remote file from one metadata request: the `VERSION_FIELDS` its store
+    gives, or None where it gives none of them."""
     fs, stripped = url_file_system(url)
     info = fs.info(stripped)
-    version = next((str(info[name]) for name in VERSION_FIELDS if info.get(name) is not None), None)
-    return info["size"], version
+    version = {name: str(info[name]) for name in VERSION_FIELDS if info.get(name) is not None}
+    return info["size"], json.dumps(version, sort_keys=True) if version else None
 
 
 def is_gzip(path: str) -> bool:
@@ -363,7 +364,7 @@ class _RecordReader:
 
 def read_records(path: str, compression: Compression = "auto", start: int = 0,
                  count: int | None = None, check_crc: bool = True,
-                 yield_errors: bool = False) -> Iterator[bytes | DataError]:
+                 yield_errors: bool = False, counted: int | None = None) -> Iterator[bytes | DataError]:
     """Yield the data of records [start, start+count) of one TFRecord file.
 
     Records before `start` are skipped (by seeking in a plain file; their length CRC is still
@@ -372,6 +373,10 @@ def read_records(path: str, compression: Compression = "auto", start: int = 0,
     truncated file, a corrupted or impossible length or a broken GZIP stream raises FramingError
     naming the first record that cannot be read, after every intact record before it: nothing
     after that point can be located.
+
+    `count` records are expected: a file that ends before start+count raises FramingError. With
+    `counted` (the file's record count that planned the reads), a file that goes on past it when
+    start+count reaches it does too: either file has changed since it was counted.
     """
     empty = _empty_file_error(path)
     if empty is not None:
@@ -382,6 +387,9 @@ def read_records(path: str, compression: Compression = "auto", start: int = 0,
             if length is None:
                 if records.index == 0:
                     raise _no_records_error(path)
+                if count is not None:
+                    raise _changed_error(path, records.index, f"it ends after {records.index} records, "
+                                                              f"{start + count} were counted")
                 return
             if records.index < start:
                 records.skip(length)
@@ -396,6 +404,13 @@ def read_records(path: str, compression: Compression = "auto", start: int = 0,
                 else:
                     yield data
             records.index += 1
+        if counted is not None and start + count == counted and records.next_length() is not None:
+            raise _changed_error(path, counted, f"it holds more than the {counted} records counted")
+
+
+def _changed_error(path: str, index: int, how: str) -> FramingError:
+    return FramingError(path, index, f"the file has changed since its records were counted ({how}); "
+                                     "start again to count it anew")
 
 
 @dataclass(frozen=True)
