@@ -191,3 +191,29 @@ def test_a_file_that_changed_since_it_was_counted_is_an_error_at_its_read(files,
         batches = list(dataset)
         assert sum(len(batch["id"]) for batch in batches) == 7 + (9 if change == "grown" else 5)
         assert sum(int(batch["read_stats"][0]) for batch in batches) == 1  # one skip: the change
+
+
+def test_a_cached_count_that_reading_finds_wrong_is_dropped(files, new_process, tmp_path):
+    """A store whose version fields missed a change (an SFTP or HTTP time in whole seconds): the
+    read that finds the count wrong is an error, and the next start counts the file anew."""
+    new_process()
+    _counts(files)
+    cache = tmp_path / "cache" / "record_counts.json"
+    saved = json.loads(cache.read_text())
+    (name,) = [name for name in saved["counts"] if json.loads(name)[0] == files[1]]
+    saved["counts"][name] = 12  # files[1] holds 9
+    cache.write_text(json.dumps(saved))
+    new_process()
+    dataset = YT8MFrameDataset(files[:2], batch_size=4, num_classes=10)
+    assert dataset.counts == [7, 12]
+    with pytest.raises(records.ChangedSinceCounted, match="it ends after 9 records, 12 were counted"):
+        list(dataset)
+    assert all(json.loads(name)[0] != files[1] for name in _saved(tmp_path))
+    scanned = new_process()
+    assert _counts(files) == list(SIZES) and scanned == [files[1]]
+
+
+def test_read_records_asked_for_more_than_the_file_holds_says_so(files):
+    with pytest.raises(records.FramingError) as raised:
+        list(records.read_records(files[0], start=5, count=4))
+    assert str(raised.value) == f"{files[0]}, record 7: the file ends after 7 records; records 5 to 8 were asked for"

@@ -4,10 +4,11 @@ A TFRecord file has no index: its records are counted by walking its headers, wh
 whole of a remote or GZIP file (YouTube-8M's frame-level training set is about 1.4 TB) and one page
 per record of a local one (millions of small reads on a network file system). The counts are
 kept in ``$NEXTVLAD_CACHE_DIR/record_counts.json`` (default ``~/.cache/nextvlad``, or
-``$XDG_CACHE_HOME/nextvlad``), one entry per file *version*: its path, size and modification
-time, or for a remote file its store's version tag (a GCS generation, an S3 ETag, ...). A file
-rewritten, grown or cut has another key and is counted again; a file whose store gives no version
-tag, or whose count stopped at a damaged record, is never kept. A cache that cannot be read or
+``$XDG_CACHE_HOME/nextvlad``), one entry per file *version*: its path, size, modification and
+change times and inode, or for a remote file its store's version tags (a GCS generation, an S3
+ETag, ...). A file rewritten, grown, cut or copied over has another key and is counted again; a
+file whose store gives no version tag, or whose count stopped at a damaged record, is never kept;
+a count that reading finds wrong is dropped (`forget`). A cache that cannot be read or
 written is a warning, never an error: it only saves time.
 
 No library keeps such a cache (tf.data never counts; torchdata and webdataset leave it to the
@@ -90,7 +91,22 @@ def store(counts: Mapping[Hashable, int]) -> None:
     for key, count in counts.items():
         entries.pop(_entry_name(key), None)  # moved to the end: the newest are kept
         entries[_entry_name(key)] = count
-    entries = dict(list(entries.items())[-MAX_ENTRIES:])
+    _write(path, dict(list(entries.items())[-MAX_ENTRIES:]))
+
+
+def forget(name: str) -> None:
+    """Drop the counts of the file `name` (its absolute path or URL, as in the keys): it changed
+    in a way its key did not show, and the next start has to count it anew."""
+    path = _usable_cache_path()
+    if path is None:
+        return
+    entries = _read(path)
+    kept = {entry: count for entry, count in entries.items() if json.loads(entry)[0] != name}
+    if len(kept) < len(entries):
+        _write(path, kept)
+
+
+def _write(path: Path, entries: dict[str, int]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=f".{FILE_NAME}.", dir=path.parent)

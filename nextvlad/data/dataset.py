@@ -35,8 +35,8 @@ from nextvlad._distributed import gather_per_rank, rank_and_world_size
 from nextvlad._validation import check_choice, check_positive_int, is_integer
 from nextvlad.data import count_cache, sharding
 from nextvlad.data.parsing import AUDIO_SIZE, RGB_SIZE, QuantizedVideo, parse_frame_record
-from nextvlad.data.records import (Compression, DataError, FileScan, FramingError, expand_paths,
-                                   is_url, read_records, remote_file_version, scan_records)
+from nextvlad.data.records import (ChangedSinceCounted, Compression, DataError, FileScan, FramingError,
+                                   expand_paths, is_url, read_records, remote_file_version, scan_records)
 from nextvlad.data.shm_pool import MAX_SLOTS, SharedBufferPool
 from nextvlad.data.transforms import dequantize_rows_into
 
@@ -75,6 +75,15 @@ def _remember(keys) -> None:
     scans = {key: _SCAN_CACHE[key] for key in keys}
     count_cache.store({key: scan.num_records for key, scan in scans.items()
                        if _persistent(key) and scan.error is None})
+
+
+def forget_count(path: str) -> None:
+    """Drop a file's count in this process and across runs: reading found it no longer the file's
+    (`ChangedSinceCounted`), and the next start has to count it anew."""
+    name = path if is_url(path) else os.path.abspath(path)
+    for key in [key for key in _SCAN_CACHE if key[0] == name]:
+        del _SCAN_CACHE[key]
+    count_cache.forget(name)
 
 
 def _as_seen_by_other_ranks(error: Exception, rank: int) -> Exception:
@@ -626,6 +635,8 @@ class _Reader:
                     if video is not None:
                         yield at, video
             except FramingError as error:
+                if isinstance(error, ChangedSinceCounted):
+                    forget_count(path)
                 if self.dataset.on_error == "raise":
                     raise
                 self.stats.skip(error)  # the rest of this segment cannot be located

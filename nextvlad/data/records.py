@@ -57,6 +57,16 @@ class FramingError(DataError):
     """The framing itself is broken (truncated file, bad length CRC): the rest of the file is unreadable."""
 
 
+class ChangedSinceCounted(FramingError):
+    """A file read to its counted end does not end there: it changed after its records were
+    counted (the reader forgets its cached count, so the next start counts it anew)."""
+
+
+def _changed_since_counted(path: str, index: int, how: str) -> ChangedSinceCounted:
+    return ChangedSinceCounted(path, index, f"the file has changed since its records were counted ({how}); "
+                                            "start again to count it anew")
+
+
 def masked_crc32c(data: bytes | memoryview) -> int:
     """TFRecord's masked CRC32C of `data`."""
     crc = google_crc32c.value(data)
@@ -164,7 +174,7 @@ def file_size(path: str) -> int:
 #: fsspec `info` fields that change when a stored file is rewritten (GCS, S3, HTTP, fsspec's local,
 #: SFTP/HDFS-like stores, memory://): together they name the file's version.
 VERSION_FIELDS = ("generation", "ETag", "etag", "md5Hash", "crc32c", "VersionId", "mtime", "created",
-                  "ino", "LastModified", "updated")
+                  "ino", "LastModified", "updated", "Last-Modified", "Content-MD5", "Digest")
 
 
 def remote_file_version(url: str) -> tuple[int, str | None]:
@@ -375,8 +385,8 @@ def read_records(path: str, compression: Compression = "auto", start: int = 0,
     after that point can be located.
 
     `count` records are expected: a file that ends before start+count raises FramingError. With
-    `counted` (the file's record count that planned the reads), a file that goes on past it when
-    start+count reaches it does too: either file has changed since it was counted.
+    `counted` (the file's record count that planned the reads) that is a `ChangedSinceCounted`,
+    and so is a file that goes on past `counted` when start+count reaches it.
     """
     empty = _empty_file_error(path)
     if empty is not None:
@@ -387,9 +397,12 @@ def read_records(path: str, compression: Compression = "auto", start: int = 0,
             if length is None:
                 if records.index == 0:
                     raise _no_records_error(path)
+                if count is not None and counted is not None:
+                    raise _changed_since_counted(path, records.index, f"it ends after {records.index} "
+                                                                      f"records, {counted} were counted")
                 if count is not None:
-                    raise _changed_error(path, records.index, f"it ends after {records.index} records, "
-                                                              f"{start + count} were counted")
+                    raise FramingError(path, records.index, f"the file ends after {records.index} records; "
+                                                            f"records {start} to {start + count - 1} were asked for")
                 return
             if records.index < start:
                 records.skip(length)
@@ -405,12 +418,7 @@ def read_records(path: str, compression: Compression = "auto", start: int = 0,
                     yield data
             records.index += 1
         if counted is not None and start + count == counted and records.next_length() is not None:
-            raise _changed_error(path, counted, f"it holds more than the {counted} records counted")
-
-
-def _changed_error(path: str, index: int, how: str) -> FramingError:
-    return FramingError(path, index, f"the file has changed since its records were counted ({how}); "
-                                     "start again to count it anew")
+            raise _changed_since_counted(path, counted, f"it holds more than the {counted} records counted")
 
 
 @dataclass(frozen=True)
