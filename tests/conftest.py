@@ -32,6 +32,8 @@ def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto` (make test): a worker per core, at most 4. A test may run several processes
     (DDP ranks, DataLoader workers, console scripts), each importing torch: more workers than that
     on a machine of many cores and little memory would risk its memory."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):  # pytest-xdist's own setting, which this hook would hide
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(4, cores))
 
