@@ -51,6 +51,11 @@ _SCAN_CACHE: dict[tuple[str, int, str | None, str], FileScan] = {}
 def scan_files(paths: Sequence[str], compression: Compression = "auto") -> list[FileScan]:
     """Record counts per file (header scan), kept per file version in the process and across runs
     (`count_cache`): counting reads the whole of a remote or GZIP file."""
+    return [scan for _, scan in _keyed_scans(paths, compression)]
+
+
+def _keyed_scans(paths: Sequence[str], compression: Compression) -> list[tuple[tuple, FileScan]]:
+    """`scan_files` with each file's `_scan_key` (a metadata request for a remote file)."""
     keys = [_scan_key(path, compression) for path in paths]
     missing = {key: path for key, path in zip(keys, paths) if key not in _SCAN_CACHE}
     saved = count_cache.load([key for key in missing if _persistent(key)])
@@ -61,7 +66,7 @@ def scan_files(paths: Sequence[str], compression: Compression = "auto") -> list[
     for key, path in missing.items():
         _SCAN_CACHE[key] = scan_records(path, compression)
     _remember(missing)
-    return [_SCAN_CACHE[key] for key in keys]
+    return [(key, _SCAN_CACHE[key]) for key in keys]
 
 
 def _persistent(key: tuple) -> bool:
@@ -72,9 +77,8 @@ def _persistent(key: tuple) -> bool:
 def _remember(keys) -> None:
     """Keep the counts of `keys` (in `_SCAN_CACHE`) across runs: those of whole files (a scan that
     stopped at a damaged record is made again, to report it again) whose version is known."""
-    scans = {key: _SCAN_CACHE[key] for key in keys}
-    count_cache.store({key: scan.num_records for key, scan in scans.items()
-                       if _persistent(key) and scan.error is None})
+    count_cache.store({key: _SCAN_CACHE[key].num_records for key in keys
+                       if _persistent(key) and _SCAN_CACHE[key].error is None})
 
 
 def forget_count(path: str) -> None:
@@ -122,8 +126,7 @@ def share_scans(paths: Sequence[str], compression: Compression = "auto") -> None
     failure: Exception | None = None
     try:
         mine = paths[rank::world_size]
-        share: dict | Exception = {path: (_scan_key(path, compression), scan)
-                                   for path, scan in zip(mine, scan_files(mine, compression))}
+        share: dict | Exception = dict(zip(mine, _keyed_scans(mine, compression)))
     except Exception as error:  # every rank raises: none may wait in a collective that one has left
         failure, share = error, _as_seen_by_other_ranks(error, rank)
     shares = gather_per_rank(share)
@@ -133,11 +136,12 @@ def share_scans(paths: Sequence[str], compression: Compression = "auto") -> None
         if isinstance(scans, Exception):
             raise scans
     same_file = []
-    for path, (scanned_key, scan) in (item for scans in shares for item in scans.items()):
-        key = _scan_key(path, compression)
-        _SCAN_CACHE[key] = scan
-        if key == scanned_key:  # not another node's copy of it, which may differ
-            same_file.append(key)
+    for sender, scans in enumerate(shares):
+        for path, (scanned_key, scan) in scans.items():
+            key = scanned_key if sender == rank else _scan_key(path, compression)
+            _SCAN_CACHE[key] = scan
+            if key == scanned_key:  # not another node's copy of it, which may differ
+                same_file.append(key)
     _remember(same_file)  # by every rank: the last of their concurrent writes then holds all counts
 
 
